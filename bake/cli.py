@@ -1,0 +1,152 @@
+"""Command line: argument parsing and printing only; the work is in bake.compile, bake.fit, ..."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import BakeError, CheckFailed
+
+
+def _p_fit(sub):
+    p = sub.add_parser("fit", help="estimate a spec from source and target texts")
+    p.add_argument("--model", required=True, help="model directory, .gguf file, hub id or alias (llama)")
+    p.add_argument("--source", required=True, help="texts to steer away from, one per line")
+    p.add_argument("--target", required=True, help="texts to steer towards, one per line")
+    p.add_argument("--method", required=True, help="linear-act | mean-act")
+    p.add_argument("--sites", required=True, help="comma-separated presets or globs "
+                   "(post-norms, mlp-in, attn-out, mlp-out, residual, 'mlp.down_proj:input', ...)")
+    p.add_argument("--strength", type=float, default=1.0, help="λ stored in the spec (default 1)")
+    p.add_argument("--support", default="none", help="none | source-range (affine maps act only inside it)")
+    p.add_argument("--no-causal", dest="causal", action="store_false",
+                   help="fit every site on clean activations instead of in graph order with earlier maps on")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--out", required=True, help="spec manifest to write (.json; tensors go beside it)")
+
+
+def _p_apply(sub):
+    p = sub.add_parser("apply", help="bake specs into a stock checkpoint")
+    p.add_argument("--model", required=True)
+    p.add_argument("--spec", action="append", required=True, help="spec manifest; repeat to compose in order")
+    p.add_argument("--out", required=True, help="output directory (written atomically)")
+    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (folding is done in fp32)")
+    p.add_argument("--strength", type=float, default=None, help="override the strength of every map")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--no-verify", dest="verify", action="store_false", help="skip the check against the reference")
+    p.add_argument("--prompts", default=None, help="extra probe prompts for verify, one per line")
+    p.add_argument("--ignore-fingerprint", action="store_true", help="apply a spec fitted on other weights")
+
+
+def _p_verify(sub):
+    p = sub.add_parser("verify", help="check a baked model against the hooked reference")
+    p.add_argument("--model", required=True)
+    p.add_argument("--spec", action="append", required=True)
+    p.add_argument("--baked", required=True, help="the baked model directory")
+    p.add_argument("--strength", type=float, default=None)
+    p.add_argument("--prompts", default=None)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--report", default=None, help="write the JSON report here")
+    p.add_argument("--ignore-fingerprint", action="store_true")
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="bake", description="Bake activation steering into model weights.")
+    ap.add_argument("--version", action="version", version=f"bake {__version__}")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    _p_fit(sub)
+    _p_apply(sub)
+    _p_verify(sub)
+    p = sub.add_parser("inspect", help="print a readable summary of a spec")
+    p.add_argument("spec")
+    return ap
+
+
+def cmd_fit(a) -> int:
+    from .fit import describe_file, fit, read_texts
+    from .models import load
+    from .spec import write
+
+    out = Path(a.out)
+    if out.suffix != ".json":
+        raise BakeError(f"--out: a spec manifest ends in .json, got {a.out!r}")
+    src, tgt = read_texts(a.source, "--source"), read_texts(a.target, "--target")
+    sites = [s.strip() for s in a.sites.split(",") if s.strip()]
+    loaded = load(a.model)
+    prov = {"model": a.model, "source": describe_file(a.source, len(src)), "target": describe_file(a.target, len(tgt))}
+    spec = fit(loaded.model, loaded.tokenizer, src, tgt, a.method, sites, a.strength, a.support, a.causal,
+               a.batch_size, prov)
+    write(spec, out)
+    print(f"wrote {out} ({len(spec.sites)} sites, method {a.method}, λ={a.strength:g})")
+    return 0
+
+
+def _verification_line(v: dict) -> str:
+    return (f"verify: {'PASS' if v['passed'] else 'FAIL'}: {v['prompts']} prompts, max abs logit error "
+            f"{v['max_abs']:.3g} (relative {v['max_rel']:.3g}), greedy identical {v['greedy_same']}/{v['prompts']}"
+            f" [{v['criterion']}]")
+
+
+def cmd_apply(a) -> int:
+    from .compile import apply
+    from .verify import read_prompts
+
+    prompts = read_prompts(a.prompts)
+    res = apply(a.model, a.spec, a.out, dtype=a.dtype, force=a.force, strength=a.strength, run_verify=a.verify,
+                prompts=prompts, check_model=not a.ignore_fingerprint)
+    if res.verification:
+        print(_verification_line(res.verification))
+    print(f"wrote {res.out} in {res.seconds:.1f} s (stock from_pretrained; "
+          f"config changes: {res.config_changes or 'none'})")
+    return 0
+
+
+def cmd_verify(a) -> int:
+    from .compile import read_specs
+    from .models import load
+    from .verify import read_prompts, verify
+
+    specs = read_specs(a.spec, a.strength)
+    prompts = read_prompts(a.prompts)
+    baked = Path(a.baked)
+    if not (baked / "config.json").is_file():
+        raise BakeError(f"--baked: {a.baked!r} is not a model directory (no config.json)")
+
+    def fresh():
+        loaded = load(a.model)
+        return loaded.model, loaded.tokenizer
+
+    report = verify(fresh, specs, baked, prompts, a.max_new_tokens, check_model=not a.ignore_fingerprint)
+    if a.report:
+        Path(a.report).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    print(_verification_line(report))
+    return 0 if report["passed"] else 1
+
+
+def cmd_inspect(a) -> int:
+    from .inspect import summary
+    from .spec import read
+
+    print("\n".join(summary(read(a.spec))))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parser().parse_args(argv)
+    try:
+        return {"fit": cmd_fit, "apply": cmd_apply, "verify": cmd_verify, "inspect": cmd_inspect}[a.cmd](a)
+    except BakeError as e:
+        print(f"bake: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except CheckFailed as e:
+        print(f"bake: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("bake: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

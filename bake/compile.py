@@ -1,0 +1,81 @@
+"""The pipeline: load → bind (plan) → passes → export (staged) → verify → rename into place."""
+
+from __future__ import annotations
+
+import gc
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import exporters, passes, verify as verify_mod
+from .errors import BakeError, CheckFailed
+from .exporters import safetensors as st_exporter
+from .models import load
+from .plan import bind
+from .spec import Spec
+from .spec import read as read_spec
+
+
+@dataclass
+class ApplyResult:
+    out: Path
+    report: list[tuple[str, str, str]]
+    config_changes: dict
+    verification: dict | None
+    seconds: float
+
+
+def read_specs(paths: list[str], strength: float | None = None) -> list[Spec]:
+    if not paths:
+        raise BakeError("--spec: give at least one spec")
+    specs = [read_spec(p) for p in paths]
+    if strength is not None:
+        specs = [s.with_strength(strength) for s in specs]
+    return specs
+
+
+def spec_info(s: Spec) -> dict:
+    strengths = sorted({m.strength for _, maps in s.sites for m in maps})
+    return {"file": s.path.name if s.path else None, "sha256": s.sha256() if s.path else "",
+            "method": s.method, "strengths": strengths, "sites": len(s.sites)}
+
+
+def apply(model_name: str, spec_paths: list[str], out: str | Path, dtype: str = "float32", force: bool = False,
+          strength: float | None = None, run_verify: bool = True, prompts: list[str] | None = None,
+          check_model: bool = True, max_new_tokens: int = 32, log=print) -> ApplyResult:
+    t0 = time.perf_counter()
+    out = Path(out)
+    if dtype not in st_exporter.DTYPES:
+        raise BakeError(f"--dtype: unknown dtype {dtype!r} (known: {', '.join(st_exporter.DTYPES)})")
+    specs = read_specs(spec_paths, strength)  # validated before any model is loaded
+    exporters.check_out(out, force)
+    loaded = load(model_name)
+    exporters.check_out(out, force, loaded.source)
+    plan = bind(specs, loaded.model, check_model=check_model)
+    passes.run(plan)  # raises before anything is written if a map cannot fold
+    for p, s, w in plan.report:
+        log(f"  {p:22s} {s}: {w}")
+    infos = [spec_info(s) for s in specs]
+    with exporters.staged(out, force) as tmp:
+        st_exporter.export(plan, loaded.tokenizer, tmp, dtype)
+        tok = loaded.tokenizer
+        del loaded
+        plan.model = None
+        gc.collect()
+        verification = None
+        if run_verify:
+            verification = verify_mod.verify(lambda: _fresh(model_name), specs, tmp, prompts,
+                                             max_new_tokens=max_new_tokens, check_model=check_model)
+            if not verification["passed"]:
+                raise CheckFailed(f"verify: baked model differs from the hooked reference "
+                                  f"(max abs {verification['max_abs']:.3g}, relative {verification['max_rel']:.3g}, "
+                                  f"greedy identical {verification['greedy_same']}/{verification['prompts']}); "
+                                  f"nothing written to {out}")
+        st_exporter.write_card(tmp, plan, infos, model_name, dtype, verification)
+        del tok
+    return ApplyResult(out, plan.report, plan.config_changes, verification, time.perf_counter() - t0)
+
+
+def _fresh(model_name: str):
+    loaded = load(model_name)
+    return loaded.model, loaded.tokenizer

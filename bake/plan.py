@@ -1,0 +1,81 @@
+"""A plan: one or more specs bound to a concrete model.
+
+Binding checks everything that can be checked before any work: each site exists in the model,
+unit counts match, and the model is the one the spec was fitted on (fingerprint).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import BakeError
+from .maps import LinearMap, Map
+from .models import Adapter, SiteInfo, adapter_for, fingerprint
+from .spec import Spec
+
+
+@dataclass
+class SitePlan:
+    info: SiteInfo
+    maps: list[Map]  # the maps of every spec at this site, in application order
+    pending: list[Map | LinearMap] = field(default_factory=list)  # what passes have still to place
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+
+@dataclass
+class Plan:
+    model: torch.nn.Module
+    adapter: Adapter
+    sites: list[SitePlan]
+    specs: list[Spec]
+    biased: set[str] = field(default_factory=set)  # Linear modules that gained a bias
+    report: list[tuple[str, str, str]] = field(default_factory=list)  # (pass, site, what it did)
+    config_changes: dict[str, object] = field(default_factory=dict)
+
+    def note(self, pass_name: str, site: str, what: str) -> None:
+        self.report.append((pass_name, site, what))
+
+
+def check_fingerprint(spec: Spec, model: torch.nn.Module, infos: list[SiteInfo], where: str) -> None:
+    want = spec.model
+    if not want:
+        return
+    have = fingerprint(model, infos)
+    for key in ("architecture", "model_type"):
+        if key in want and want[key] != have[key]:
+            raise BakeError(f"{where}.model.{key}: spec was fitted on {want[key]!r}, this model is {have[key]!r}")
+    for key, val in want.get("shapes", {}).items():
+        if have["shapes"].get(key) != val:
+            raise BakeError(f"{where}.model.shapes.{key}: spec was fitted on {val}, this model has "
+                            f"{have['shapes'].get(key)}")
+    if "weights_sha256" in want and want["weights_sha256"] != have["weights_sha256"]:
+        raise BakeError(f"{where}.model.weights_sha256: spec was fitted on a model with other weights at its "
+                        f"sites (pass --ignore-fingerprint to apply it anyway)")
+
+
+def bind(specs: list[Spec], model: torch.nn.Module, check_model: bool = True) -> Plan:
+    adapter = adapter_for(model)
+    catalog = adapter.sites(model)
+    by_site: dict[str, list[Map]] = {}
+    for k, spec in enumerate(specs):
+        where = "spec" if len(specs) == 1 else f"spec[{k}]"
+        infos = []
+        for i, (site, maps) in enumerate(spec.sites):
+            info = catalog.get(site)
+            if info is None:
+                near = [n for n in catalog if n.split(":")[0].endswith(site.split(":")[0].rsplit(".", 1)[-1])][:2]
+                hint = f" (e.g. {', '.join(near)})" if near else ""
+                raise BakeError(f"{where}.sites[{i}].site: {site!r} is not a site of this {adapter.family} model{hint}")
+            if maps[0].units != info.units:
+                raise BakeError(f"{where}.sites[{i}].maps: {maps[0].units} units, but {site} has {info.units}")
+            infos.append(info)
+            by_site.setdefault(site, []).extend(maps)
+        if check_model:
+            check_fingerprint(spec, model, infos, where)
+    sites = [SitePlan(info, by_site[name]) for name, info in catalog.items() if name in by_site]
+    return Plan(model, adapter, sites, list(specs))

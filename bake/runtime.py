@@ -1,0 +1,58 @@
+"""The hooked reference runtime: the meaning of a spec.
+
+`with steered(model, specs): model(...)` applies every map of every site with forward hooks
+(`:output`) and forward pre-hooks (`:input`) on the unmodified model, in spec order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from .maps import Map
+from .plan import bind
+from .spec import Spec
+
+
+def _apply(maps: list[Map], x: torch.Tensor) -> torch.Tensor:
+    for m in maps:
+        x = m(x)
+    return x
+
+
+def _output_hook(maps: list[Map]):
+    def hook(module, args, output):
+        if isinstance(output, tuple):
+            return (_apply(maps, output[0]),) + tuple(output[1:])
+        return _apply(maps, output)
+
+    return hook
+
+
+def _input_hook(maps: list[Map]):
+    def hook(module, args, kwargs):
+        if args:
+            return (_apply(maps, args[0]),) + tuple(args[1:]), kwargs
+        key = next(iter(kwargs))  # e.g. hidden_states=...
+        return args, {**kwargs, key: _apply(maps, kwargs[key])}
+
+    return hook
+
+
+@contextlib.contextmanager
+def steered(model: torch.nn.Module, specs: Spec | list[Spec], check_model: bool = True):
+    """Apply specs to `model` with hooks for the duration of the block."""
+    plan = bind([specs] if isinstance(specs, Spec) else list(specs), model, check_model=check_model)
+    handles = []
+    try:
+        for sp in plan.sites:
+            mod = model.get_submodule(sp.info.module)
+            if sp.info.side == "output":
+                handles.append(mod.register_forward_hook(_output_hook(sp.maps)))
+            else:
+                handles.append(mod.register_forward_pre_hook(_input_hook(sp.maps), with_kwargs=True))
+        yield plan
+    finally:
+        for h in handles:
+            h.remove()

@@ -1,0 +1,202 @@
+"""The intervention spec format: a versioned JSON manifest plus one safetensors file beside it.
+
+```json
+{"format": "bake-spec", "version": 1,
+ "method": "mean-act", "params": {...}, "provenance": {...},
+ "model": {"architecture": ..., "model_type": ..., "shapes": {...}, "weights_sha256": ...},
+ "tensors": "detox.safetensors",
+ "sites": [{"site": "model.layers.3.input_layernorm:output",
+            "maps": [{"kind": "affine", "strength": 0.5, "tensors": {"a": "t0", "b": "t1"}}]}]}
+```
+Tensor names in the manifest refer to entries of the safetensors file; every entry must be
+referenced, and the file must sit in the manifest's own directory. Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import BakeError
+from .maps import KINDS, Map
+
+FORMAT = "bake-spec"
+VERSION = 1
+TOP_KEYS = {"format", "version", "method", "params", "provenance", "model", "tensors", "sites"}
+MAP_KEYS = {"kind", "strength", "tensors", "inner"}
+
+
+@dataclass
+class Spec:
+    sites: list[tuple[str, list[Map]]]
+    method: str = "manual"
+    params: dict = field(default_factory=dict)
+    provenance: dict = field(default_factory=dict)
+    model: dict = field(default_factory=dict)
+    path: Path | None = None  # where it was read from
+
+    @property
+    def site_names(self) -> list[str]:
+        return [s for s, _ in self.sites]
+
+    def with_strength(self, strength: float) -> Spec:
+        sites = [(s, [m.with_strength(strength) for m in maps]) for s, maps in self.sites]
+        return Spec(sites, self.method, self.params, self.provenance, self.model, self.path)
+
+    def sha256(self) -> str:
+        """Hash of the manifest and tensor bytes (as written): identifies the spec in model cards."""
+        if self.path is None:
+            raise ValueError("spec has not been written")
+        h = hashlib.sha256(self.path.read_bytes())
+        h.update((self.path.parent / tensors_name(self.path)).read_bytes())
+        return h.hexdigest()
+
+
+def tensors_name(manifest: Path) -> str:
+    return manifest.with_suffix(".safetensors").name
+
+
+def _fail(msg: str) -> BakeError:
+    return BakeError(msg)
+
+
+def _map_from_json(obj, where: str, tensors: dict[str, torch.Tensor], used: set[str]) -> Map:
+    if not isinstance(obj, dict):
+        raise _fail(f"{where}: must be an object")
+    extra = set(obj) - MAP_KEYS
+    if extra:
+        raise _fail(f"{where}: unknown field(s) {sorted(extra)}")
+    kind = obj.get("kind")
+    if kind not in KINDS:
+        raise _fail(f"{where}.kind: unknown map kind {kind!r} (known: {', '.join(KINDS)})")
+    strength = obj.get("strength", 1.0)
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength):
+        raise _fail(f"{where}.strength: must be a finite number, got {strength!r}")
+    refs = obj.get("tensors")
+    if not isinstance(refs, dict) or not all(isinstance(v, str) for v in refs.values()):
+        raise _fail(f"{where}.tensors: must map tensor roles to names in the tensor file")
+    ts = {}
+    for role, name in refs.items():
+        if name not in tensors:
+            raise _fail(f"{where}.tensors.{role}: tensor {name!r} is not in the tensor file")
+        used.add(name)
+        ts[role] = tensors[name]
+    inner = None
+    if "inner" in obj:
+        inner = _map_from_json(obj["inner"], f"{where}.inner", tensors, used)
+    m = Map(kind, float(strength), ts, inner)
+    m.validate(where)
+    return m
+
+
+def read(path: str | os.PathLike) -> Spec:
+    """Read and validate a spec; every problem raises BakeError naming the field."""
+    path = Path(path)
+    if not path.is_file():
+        raise _fail(f"spec: no such file {str(path)!r}")
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _fail(f"spec: {path.name} is not valid JSON ({e})") from None
+    if not isinstance(doc, dict):
+        raise _fail("spec: the manifest must be a JSON object")
+    if doc.get("format") != FORMAT:
+        raise _fail(f"spec.format: expected {FORMAT!r}, got {doc.get('format')!r}")
+    if doc.get("version") != VERSION:
+        raise _fail(f"spec.version: this bake reads version {VERSION}, got {doc.get('version')!r}")
+    extra = set(doc) - TOP_KEYS
+    if extra:
+        raise _fail(f"spec: unknown field(s) {sorted(extra)}")
+    for key in ("params", "provenance", "model"):
+        if not isinstance(doc.get(key, {}), dict):
+            raise _fail(f"spec.{key}: must be an object")
+    tname = doc.get("tensors")
+    if not isinstance(tname, str) or not tname or os.path.basename(tname) != tname or tname in (".", ".."):
+        raise _fail(f"spec.tensors: must name a file in the spec's own directory, got {tname!r}")
+    tpath = path.parent / tname
+    if not tpath.is_file():
+        raise _fail(f"spec.tensors: tensor file {tname!r} not found beside {path.name}")
+    try:
+        tensors = load_file(str(tpath))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise _fail(f"spec.tensors: {tname} is not a readable safetensors file ({e})") from None
+    sites_json = doc.get("sites")
+    if not isinstance(sites_json, list) or not sites_json:
+        raise _fail("spec.sites: must be a non-empty list")
+    used: set[str] = set()
+    sites: list[tuple[str, list[Map]]] = []
+    seen = set()
+    for i, entry in enumerate(sites_json):
+        where = f"spec.sites[{i}]"
+        if not isinstance(entry, dict) or set(entry) != {"site", "maps"}:
+            raise _fail(f"{where}: must be an object with exactly 'site' and 'maps'")
+        site = entry["site"]
+        if not isinstance(site, str) or not (site.endswith(":input") or site.endswith(":output")):
+            raise _fail(f"{where}.site: must be 'module.path:input' or 'module.path:output', got {site!r}")
+        if site in seen:
+            raise _fail(f"{where}.site: {site!r} appears twice (list its maps in order in one entry)")
+        seen.add(site)
+        maps_json = entry["maps"]
+        if not isinstance(maps_json, list) or not maps_json:
+            raise _fail(f"{where}.maps: must be a non-empty list")
+        maps = [_map_from_json(m, f"{where}.maps[{j}]", tensors, used) for j, m in enumerate(maps_json)]
+        units = {m.units for m in maps}
+        if len(units) != 1:
+            raise _fail(f"{where}.maps: maps at one site disagree on the unit count {sorted(units)}")
+        sites.append((site, maps))
+    unused = set(tensors) - used
+    if unused:
+        raise _fail(f"spec.tensors: tensor file holds unreferenced tensor(s) {sorted(unused)[:5]}")
+    return Spec(sites, str(doc.get("method", "manual")), doc.get("params", {}), doc.get("provenance", {}),
+                doc.get("model", {}), path)
+
+
+def write(spec: Spec, path: str | os.PathLike) -> Path:
+    """Write manifest and tensors (each via a temp file renamed into place)."""
+    path = Path(path)
+    if path.suffix != ".json":
+        raise BakeError(f"--out: a spec manifest ends in .json, got {str(path)!r}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+
+    def enc(m: Map, prefix: str) -> dict:
+        obj = {"kind": m.kind, "strength": m.strength, "tensors": {}}
+        for role, t in m.tensors.items():
+            name = f"{prefix}.{role}"
+            tensors[name] = t.detach().to(torch.float32).contiguous().cpu()
+            obj["tensors"][role] = name
+        if m.inner is not None:
+            obj["inner"] = enc(m.inner, prefix + ".inner")
+        return obj
+
+    sites = []
+    for i, (site, maps) in enumerate(spec.sites):
+        sites.append({"site": site, "maps": [enc(m, f"s{i}.m{j}") for j, m in enumerate(maps)]})
+    tname = tensors_name(path)
+    doc = {"format": FORMAT, "version": VERSION, "method": spec.method, "params": spec.params,
+           "provenance": spec.provenance, "model": spec.model, "tensors": tname, "sites": sites}
+    tmp_t = path.parent / f".{tname}.tmp"
+    tmp_j = path.parent / f".{path.name}.tmp"
+    try:
+        save_file(tensors, str(tmp_t), metadata={"format": FORMAT})
+        tmp_j.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+        os.replace(tmp_t, path.parent / tname)
+        os.replace(tmp_j, path)
+    finally:
+        for p in (tmp_t, tmp_j):
+            if p.exists():
+                p.unlink()
+    spec.path = path
+    return path
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()

@@ -1,0 +1,144 @@
+"""verify: a baked model, loaded from disk as a user would, against the hooked reference.
+
+On every probe prompt: greedy continuation from each model, then logits of both models over the
+prompt plus the reference continuation (prefill and decode positions alike). float32 passes when
+the relative logit error (max |Δ| / max |reference logit|) is ≤ 1e-5 and every greedy continuation
+is identical. Lower precisions are judged against the hooked model's own error at that precision:
+the baked model passes when its error vs the float32 reference is at most `NOISE_FACTOR` times the
+hooked model's (cast to the same dtype) error vs the same reference.
+"""
+
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .errors import BakeError
+from .runtime import steered
+from .spec import Spec
+
+PROBES = [
+    "The capital of France is",
+    "Write a short note to a colleague about the meeting tomorrow.",
+    "Once upon a time, in a small village by the sea,",
+    "People who disagree with me are",
+    "def fibonacci(n):",
+    "The best way to learn a new language is",
+    "Here is what I think about my neighbours:",
+    "Photosynthesis converts light into",
+]
+REL_TOL = 1e-5
+NOISE_FACTOR = 1.5
+
+
+def read_prompts(path: str | Path | None) -> list[str]:
+    if path is None:
+        return []
+    p = Path(path)
+    if not p.is_file():
+        raise BakeError(f"--prompts: no such file {str(p)!r}")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise BakeError(f"--prompts: {str(p)!r} is not UTF-8 text") from None
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if not lines:
+        raise BakeError(f"--prompts: {str(p)!r} holds no prompts (one per line)")
+    return lines
+
+
+@torch.no_grad()
+def greedy(model, tok, prompt: str, n: int) -> torch.Tensor:
+    """Prompt ids followed by n greedy tokens (EOS not allowed to stop early)."""
+    ids = tok(prompt, return_tensors="pt").input_ids.to(model.device)
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                         do_sample=False, temperature=None, top_p=None, top_k=None,
+                         pad_token_id=tok.pad_token_id)
+    return out[0].cpu()
+
+
+@torch.no_grad()
+def logits(model, ids: torch.Tensor) -> torch.Tensor:
+    return model(ids[None].to(model.device)).logits[0].float().cpu()
+
+
+def run_reference(model, tok, specs: list[Spec], prompts: list[str], n: int, check_model: bool = True,
+                  desc: str = "reference") -> list[dict]:
+    with steered(model, specs, check_model=check_model):
+        out = []
+        for p in tqdm(prompts, desc=desc, leave=False):
+            seq = greedy(model, tok, p, n)
+            out.append({"prompt": p, "n_prompt": len(seq) - n, "seq": seq, "logits": logits(model, seq)})
+    return out
+
+
+def run_candidate(model, tok, ref: list[dict], n: int, desc: str) -> list[dict]:
+    out = []
+    for r in tqdm(ref, desc=desc, leave=False):
+        seq = greedy(model, tok, r["prompt"], n)
+        out.append({"seq": seq, "logits": logits(model, r["seq"])})
+    return out
+
+
+def errors(ref: list[dict], got: list[dict]) -> tuple[float, float, list[float]]:
+    max_abs, max_rel, per = 0.0, 0.0, []
+    for r, g in zip(ref, got):
+        d = (r["logits"] - g["logits"]).abs().max().item()
+        scale = r["logits"].abs().max().item()
+        per.append(d)
+        max_abs, max_rel = max(max_abs, d), max(max_rel, d / scale)
+    return max_abs, max_rel, per
+
+
+def verify(load_original, specs: list[Spec], baked_dir: Path, prompts: list[str] | None = None,
+           max_new_tokens: int = 32, check_model: bool = True) -> dict:
+    """`load_original()` returns a fresh (model, tokenizer) of the unmodified float32 model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    prompts = PROBES + list(prompts or [])
+    model, tok = load_original()
+    ref = run_reference(model, tok, specs, prompts, max_new_tokens, check_model)
+    try:
+        baked = AutoModelForCausalLM.from_pretrained(str(baked_dir), dtype="auto")
+        baked_tok = AutoTokenizer.from_pretrained(str(baked_dir))
+    except Exception as e:
+        raise BakeError(f"--baked: cannot load {str(baked_dir)!r} with stock from_pretrained: "
+                        f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+    baked.eval()
+    if baked_tok.pad_token_id is None:
+        baked_tok.pad_token = baked_tok.eos_token
+    dtype = baked.dtype
+    noise = None
+    if dtype != torch.float32:
+        # the hooked model's own error at this dtype: the yardstick for the baked one
+        model.to(dtype)
+        noisy = run_candidate_hooked(model, tok, specs, ref, max_new_tokens)
+        noise = errors(ref, noisy)
+    del model
+    gc.collect()
+    got = run_candidate(baked, baked_tok, ref, max_new_tokens, desc="baked")
+    max_abs, max_rel, per = errors(ref, got)
+    same = [bool(torch.equal(r["seq"], g["seq"])) for r, g in zip(ref, got)]
+    report = {
+        "prompts": len(prompts), "max_new_tokens": max_new_tokens, "dtype": str(dtype).replace("torch.", ""),
+        "max_abs": max_abs, "max_rel": max_rel, "greedy_same": sum(same),
+        "per_prompt": [{"prompt": r["prompt"], "max_abs": e, "greedy_same": s} for r, e, s in zip(ref, per, same)],
+    }
+    if noise is None:
+        report["criterion"] = f"relative logit error <= {REL_TOL:g} and identical greedy continuations"
+        report["passed"] = max_rel <= REL_TOL and all(same)
+    else:
+        report["hooked_noise_max_abs"], report["hooked_noise_max_rel"] = noise[0], noise[1]
+        report["criterion"] = (f"max abs logit error <= {NOISE_FACTOR:g} x the hooked model's own error at "
+                               f"{report['dtype']} ({noise[0]:.3g})")
+        report["passed"] = max_abs <= NOISE_FACTOR * noise[0]
+    return report
+
+
+def run_candidate_hooked(model, tok, specs, ref, n) -> list[dict]:
+    # the fingerprint was checked at float32 above; the cast model's bytes differ by design
+    with steered(model, specs, check_model=False):
+        return run_candidate(model, tok, ref, n, desc="hooked, low precision")
