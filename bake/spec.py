@@ -188,6 +188,8 @@ def write(spec: Spec, path: str | os.PathLike) -> Path:
     try:
         save_file(tensors, str(tmp_t), metadata={"format": FORMAT})
         tmp_j.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+        for p in (tmp_t, tmp_j):
+            os.chmod(p, 0o644)
         os.replace(tmp_t, path.parent / tname)
         os.replace(tmp_j, path)
     finally:

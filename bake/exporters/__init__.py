@@ -32,6 +32,9 @@ def staged(out: Path, force: bool):
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.bake-", dir=out.parent))
     try:
         yield tmp
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a model directory is not
+        for f in tmp.rglob("*"):
+            os.chmod(f, 0o755 if f.is_dir() else 0o644)
         old = None
         if out.exists():
             if any(out.iterdir()) and not force:
