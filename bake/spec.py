@@ -171,7 +171,7 @@ def write(spec: Spec, path: str | os.PathLike) -> Path:
         obj = {"kind": m.kind, "strength": m.strength, "tensors": {}}
         for role, t in m.tensors.items():
             name = f"{prefix}.{role}"
-            tensors[name] = t.detach().to(torch.float32).contiguous().cpu()
+            tensors[name] = t.detach().to(torch.float32).cpu().clone().contiguous()  # no shared storage
             obj["tensors"][role] = name
         if m.inner is not None:
             obj["inner"] = enc(m.inner, prefix + ".inner")

@@ -152,7 +152,8 @@ def test_model_resolution_errors(tmp_path, monkeypatch):
 def test_entry_points(tmp_path):
     r = subprocess.run([sys.executable, "cli.py", "--version"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.startswith("bake ")
-    r = subprocess.run(["bake", "apply", "--help"], capture_output=True, text=True)
+    script = Path(sys.executable).parent / "bake"  # the console script pip installed beside python
+    r = subprocess.run([str(script), "apply", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "--spec" in r.stdout
     r = subprocess.run([sys.executable, "cli.py", "inspect", str(tmp_path / "none.json")], cwd=ROOT,
                        capture_output=True, text=True)

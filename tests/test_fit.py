@@ -114,3 +114,37 @@ def test_fit_bad_arguments(tokenizer, kw, msg):
     args = {"method": "mean-act", "sites": ["post-norms"], **kw}
     with pytest.raises(BakeError, match=msg):
         fit(model, tokenizer, TEXTS[:3], TEXTS[3:6], args["method"], args["sites"], support=kw.get("support", "none"))
+
+
+def test_layer_replay_equals_full_forward_causal(tokenizer):
+    """The replay (one layer per site) must give what a full forward per site gives."""
+    from bake.runtime import steered
+    from bake.spec import Spec
+    from bake.maps import Map
+
+    model = make_llama(seed=5, layers=3)
+    source, target = TEXTS[1::2], TEXTS[0::2]
+    patterns = ["post-norms", "mlp-in", "residual", "model.norm:output"]
+    fast = fit(model, tokenizer, source, target, "linear-act", patterns, strength=0.9, batch_size=4)
+    ad = adapter_for(model)
+    cat = ad.sites(model)
+    slow = Spec([])
+    tgt = collect(model, tokenizer, target, [cat[n] for n in ad.resolve(model, patterns)])
+    for name in ad.resolve(model, patterns):
+        with steered(model, slow, check_model=False):
+            s = collect(model, tokenizer, source, [cat[name]], batch_size=3)[name]
+        slow.sites.append((name, [Map("affine", 0.9, estimators.linear_act(s, tgt[name]))]))
+    assert fast.site_names == slow.site_names
+    for (_, [mf]), (_, [ms]) in zip(fast.sites, slow.sites):
+        for k in ("a", "b"):
+            assert torch.allclose(mf.tensors[k], ms.tensors[k], atol=2e-4, rtol=1e-4)
+
+
+def test_spec_with_shared_tensors_writes(tmp_path):
+    from bake.maps import Map
+    from bake.spec import Spec
+
+    u = torch.ones(4, 1) / 2
+    write(Spec([("a:output", [Map("projection", 1.0, {"U": u})]), ("b:output", [Map("projection", 1.0, {"U": u})])]),
+          tmp_path / "s.json")
+    assert len(read(tmp_path / "s.json").sites) == 2

@@ -15,7 +15,7 @@ from ..models import adapter_for, fingerprint
 from ..runtime import steered
 from ..spec import Spec, file_digest
 from . import estimators
-from .collect import collect
+from .collect import LayerReplay, collect
 
 METHODS = ("linear-act", "mean-act")
 SUPPORTS = ("none", "source-range")
@@ -61,14 +61,21 @@ def fit(model, tok, source: list[str], target: list[str], method: str, sites: li
     spec.provenance.update({"bake_version": __version__, "created": datetime.date.today().isoformat(),
                             "n_source": len(source), "n_target": len(target)})
     tgt = collect(model, tok, target, infos, batch_size, desc="target activations")
-    if not causal:
+    if causal:
+        replay = LayerReplay(model, tok, source, batch_size, adapter.layers_prefix())
+    else:
         src = collect(model, tok, source, infos, batch_size, desc="source activations")
     for info in tqdm(infos, desc=f"fit {method}", unit="site", disable=not causal):
-        if causal:
-            with steered(model, spec, check_model=False):
-                s = collect(model, tok, source, [info], batch_size, desc=f"source @ {info.name}")[info.name]
-        else:
+        if not causal:
             s = src[info.name]
+        else:
+            with steered(model, spec, check_model=False):
+                layer = replay.layer_of(info.module)
+                if layer is not None:  # run only this site's layer, from inputs with earlier maps on
+                    replay.advance(layer)
+                    s = replay.collect(info)
+                else:  # a site outside the decoder layers: a full forward with earlier maps on
+                    s = collect(model, tok, source, [info], batch_size, progress=False)[info.name]
         tensors = estimate(method, s, tgt[info.name], support)
         for k, v in tensors.items():
             if not torch.isfinite(v).all():

