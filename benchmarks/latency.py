@@ -124,7 +124,37 @@ def main() -> None:
     results["decode_ms_per_token"] = {v: 1000 * med[f"{v}_decode"] / 32 for v in variants}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(results, indent=1) + "\n")
+    plot(results, Path(a.out).with_suffix(".png"))
     print(json.dumps(results, indent=1))
+
+
+def plot(results: dict, path: Path) -> None:
+    """Bar chart of per-token decode and 64-token prefill latency per variant (needs matplotlib)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    med = results["median_s"]
+    names = ["original", "hooked", "baked", "hooked_proj", "baked_proj"]
+    labels = ["original", "hooked\n(detox)", "baked\n(detox)", "hooked\n(ablation)", "baked\n(ablation)"]
+    colors = ["#777777", "#d62728", "#2ca02c", "#ff9896", "#98df8a"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, key, scale, unit in ((axes[0], "decode", 1000 / 32, "ms per decoded token"),
+                                 (axes[1], "prefill", 1000, "ms per 64-token prefill")):
+        vals = [med[f"{n}_{key}"] * scale for n in names]
+        ax.bar(labels, vals, color=colors)
+        ax.axhline(vals[0], color="black", lw=0.8, ls="--")
+        for i, v in enumerate(vals):
+            ax.text(i, v, f"{v / vals[0]:.3f}×", ha="center", va="bottom", fontsize=8)
+        ax.set_ylabel(unit)
+        ax.tick_params(axis="x", labelsize=8)
+    fig.suptitle(f"{results['model']}: original vs hooked vs baked ({results['threads']} CPU threads, "
+                 f"median of {results['repeats']})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

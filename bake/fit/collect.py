@@ -16,51 +16,59 @@ class _Enough(Exception):
     pass
 
 
+def _pool(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over non-pad tokens: [B, T, d] with mask [B, T] → [B, d] float32 on the CPU."""
+    m = mask.to(x.dtype)[..., None]
+    return ((x * m).sum(1) / m.sum(1)).float().cpu()
+
+
+def _batches(tok, texts: list[str], batch_size: int, desc: str = "", progress: bool = False):
+    """Right-padded tokenized batches (pooling masks the padding out)."""
+    old_side = tok.padding_side
+    tok.padding_side = "right"
+    try:
+        for i in tqdm(range(0, len(texts), batch_size), desc=desc, leave=False, unit="batch", disable=not progress):
+            yield tok(texts[i:i + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=256)
+    finally:
+        tok.padding_side = old_side
+
+
+def _watch(model, site: SiteInfo, record):
+    """Call record(activation) whenever the site's tensor is computed; returns the hook handle."""
+    mod = model.get_submodule(site.module)
+    if site.side == "output":
+        return mod.register_forward_hook(lambda m, a, o: record(o[0] if isinstance(o, tuple) else o))
+    return mod.register_forward_pre_hook(lambda m, a, k: record(a[0] if a else next(iter(k.values()))),
+                                         with_kwargs=True)
+
+
 @torch.no_grad()
 def collect(model, tok, texts: list[str], sites: list[SiteInfo], batch_size: int = 16, desc: str = "collect",
             stop_early: bool = True, progress: bool = True) -> dict[str, torch.Tensor]:
     """{site name: [len(texts), units] float32} of per-text pooled (mean over tokens) activations."""
     pooled: dict[str, list[torch.Tensor]] = {s.name: [] for s in sites}
     mask_box: list[torch.Tensor] = []
-    last = sites[-1].name if stop_early else None
+    seen: set[str] = set()  # sites recorded in the current batch
 
-    def record(name: str, x: torch.Tensor):
-        m = mask_box[0].to(x.dtype)[..., None]  # [B, T, 1]
-        pooled[name].append(((x * m).sum(1) / m.sum(1)).float().cpu())
-        if name == last:
-            raise _Enough
+    def recorder(name: str):
+        def record(x: torch.Tensor):
+            pooled[name].append(_pool(x, mask_box[0]))
+            seen.add(name)
+            if stop_early and len(seen) == len(sites):
+                raise _Enough  # every site seen: the rest of the forward pass is not needed
+        return record
 
-    def out_hook(name):
-        def hook(module, args, output):
-            record(name, output[0] if isinstance(output, tuple) else output)
-        return hook
-
-    def in_hook(name):
-        def hook(module, args, kwargs):
-            record(name, args[0] if args else next(iter(kwargs.values())))
-        return hook
-
-    handles = []
-    for s in sites:
-        mod = model.get_submodule(s.module)
-        if s.side == "output":
-            handles.append(mod.register_forward_hook(out_hook(s.name)))
-        else:
-            handles.append(mod.register_forward_pre_hook(in_hook(s.name), with_kwargs=True))
-    old_side = tok.padding_side
-    tok.padding_side = "right"
+    handles = [_watch(model, s, recorder(s.name)) for s in sites]
     try:
-        for i in tqdm(range(0, len(texts), batch_size), desc=desc, leave=False, unit="batch",
-                      disable=not progress):
-            enc = tok(texts[i:i + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=256)
+        for enc in _batches(tok, texts, batch_size, desc, progress):
             mask_box[:] = [enc.attention_mask.to(model.device)]
+            seen.clear()
             try:
                 model(input_ids=enc.input_ids.to(model.device), attention_mask=enc.attention_mask.to(model.device),
                       use_cache=False)
             except _Enough:
                 pass
     finally:
-        tok.padding_side = old_side
         for h in handles:
             h.remove()
     return {k: torch.cat(v) for k, v in pooled.items()}
@@ -86,13 +94,9 @@ class LayerReplay:
             raise _Enough
 
         h = self.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
-        old_side = tok.padding_side
-        tok.padding_side = "right"
         try:
             with torch.no_grad():
-                for i in range(0, len(texts), batch_size):
-                    enc = tok(texts[i:i + batch_size], return_tensors="pt", padding=True, truncation=True,
-                              max_length=256)
+                for enc in _batches(tok, texts, batch_size):
                     box.clear()
                     try:
                         model(input_ids=enc.input_ids.to(model.device),
@@ -102,7 +106,6 @@ class LayerReplay:
                     args, kwargs = box[0]
                     self.batches.append((args, kwargs, enc.attention_mask.to(model.device)))
         finally:
-            tok.padding_side = old_side
             h.remove()
 
     def layer_of(self, module_path: str) -> int | None:
@@ -131,16 +134,10 @@ class LayerReplay:
         mask_box: list[torch.Tensor] = []
 
         def record(x):
-            m = mask_box[0].to(x.dtype)[..., None]
-            pooled.append(((x * m).sum(1) / m.sum(1)).float().cpu())
+            pooled.append(_pool(x, mask_box[0]))
             raise _Enough
 
-        mod = self.model.get_submodule(site.module)
-        if site.side == "output":
-            h = mod.register_forward_hook(lambda m, a, o: record(o[0] if isinstance(o, tuple) else o))
-        else:
-            h = mod.register_forward_pre_hook(lambda m, a, k: record(a[0] if a else next(iter(k.values()))),
-                                              with_kwargs=True)
+        h = _watch(self.model, site, record)
         try:
             layer = self.layers[self.layer]
             for args, kwargs, mask in self.batches:
