@@ -14,7 +14,7 @@ def can_bias(plan: Plan, linear_path: str) -> bool:
     return mod.bias is not None or plan.adapter.bias_group(linear_path) is not None
 
 
-def _bias64(plan: Plan, linear: torch.nn.Linear, path: str) -> torch.Tensor:
+def _bias64(linear: torch.nn.Linear) -> torch.Tensor:
     if linear.bias is None:
         return torch.zeros(linear.out_features, dtype=torch.float64)
     return linear.bias.detach().double()
@@ -40,7 +40,7 @@ def fold_output(plan: Plan, path: str, m: LinearMap) -> None:
     lin = plan.model.get_submodule(path)
     W = lin.weight.detach().double()
     weight = None if m.scale_is_identity else (m.diag[:, None] * W if m.is_diagonal else m.mat @ W)
-    bias = m.apply_matrix(_bias64(plan, lin, path)) + m.bias
+    bias = m.apply_matrix(_bias64(lin)) + m.bias
     _set(plan, lin, path, weight, bias)
 
 
@@ -49,13 +49,13 @@ def fold_input(plan: Plan, path: str, m: LinearMap) -> None:
     lin = plan.model.get_submodule(path)
     W = lin.weight.detach().double()
     weight = None if m.scale_is_identity else (W * m.diag[None, :] if m.is_diagonal else W @ m.mat)
-    bias = None if m.shift_is_zero else _bias64(plan, lin, path) + W @ m.bias
+    bias = None if m.shift_is_zero else _bias64(lin) + W @ m.bias
     _set(plan, lin, path, weight, bias)
 
 
 def add_bias(plan: Plan, path: str, shift: torch.Tensor) -> None:
     lin = plan.model.get_submodule(path)
-    _set(plan, lin, path, None, _bias64(plan, lin, path) + shift)
+    _set(plan, lin, path, None, _bias64(lin) + shift)
 
 
 def describe(m: LinearMap) -> str:
