@@ -16,9 +16,14 @@ def _p_fit(sub):
     p.add_argument("--model", required=True, help="model directory, .gguf file, hub id or alias (llama)")
     p.add_argument("--source", required=True, help="texts to steer away from, one per line")
     p.add_argument("--target", required=True, help="texts to steer towards, one per line")
-    p.add_argument("--method", required=True, help="linear-act | mean-act")
-    p.add_argument("--sites", required=True, help="comma-separated presets or globs "
-                   "(post-norms, mlp-in, attn-out, mlp-out, residual, 'mlp.down_proj:input', ...)")
+    p.add_argument("--method", required=True, help="linear-act | mean-act | gaussian-act | aura | caa | iti-c | "
+                   "monotone-pwl | ablate")
+    p.add_argument("--sites", default=None, help="comma-separated presets or globs (post-norms, mlp-in, attn-out, "
+                   "mlp-out, residual, 'mlp.down_proj:input', ...); default: the method's usual sites")
+    p.add_argument("--pooling", default=None, help="mean | last | max over each text's tokens (default: the method's)")
+    p.add_argument("--knots", type=int, default=16, help="monotone-pwl: matched quantiles per unit")
+    p.add_argument("--direction-layer", type=int, default=None,
+                   help="ablate: layer whose residual stream gives the direction (default: the middle one)")
     p.add_argument("--strength", type=float, default=1.0, help="λ stored in the spec (default 1)")
     p.add_argument("--support", default="none", help="none | source-range (affine maps act only inside it)")
     p.add_argument("--no-causal", dest="causal", action="store_false",
@@ -73,11 +78,11 @@ def cmd_fit(a) -> int:
     if out.suffix != ".json":
         raise BakeError(f"--out: a spec manifest ends in .json, got {a.out!r}")
     src, tgt = read_texts(a.source, "--source"), read_texts(a.target, "--target")
-    sites = [s.strip() for s in a.sites.split(",") if s.strip()]
+    sites = [s.strip() for s in a.sites.split(",") if s.strip()] if a.sites else None
     loaded = load(a.model)
     prov = {"model": a.model, "source": describe_file(a.source, len(src)), "target": describe_file(a.target, len(tgt))}
     spec = fit(loaded.model, loaded.tokenizer, src, tgt, a.method, sites, a.strength, a.support, a.causal,
-               a.batch_size, prov)
+               a.batch_size, prov, pooling=a.pooling, knots=a.knots, direction_layer=a.direction_layer)
     write(spec, out)
     print(f"wrote {out} ({len(spec.sites)} sites, method {a.method}, λ={a.strength:g})")
     return 0

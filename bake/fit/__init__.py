@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import datetime
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -15,10 +17,38 @@ from ..models import adapter_for, fingerprint
 from ..runtime import steered
 from ..spec import Spec, file_digest
 from . import estimators
-from .collect import LayerReplay, collect
+from .collect import POOLINGS, LayerReplay, collect
 
-METHODS = ("linear-act", "mean-act")
 SUPPORTS = ("none", "source-range")
+
+
+@dataclass(frozen=True)
+class Method:
+    kind: str  # the map kind it fits
+    estimate: Callable[..., dict[str, torch.Tensor]]  # (source [N, d], target [M, d], options) → tensors
+    pooling: str  # default pooling of token activations per text
+    default_sites: str
+    about: str
+
+
+METHODS: dict[str, Method] = {
+    "linear-act": Method("affine", lambda s, t, o: estimators.linear_act(s, t), "mean", "post-norms",
+                         "per unit, least-squares line through matched sorted samples (AcT)"),
+    "mean-act": Method("affine", lambda s, t, o: estimators.mean_act(s, t), "mean", "post-norms",
+                       "per unit shift of the mean: a = 1, b = μt − μs"),
+    "gaussian-act": Method("affine", lambda s, t, o: estimators.gaussian_act(s, t), "mean", "post-norms",
+                           "per unit mean and std matching: a = σt/σs, b = μt − aμs"),
+    "aura": Method("affine", lambda s, t, o: estimators.aura(s, t), "max", "mlp-in",
+                   "dampen source-detecting units: a = 1 − 2(AUROC − ½) where AUROC > ½ (max-pooled)"),
+    "caa": Method("additive", lambda s, t, o: estimators.caa(s, t), "mean", "residual",
+                  "add the mean difference v = μt − μs"),
+    "iti-c": Method("additive", lambda s, t, o: estimators.iti_c(s, t), "mean", "attn-out",
+                    "add the classifier normal scaled by the projected mean gap"),
+    "monotone-pwl": Method("monotone-pwl", lambda s, t, o: estimators.monotone_pwl(s, t, o["knots"]), "mean",
+                           "post-norms", "per unit, full 1-D optimal transport through K matched quantiles"),
+    "ablate": Method("projection", None, "mean", "attn-out,mlp-out",
+                     "remove the mean-difference direction of the residual stream at every write"),
+}
 
 
 def read_texts(path: str | Path, field: str) -> list[str]:
@@ -35,36 +65,46 @@ def read_texts(path: str | Path, field: str) -> list[str]:
     return lines
 
 
-def estimate(method: str, src: torch.Tensor, tgt: torch.Tensor, support: str) -> dict[str, torch.Tensor]:
-    t = estimators.linear_act(src, tgt) if method == "linear-act" else estimators.mean_act(src, tgt)
-    if support == "source-range":
-        t.update(estimators.source_range(src))
-    return t
-
-
-def fit(model, tok, source: list[str], target: list[str], method: str, sites: list[str], strength: float = 1.0,
-        support: str = "none", causal: bool = True, batch_size: int = 16, provenance: dict | None = None) -> Spec:
-    """Fit one affine map per site. Causal estimation collects the source activations of each site
-    with the maps of all earlier sites active (graph order), so later maps see what they will
-    really receive; target activations are collected once, unsteered."""
+def fit(model, tok, source: list[str], target: list[str], method: str, sites: list[str] | None = None,
+        strength: float = 1.0, support: str = "none", causal: bool = True, batch_size: int = 16,
+        provenance: dict | None = None, pooling: str | None = None, knots: int = 16,
+        direction_layer: int | None = None) -> Spec:
+    """Fit one map per site. Causal estimation collects the source activations of each site with the
+    maps of all earlier sites active (graph order), so later maps see what they will really
+    receive; target activations are collected once, unsteered."""
     if method not in METHODS:
         raise BakeError(f"--method: unknown method {method!r} (known: {', '.join(METHODS)})")
+    meth = METHODS[method]
     if support not in SUPPORTS:
         raise BakeError(f"--support: unknown support {support!r} (known: {', '.join(SUPPORTS)})")
+    if support != "none" and meth.kind != "affine":
+        raise BakeError(f"--support: only affine methods take a support; {method} fits {meth.kind} maps")
+    pooling = pooling or meth.pooling
+    if pooling not in POOLINGS:
+        raise BakeError(f"--pooling: unknown pooling {pooling!r} (known: {', '.join(POOLINGS)})")
+    if method == "monotone-pwl" and not 2 <= knots <= min(len(source), len(target)):
+        raise BakeError(f"--knots: {knots} quantiles need 2 ≤ knots ≤ the smaller text count "
+                        f"({min(len(source), len(target))})")
+    sites = sites or meth.default_sites.split(",")
     adapter = adapter_for(model)
     catalog = adapter.sites(model)
     names = adapter.resolve(model, sites)
     infos = [catalog[n] for n in names]
     fp = fingerprint(model, infos)
-    params = {"sites": sites, "support": support, "causal": causal, "pooling": "mean over non-pad tokens"}
+    params = {"sites": sites, "support": support, "causal": causal, "pooling": pooling}
+    if method == "monotone-pwl":
+        params["knots"] = knots
     spec = Spec([], method=method, params=params, provenance=dict(provenance or {}), model=fp)
     spec.provenance.update({"bake_version": __version__, "created": datetime.date.today().isoformat(),
                             "n_source": len(source), "n_target": len(target)})
-    tgt = collect(model, tok, target, infos, batch_size, desc="target activations")
+    if method == "ablate":
+        return _fit_ablate(model, tok, source, target, spec, infos, catalog, strength, batch_size, direction_layer)
+    opts = {"knots": knots}
+    tgt = collect(model, tok, target, infos, batch_size, desc="target activations", pooling=pooling)
     if causal:
         replay = LayerReplay(model, tok, source, batch_size, adapter.layers_prefix())
     else:
-        src = collect(model, tok, source, infos, batch_size, desc="source activations")
+        src = collect(model, tok, source, infos, batch_size, desc="source activations", pooling=pooling)
     for info in tqdm(infos, desc=f"fit {method}", unit="site", disable=not causal):
         if not causal:
             s = src[info.name]
@@ -73,14 +113,42 @@ def fit(model, tok, source: list[str], target: list[str], method: str, sites: li
                 layer = replay.layer_of(info.module)
                 if layer is not None:  # run only this site's layer, from inputs with earlier maps on
                     replay.advance(layer)
-                    s = replay.collect(info)
+                    s = replay.collect(info, pooling)
                 else:  # a site outside the decoder layers: a full forward with earlier maps on
-                    s = collect(model, tok, source, [info], batch_size, progress=False)[info.name]
-        tensors = estimate(method, s, tgt[info.name], support)
-        for k, v in tensors.items():
-            if not torch.isfinite(v).all():
-                raise BakeError(f"fit: non-finite {k} at {info.name} (are the activations finite?)")
-        spec.sites.append((info.name, [Map("affine", float(strength), tensors)]))
+                    s = collect(model, tok, source, [info], batch_size, progress=False, pooling=pooling)[info.name]
+        tensors = meth.estimate(s, tgt[info.name], opts)
+        if support == "source-range":
+            tensors.update(estimators.source_range(s))
+        _check_finite(tensors, info.name)
+        spec.sites.append((info.name, [Map(meth.kind, float(strength), tensors)]))
+    return spec
+
+
+def _check_finite(tensors: dict[str, torch.Tensor], site: str) -> None:
+    for k, v in tensors.items():
+        if not torch.isfinite(v).all():
+            raise BakeError(f"fit: non-finite {k} at {site} (are the activations finite?)")
+
+
+def _fit_ablate(model, tok, source, target, spec, infos, catalog, strength, batch_size, direction_layer) -> Spec:
+    """One direction, u = unit(μs − μt) of the residual stream after `direction_layer` (default: the
+    middle layer), projected out at every chosen site. At every write into the residual stream
+    (attn-out, mlp-out) the projection folds into the writer's weight and bias."""
+    n_layers = model.config.num_hidden_layers
+    layer = n_layers // 2 if direction_layer is None else direction_layer
+    if not 0 <= layer < n_layers:
+        raise BakeError(f"--direction-layer: {layer} is not a layer index (0 … {n_layers - 1})")
+    site = catalog[f"model.layers.{layer}:output"]
+    s = collect(model, tok, source, [site], batch_size, desc="source activations")[site.name]
+    t = collect(model, tok, target, [site], batch_size, desc="target activations")[site.name]
+    U = estimators.mean_direction(s, t)
+    _check_finite({"U": U}, site.name)
+    for info in infos:
+        if info.units != U.shape[0]:
+            raise BakeError(f"--sites: {info.name} has {info.units} units, the residual stream has {U.shape[0]}; "
+                            f"ablate applies to residual writes (attn-out, mlp-out)")
+        spec.sites.append((info.name, [Map("projection", float(strength), {"U": U})]))
+    spec.params["direction_site"] = site.name
     return spec
 
 

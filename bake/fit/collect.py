@@ -16,10 +16,24 @@ class _Enough(Exception):
     pass
 
 
-def _pool(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over non-pad tokens: [B, T, d] with mask [B, T] → [B, d] float32 on the CPU."""
-    m = mask.to(x.dtype)[..., None]
-    return ((x * m).sum(1) / m.sum(1)).float().cpu()
+POOLINGS = ("mean", "last", "max")
+
+
+def _pool(x: torch.Tensor, mask: torch.Tensor, how: str = "mean") -> torch.Tensor:
+    """Pool over non-pad tokens (right padding): [B, T, d] with mask [B, T] → [B, d] float32, CPU.
+
+    mean: average of the tokens; last: the last token; max: per-unit maximum.
+    """
+    if how == "mean":
+        m = mask.to(x.dtype)[..., None]
+        out = (x * m).sum(1) / m.sum(1)
+    elif how == "last":
+        out = x[torch.arange(x.shape[0], device=x.device), mask.sum(1) - 1]
+    elif how == "max":
+        out = x.masked_fill(~mask.bool()[..., None], float("-inf")).max(1).values
+    else:
+        raise ValueError(how)
+    return out.float().cpu()
 
 
 def _batches(tok, texts: list[str], batch_size: int, desc: str = "", progress: bool = False):
@@ -44,15 +58,15 @@ def _watch(model, site: SiteInfo, record):
 
 @torch.no_grad()
 def collect(model, tok, texts: list[str], sites: list[SiteInfo], batch_size: int = 16, desc: str = "collect",
-            stop_early: bool = True, progress: bool = True) -> dict[str, torch.Tensor]:
-    """{site name: [len(texts), units] float32} of per-text pooled (mean over tokens) activations."""
+            stop_early: bool = True, progress: bool = True, pooling: str = "mean") -> dict[str, torch.Tensor]:
+    """{site name: [len(texts), units] float32} of per-text pooled activations."""
     pooled: dict[str, list[torch.Tensor]] = {s.name: [] for s in sites}
     mask_box: list[torch.Tensor] = []
     seen: set[str] = set()  # sites recorded in the current batch
 
     def recorder(name: str):
         def record(x: torch.Tensor):
-            pooled[name].append(_pool(x, mask_box[0]))
+            pooled[name].append(_pool(x, mask_box[0], pooling))
             seen.add(name)
             if stop_early and len(seen) == len(sites):
                 raise _Enough  # every site seen: the rest of the forward pass is not needed
@@ -127,14 +141,14 @@ class LayerReplay:
             self.layer += 1
 
     @torch.no_grad()
-    def collect(self, site: SiteInfo) -> torch.Tensor:
+    def collect(self, site: SiteInfo, pooling: str = "mean") -> torch.Tensor:
         """Pooled activations of a site in the current layer (hooks active now apply)."""
         assert self.layer_of(site.module) == self.layer
         pooled: list[torch.Tensor] = []
         mask_box: list[torch.Tensor] = []
 
         def record(x):
-            pooled.append(_pool(x, mask_box[0]))
+            pooled.append(_pool(x, mask_box[0], pooling))
             raise _Enough
 
         h = _watch(self.model, site, record)

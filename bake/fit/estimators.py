@@ -39,3 +39,82 @@ def mean_act(src: torch.Tensor, tgt: torch.Tensor) -> dict[str, torch.Tensor]:
 
 def source_range(src: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"lo": src.min(0).values.float(), "hi": src.max(0).values.float()}
+
+
+def gaussian_act(src: torch.Tensor, tgt: torch.Tensor, min_std: float = 1e-4) -> dict[str, torch.Tensor]:
+    """Match mean and standard deviation per unit: a = σt/σs, b = μt − a·μs; identity where σs < min_std."""
+    s, t = src.double(), tgt.double()
+    ss, st = s.std(0, unbiased=False), t.std(0, unbiased=False)
+    ok = ss >= min_std
+    a = torch.where(ok, st / ss.clamp_min(min_std), torch.ones_like(ss))
+    b = torch.where(ok, t.mean(0) - a * s.mean(0), torch.zeros_like(ss))
+    return {"a": a.float(), "b": b.float()}
+
+
+def auroc(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+    """Per-unit AUROC of separating pos [N, d] (label 1) from neg [M, d]: P(pos > neg) + ½P(pos = neg)."""
+    negs = torch.sort(neg.double().T.contiguous(), dim=1).values  # [d, M]
+    p = pos.double().T.contiguous()  # [d, N]
+    below = torch.searchsorted(negs, p, side="left").double()
+    upto = torch.searchsorted(negs, p, side="right").double()
+    return (below + 0.5 * (upto - below)).sum(1) / (pos.shape[0] * neg.shape[0])
+
+
+def aura(src: torch.Tensor, tgt: torch.Tensor) -> dict[str, torch.Tensor]:
+    """AurA: dampen units that detect the source: a = 1 − 2(AUROC − 0.5) where AUROC > 0.5, b = 0."""
+    auc = auroc(src, tgt)
+    a = torch.where(auc > 0.5, 1 - 2 * (auc - 0.5), torch.ones_like(auc))
+    return {"a": a.float(), "b": torch.zeros_like(a).float()}
+
+
+def caa(src: torch.Tensor, tgt: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Contrastive activation addition: v = μt − μs."""
+    return {"v": (tgt.double().mean(0) - src.double().mean(0)).float()}
+
+
+def logistic_normal(pos: torch.Tensor, neg: torch.Tensor, l2: float = 1e-2, steps: int = 200) -> torch.Tensor:
+    """Unit normal of an L2-regularised logistic regression separating pos (1) from neg (0)."""
+    x = torch.cat([pos, neg]).double()
+    y = torch.cat([torch.ones(pos.shape[0]), torch.zeros(neg.shape[0])]).double()
+    mu, sd = x.mean(0), x.std(0, unbiased=False).clamp_min(1e-6)
+    z = (x - mu) / sd
+    w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
+    c = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, c], max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(z @ w + c, y) + l2 * (w ** 2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    normal = w.detach() / sd  # back to raw activation coordinates
+    return normal / normal.norm().clamp_min(1e-12)
+
+
+def iti_c(src: torch.Tensor, tgt: torch.Tensor) -> dict[str, torch.Tensor]:
+    """ITI-c: along the unit normal n of a source-vs-target classifier, move by the projected
+    mean gap: v = n · ⟨n, μt − μs⟩."""
+    n = logistic_normal(src, tgt)
+    gap = (tgt.double().mean(0) - src.double().mean(0)) @ n
+    return {"v": (n * gap).float()}
+
+
+def mean_direction(src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+    """The unit mean-difference direction (μs − μt)/‖μs − μt‖ as a [units, 1] matrix."""
+    d = src.double().mean(0) - tgt.double().mean(0)
+    return (d / d.norm().clamp_min(1e-12))[:, None].float()
+
+
+def monotone_pwl(src: torch.Tensor, tgt: torch.Tensor, knots: int = 16) -> dict[str, torch.Tensor]:
+    """Full 1-D optimal transport per unit, as a piecewise-linear map through `knots` matched
+    quantiles (source quantile → target quantile). Knots are nudged apart where the source ties."""
+    xs = quantiles(src, knots).T.contiguous()  # [d, K]
+    ys = quantiles(tgt, knots).T.contiguous()
+    span = (xs[:, -1] - xs[:, 0]).abs() + 1
+    eps = 1e-5 * span[:, None]
+    for k in range(1, knots):  # strictly increasing knots
+        xs[:, k] = torch.maximum(xs[:, k], xs[:, k - 1] + eps[:, 0])
+    return {"xs": xs.float(), "ys": ys.float()}

@@ -1,0 +1,111 @@
+"""Every fit method on synthetic activations with a closed-form answer, and on a small model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bake import compile
+from bake.errors import BakeError
+from bake.fit import METHODS, estimators, fit
+from bake.fit.collect import _pool
+from bake.maps import Map, pwl
+from bake.spec import write
+from conftest import TEXTS, make_llama, save_model
+
+g = torch.Generator().manual_seed(0)
+
+
+def test_gaussian_act_matches_moments_and_skips_dead_units():
+    src = torch.randn(500, 3, generator=g) * torch.tensor([2.0, 0.5, 0.0]) + torch.tensor([1.0, -1.0, 3.0])
+    tgt = torch.randn(400, 3, generator=g) * 3 + 5
+    t = estimators.gaussian_act(src, tgt)
+    moved = src[:, :2] * t["a"][:2] + t["b"][:2]
+    assert torch.allclose(moved.mean(0), tgt[:, :2].mean(0), atol=1e-4)
+    assert torch.allclose(moved.std(0, unbiased=False), tgt[:, :2].std(0, unbiased=False), atol=1e-4)
+    assert t["a"][2] == 1 and t["b"][2] == 0  # σs = 0: identity
+
+
+def test_auroc_and_aura():
+    pos = torch.tensor([[1.0, 2.0, 0.0], [3.0, 2.0, 0.0]])
+    neg = torch.tensor([[0.0, 2.0, 5.0], [2.0, 2.0, 6.0]])
+    auc = estimators.auroc(pos, neg)
+    assert auc.tolist() == [0.75, 0.5, 0.0]  # 3 of 4 pairs; all ties; never above
+    t = estimators.aura(pos, neg)
+    assert t["a"].tolist() == [0.5, 1.0, 1.0] and t["b"].abs().sum() == 0
+
+
+def test_caa_and_iti_c():
+    src = torch.randn(300, 4, generator=g)
+    tgt = src + torch.tensor([2.0, 0.0, 0.0, 0.0])  # separable along unit 0 only
+    assert torch.allclose(estimators.caa(src, tgt)["v"], torch.tensor([2.0, 0, 0, 0]), atol=1e-5)
+    v = estimators.iti_c(src, tgt)["v"]
+    n = v / v.norm()
+    assert n[0] > 0.95  # the separating normal is unit 0
+    assert abs(float(v @ n) - float((tgt.mean(0) - src.mean(0)) @ n)) < 1e-4  # moves by the projected gap
+
+
+def test_mean_direction_ablation_removes_the_gap():
+    src = torch.randn(200, 5, generator=g) + torch.tensor([0, 3.0, 4.0, 0, 0])
+    tgt = torch.randn(200, 5, generator=g)
+    U = estimators.mean_direction(src, tgt)
+    assert abs(float(U.norm()) - 1) < 1e-6
+    proj = Map("projection", 1.0, {"U": U})
+    gap = proj(src).mean(0) - proj(tgt).mean(0)
+    assert gap.abs().max() < 1e-4
+
+
+def test_monotone_pwl_is_full_transport():
+    src = torch.rand(1000, 2, generator=g)  # U(0, 1)
+    tgt = src ** 3  # a monotone non-linear map: its OT map is x ↦ x³
+    t = estimators.monotone_pwl(src, tgt, knots=32)
+    x = torch.linspace(0.05, 0.95, 50)[:, None].expand(-1, 2)
+    assert (pwl(x, t["xs"], t["ys"]) - x ** 3).abs().max() < 0.02
+    lin = estimators.linear_act(src, tgt)  # the linear fit cannot follow a cube
+    assert (x * lin["a"] + lin["b"] - x ** 3).abs().max() > 0.1
+    ties = estimators.monotone_pwl(torch.zeros(10, 1), torch.rand(10, 1, generator=g), knots=4)
+    Map("monotone-pwl", 1.0, ties).validate("tied")  # knots nudged apart: still a valid map
+
+
+def test_pooling():
+    x = torch.tensor([[[1.0], [3.0], [100.0]], [[2.0], [4.0], [6.0]]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    assert _pool(x, mask, "mean").flatten().tolist() == [2.0, 4.0]
+    assert _pool(x, mask, "last").flatten().tolist() == [3.0, 6.0]
+    assert _pool(x, mask, "max").flatten().tolist() == [3.0, 6.0]
+
+
+FOLDABLE = ["linear-act", "mean-act", "gaussian-act", "aura", "caa", "iti-c", "ablate"]
+
+
+@pytest.mark.parametrize("method", FOLDABLE)
+def test_every_foldable_method_fits_and_bakes_exactly(tmp_path, tokenizer, method):
+    model = make_llama(seed=11)
+    src_dir = save_model(model, tokenizer, tmp_path / "model")
+    spec = fit(model, tokenizer, TEXTS[1::2], TEXTS[0::2], method, strength=0.9)
+    assert spec.sites and all(m.kind == METHODS[method].kind for _, maps in spec.sites for m in maps)
+    write(spec, tmp_path / "s.json")
+    res = compile.apply(str(src_dir), [str(tmp_path / "s.json")], tmp_path / "out", max_new_tokens=6,
+                        log=lambda *_: None)
+    assert res.verification["passed"] and res.verification["max_rel"] <= 1e-5
+
+
+def test_monotone_pwl_fits_but_does_not_fold_yet(tmp_path, tokenizer):
+    model = make_llama(seed=12)
+    src_dir = save_model(model, tokenizer, tmp_path / "model")
+    spec = fit(model, tokenizer, TEXTS[:6], TEXTS[6:], "monotone-pwl", ["mlp-in"], knots=4)
+    assert spec.sites[0][1][0].tensors["xs"].shape[1] == 4
+    write(spec, tmp_path / "s.json")
+    with pytest.raises(BakeError, match="piecewise-linear"):
+        compile.apply(str(src_dir), [str(tmp_path / "s.json")], tmp_path / "out", log=lambda *_: None)
+
+
+@pytest.mark.parametrize("kw,msg", [({"method": "caa", "support": "source-range"}, "--support"),
+                                    ({"method": "monotone-pwl", "knots": 50}, "--knots"),
+                                    ({"method": "mean-act", "pooling": "median"}, "--pooling"),
+                                    ({"method": "ablate", "direction_layer": 9}, "--direction-layer"),
+                                    ({"method": "ablate", "sites": ["mlp-in"]}, "ablate applies")])
+def test_method_options_are_checked(tokenizer, kw, msg):
+    model = make_llama(seed=0)
+    with pytest.raises(BakeError, match=msg):
+        fit(model, tokenizer, TEXTS[:6], TEXTS[6:], **kw)
