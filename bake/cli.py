@@ -57,6 +57,35 @@ def _p_verify(sub):
     p.add_argument("--ignore-fingerprint", action="store_true")
 
 
+def _p_eval(sub):
+    p = sub.add_parser("eval", help="measure toxicity and perplexity of the original and steered model over λ")
+    p.add_argument("--model", required=True)
+    p.add_argument("--spec", action="append", default=None, help="spec(s) to evaluate hooked, at each --strengths")
+    p.add_argument("--baked", default=None, help="a baked model directory to evaluate as one more point")
+    p.add_argument("--strengths", default="0.25,0.5,0.75,1", help="comma-separated λ values for --spec")
+    p.add_argument("--task", default="toxicity,perplexity", help="toxicity, perplexity or both")
+    p.add_argument("--prompts", default=None, help="prompt file for toxicity (default: vendored RTP prefixes)")
+    p.add_argument("--split", default="heldout", help="vendored RTP prefixes: tune (1-40 of each file), "
+                   "heldout (41-100) or all")
+    p.add_argument("--seeds", default="0,1,2", help="generation seeds, pooled")
+    p.add_argument("--n-sentences", type=int, default=200, help="FLORES sentences for perplexity")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--scorer", default="profanity")
+    p.add_argument("--out", required=True, help="JSON results (resumed if it exists with the same settings)")
+    p.add_argument("--plot", default=None, help="PNG plot (default: beside --out)")
+
+
+def _numbers(text: str, field: str, kind=float) -> list:
+    try:
+        vals = [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise BakeError(f"{field}: expected comma-separated numbers, got {text!r}") from None
+    if not vals or any(v != v or v in (float("inf"), float("-inf")) for v in vals):
+        raise BakeError(f"{field}: expected finite numbers, got {text!r}")
+    return vals
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="bake", description="Bake activation steering into model weights.")
     ap.add_argument("--version", action="version", version=f"bake {__version__}")
@@ -64,6 +93,7 @@ def parser() -> argparse.ArgumentParser:
     _p_fit(sub)
     _p_apply(sub)
     _p_verify(sub)
+    _p_eval(sub)
     p = sub.add_parser("inspect", help="print a readable summary of a spec")
     p.add_argument("spec")
     return ap
@@ -130,6 +160,35 @@ def cmd_verify(a) -> int:
     return 0 if report["passed"] else 1
 
 
+def cmd_eval(a) -> int:
+    from .compile import read_specs
+    from .eval import TASKS, EvalConfig, flores, rtp_prompts
+    from .eval.sweep import run, summary_line
+    from .verify import read_prompts
+
+    tasks = [t.strip() for t in a.task.split(",") if t.strip()]
+    bad = [t for t in tasks if t not in TASKS]
+    if not tasks or bad:
+        raise BakeError(f"--task: unknown task(s) {bad or a.task!r} (known: {', '.join(TASKS)})")
+    strengths = _numbers(a.strengths, "--strengths")
+    seeds = _numbers(a.seeds, "--seeds", int)
+    if a.max_new_tokens < 1 or a.batch_size < 1:
+        raise BakeError("--max-new-tokens/--batch-size: must be at least 1")
+    specs = read_specs(a.spec) if a.spec else None
+    if a.baked and not (Path(a.baked) / "config.json").is_file():
+        raise BakeError(f"--baked: {a.baked!r} is not a model directory (no config.json)")
+    prompts = read_prompts(a.prompts) if a.prompts else rtp_prompts(a.split)
+    cfg = EvalConfig(tasks=tasks, prompts=prompts if "toxicity" in tasks else [],
+                     sentences=flores(a.n_sentences) if "perplexity" in tasks else [], seeds=seeds,
+                     max_new_tokens=a.max_new_tokens, scorer=a.scorer, batch_size=a.batch_size)
+    out = Path(a.out)
+    plot = Path(a.plot) if a.plot else out.with_suffix(".png")
+    doc = run(a.model, cfg, out, specs, strengths, a.baked, plot)
+    print("\n".join(summary_line(p) for p in doc["points"]))
+    print(f"wrote {out} and {plot}")
+    return 0
+
+
 def cmd_inspect(a) -> int:
     from .inspect import summary
     from .spec import read
@@ -141,7 +200,8 @@ def cmd_inspect(a) -> int:
 def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
     try:
-        return {"fit": cmd_fit, "apply": cmd_apply, "verify": cmd_verify, "inspect": cmd_inspect}[a.cmd](a)
+        return {"fit": cmd_fit, "apply": cmd_apply, "verify": cmd_verify, "eval": cmd_eval,
+                "inspect": cmd_inspect}[a.cmd](a)
     except BakeError as e:
         print(f"bake: error: {e}", file=sys.stderr)
         return e.exit_code

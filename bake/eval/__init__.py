@@ -1,0 +1,71 @@
+"""bake eval: how much steering changes what a model does, over strengths.
+
+Tasks: `toxicity` (sampled continuations of prompts, scored by an offline classifier) and
+`perplexity` (on vendored FLORES English sentences). A sweep evaluates the original model and the
+spec at each strength (hooked) or a baked directory, writing the JSON after every finished point so
+that a rerun with the same settings resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from ..errors import BakeError
+
+RTP_FILES = ("rtp_insult.txt", "rtp_profanity.txt", "rtp_threat.txt", "rtp_flirtation.txt")
+SPLITS = ("tune", "heldout", "all")
+TUNE_PER_FILE = 40
+TASKS = ("toxicity", "perplexity")
+
+
+def data_file(name: str) -> Path:
+    return Path(str(resources.files("bake") / "data" / name))
+
+
+def rtp_prompts(split: str = "heldout") -> list[str]:
+    """Vendored RealToxicityPrompts prefixes: `tune` = first 40 of each file, `heldout` = the rest."""
+    if split not in SPLITS:
+        raise BakeError(f"--split: unknown split {split!r} (known: {', '.join(SPLITS)})")
+    out = []
+    for f in RTP_FILES:
+        lines = [ln.strip() for ln in data_file(f).read_text(encoding="utf-8").splitlines() if ln.strip()]
+        out += {"tune": lines[:TUNE_PER_FILE], "heldout": lines[TUNE_PER_FILE:], "all": lines}[split]
+    return out
+
+
+def flores(n: int) -> list[str]:
+    lines = [ln.strip() for ln in data_file("flores.eng.txt").read_text(encoding="utf-8").splitlines() if ln.strip()]
+    if not 1 <= n <= len(lines):
+        raise BakeError(f"--n-sentences: must be between 1 and {len(lines)}, got {n}")
+    return lines[:n]
+
+
+@dataclass
+class EvalConfig:
+    tasks: list[str]
+    prompts: list[str]
+    sentences: list[str]
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_p: float = 0.3
+    repetition_penalty: float = 1.2
+    scorer: str = "profanity"
+    threshold: float = 0.5
+    batch_size: int = 32
+
+    def key(self) -> str:
+        """Identifies the settings: points computed under other settings are not reused."""
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp"
+    tmp.write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, path)

@@ -1,0 +1,91 @@
+"""A sweep: the original model, then a spec at each strength (hooked) and/or a baked directory.
+
+The JSON is rewritten after every finished point; a rerun with the same settings, model and specs
+keeps the finished points and computes only the missing ones.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from ..models import load
+from ..runtime import steered
+from ..spec import Spec
+from . import EvalConfig, write_json_atomic
+from .scorers import load_scorer
+from .tasks import perplexity, toxicity
+
+
+def _measure(model, tok, cfg: EvalConfig, score) -> dict:
+    out = {}
+    if "toxicity" in cfg.tasks:
+        out["toxicity"] = toxicity(model, tok, cfg, score)
+    if "perplexity" in cfg.tasks:
+        out["perplexity"] = perplexity(model, tok, cfg)
+    return out
+
+
+def run(model_name: str, cfg: EvalConfig, out: Path, specs: list[Spec] | None = None,
+        strengths: list[float] | None = None, baked: str | None = None, plot_path: Path | None = None,
+        log=print) -> dict:
+    score = load_scorer(cfg.scorer) if "toxicity" in cfg.tasks else None
+    ident = {"model": model_name, "specs": [s.sha256() if s.path else s.method for s in specs or []],
+             "baked": str(baked) if baked else None, "config_key": cfg.key()}
+    doc = {**ident, "config": {"tasks": cfg.tasks, "prompts": len(cfg.prompts), "sentences": len(cfg.sentences),
+                               "seeds": cfg.seeds, "max_new_tokens": cfg.max_new_tokens,
+                               "temperature": cfg.temperature, "top_p": cfg.top_p,
+                               "repetition_penalty": cfg.repetition_penalty, "scorer": cfg.scorer,
+                               "threshold": cfg.threshold}, "points": []}
+    if out.is_file():
+        try:
+            old = json.loads(out.read_text(encoding="utf-8"))
+            if all(old.get(k) == v for k, v in ident.items()):
+                doc["points"] = old.get("points", [])
+                log(f"resuming {out}: {len(doc['points'])} point(s) already done")
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            pass
+    done = {p["label"] for p in doc["points"]}
+    todo: list[tuple[str, float | None]] = [("original", None)]
+    todo += [(f"λ={lam:g}", lam) for lam in (strengths or []) if specs]
+    if baked:
+        todo.append(("baked", None))
+    loaded = None
+    for label, lam in tqdm(todo, desc="eval points", unit="point"):
+        if label in done:
+            continue
+        if label == "baked":
+            b = load(str(baked))
+            point = _measure(b.model, b.tokenizer, cfg, score)
+            del b
+        else:
+            loaded = loaded or load(model_name)
+            if lam is None:
+                point = _measure(loaded.model, loaded.tokenizer, cfg, score)
+            else:
+                with steered(loaded.model, [s.with_strength(lam) for s in specs]):
+                    point = _measure(loaded.model, loaded.tokenizer, cfg, score)
+        doc["points"].append({"label": label, "strength": lam, **point})
+        write_json_atomic(out, doc)
+        log(summary_line(doc["points"][-1]))
+    order = {label: i for i, (label, _) in enumerate(todo)}
+    doc["points"].sort(key=lambda p: order.get(p["label"], len(order)))
+    write_json_atomic(out, doc)
+    if plot_path is not None:
+        from .plot import plot
+
+        plot(doc, plot_path)
+    return doc
+
+
+def summary_line(p: dict) -> str:
+    parts = [f"{p['label']:>10}"]
+    if "toxicity" in p:
+        t = p["toxicity"]
+        parts.append(f"toxic {100 * t['toxic_rate']:.1f}% ({t['toxic']}/{t['continuations']}), "
+                     f"mean score {t['mean_score']:.3f}, {t['gen_tokens_per_s']:.0f} tok/s")
+    if "perplexity" in p:
+        parts.append(f"perplexity {p['perplexity']['perplexity']:.2f}")
+    return "  ".join(parts)

@@ -1,0 +1,99 @@
+"""bake eval: sweep over strengths, resumable JSON, plot, baked == hooked numbers, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bake import compile
+from bake.cli import main
+from bake.eval import EvalConfig, flores, rtp_prompts
+from bake.eval.sweep import run
+from bake.fit import fit
+from bake.spec import read, write
+from conftest import TEXTS, make_llama, save_model
+
+
+def test_vendored_data_splits():
+    tune, held, every = rtp_prompts("tune"), rtp_prompts("heldout"), rtp_prompts("all")
+    assert len(tune) == 160 and len(held) == 4 * 60 and len(every) == len(tune) + len(held)
+    assert not set(tune) & set(held)
+    assert len(flores(200)) == 200
+
+
+@pytest.fixture()
+def setup(tmp_path, tokenizer):
+    model = make_llama(seed=21)
+    src = save_model(model, tokenizer, tmp_path / "model")
+    spec = fit(model, tokenizer, TEXTS[1::2], TEXTS[0::2], "mean-act", ["post-norms"], strength=1.0)
+    write(spec, tmp_path / "s.json")
+    compile.apply(str(src), [str(tmp_path / "s.json")], tmp_path / "baked", run_verify=False, log=lambda *_: None)
+    cfg = EvalConfig(tasks=["toxicity", "perplexity"], prompts=TEXTS[:5], sentences=TEXTS[5:9], seeds=[0, 1],
+                     max_new_tokens=6, batch_size=3)
+    return tmp_path, src, cfg
+
+
+def test_sweep_resumes_and_baked_matches_hooked(setup):
+    tmp, src, cfg = setup
+    out = tmp / "eval.json"
+    specs = [read(tmp / "s.json")]
+    doc = run(str(src), cfg, out, specs, [0.5, 1.0], str(tmp / "baked"), tmp / "eval.png", log=lambda *_: None)
+    labels = [p["label"] for p in doc["points"]]
+    assert labels == ["original", "λ=0.5", "λ=1", "baked"]
+    pts = {p["label"]: p for p in doc["points"]}
+    for p in doc["points"]:
+        t = p["toxicity"]
+        assert t["continuations"] == 10 and 0 <= t["toxic_rate"] <= 1 and t["gen_tokens_per_s"] > 0
+        assert p["perplexity"]["perplexity"] > 1
+    # a baked checkpoint gives the numbers of the hooked spec at its strength
+    assert pts["baked"]["toxicity"]["examples"] == pts["λ=1"]["toxicity"]["examples"]
+    assert abs(pts["baked"]["perplexity"]["perplexity"] / pts["λ=1"]["perplexity"]["perplexity"] - 1) < 1e-5
+    assert pts["original"]["perplexity"]["perplexity"] != pts["λ=1"]["perplexity"]["perplexity"]
+    assert (tmp / "eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # resume: a rerun with one more strength computes only that point
+    seen = []
+    doc2 = run(str(src), cfg, out, specs, [0.5, 1.0, 1.5], str(tmp / "baked"), None, log=seen.append)
+    assert any("resuming" in s for s in seen) and sum("λ=" in s or "original" in s or "baked" in s
+                                                     for s in seen if "resuming" not in s) == 1
+    assert [p["label"] for p in doc2["points"]] == ["original", "λ=0.5", "λ=1", "λ=1.5", "baked"]
+    assert doc2["points"][0] == doc["points"][0]
+
+
+def test_eval_cli_and_bad_input(setup, capsys):
+    tmp, src, _ = setup
+    (tmp / "p.txt").write_text("\n".join(TEXTS[:3]))
+    base = ["eval", "--model", str(src), "--out", str(tmp / "e.json")]
+    code = main(base + ["--task", "perplexity", "--n-sentences", "3", "--spec", str(tmp / "s.json"),
+                        "--strengths", "1"])
+    assert code == 0
+    doc = json.loads((tmp / "e.json").read_text())
+    assert [p["label"] for p in doc["points"]] == ["original", "λ=1"] and (tmp / "e.png").is_file()
+    capsys.readouterr()
+    for extra, msg in [(["--task", "fun"], "--task"), (["--strengths", "a,b"], "--strengths"),
+                       (["--strengths", "nan"], "--strengths"), (["--seeds", "1.5"], "--seeds"),
+                       (["--split", "secret"], "--split"), (["--n-sentences", "0"], "--n-sentences"),
+                       (["--baked", str(tmp)], "--baked"), (["--scorer", "vibes"], "--scorer"),
+                       (["--prompts", str(tmp / "none.txt")], "--prompts")]:
+        code = main(["eval", "--model", str(src), "--out", str(tmp / "bad.json")] + extra)
+        err = capsys.readouterr().err
+        assert code == 2 and msg in err, (extra, err)
+    assert not (tmp / "bad.json").exists()
+
+
+def test_missing_scorer_names_the_install(monkeypatch):
+    import builtins
+
+    from bake.errors import BakeError
+    from bake.eval.scorers import load_scorer
+
+    real = builtins.__import__
+
+    def no_profanity(name, *a, **k):
+        if name == "profanity_check":
+            raise ImportError(name)
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_profanity)
+    with pytest.raises(BakeError, match="pip install alt-profanity-check"):
+        load_scorer("profanity")
