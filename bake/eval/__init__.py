@@ -28,14 +28,18 @@ def data_file(name: str) -> Path:
 
 
 def rtp_prompts(split: str = "heldout") -> list[str]:
-    """Vendored RealToxicityPrompts prefixes: `tune` = first 40 of each file, `heldout` = the rest."""
+    """Vendored RealToxicityPrompts prefixes, deduplicated: `tune` = the first 40 of each file,
+    `heldout` = the rest minus any prefix that is also in `tune` (some appear in two files)."""
     if split not in SPLITS:
         raise BakeError(f"--split: unknown split {split!r} (known: {', '.join(SPLITS)})")
-    out = []
+    tune, rest = [], []
     for f in RTP_FILES:
         lines = [ln.strip() for ln in data_file(f).read_text(encoding="utf-8").splitlines() if ln.strip()]
-        out += {"tune": lines[:TUNE_PER_FILE], "heldout": lines[TUNE_PER_FILE:], "all": lines}[split]
-    return out
+        tune += lines[:TUNE_PER_FILE]
+        rest += lines[TUNE_PER_FILE:]
+    tune = list(dict.fromkeys(tune))
+    held = [p for p in dict.fromkeys(rest) if p not in set(tune)]
+    return {"tune": tune, "heldout": held, "all": tune + held}[split]
 
 
 def flores(n: int) -> list[str]:
