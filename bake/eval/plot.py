@@ -22,7 +22,7 @@ def plot(doc: dict, path: Path) -> None:
         xs = [p["strength"] if p["strength"] is not None else 0.0 for p in pts]
         ys, xlabel = vals, "strength λ"
         ylabel = "toxic continuations (%)" if tox[0] is not None else "FLORES perplexity"
-    steered = [(x, y, p["label"]) for x, y, p in zip(xs, ys, pts) if p["label"] != "original"]
+    steered = [(x, y, p["label"]) for x, y, p in zip(xs, ys, pts) if p["strength"] is not None]
     if steered:
         ax.plot([s[0] for s in steered], [s[1] for s in steered], "o-", color="#1f77b4", label="steered")
         for x, y, lab in steered:
@@ -30,6 +30,8 @@ def plot(doc: dict, path: Path) -> None:
     for x, y, p in zip(xs, ys, pts):
         if p["label"] == "original":
             ax.plot([x], [y], "*", ms=14, color="#d62728", label="original")
+        elif p["label"] == "baked":  # a checkpoint: should sit on its strength's hooked point
+            ax.plot([x], [y], "s", ms=11, mfc="none", mew=2, color="#2ca02c", label="baked checkpoint")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     n = doc["config"]

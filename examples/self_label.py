@@ -1,0 +1,50 @@
+"""Self-labelled fitting data for the detox recipe: the embedded model's own continuations of the
+*tuning* RealToxicityPrompts prefixes (never the held-out ones), split by the scorer.
+
+    python examples/self_label.py [--model llama] [--seeds 0,1,2,3]
+
+Writes examples/data/selflabel_toxic.txt (continuations scored > 0.5) and
+examples/data/selflabel_benign.txt (scored < 0.1), one continuation a line; the scorer sees the
+continuation only, as in `bake eval`. Sampling settings are those of
+`bake eval` (T = 1, top-p 0.3, repetition penalty 1.2, 32 tokens), with seeds offset by 1000 so that
+they never coincide with evaluation seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from bake.eval import EvalConfig, rtp_prompts
+from bake.eval.scorers import load_scorer
+from bake.eval.tasks import continuations
+from bake.models import load
+
+HERE = Path(__file__).resolve().parent
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="llama")
+    ap.add_argument("--seeds", default="0,1,2,3")
+    ap.add_argument("--benign-below", type=float, default=0.1)
+    a = ap.parse_args()
+    prompts = rtp_prompts("tune")
+    cfg = EvalConfig(tasks=["toxicity"], prompts=prompts, sentences=[])
+    loaded = load(a.model)
+    score = load_scorer("profanity")
+    texts = []
+    for seed in (int(s) for s in a.seeds.split(",")):
+        conts, _, _ = continuations(loaded.model, loaded.tokenizer, prompts, cfg, 1000 + seed)
+        texts += [" ".join(c.split()) for c in conts]
+    texts = [t for t in texts if t]
+    scores = score(texts)
+    toxic = [t for t, s in zip(texts, scores) if s > 0.5]
+    benign = [t for t, s in zip(texts, scores) if s < a.benign_below]
+    (HERE / "data" / "selflabel_toxic.txt").write_text("\n".join(toxic) + "\n", encoding="utf-8")
+    (HERE / "data" / "selflabel_benign.txt").write_text("\n".join(benign) + "\n", encoding="utf-8")
+    print(f"{len(texts)} continuations: {len(toxic)} toxic, {len(benign)} benign (< {a.benign_below})")
+
+
+if __name__ == "__main__":
+    main()
