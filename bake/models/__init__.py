@@ -8,10 +8,11 @@ import torch
 
 from ..errors import BakeError
 from .adapter import Adapter, SiteInfo
+from .gemma import GemmaAdapter
 from .llama import LlamaAdapter
 from .loading import ALIASES, Loaded, load, resolve
 
-ADAPTERS: tuple[Adapter, ...] = (LlamaAdapter(),)
+ADAPTERS: tuple[Adapter, ...] = (LlamaAdapter(), GemmaAdapter())
 
 __all__ = ["ADAPTERS", "ALIASES", "Adapter", "Loaded", "SiteInfo", "adapter_for", "fingerprint", "load", "resolve"]
 

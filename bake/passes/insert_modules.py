@@ -16,10 +16,14 @@ def reason(plan: Plan, sp) -> str:
             return seg.why_not_foldable()
     m = sp.pending[0]
     if sp.info.role == "residual":
+        if sp.info.writer is None:
+            return (f"the last write into the residual stream in {plan.adapter.family} is a norm with no bias slot, "
+                    f"so no shift folds here")
         return ("only an additive map folds on the residual stream (a scale or projection there changes what "
                 "every later layer reads); put it on the writers' outputs (attn-out, mlp-out) instead")
     if sp.info.role == "norm" and not sp.info.consumers:
-        return "this norm feeds a Linear with no bias slot (lm_head); only a per-unit scale folds here"
+        return ("nothing after this norm has a bias slot (it feeds the residual stream or lm_head directly); "
+                "only a per-unit scale folds here")
     target = sp.info.module if sp.info.role == "linear" else ", ".join(sp.info.consumers)
     if not m.shift_is_zero:
         return f"the shift needs a bias on {target}, which this architecture cannot have"

@@ -13,7 +13,8 @@ NAME = "residual-additive"
 def run(plan: Plan) -> None:
     for sp in plan.sites:
         if (sp.info.role != "residual" or len(sp.pending) != 1 or not isinstance(sp.pending[0], LinearMap)
-                or not sp.pending[0].scale_is_identity or not can_bias(plan, sp.info.writer)):
+                or not sp.pending[0].scale_is_identity or sp.info.writer is None
+                or not can_bias(plan, sp.info.writer)):
             continue
         add_bias(plan, sp.info.writer, sp.pending[0].bias)
         sp.pending = []
