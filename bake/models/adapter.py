@@ -53,6 +53,28 @@ class Adapter:
     def sites(self, model: torch.nn.Module) -> dict[str, SiteInfo]:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    @staticmethod
+    def linear_sites(model: torch.nn.Module, path: str) -> list[SiteInfo]:
+        """The input and output sites of an nn.Linear."""
+        mod = model.get_submodule(path)
+        return [SiteInfo(f"{path}:input", path, "input", "linear", mod.in_features, anchor=f"{path}.weight"),
+                SiteInfo(f"{path}:output", path, "output", "linear", mod.out_features, anchor=f"{path}.weight")]
+
+    @staticmethod
+    def norm_site(path: str, units: int, consumers: tuple[str, ...] = ()) -> SiteInfo:
+        return SiteInfo(f"{path}:output", path, "output", "norm", units, consumers=consumers, anchor=f"{path}.weight")
+
+    def attention_sites(self, model: torch.nn.Module, layer: str) -> list[SiteInfo]:
+        """input_layernorm feeding q/k/v, and the four projections (shared by Llama and Gemma)."""
+        qkv = tuple(f"{layer}.self_attn.{x}_proj" for x in "qkv")
+        infos = [self.norm_site(f"{layer}.input_layernorm", model.config.hidden_size, qkv)]
+        for path in qkv + (f"{layer}.self_attn.o_proj",):
+            infos += self.linear_sites(model, path)
+        return infos
+
+    def mlp_sites(self, model: torch.nn.Module, layer: str) -> list[SiteInfo]:
+        return [s for x in ("gate", "up", "down") for s in self.linear_sites(model, f"{layer}.mlp.{x}_proj")]
+
     def layers_prefix(self) -> str:
         return "model.layers"
 

@@ -37,32 +37,16 @@ class GemmaAdapter(Adapter):
         )
 
     def sites(self, model: torch.nn.Module) -> dict[str, SiteInfo]:
-        cfg = model.config
-        h, n_layers = cfg.hidden_size, cfg.num_hidden_layers
-        out: dict[str, SiteInfo] = {}
-
-        def add(info: SiteInfo):
-            out[info.name] = info
-
-        def linear(path: str):
-            mod = model.get_submodule(path)
-            add(SiteInfo(f"{path}:input", path, "input", "linear", mod.in_features, anchor=f"{path}.weight"))
-            add(SiteInfo(f"{path}:output", path, "output", "linear", mod.out_features, anchor=f"{path}.weight"))
-
-        def norm(path: str, consumers: tuple[str, ...] = ()):
-            add(SiteInfo(f"{path}:output", path, "output", "norm", h, consumers=consumers, anchor=f"{path}.weight"))
-
-        for i in range(n_layers):
+        h = model.config.hidden_size
+        infos: list[SiteInfo] = []
+        for i in range(model.config.num_hidden_layers):
             p = f"model.layers.{i}"
-            qkv = tuple(f"{p}.self_attn.{x}_proj" for x in "qkv")
-            norm(f"{p}.input_layernorm", qkv)
-            for path in qkv + (f"{p}.self_attn.o_proj",):
-                linear(path)
-            norm(f"{p}.post_attention_layernorm")
-            norm(f"{p}.pre_feedforward_layernorm", (f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"))
-            for x in ("gate", "up", "down"):
-                linear(f"{p}.mlp.{x}_proj")
-            norm(f"{p}.post_feedforward_layernorm")
-            add(SiteInfo(f"{p}:output", p, "output", "residual", h, anchor=f"{p}.post_feedforward_layernorm.weight"))
-        norm("model.norm")
-        return out
+            infos += self.attention_sites(model, p)
+            infos.append(self.norm_site(f"{p}.post_attention_layernorm", h))  # writes the residual stream
+            infos.append(self.norm_site(f"{p}.pre_feedforward_layernorm", h, (f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj")))
+            infos += self.mlp_sites(model, p)
+            infos.append(self.norm_site(f"{p}.post_feedforward_layernorm", h))  # writes the residual stream
+            infos.append(SiteInfo(f"{p}:output", p, "output", "residual", h,
+                                  anchor=f"{p}.post_feedforward_layernorm.weight"))  # no Linear writes last
+        infos.append(self.norm_site("model.norm", h))
+        return {s.name: s for s in infos}

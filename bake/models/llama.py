@@ -32,32 +32,15 @@ class LlamaAdapter(Adapter):
         )
 
     def sites(self, model: torch.nn.Module) -> dict[str, SiteInfo]:
-        cfg = model.config
-        h, n_layers = cfg.hidden_size, cfg.num_hidden_layers
-        out: dict[str, SiteInfo] = {}
-
-        def add(info: SiteInfo):
-            out[info.name] = info
-
-        def linear(path: str):
-            mod = model.get_submodule(path)
-            add(SiteInfo(f"{path}:input", path, "input", "linear", mod.in_features, anchor=f"{path}.weight"))
-            add(SiteInfo(f"{path}:output", path, "output", "linear", mod.out_features, anchor=f"{path}.weight"))
-
-        for i in range(n_layers):
+        h = model.config.hidden_size
+        infos: list[SiteInfo] = []
+        for i in range(model.config.num_hidden_layers):
             p = f"model.layers.{i}"
-            qkv = tuple(f"{p}.self_attn.{x}_proj" for x in "qkv")
-            add(SiteInfo(f"{p}.input_layernorm:output", f"{p}.input_layernorm", "output", "norm", h,
-                         consumers=qkv, anchor=f"{p}.input_layernorm.weight"))
-            for path in qkv + (f"{p}.self_attn.o_proj",):
-                linear(path)
-            add(SiteInfo(f"{p}.post_attention_layernorm:output", f"{p}.post_attention_layernorm", "output", "norm",
-                         h, consumers=(f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"),
-                         anchor=f"{p}.post_attention_layernorm.weight"))
-            for x in ("gate", "up", "down"):
-                linear(f"{p}.mlp.{x}_proj")
-            add(SiteInfo(f"{p}:output", p, "output", "residual", h, writer=f"{p}.mlp.down_proj",
-                         anchor=f"{p}.mlp.down_proj.weight"))
+            infos += self.attention_sites(model, p)
+            infos.append(self.norm_site(f"{p}.post_attention_layernorm", h, (f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj")))
+            infos += self.mlp_sites(model, p)
+            infos.append(SiteInfo(f"{p}:output", p, "output", "residual", h, writer=f"{p}.mlp.down_proj",
+                                  anchor=f"{p}.mlp.down_proj.weight"))
         # the final norm feeds lm_head, which has no bias and may share the embedding: scale only
-        add(SiteInfo("model.norm:output", "model.norm", "output", "norm", h, anchor="model.norm.weight"))
-        return out
+        infos.append(self.norm_site("model.norm", h))
+        return {s.name: s for s in infos}
