@@ -2,10 +2,12 @@
 
 On every probe prompt: greedy continuation from each model, then logits of both models over the
 prompt plus the reference continuation (prefill and decode positions alike). float32 passes when
-the relative logit error (max |Δ| / max |reference logit|) is ≤ 1e-5 and every greedy continuation
-is identical. Lower precisions are judged against the hooked model's own error at that precision:
-the baked model passes when its error vs the float32 reference is at most `NOISE_FACTOR` times the
-hooked model's (cast to the same dtype) error vs the same reference.
+every greedy continuation is identical and the relative logit error (max |Δ| / max |reference
+logit|) is ≤ 1e-5. Models with a wide dynamic range (Gemma) carry more float32 rounding noise than
+that; there verify also runs the hooked reference in float64 and passes when the baked model is as
+exact as the hooked float32 model itself: its error vs float64 at most `NOISE_FACTOR` times the
+hooked float32 model's. Lower precisions are judged the same way against the hooked model's own
+error at that precision (cast to that dtype) vs the float32 reference.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ def greedy(model, tok, prompt: str, n: int) -> torch.Tensor:
 
 @torch.no_grad()
 def logits(model, ids: torch.Tensor) -> torch.Tensor:
-    return model(ids[None].to(model.device)).logits[0].float().cpu()
+    return model(ids[None].to(model.device)).logits[0].double().cpu()
 
 
 def run_reference(model, tok, specs: list[Spec], prompts: list[str], n: int, check_model: bool = True,
@@ -130,6 +132,19 @@ def verify(load_original, specs: list[Spec], baked_dir: Path, prompts: list[str]
     if noise is None:
         report["criterion"] = f"relative logit error <= {REL_TOL:g} and identical greedy continuations"
         report["passed"] = max_rel <= REL_TOL and all(same)
+        if all(same) and max_rel > REL_TOL:
+            # is it the model's own float32 noise? compare both with the exact (float64) answer
+            model, tok = load_original()
+            exact = run_candidate_hooked(model.double(), tok, specs, ref, max_new_tokens, logits_only=True)
+            del model
+            gc.collect()
+            own = errors(exact, ref)
+            baked_err = errors(exact, got)
+            report.update({"exact_ref": "hooked float64", "hooked_fp32_vs_fp64_max_abs": own[0],
+                           "baked_vs_fp64_max_abs": baked_err[0]})
+            report["criterion"] = (f"identical greedy continuations and error vs the float64 reference <= "
+                                   f"{NOISE_FACTOR:g} x the hooked float32 model's own ({own[0]:.3g})")
+            report["passed"] = baked_err[0] <= NOISE_FACTOR * own[0]
     else:
         report["hooked_noise_max_abs"], report["hooked_noise_max_rel"] = noise[0], noise[1]
         report["criterion"] = (f"max abs logit error <= {NOISE_FACTOR:g} x the hooked model's own error at "
@@ -138,7 +153,9 @@ def verify(load_original, specs: list[Spec], baked_dir: Path, prompts: list[str]
     return report
 
 
-def run_candidate_hooked(model, tok, specs, ref, n) -> list[dict]:
+def run_candidate_hooked(model, tok, specs, ref, n, logits_only: bool = False) -> list[dict]:
     # the fingerprint was checked at float32 above; the cast model's bytes differ by design
     with steered(model, specs, check_model=False):
-        return run_candidate(model, tok, ref, n, desc="hooked, low precision")
+        if logits_only:
+            return [{"logits": logits(model, r["seq"])} for r in tqdm(ref, desc="hooked, float64", leave=False)]
+        return run_candidate(model, tok, ref, n, desc="hooked, other precision")

@@ -156,3 +156,23 @@ def test_low_precision_error_is_the_dtypes_own(tmp_path, tokenizer, dtype):
     assert v["max_abs"] <= 1.5 * v["hooked_noise_max_abs"], (v["max_abs"], v["hooked_noise_max_abs"])
     baked = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), dtype="auto")
     assert baked.dtype == getattr(torch, dtype)
+
+
+def test_fp32_beyond_tolerance_is_judged_against_float64(tmp_path, tokenizer, monkeypatch):
+    """With the 1e-5 bar forced to 0, verify falls back to the float64 yardstick: the baked model must
+    be as close to the exact answer as the hooked float32 model is. A wrong bake still fails."""
+    from bake import verify as verify_mod
+
+    monkeypatch.setattr(verify_mod, "REL_TOL", 0.0)
+    model = make_llama(seed=8)
+    src = save_model(model, tokenizer, tmp_path / "model")
+    spec = random_spec(model, ["post-norms", "attn-out", "residual"], 8)
+    write(spec, tmp_path / "s.json")
+    res = compile.apply(str(src), [str(tmp_path / "s.json")], tmp_path / "out", max_new_tokens=6, log=lambda *_: None)
+    v = res.verification
+    assert v["exact_ref"] == "hooked float64" and v["passed"]
+    assert 0 < v["baked_vs_fp64_max_abs"] <= 1.5 * v["hooked_fp32_vs_fp64_max_abs"]
+    other = random_spec(model, ["post-norms", "attn-out", "residual"], 9)
+    bad = verify_mod.verify(lambda: (AutoModelForCausalLM.from_pretrained(str(src)), tokenizer), [other],
+                            tmp_path / "out", max_new_tokens=6)
+    assert not bad["passed"]

