@@ -65,7 +65,7 @@ CASES = [  # (seed, model kwargs, presets)
     (1, {"tie": False, "layers": 3}, ["post-norms", "attn-out", "residual"]),
     (2, {"attention_bias": True}, ["mlp-in", "self_attn.*:input", "self_attn.*:output"]),
     (3, {"mlp_bias": True, "hidden": 48, "inter": 80}, ["mlp.*:input", "mlp.*:output", "post-norms"]),
-    (4, {}, ["*"]),
+    (4, {}, ["**"]),
 ]
 
 
@@ -176,3 +176,18 @@ def test_fp32_beyond_tolerance_is_judged_against_float64(tmp_path, tokenizer, mo
     bad = verify_mod.verify(lambda: (AutoModelForCausalLM.from_pretrained(str(src)), tokenizer), [other],
                             tmp_path / "out", max_new_tokens=6)
     assert not bad["passed"]
+
+
+def test_site_globs_and_presets(tokenizer):
+    from bake.models import adapter_for
+
+    model = make_llama(seed=0, layers=3)
+    ad = adapter_for(model)
+    n = model.config.num_hidden_layers
+    assert ad.resolve(model, ["residual"]) == [f"model.layers.{i}:output" for i in range(n)]
+    assert len(ad.resolve(model, ["post-norms"])) == 2 * n
+    assert ad.resolve(model, ["mlp.down_proj:input"]) == [f"model.layers.{i}.mlp.down_proj:input" for i in range(n)]
+    assert ad.resolve(model, ["model.layers.1.self_attn.*:output"]) == [
+        f"model.layers.1.self_attn.{x}_proj:output" for x in "qkvo"]
+    assert ad.resolve(model, ["model.layers.?:output"]) == ad.resolve(model, ["residual"])
+    assert len(ad.resolve(model, ["**"])) == len(ad.sites(model))

@@ -10,7 +10,7 @@ Passes ask the adapter, never class names. A site is one activation tensor named
 
 from __future__ import annotations
 
-import fnmatch
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -90,18 +90,42 @@ class Adapter:
         return None
 
     def resolve(self, model: torch.nn.Module, patterns: list[str]) -> list[str]:
-        """Presets and globs → resolved site names in graph order."""
+        """Presets and globs → resolved site names in graph order.
+
+        In a glob `*` matches within one dotted name (`model.layers.*:output` is the layer outputs,
+        not every projection inside them), `?` one character, `**` anything; a glob that does not
+        match from the start matches a suffix after a dot (`mlp.down_proj:input`)."""
         catalog = self.sites(model)
         chosen: set[str] = set()
         for pat in patterns:
             globs = self.presets.get(pat, (pat,))
             hit = False
             for g in globs:
+                rx = glob_regex(g)
                 for name in catalog:
-                    if fnmatch.fnmatchcase(name, g) or fnmatch.fnmatchcase(name, "*." + g):
+                    if rx.fullmatch(name):
                         chosen.add(name)
                         hit = True
             if not hit:
                 raise BakeError(f"--sites: {pat!r} matches no site of this {self.family} model "
                                 f"(presets: {', '.join(self.presets)}; or a glob like 'mlp.down_proj:input')")
         return [n for n in catalog if n in chosen]
+
+
+def glob_regex(glob: str) -> re.Pattern:
+    out = []
+    i = 0
+    while i < len(glob):
+        if glob.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif glob[i] == "*":
+            out.append("[^.:]*")
+            i += 1
+        elif glob[i] == "?":
+            out.append("[^.:]")
+            i += 1
+        else:
+            out.append(re.escape(glob[i]))
+            i += 1
+    return re.compile("(?:.*\\.)?" + "".join(out))
