@@ -58,8 +58,7 @@ def apply(model_name: str, spec_paths: list[str], out: str | Path, dtype: str = 
     infos = [spec_info(s) for s in specs]
     with exporters.staged(out, force) as tmp:
         st_exporter.export(plan, loaded.tokenizer, tmp, dtype)
-        tok = loaded.tokenizer
-        del loaded
+        del loaded  # verify reloads both models; never hold two copies while it runs
         plan.model = None
         gc.collect()
         verification = None
@@ -72,7 +71,6 @@ def apply(model_name: str, spec_paths: list[str], out: str | Path, dtype: str = 
                                   f"greedy identical {verification['greedy_same']}/{verification['prompts']}); "
                                   f"nothing written to {out}")
         st_exporter.write_card(tmp, plan, infos, model_name, dtype, verification)
-        del tok
     return ApplyResult(out, plan.report, plan.config_changes, verification, time.perf_counter() - t0)
 
 
