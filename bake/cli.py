@@ -32,29 +32,30 @@ def _p_fit(sub):
     p.add_argument("--out", required=True, help="spec manifest to write (.json; tensors go beside it)")
 
 
-def _p_apply(sub):
-    p = sub.add_parser("apply", help="bake specs into a stock checkpoint")
+def _spec_args(p) -> None:
+    """Arguments apply and verify share: the model, the specs, λ, probe prompts, fingerprint check."""
     p.add_argument("--model", required=True)
     p.add_argument("--spec", action="append", required=True, help="spec manifest; repeat to compose in order")
-    p.add_argument("--out", required=True, help="output directory (written atomically)")
-    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (folding is done in fp32)")
     p.add_argument("--strength", type=float, default=None, help="override the strength of every map")
-    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
-    p.add_argument("--no-verify", dest="verify", action="store_false", help="skip the check against the reference")
     p.add_argument("--prompts", default=None, help="extra probe prompts for verify, one per line")
     p.add_argument("--ignore-fingerprint", action="store_true", help="apply a spec fitted on other weights")
 
 
+def _p_apply(sub):
+    p = sub.add_parser("apply", help="bake specs into a stock checkpoint")
+    _spec_args(p)
+    p.add_argument("--out", required=True, help="output directory (written atomically)")
+    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (folding is done in fp32)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--no-verify", dest="verify", action="store_false", help="skip the check against the reference")
+
+
 def _p_verify(sub):
     p = sub.add_parser("verify", help="check a baked model against the hooked reference")
-    p.add_argument("--model", required=True)
-    p.add_argument("--spec", action="append", required=True)
+    _spec_args(p)
     p.add_argument("--baked", required=True, help="the baked model directory")
-    p.add_argument("--strength", type=float, default=None)
-    p.add_argument("--prompts", default=None)
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--report", default=None, help="write the JSON report here")
-    p.add_argument("--ignore-fingerprint", action="store_true")
 
 
 def _p_eval(sub):

@@ -63,8 +63,13 @@ def test_gemma_baked_equals_hooked(tmp_path, tokenizer, kind, seed):
     v = res.verification
     assert v["passed"] and v["max_rel"] <= 1e-5 and v["greedy_same"] == v["prompts"], v
     assert set(res.config_changes) <= {"attention_bias"}
-    assert any("post_feedforward_layernorm.weight" in w for _, _, w in res.report) or not any(
-        "post_feedforward" in s for s, _ in spec.sites)
+    did: dict[str, list[str]] = {}
+    for _, site, w in res.report:
+        did.setdefault(site, []).append(w)
+    writers = [s for s, _ in spec.sites if s.endswith(("post_attention_layernorm:output", "post_feedforward_layernorm:output"))]
+    assert writers  # the random spec touches norms that write the residual stream
+    for s in writers:  # nothing after them has a bias: the scale must go into their own (1 + w) weight
+        assert any(f"{s.rsplit(':', 1)[0]}.weight" in w or "identity" in w for w in did[s]), (s, did[s])
 
 
 @pytest.mark.parametrize("site,msg", [

@@ -134,11 +134,11 @@ def _fit_ablate(model, tok, source, target, spec, infos, catalog, strength, batc
     """One direction, u = unit(μs − μt) of the residual stream after `direction_layer` (default: the
     middle layer), projected out at every chosen site. At every write into the residual stream
     (attn-out, mlp-out) the projection folds into the writer's weight and bias."""
-    n_layers = model.config.num_hidden_layers
-    layer = n_layers // 2 if direction_layer is None else direction_layer
-    if not 0 <= layer < n_layers:
-        raise BakeError(f"--direction-layer: {layer} is not a layer index (0 … {n_layers - 1})")
-    site = catalog[f"model.layers.{layer}:output"]
+    residual = [s for s in catalog.values() if s.role == "residual"]  # one per layer, in order
+    layer = len(residual) // 2 if direction_layer is None else direction_layer
+    if not 0 <= layer < len(residual):
+        raise BakeError(f"--direction-layer: {layer} is not a layer index (0 … {len(residual) - 1})")
+    site = residual[layer]
     s = collect(model, tok, source, [site], batch_size, desc="source activations")[site.name]
     t = collect(model, tok, target, [site], batch_size, desc="target activations")[site.name]
     U = estimators.mean_direction(s, t)

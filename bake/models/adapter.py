@@ -50,7 +50,16 @@ class Adapter:
     def matches(self, model: torch.nn.Module) -> bool:
         return getattr(model.config, "model_type", None) in self.model_types
 
-    def sites(self, model: torch.nn.Module) -> dict[str, SiteInfo]:  # pragma: no cover - abstract
+    def sites(self, model: torch.nn.Module) -> dict[str, SiteInfo]:
+        """Every site in graph order: each decoder layer's, then the final norm's."""
+        h = model.config.hidden_size
+        infos: list[SiteInfo] = []
+        for i in range(model.config.num_hidden_layers):
+            infos += self.layer_sites(model, f"{self.layers_prefix()}.{i}", h)
+        infos.append(self.norm_site("model.norm", h))  # feeds lm_head (no bias): scale only
+        return {s.name: s for s in infos}
+
+    def layer_sites(self, model: torch.nn.Module, layer: str, h: int) -> list[SiteInfo]:  # pragma: no cover
         raise NotImplementedError
 
     @staticmethod

@@ -36,17 +36,11 @@ class GemmaAdapter(Adapter):
             norm_weight_offset=1.0,
         )
 
-    def sites(self, model: torch.nn.Module) -> dict[str, SiteInfo]:
-        h = model.config.hidden_size
-        infos: list[SiteInfo] = []
-        for i in range(model.config.num_hidden_layers):
-            p = f"model.layers.{i}"
-            infos += self.attention_sites(model, p)
-            infos.append(self.norm_site(f"{p}.post_attention_layernorm", h))  # writes the residual stream
-            infos.append(self.norm_site(f"{p}.pre_feedforward_layernorm", h, (f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj")))
-            infos += self.mlp_sites(model, p)
-            infos.append(self.norm_site(f"{p}.post_feedforward_layernorm", h))  # writes the residual stream
-            infos.append(SiteInfo(f"{p}:output", p, "output", "residual", h,
-                                  anchor=f"{p}.post_feedforward_layernorm.weight"))  # no Linear writes last
-        infos.append(self.norm_site("model.norm", h))
-        return {s.name: s for s in infos}
+    def layer_sites(self, model: torch.nn.Module, p: str, h: int) -> list[SiteInfo]:
+        return (self.attention_sites(model, p)
+                + [self.norm_site(f"{p}.post_attention_layernorm", h),  # writes the residual stream
+                   self.norm_site(f"{p}.pre_feedforward_layernorm", h, (f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"))]
+                + self.mlp_sites(model, p)
+                + [self.norm_site(f"{p}.post_feedforward_layernorm", h),  # writes the residual stream
+                   SiteInfo(f"{p}:output", p, "output", "residual", h,  # no Linear writes last: no writer
+                            anchor=f"{p}.post_feedforward_layernorm.weight")])

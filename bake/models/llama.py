@@ -31,16 +31,9 @@ class LlamaAdapter(Adapter):
             bias_groups=(BiasGroup("attention_bias", ATTN), BiasGroup("mlp_bias", MLP)),
         )
 
-    def sites(self, model: torch.nn.Module) -> dict[str, SiteInfo]:
-        h = model.config.hidden_size
-        infos: list[SiteInfo] = []
-        for i in range(model.config.num_hidden_layers):
-            p = f"model.layers.{i}"
-            infos += self.attention_sites(model, p)
-            infos.append(self.norm_site(f"{p}.post_attention_layernorm", h, (f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj")))
-            infos += self.mlp_sites(model, p)
-            infos.append(SiteInfo(f"{p}:output", p, "output", "residual", h, writer=f"{p}.mlp.down_proj",
-                                  anchor=f"{p}.mlp.down_proj.weight"))
-        # the final norm feeds lm_head, which has no bias and may share the embedding: scale only
-        infos.append(self.norm_site("model.norm", h))
-        return {s.name: s for s in infos}
+    def layer_sites(self, model: torch.nn.Module, p: str, h: int) -> list[SiteInfo]:
+        return (self.attention_sites(model, p)
+                + [self.norm_site(f"{p}.post_attention_layernorm", h, (f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"))]
+                + self.mlp_sites(model, p)
+                + [SiteInfo(f"{p}:output", p, "output", "residual", h, writer=f"{p}.mlp.down_proj",
+                            anchor=f"{p}.mlp.down_proj.weight")])
