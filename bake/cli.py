@@ -29,6 +29,7 @@ def _p_fit(sub):
     p.add_argument("--no-causal", dest="causal", action="store_false",
                    help="fit every site on clean activations instead of in graph order with earlier maps on")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="cpu", help="cpu | cuda | auto (cuda when a GPU is present)")
     p.add_argument("--out", required=True, help="spec manifest to write (.json; tensors go beside it)")
 
 
@@ -46,6 +47,7 @@ def _p_apply(sub):
     _spec_args(p)
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (folding is done in fp32)")
+    p.add_argument("--format", default="safetensors", help="safetensors | onnx | safetensors,onnx (both in --out)")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     p.add_argument("--no-verify", dest="verify", action="store_false", help="skip the check against the reference")
 
@@ -53,7 +55,8 @@ def _p_apply(sub):
 def _p_verify(sub):
     p = sub.add_parser("verify", help="check a baked model against the hooked reference")
     _spec_args(p)
-    p.add_argument("--baked", required=True, help="the baked model directory")
+    p.add_argument("--baked", required=True, help="the baked model directory (safetensors and/or ONNX)")
+    p.add_argument("--provider", default="auto", help="ONNX Runtime: auto (CUDA when present) | cpu | cuda")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--report", default=None, help="write the JSON report here")
 
@@ -66,15 +69,32 @@ def _p_eval(sub):
     p.add_argument("--strengths", default="0.25,0.5,0.75,1", help="comma-separated λ values for --spec")
     p.add_argument("--task", default="toxicity,perplexity", help="toxicity, perplexity or both")
     p.add_argument("--prompts", default=None, help="prompt file for toxicity (default: vendored RTP prefixes)")
-    p.add_argument("--split", default="heldout", help="vendored RTP prefixes: tune (1-40 of each file), "
-                   "heldout (41-100) or all")
+    p.add_argument("--split", default="heldout", help="vendored RTP prefixes and FLORES sentences: "
+                   "tune (RTP 1-40 of each file, FLORES first half), heldout (the rest, deduplicated) or all")
     p.add_argument("--seeds", default="0,1,2", help="generation seeds, pooled")
     p.add_argument("--n-sentences", type=int, default=200, help="FLORES sentences for perplexity")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--scorer", default="profanity")
+    p.add_argument("--scorer", default="profanity", help="profanity (alt-profanity-check) | hatesonar; comma-separated for several (the first "
+                   "gives the headline toxic rate)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | auto (cuda when a GPU is present)")
     p.add_argument("--out", required=True, help="JSON results (resumed if it exists with the same settings)")
     p.add_argument("--plot", default=None, help="PNG plot (default: beside --out)")
+
+
+def _p_diff(sub):
+    p = sub.add_parser("diff", help="compare a steered model with the original: KL, top-1, continuations (CI gate)")
+    p.add_argument("--model", required=True, help="the original model")
+    p.add_argument("--steered", required=True, help="steered directory: safetensors checkpoint or ONNX export")
+    p.add_argument("--format", default="auto", help="auto | safetensors | onnx (which one of --steered to load)")
+    p.add_argument("--provider", default="auto", help="ONNX Runtime: auto (CUDA when present) | cpu | cuda")
+    p.add_argument("--prompts", default=None, help="prompts, one per line (default: 8 probes + 24 held-out "
+                   "FLORES sentences)")
+    p.add_argument("--max-kl", type=float, default=None, help="fail when the mean next-token KL exceeds this")
+    p.add_argument("--min-top1", type=float, default=None, help="fail when top-1 agreement falls below this (0-1)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="greedy continuation length")
+    p.add_argument("--report", default=None, help="HTML report to write")
+    p.add_argument("--json", default=None, help="JSON report to write")
 
 
 def _numbers(text: str, field: str, kind=float) -> list:
@@ -95,6 +115,7 @@ def parser() -> argparse.ArgumentParser:
     _p_apply(sub)
     _p_verify(sub)
     _p_eval(sub)
+    _p_diff(sub)
     p = sub.add_parser("inspect", help="print a readable summary of a spec")
     p.add_argument("spec")
     return ap
@@ -110,7 +131,7 @@ def cmd_fit(a) -> int:
         raise BakeError(f"--out: a spec manifest ends in .json, got {a.out!r}")
     src, tgt = read_texts(a.source, "--source"), read_texts(a.target, "--target")
     sites = [s.strip() for s in a.sites.split(",") if s.strip()] if a.sites else None
-    loaded = load(a.model)
+    loaded = load(a.model, device=a.device)
     prov = {"model": a.model, "source": describe_file(a.source, len(src)), "target": describe_file(a.target, len(tgt))}
     spec = fit(loaded.model, loaded.tokenizer, src, tgt, a.method, sites, a.strength, a.support, a.causal,
                a.batch_size, prov, pooling=a.pooling, knots=a.knots, direction_layer=a.direction_layer)
@@ -130,12 +151,16 @@ def cmd_apply(a) -> int:
     from .verify import read_prompts
 
     prompts = read_prompts(a.prompts)
+    from .compile import parse_formats
+
+    formats = parse_formats(a.format)
     res = apply(a.model, a.spec, a.out, dtype=a.dtype, force=a.force, strength=a.strength, run_verify=a.verify,
-                prompts=prompts, check_model=not a.ignore_fingerprint)
+                prompts=prompts, check_model=not a.ignore_fingerprint, formats=formats)
     if res.verification:
         print(_verification_line(res.verification))
-    print(f"wrote {res.out} in {res.seconds:.1f} s (stock from_pretrained; "
-          f"config changes: {res.config_changes or 'none'})")
+    how = " + ".join({"safetensors": "stock from_pretrained", "onnx": "model.onnx for ONNX Runtime"}[f]
+                     for f in formats)
+    print(f"wrote {res.out} in {res.seconds:.1f} s ({how}; config changes: {res.config_changes or 'none'})")
     return 0
 
 
@@ -154,7 +179,8 @@ def cmd_verify(a) -> int:
         loaded = load(a.model)
         return loaded.model, loaded.tokenizer
 
-    report = verify(fresh, specs, baked, prompts, a.max_new_tokens, check_model=not a.ignore_fingerprint)
+    report = verify(fresh, specs, baked, prompts, a.max_new_tokens, check_model=not a.ignore_fingerprint,
+                    provider=a.provider)
     if a.report:
         Path(a.report).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     print(_verification_line(report))
@@ -180,14 +206,51 @@ def cmd_eval(a) -> int:
         raise BakeError(f"--baked: {a.baked!r} is not a model directory (no config.json)")
     prompts = read_prompts(a.prompts) if a.prompts else rtp_prompts(a.split)
     cfg = EvalConfig(tasks=tasks, prompts=prompts if "toxicity" in tasks else [],
-                     sentences=flores(a.n_sentences) if "perplexity" in tasks else [], seeds=seeds,
+                     sentences=flores(a.n_sentences, a.split) if "perplexity" in tasks else [], seeds=seeds,
                      max_new_tokens=a.max_new_tokens, scorer=a.scorer, batch_size=a.batch_size)
     out = Path(a.out)
     plot = Path(a.plot) if a.plot else out.with_suffix(".png")
-    doc = run(a.model, cfg, out, specs, strengths, a.baked, plot)
+    doc = run(a.model, cfg, out, specs, strengths, a.baked, plot, device=a.device)
     print("\n".join(summary_line(p) for p in doc["points"]))
     print(f"wrote {out} and {plot}")
     return 0
+
+
+def cmd_diff(a) -> int:
+    from . import diff_report
+    from .diff import check_thresholds, compare, default_prompts, gate, load_steered
+    from .eval import write_json_atomic
+    from .models import load
+    from .verify import read_prompts
+
+    check_thresholds(a.max_kl, a.min_top1)
+    if a.max_new_tokens < 1:
+        raise BakeError("--max-new-tokens: must be at least 1")
+    for field, path in (("--report", a.report), ("--json", a.json)):
+        if path and Path(path).is_dir():
+            raise BakeError(f"{field}: {path!r} is a directory")
+    prompts = read_prompts(a.prompts) if a.prompts else default_prompts()
+    steered, _, fmt = load_steered(a.steered, a.format, a.provider)
+    original = load(a.model)
+    for key in ("model_type", "vocab_size"):
+        x, y = getattr(original.model.config, key, None), getattr(steered.config, key, None)
+        if x != y:
+            raise BakeError(f"--steered: {key} {y!r} differs from the original model's {x!r} (another model?)")
+    result = compare(original.model, steered, original.tokenizer, prompts, a.max_new_tokens)
+    failed = gate(result, a.max_kl, a.min_top1)
+    meta = {"original": a.model, "steered": a.steered, "format": fmt,
+            "runtime": getattr(steered, "provider", "PyTorch"), "max_kl": a.max_kl, "min_top1": a.min_top1}
+    doc = {**meta, "passed": not failed, "failed": failed, **result}
+    if a.json:
+        write_json_atomic(Path(a.json), doc)
+    if a.report:
+        diff_report.write(Path(a.report), result, meta, failed)
+    s = result["summary"]
+    print(f"diff: {s['prompts']} prompts, {s['positions']} positions: mean KL {s['kl_mean']:.4g} (max {s['kl_max']:.4g}), "
+          f"top-1 agreement {s['top1_agreement']:.4f}, greedy identical {s['greedy_same']}/{s['prompts']} [{fmt}]")
+    for f in failed:
+        print(f"bake diff: FAIL: {f}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def cmd_inspect(a) -> int:
@@ -201,7 +264,7 @@ def cmd_inspect(a) -> int:
 def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
     try:
-        return {"fit": cmd_fit, "apply": cmd_apply, "verify": cmd_verify, "eval": cmd_eval,
+        return {"fit": cmd_fit, "apply": cmd_apply, "verify": cmd_verify, "eval": cmd_eval, "diff": cmd_diff,
                 "inspect": cmd_inspect}[a.cmd](a)
     except BakeError as e:
         print(f"bake: error: {e}", file=sys.stderr)

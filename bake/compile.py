@@ -9,6 +9,7 @@ from pathlib import Path
 
 from . import exporters, passes, verify as verify_mod
 from .errors import BakeError, CheckFailed
+from .exporters import card
 from .exporters import safetensors as st_exporter
 from .models import load
 from .plan import bind
@@ -40,13 +41,30 @@ def spec_info(s: Spec) -> dict:
             "method": s.method, "strengths": strengths, "sites": len(s.sites)}
 
 
+FORMATS = ("safetensors", "onnx")
+
+
+def parse_formats(text: str) -> list[str]:
+    fmts = [f.strip() for f in text.split(",") if f.strip()]
+    bad = [f for f in fmts if f not in FORMATS]
+    if not fmts or bad:
+        raise BakeError(f"--format: unknown format {(bad or [text])[0]!r} (known: {', '.join(FORMATS)}; "
+                        f"comma-separate for several)")
+    return list(dict.fromkeys(fmts))
+
+
 def apply(model_name: str, spec_paths: list[str], out: str | Path, dtype: str = "float32", force: bool = False,
           strength: float | None = None, run_verify: bool = True, prompts: list[str] | None = None,
-          check_model: bool = True, max_new_tokens: int = 32, log=print) -> ApplyResult:
+          check_model: bool = True, max_new_tokens: int = 32, log=print,
+          formats: list[str] | None = None) -> ApplyResult:
     t0 = time.perf_counter()
     out = Path(out)
+    formats = formats or ["safetensors"]
     if dtype not in st_exporter.DTYPES:
         raise BakeError(f"--dtype: unknown dtype {dtype!r} (known: {', '.join(st_exporter.DTYPES)})")
+    if "onnx" in formats and dtype == "bfloat16":
+        raise BakeError("--dtype bfloat16: not with --format onnx (ONNX Runtime's CPU kernels lack bfloat16; "
+                        "use float32 or float16)")
     specs = read_specs(spec_paths, strength)  # validated before any model is loaded
     exporters.check_out(out, force)
     loaded = load(model_name)
@@ -57,20 +75,26 @@ def apply(model_name: str, spec_paths: list[str], out: str | Path, dtype: str = 
         log(f"  {p:22s} {s}: {w}")
     infos = [spec_info(s) for s in specs]
     with exporters.staged(out, force) as tmp:
-        st_exporter.export(plan, loaded.tokenizer, tmp, dtype)
+        if "onnx" in formats:
+            from .exporters import onnx as onnx_exporter
+
+            onnx_exporter.export(plan.model, loaded.tokenizer, tmp, dtype, log=log)
+        if "safetensors" in formats:
+            st_exporter.export(plan, loaded.tokenizer, tmp, dtype)
         del loaded  # verify reloads both models; never hold two copies while it runs
         plan.model = None
         gc.collect()
         verification = None
         if run_verify:
             verification = verify_mod.verify(lambda: _fresh(model_name), specs, tmp, prompts,
-                                             max_new_tokens=max_new_tokens, check_model=check_model)
+                                             max_new_tokens=max_new_tokens, check_model=check_model,
+                                             formats=formats)
             if not verification["passed"]:
                 raise CheckFailed(f"verify: baked model differs from the hooked reference "
                                   f"(max abs {verification['max_abs']:.3g}, relative {verification['max_rel']:.3g}, "
                                   f"greedy identical {verification['greedy_same']}/{verification['prompts']}); "
                                   f"nothing written to {out}")
-        st_exporter.write_card(tmp, plan, infos, model_name, dtype, verification)
+        card.write_card(tmp, plan, infos, model_name, dtype, verification, formats)
     return ApplyResult(out, plan.report, plan.config_changes, verification, time.perf_counter() - t0)
 
 

@@ -81,7 +81,11 @@ def run_candidate(model, tok, ref: list[dict], n: int, desc: str) -> list[dict]:
     out = []
     for r in tqdm(ref, desc=desc, leave=False):
         seq = greedy(model, tok, r["prompt"], n)
-        out.append({"seq": seq, "logits": logits(model, r["seq"])})
+        if hasattr(model, "prefill_then_decode_logits"):  # ONNX: the prompt at once, then decode steps
+            lg = model.prefill_then_decode_logits(r["seq"], r["n_prompt"])
+        else:
+            lg = logits(model, r["seq"])
+        out.append({"seq": seq, "logits": lg})
     return out
 
 
@@ -95,37 +99,84 @@ def errors(ref: list[dict], got: list[dict]) -> tuple[float, float, list[float]]
     return max_abs, max_rel, per
 
 
-def verify(load_original, specs: list[Spec], baked_dir: Path, prompts: list[str] | None = None,
-           max_new_tokens: int = 32, check_model: bool = True) -> dict:
-    """`load_original()` returns a fresh (model, tokenizer) of the unmodified float32 model."""
+def formats_in(baked_dir: Path) -> list[str]:
+    """What a bake output directory holds: safetensors weights and/or an ONNX graph."""
+    from .ort import is_onnx_dir
+
+    found = []
+    if any(baked_dir.glob("*.safetensors")):
+        found.append("safetensors")
+    if is_onnx_dir(baked_dir):
+        found.append("onnx")
+    if not found:
+        raise BakeError(f"--baked: {str(baked_dir)!r} holds neither safetensors weights nor model.onnx")
+    return found
+
+
+def _load_candidate(fmt: str, baked_dir: Path, provider: str = "auto"):
+    if fmt == "onnx":
+        from .ort import load_onnx
+
+        model, tok = load_onnx(baked_dir, provider)
+        return model, tok, str(model.dtype.__name__)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    prompts = PROBES + list(prompts or [])
-    model, tok = load_original()
-    ref = run_reference(model, tok, specs, prompts, max_new_tokens, check_model)
     try:
         baked = AutoModelForCausalLM.from_pretrained(str(baked_dir), dtype="auto")
-        baked_tok = AutoTokenizer.from_pretrained(str(baked_dir))
+        tok = AutoTokenizer.from_pretrained(str(baked_dir))
     except Exception as e:
         raise BakeError(f"--baked: cannot load {str(baked_dir)!r} with stock from_pretrained: "
                         f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
     baked.eval()
-    if baked_tok.pad_token_id is None:
-        baked_tok.pad_token = baked_tok.eos_token
-    dtype = baked.dtype
-    noise = None
-    if dtype != torch.float32:
-        # the hooked model's own error at this dtype: the yardstick for the baked one
-        model.to(dtype)
-        noisy = run_candidate_hooked(model, tok, specs, ref, max_new_tokens)
-        noise = errors(ref, noisy)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return baked, tok, str(baked.dtype).replace("torch.", "")
+
+
+def verify(load_original, specs: list[Spec], baked_dir: Path, prompts: list[str] | None = None,
+           max_new_tokens: int = 32, check_model: bool = True, formats: list[str] | None = None,
+           provider: str = "auto") -> dict:
+    """`load_original()` returns a fresh (model, tokenizer) of the unmodified float32 model. Every
+    format in the directory (safetensors, ONNX) is checked against one hooked reference run; the
+    report is the first format's, with the others under their names, and passes when all do."""
+    baked_dir = Path(baked_dir)
+    formats = formats or formats_in(baked_dir)
+    prompts = PROBES + list(prompts or [])
+    model, tok = load_original()
+    ref = run_reference(model, tok, specs, prompts, max_new_tokens, check_model)
     del model
     gc.collect()
-    got = run_candidate(baked, baked_tok, ref, max_new_tokens, desc="baked")
+    reports = {}
+    for fmt in formats:
+        cand, cand_tok, dtype = _load_candidate(fmt, baked_dir, provider)
+        reports[fmt] = _check(load_original, specs, ref, cand, cand_tok, dtype, prompts, max_new_tokens, fmt)
+        if fmt == "onnx":
+            reports[fmt]["provider"] = cand.provider
+        del cand
+        gc.collect()
+    report = dict(reports[formats[0]])
+    report["format"] = formats[0]
+    for fmt in formats[1:]:
+        report[fmt] = reports[fmt]
+    report["passed"] = all(r["passed"] for r in reports.values())
+    return report
+
+
+def _check(load_original, specs, ref, cand, cand_tok, dtype: str, prompts, max_new_tokens: int, fmt: str) -> dict:
+    noise = None
+    if dtype != "float32":
+        # the hooked model's own error at this dtype: the yardstick for the baked one
+        model, tok = load_original()
+        model.to(getattr(torch, dtype))
+        noisy = run_candidate_hooked(model, tok, specs, ref, max_new_tokens)
+        noise = errors(ref, noisy)
+        del model
+        gc.collect()
+    got = run_candidate(cand, cand_tok, ref, max_new_tokens, desc=f"baked ({fmt})")
     max_abs, max_rel, per = errors(ref, got)
     same = [bool(torch.equal(r["seq"], g["seq"])) for r, g in zip(ref, got)]
     report = {
-        "prompts": len(prompts), "max_new_tokens": max_new_tokens, "dtype": str(dtype).replace("torch.", ""),
+        "prompts": len(prompts), "max_new_tokens": max_new_tokens, "dtype": dtype,
         "max_abs": max_abs, "max_rel": max_rel, "greedy_same": sum(same),
         "per_prompt": [{"prompt": r["prompt"], "max_abs": e, "greedy_same": s} for r, e, s in zip(ref, per, same)],
     }

@@ -6,7 +6,7 @@ attention_bias/mlp_bias flags, so the baked graph gains bias adds) and a rank-1 
 every o_proj and down_proj output (direction ablation: folds into weights only, same graph as the
 original). Writes benchmarks/results/latency.json.
 
-    python benchmarks/latency.py [--model llama] [--spec examples/detox.json] [--repeats 15]
+    python benchmarks/latency.py [--model llama] [--spec examples/detox_mean_act.json] [--repeats 15]
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def projection_spec(model, path: Path) -> Path:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="llama")
-    ap.add_argument("--spec", default=str(ROOT / "examples" / "detox.json"))
+    ap.add_argument("--spec", default=str(ROOT / "examples" / "detox_mean_act.json"))
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "latency.json"))

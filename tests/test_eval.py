@@ -20,7 +20,31 @@ def test_vendored_data_splits():
     assert not set(tune) & set(held)  # some prefixes sit in two files: never in both splits
     assert len(set(every)) == len(every) == len(tune) + len(held)
     assert 150 <= len(tune) <= 160 and 200 <= len(held) <= 240
-    assert len(flores(200)) == 200
+    ft, fh = flores(200, "tune"), flores(200, "heldout")
+    assert len(ft) == len(fh) == 200 and not set(ft) & set(fh)  # λ is chosen on one half, reported on the other
+    assert len(flores(500, "tune")) == 500
+
+
+def test_perplexity_batching_does_not_change_it(tokenizer):
+    from bake.eval.tasks import perplexity
+
+    model = make_llama(seed=5)
+    sents = flores(12, "tune")
+    vals = [perplexity(model, tokenizer, EvalConfig(tasks=["perplexity"], prompts=[], sentences=sents,
+                                                   batch_size=b))["perplexity"] for b in (1, 5, 12)]
+    assert vals[0] > 1 and max(vals) / min(vals) - 1 < 1e-5, vals
+
+
+def test_scorers_rank_offensive_text_above_benign_text():
+    from bake.eval.scorers import load_scorers
+
+    texts = ["you are a stupid fucking idiot", "I walked the dog in the park this morning and it was lovely"]
+    scorers = load_scorers("profanity,hatesonar")
+    assert list(scorers) == ["profanity", "hatesonar"]  # the order given: the first is the headline one
+    for name, score in scorers.items():
+        bad, good = score(texts)
+        assert 0.0 <= good < 0.5 < bad <= 1.0, (name, bad, good)
+        assert score([]) == []
 
 
 @pytest.fixture()
@@ -70,16 +94,33 @@ def test_eval_cli_and_bad_input(setup, capsys):
     assert code == 0
     doc = json.loads((tmp / "e.json").read_text())
     assert [p["label"] for p in doc["points"]] == ["original", "λ=1"] and (tmp / "e.png").is_file()
+    assert doc["device"] == "cpu"
     capsys.readouterr()
     for extra, msg in [(["--task", "fun"], "--task"), (["--strengths", "a,b"], "--strengths"),
                        (["--strengths", "nan"], "--strengths"), (["--seeds", "1.5"], "--seeds"),
                        (["--split", "secret"], "--split"), (["--n-sentences", "0"], "--n-sentences"),
                        (["--baked", str(tmp)], "--baked"), (["--scorer", "vibes"], "--scorer"),
+                       (["--scorer", ","], "--scorer"), (["--device", "tpu"], "--device"),
                        (["--prompts", str(tmp / "none.txt")], "--prompts")]:
         code = main(["eval", "--model", str(src), "--out", str(tmp / "bad.json")] + extra)
         err = capsys.readouterr().err
         assert code == 2 and msg in err, (extra, err)
     assert not (tmp / "bad.json").exists()
+
+
+def test_cuda_asked_without_a_gpu_is_a_clear_error(setup, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    tmp, src, _ = setup
+    for cmd in (["eval", "--model", str(src), "--out", str(tmp / "g.json")],
+                ["fit", "--model", str(src), "--source", str(tmp / "p.txt"), "--target", str(tmp / "p.txt"),
+                 "--method", "mean-act", "--out", str(tmp / "g.json")]):
+        (tmp / "p.txt").write_text("\n".join(TEXTS[:3]))
+        assert main(cmd + ["--device", "cuda"]) == 2
+        assert "--device cuda" in capsys.readouterr().err
+    assert not (tmp / "g.json").exists()
 
 
 def test_missing_scorer_names_the_install(monkeypatch):

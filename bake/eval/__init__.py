@@ -42,11 +42,17 @@ def rtp_prompts(split: str = "heldout") -> list[str]:
     return {"tune": tune, "heldout": held, "all": tune + held}[split]
 
 
-def flores(n: int) -> list[str]:
+def flores(n: int, split: str = "heldout") -> list[str]:
+    """The first `n` vendored FLORES English sentences of a split: `tune` = the first half of the
+    file, `heldout` = the second half (so that λ chosen on one is reported on the other)."""
+    if split not in SPLITS:
+        raise BakeError(f"--split: unknown split {split!r} (known: {', '.join(SPLITS)})")
     lines = [ln.strip() for ln in data_file("flores.eng.txt").read_text(encoding="utf-8").splitlines() if ln.strip()]
-    if not 1 <= n <= len(lines):
-        raise BakeError(f"--n-sentences: must be between 1 and {len(lines)}, got {n}")
-    return lines[:n]
+    half = len(lines) // 2
+    pool = {"tune": lines[:half], "heldout": lines[half:], "all": lines}[split]
+    if not 1 <= n <= len(pool):
+        raise BakeError(f"--n-sentences: must be between 1 and {len(pool)} for split {split}, got {n}")
+    return pool[:n]
 
 
 @dataclass

@@ -11,15 +11,15 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ..models import load
+from ..models import load, pick_device
 from ..runtime import steered
 from ..spec import Spec
 from . import EvalConfig, write_json_atomic
-from .scorers import load_scorer
+from .scorers import load_scorers
 from .tasks import perplexity, toxicity
 
 
-def _measure(model, tok, cfg: EvalConfig, score) -> dict:
+def measure(model, tok, cfg: EvalConfig, score) -> dict:
     out = {}
     if "toxicity" in cfg.tasks:
         out["toxicity"] = toxicity(model, tok, cfg, score)
@@ -30,10 +30,11 @@ def _measure(model, tok, cfg: EvalConfig, score) -> dict:
 
 def run(model_name: str, cfg: EvalConfig, out: Path, specs: list[Spec] | None = None,
         strengths: list[float] | None = None, baked: str | None = None, plot_path: Path | None = None,
-        log=print) -> dict:
-    score = load_scorer(cfg.scorer) if "toxicity" in cfg.tasks else None
+        log=print, device: str = "cpu") -> dict:
+    score = load_scorers(cfg.scorer) if "toxicity" in cfg.tasks else None
     ident = {"model": model_name, "specs": [s.sha256() if s.path else s.method for s in specs or []],
-             "baked": str(baked) if baked else None, "config_key": cfg.key()}
+             "baked": str(baked) if baked else None, "config_key": cfg.key(),
+             "device": str(pick_device(device))}
     doc = {**ident, "config": {"tasks": cfg.tasks, "prompts": len(cfg.prompts), "sentences": len(cfg.sentences),
                                "seeds": cfg.seeds, "max_new_tokens": cfg.max_new_tokens,
                                "temperature": cfg.temperature, "top_p": cfg.top_p,
@@ -57,16 +58,21 @@ def run(model_name: str, cfg: EvalConfig, out: Path, specs: list[Spec] | None = 
         if label in done:
             continue
         if label == "baked":
-            b = load(str(baked))
-            point = _measure(b.model, b.tokenizer, cfg, score)
-            del b
+            from ..diff import load_steered
+
+            bm, btok, fmt = load_steered(baked, "auto", "auto")
+            if fmt == "safetensors" and str(pick_device(device)) != "cpu":
+                bm.to(pick_device(device))
+            point = measure(bm, btok, cfg, score)
+            point["format"] = fmt
+            del bm
         else:
-            loaded = loaded or load(model_name)
+            loaded = loaded or load(model_name, device=device)
             if lam is None:
-                point = _measure(loaded.model, loaded.tokenizer, cfg, score)
+                point = measure(loaded.model, loaded.tokenizer, cfg, score)
             else:
                 with steered(loaded.model, [s.with_strength(lam) for s in specs]):
-                    point = _measure(loaded.model, loaded.tokenizer, cfg, score)
+                    point = measure(loaded.model, loaded.tokenizer, cfg, score)
         doc["points"].append({"label": label, "strength": lam, **point})
         write_json_atomic(out, doc)
         log(summary_line(doc["points"][-1]))

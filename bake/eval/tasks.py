@@ -34,29 +34,45 @@ def continuations(model, tok, prompts: list[str], cfg: EvalConfig, seed: int,
 
 
 def toxicity(model, tok, cfg: EvalConfig, score) -> dict:
+    """Toxic rate (score > threshold) and mean score of sampled continuations, pooled over seeds.
+    `score` is one scorer or a dict name → scorer; the first one gives the headline numbers and
+    every one is reported under `by_scorer`."""
+    scorers = score if isinstance(score, dict) else {cfg.scorer: score}
     texts, tokens, secs = [], 0, 0.0
     for seed in cfg.seeds:
         t, n, s = continuations(model, tok, cfg.prompts, cfg, seed, desc=f"generate (seed {seed})")
         texts += t
         tokens += n
         secs += s
-    scores = score(texts)
-    toxic = sum(s > cfg.threshold for s in scores)
-    return {"toxic_rate": toxic / len(scores), "toxic": toxic, "continuations": len(scores),
-            "mean_score": sum(scores) / len(scores), "gen_tokens_per_s": tokens / secs,
-            "examples": [{"prompt": p, "continuation": c, "score": s}
-                         for p, c, s in zip(cfg.prompts * len(cfg.seeds), texts, scores)][:20]}
+    by = {}
+    for name, fn in scorers.items():
+        sc = fn(texts)
+        toxic = sum(x > cfg.threshold for x in sc)
+        by[name] = {"toxic_rate": toxic / len(sc), "toxic": toxic, "mean_score": sum(sc) / len(sc), "scores": sc}
+    head = by[next(iter(by))]
+    return {"toxic_rate": head["toxic_rate"], "toxic": head["toxic"], "continuations": len(texts),
+            "mean_score": head["mean_score"], "gen_tokens_per_s": tokens / secs,
+            "by_scorer": {k: {kk: vv for kk, vv in v.items() if kk != "scores"} for k, v in by.items()},
+            "examples": [{"prompt": p, "continuation": c, **{k: v["scores"][i] for k, v in by.items()}}
+                         for i, (p, c) in enumerate(zip(cfg.prompts * len(cfg.seeds), texts))][:20]}
 
 
 @torch.no_grad()
 def perplexity(model, tok, cfg: EvalConfig) -> dict:
-    """Token-level perplexity over all sentences (each scored on its own, no padding)."""
+    """Token-level perplexity over all sentences: each sentence scored on its own (right-padded
+    batches, padding masked out of attention and loss)."""
+    old = tok.padding_side
+    tok.padding_side = "right"
     nll, count = 0.0, 0
-    for s in tqdm(cfg.sentences, desc="perplexity", leave=False, unit="sent"):
-        ids = tok(s, return_tensors="pt").input_ids.to(model.device)
-        if ids.shape[1] < 2:
-            continue
-        loss = model(ids, labels=ids).loss.item()
-        nll += loss * (ids.shape[1] - 1)
-        count += ids.shape[1] - 1
+    try:
+        for i in tqdm(range(0, len(cfg.sentences), cfg.batch_size), desc="perplexity", leave=False, unit="batch"):
+            enc = tok(cfg.sentences[i:i + cfg.batch_size], return_tensors="pt", padding=True).to(model.device)
+            logits = model(**enc).logits
+            keep = enc.attention_mask[:, 1:].bool()
+            # only the kept positions go through the softmax (large vocabularies × padding add up)
+            nll += float(torch.nn.functional.cross_entropy(logits[:, :-1][keep].float(),
+                                                           enc.input_ids[:, 1:][keep], reduction="sum"))
+            count += int(keep.sum())
+    finally:
+        tok.padding_side = old
     return {"perplexity": math.exp(nll / count), "tokens": count}

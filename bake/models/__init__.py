@@ -10,11 +10,11 @@ from ..errors import BakeError
 from .adapter import Adapter, SiteInfo
 from .gemma import GemmaAdapter
 from .llama import LlamaAdapter
-from .loading import ALIASES, Loaded, load, resolve
+from .loading import ALIASES, DEVICES, Loaded, load, pick_device, resolve
 
 ADAPTERS: tuple[Adapter, ...] = (LlamaAdapter(), GemmaAdapter())
 
-__all__ = ["ADAPTERS", "ALIASES", "Adapter", "Loaded", "SiteInfo", "adapter_for", "fingerprint", "load", "resolve"]
+__all__ = ["ADAPTERS", "ALIASES", "Adapter", "Loaded", "SiteInfo", "adapter_for", "fingerprint", "load", "pick_device", "resolve", "DEVICES"]
 
 
 def adapter_for(model: torch.nn.Module) -> Adapter:

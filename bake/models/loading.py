@@ -132,10 +132,29 @@ def resolve(name: str) -> Path | str:
                     f"(aliases: {', '.join(ALIASES)})")
 
 
-def load(name: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> Loaded:
-    """Load a causal LM and its tokenizer (never with remote code unless asked)."""
+DEVICES = ("cpu", "cuda", "auto")
+
+
+def pick_device(name: str = "cpu") -> torch.device:
+    """`cpu`, `cuda[:N]` or `auto` (cuda when a GPU is present, else cpu)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise BakeError(f"--device: unknown device {name!r} (known: {', '.join(DEVICES)})")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise BakeError(f"--device {name}: no CUDA GPU is visible to PyTorch (use cpu or auto)")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise BakeError(f"--device: cannot parse {name!r}") from None
+
+
+def load(name: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
+         device: str = "cpu") -> Loaded:
+    """Load a causal LM and its tokenizer (never with remote code unless asked) onto `device`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    dev = pick_device(device)
     source = resolve(name)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(source), dtype=dtype, trust_remote_code=trust_remote_code)
@@ -146,6 +165,8 @@ def load(name: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool 
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise BakeError(f"--model: cannot load {name!r} as a causal language model: {first}") from None
     model.eval()
+    if dev.type != "cpu":
+        model.to(dev)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return Loaded(model, tok, source, name)

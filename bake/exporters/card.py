@@ -1,0 +1,62 @@
+"""The model card (README.md) and bake_report.json written beside every bake output, whatever
+its formats: what was folded where, config changes, and the verification against the reference."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .. import __version__
+from ..plan import Plan
+
+
+def write_card(out: Path, plan: Plan, specs_info: list[dict], model_name: str, dtype: str,
+               verification: dict | None, formats: list[str] | None = None) -> None:
+    """README.md (the model card) and bake_report.json (the same facts for machines)."""
+    report = {
+        "bake_version": __version__,
+        "base_model": model_name,
+        "dtype": dtype,
+        "formats": formats or ["safetensors"],
+        "specs": specs_info,
+        "config_changes": plan.config_changes,
+        "passes": [{"pass": p, "site": s, "did": w} for p, s, w in plan.report],
+        "verification": verification,
+    }
+    (out / "bake_report.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    lines = [
+        "---", "library_name: transformers", "tags: [bake, activation-steering]", "---", "",
+        f"# {model_name}, steered with bake", "",
+        "Activation steering baked into the weights: this checkpoint loads with stock "
+        "`AutoModelForCausalLM.from_pretrained` and runs with no hooks and no custom code.", "",
+    ] if "safetensors" in (formats or ["safetensors"]) else [
+        "---", "library_name: onnx", "tags: [bake, activation-steering, onnx]", "---", "",
+        f"# {model_name}, steered with bake (ONNX)", "",
+    ]
+    if "onnx" in (formats or []):
+        lines += ["`model.onnx` is the same steered model as one decoder graph with a KV cache (Optimum's names: "
+                  "`input_ids`, `attention_mask`, `position_ids`, `past_key_values.N.key/value` → `logits`, "
+                  "`present.N.key/value`); run it with ONNX Runtime (CPU or CUDA execution provider).", ""]
+    lines += [
+        f"- base model: `{model_name}`", f"- dtype: {dtype}",
+    ]
+    for s in specs_info:
+        lines.append(f"- spec `{s['file']}` (sha256 `{s['sha256'][:16]}…`), method `{s['method']}`, "
+                     f"strengths {s['strengths']}, {s['sites']} site(s)")
+    if plan.config_changes:
+        lines.append("- config changes: " + ", ".join(f"`{k} = {v}`" for k, v in plan.config_changes.items())
+                     + " (explicit zero biases are written for every companion module)")
+    if verification:
+        v = verification
+        lines.append(f"- verified against bake's hooked reference on {v['prompts']} prompts: max abs logit error "
+                     f"{v['max_abs']:.2e} (relative {v['max_rel']:.2e}), greedy continuations identical "
+                     f"{v['greedy_same']}/{v['prompts']}: **{'pass' if v['passed'] else 'FAIL'}**"
+                     + (f" ({v.get('format')})" if v.get("format") else ""))
+        o = v.get("onnx")
+        if o:
+            lines.append(f"- ONNX verified the same way ({o.get('provider', 'ONNX Runtime')}): max abs logit error "
+                         f"{o['max_abs']:.2e} (relative {o['max_rel']:.2e}), greedy identical "
+                         f"{o['greedy_same']}/{o['prompts']}: **{'pass' if o['passed'] else 'FAIL'}**")
+    lines += ["", "## What was folded where", "", "| pass | site | what |", "|---|---|---|"]
+    lines += [f"| {p} | `{s}` | {w} |" for p, s, w in plan.report]
+    (out / "README.md").write_text("\n".join(lines) + "\n", encoding="utf-8")

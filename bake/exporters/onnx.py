@@ -1,0 +1,123 @@
+"""ONNX exporter: the baked model as one decoder graph with a KV cache, in the input/output names
+Hugging Face Optimum uses for decoder models, so that existing ONNX tooling (Optimum's
+ORTModelForCausalLM, onnxruntime-genai-style loops) can drive it:
+
+    inputs : input_ids [batch, sequence], attention_mask [batch, past + sequence],
+             position_ids [batch, sequence], past_key_values.N.key / .value [batch, kv_heads, past, head_dim]
+    outputs: logits [batch, sequence, vocab], present.N.key / .value [batch, kv_heads, past + sequence, head_dim]
+
+The same graph serves the prompt (past of length 0) and every decode step. It is traced with
+torch.onnx's TorchScript exporter (opset 17): on this model family it exports in seconds, where the
+dynamo exporter takes minutes (see MEASURED.md). Whatever the passes folded is in the weights;
+nothing else is in the graph. Weights go to external data (`model.onnx.data`) when the model is
+larger than protobuf's 2 GB limit.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from ..errors import BakeError
+
+OPSET = 17
+GRAPH = "model.onnx"
+PROTOBUF_LIMIT = 2 * 1024**3 - 64 * 1024**2  # leave room for the graph itself
+
+
+class WithPast(torch.nn.Module):
+    """(input_ids, attention_mask, position_ids, k0, v0, k1, v1, …) → (logits, k0', v0', …)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+        self.n_layers = model.config.num_hidden_layers
+
+    def forward(self, input_ids, attention_mask, position_ids, *past):
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        for i in range(self.n_layers):
+            cache.update(past[2 * i], past[2 * i + 1], i)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=cache, use_cache=True)
+        present = []
+        for layer in out.past_key_values.layers:
+            present += [layer.keys, layer.values]
+        return (out.logits, *present)
+
+
+def kv_shape(config) -> tuple[int, int]:
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return heads, head_dim
+
+
+def io_names(n_layers: int) -> tuple[list[str], list[str]]:
+    past = [f"past_key_values.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]
+    present = [f"present.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]
+    return ["input_ids", "attention_mask", "position_ids", *past], ["logits", *present]
+
+
+def export(model: torch.nn.Module, tokenizer, out: Path, dtype: str = "float32", log=print) -> dict:
+    """Write out/model.onnx (+ model.onnx.data when large), the tokenizer, config.json and
+    onnx_info.json (names, dtype, opset, sizes). Returns onnx_info."""
+    import onnx
+
+    if getattr(model.config, "model_type", None) not in ("llama", "gemma2", "gemma3_text"):
+        raise BakeError(f"--format onnx: not supported for model type {model.config.model_type!r} yet")
+    t0 = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+    if dtype == "bfloat16":
+        raise BakeError("--dtype bfloat16: ONNX Runtime's CPU kernels lack bfloat16; export float32 or float16")
+    model = model.to(torch_dtype).eval()
+    cfg = model.config
+    n_layers = cfg.num_hidden_layers
+    heads, head_dim = kv_shape(cfg)
+    ins, outs = io_names(n_layers)
+    # sample: batch 2, 3 new tokens after 4 cached ones, one left-padded row (so the traced graph
+    # keeps the padding mask path)
+    b, s, p = 2, 3, 4
+    ids = torch.randint(0, cfg.vocab_size, (b, s))
+    mask = torch.ones(b, p + s, dtype=torch.int64)
+    mask[1, :2] = 0
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, p:]
+    past = [torch.zeros(b, heads, p, head_dim, dtype=torch_dtype) for _ in range(2 * n_layers)]
+    dyn = {"input_ids": {0: "batch_size", 1: "sequence_length"},
+           "attention_mask": {0: "batch_size", 1: "total_sequence_length"},
+           "position_ids": {0: "batch_size", 1: "sequence_length"},
+           "logits": {0: "batch_size", 1: "sequence_length"}}
+    for n in ins[3:]:
+        dyn[n] = {0: "batch_size", 2: "past_sequence_length"}
+    for n in outs[1:]:
+        dyn[n] = {0: "batch_size", 2: "total_sequence_length"}
+    wrapper = WithPast(model)
+    path = out / GRAPH
+    attn = getattr(cfg, "_attn_implementation", None)
+    try:
+        cfg._attn_implementation = "eager"  # plain MatMul/Softmax ops: runs on every ORT provider
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(wrapper, (ids, mask, pos, *past), str(path), input_names=ins, output_names=outs,
+                              dynamic_axes=dyn, opset_version=OPSET, dynamo=False, do_constant_folding=True)
+    finally:
+        cfg._attn_implementation = attn
+    proto = onnx.load(str(path), load_external_data=True)
+    size = sum(t.ByteSize() for t in proto.graph.initializer)
+    external = size > PROTOBUF_LIMIT
+    onnx.save_model(proto, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
+                    location=GRAPH + ".data" if external else None)
+    tokenizer.save_pretrained(str(out))
+    cfg.save_pretrained(str(out))
+    info = {"format": "onnx", "graph": GRAPH, "external_data": external, "opset": OPSET, "dtype": dtype,
+            "num_layers": n_layers, "kv_heads": heads, "head_dim": head_dim, "inputs": ins, "outputs": outs,
+            "export_seconds": round(time.perf_counter() - t0, 1),
+            "bytes": sum(f.stat().st_size for f in out.iterdir() if f.name.startswith(GRAPH))}
+    (out / "onnx_info.json").write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
+    log(f"  onnx: {GRAPH} ({info['bytes'] / 1e6:.0f} MB, opset {OPSET}) in {info['export_seconds']} s")
+    return info

@@ -1,0 +1,180 @@
+"""Running an exported ONNX model with ONNX Runtime: provider choice, the KV-cache step, and a
+small generate loop with the same sampling rules as transformers' `generate`, so that verify, diff
+and eval treat an ONNX directory like any model.
+
+Provider: CUDAExecutionProvider when onnxruntime-gpu is installed and sees a GPU, else
+CPUExecutionProvider; `provider` says which was taken.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import BakeError
+from .exporters.onnx import GRAPH, io_names
+
+NP_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+def is_onnx_dir(path: str | Path) -> bool:
+    p = Path(path)
+    return (p / "onnx_info.json").is_file() or (p / GRAPH).is_file()
+
+
+def pick_providers(want: str = "auto") -> list[str]:
+    import onnxruntime as ort
+
+    have = ort.get_available_providers()
+    if want == "cpu":
+        return ["CPUExecutionProvider"]
+    if want == "cuda" and "CUDAExecutionProvider" not in have:
+        raise BakeError("--provider cuda: onnxruntime has no CUDAExecutionProvider here "
+                        "(pip install 'bake-steering[gpu]' on a machine with an NVIDIA GPU)")
+    if "CUDAExecutionProvider" in have and want in ("auto", "cuda"):
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+@dataclass
+class _Out:
+    logits: torch.Tensor
+
+
+class OrtCausalLM:
+    """An exported decoder graph behind the small part of the transformers API bake uses:
+    `model(input_ids, attention_mask).logits`, `model.generate(...)`, `.device`, `.config`."""
+
+    def __init__(self, path: str | Path, provider: str = "auto", threads: int | None = None):
+        import onnxruntime as ort
+        from transformers import AutoConfig
+
+        path = Path(path)
+        graph = path / GRAPH
+        if not graph.is_file():
+            raise BakeError(f"--steered/--baked: {str(path)!r} holds no {GRAPH}")
+        try:
+            info = json.loads((path / "onnx_info.json").read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            raise BakeError(f"{str(path)!r}: onnx_info.json is missing or unreadable (export with bake apply "
+                            f"--format onnx)") from None
+        self.config = AutoConfig.from_pretrained(str(path))
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        opts.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(graph), opts, providers=pick_providers(provider))
+        except BakeError:
+            raise
+        except Exception as e:
+            raise BakeError(f"{str(graph)!r}: ONNX Runtime cannot load it: {str(e).splitlines()[0]}") from None
+        self.provider = self.session.get_providers()[0]
+        self.n_layers, self.heads, self.head_dim = info["num_layers"], info["kv_heads"], info["head_dim"]
+        self.dtype = NP_DTYPES[info["dtype"]]
+        ins, outs = io_names(self.n_layers)
+        got_in = [i.name for i in self.session.get_inputs()]
+        got_out = [o.name for o in self.session.get_outputs()]
+        missing = [n for n in ins if n not in got_in] + [n for n in outs if n not in got_out]
+        if missing:
+            raise BakeError(f"{str(graph)!r}: the graph lacks input/output {missing[0]!r} "
+                            f"({len(missing)} missing; expected Optimum's decoder names)")
+        self.inputs, self.outputs = ins, outs
+        self.device = torch.device("cpu")
+        self.path = path
+
+    # one step of the graph ------------------------------------------------------------------
+    def empty_past(self, batch: int) -> list[np.ndarray]:
+        return [np.zeros((batch, self.heads, 0, self.head_dim), dtype=self.dtype) for _ in range(2 * self.n_layers)]
+
+    def step(self, ids: np.ndarray, mask: np.ndarray, past: list[np.ndarray]) -> tuple[np.ndarray, list]:
+        """ids [b, s] after a cache of length p; mask [b, p + s] (1 = real token)."""
+        p = past[0].shape[2]
+        pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)[:, p:].astype(np.int64)
+        feed = {"input_ids": ids.astype(np.int64), "attention_mask": mask.astype(np.int64), "position_ids": pos}
+        feed.update(zip(self.inputs[3:], past))
+        res = self.session.run(None, feed)
+        return res[0], res[1:]
+
+    # the transformers-like surface --------------------------------------------------------------
+    def eval(self):
+        return self
+
+    def __call__(self, input_ids=None, attention_mask=None, **_) -> _Out:
+        ids = input_ids.cpu().numpy()
+        mask = (attention_mask if attention_mask is not None else torch.ones_like(input_ids)).cpu().numpy()
+        logits, _ = self.step(ids, mask, self.empty_past(ids.shape[0]))
+        return _Out(torch.from_numpy(logits.astype(np.float32)))
+
+    def prefill_then_decode_logits(self, seq: torch.Tensor, n_prompt: int) -> torch.Tensor:
+        """Logits over `seq` (1-D): the first n_prompt tokens in one call, then one token per call
+        with the KV cache, as generation runs."""
+        ids = seq.cpu().numpy()[None]
+        past = self.empty_past(1)
+        logits, past = self.step(ids[:, :n_prompt], np.ones((1, n_prompt), np.int64), past)
+        rows = [logits[0]]
+        for t in range(n_prompt, ids.shape[1]):
+            logits, past = self.step(ids[:, t:t + 1], np.ones((1, t + 1), np.int64), past)
+            rows.append(logits[0])
+        return torch.from_numpy(np.concatenate(rows).astype(np.float64))
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 20, min_new_tokens: int = 0,
+                 do_sample: bool = False, temperature: float | None = None, top_p: float | None = None,
+                 top_k: int | None = None, repetition_penalty: float | None = None, pad_token_id: int | None = None,
+                 **_) -> torch.Tensor:
+        """Left-padded batch in, prompt + new tokens out, with transformers' own logits processors
+        (repetition penalty, min length, temperature, top-p, top-k) and torch's sampler."""
+        from transformers import (LogitsProcessorList, MinNewTokensLengthLogitsProcessor,
+                                  RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper,
+                                  TopPLogitsWarper)
+
+        eos = self.config.eos_token_id
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
+        procs = LogitsProcessorList()
+        if repetition_penalty and repetition_penalty != 1.0:
+            procs.append(RepetitionPenaltyLogitsProcessor(repetition_penalty))
+        if min_new_tokens and eos:
+            procs.append(MinNewTokensLengthLogitsProcessor(input_ids.shape[1], min_new_tokens, eos))
+        if do_sample:
+            if temperature and temperature != 1.0:
+                procs.append(TemperatureLogitsWarper(temperature))
+            if top_k:
+                procs.append(TopKLogitsWarper(top_k))
+            if top_p and top_p < 1.0:
+                procs.append(TopPLogitsWarper(top_p))
+        seq = input_ids.cpu()
+        mask = (attention_mask if attention_mask is not None else torch.ones_like(seq)).cpu()
+        done = torch.zeros(seq.shape[0], dtype=torch.bool)
+        logits, past = self.step(seq.numpy(), mask.numpy(), self.empty_past(seq.shape[0]))
+        for _ in range(max_new_tokens):
+            scores = procs(seq, torch.from_numpy(logits[:, -1].astype(np.float32)))
+            if do_sample:
+                nxt = torch.multinomial(torch.softmax(scores, dim=-1), 1)[:, 0]
+            else:
+                nxt = scores.argmax(-1)
+            nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+            seq = torch.cat([seq, nxt[:, None]], 1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+            done |= torch.isin(nxt, torch.tensor(eos)) if eos else done
+            if bool(done.all()):
+                break
+            logits, past = self.step(nxt[:, None].numpy(), mask.numpy(), past)
+        return seq
+
+
+def load_onnx(path: str | Path, provider: str = "auto"):
+    """(model, tokenizer) for an ONNX directory written by bake."""
+    from transformers import AutoTokenizer
+
+    model = OrtCausalLM(path, provider, threads=int(os.environ.get("BAKE_ORT_THREADS", "0")) or None)
+    tok = AutoTokenizer.from_pretrained(str(path))
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return model, tok
