@@ -19,7 +19,7 @@ from conftest import TEXTS, make_llama, save_model
 
 
 @pytest.fixture(scope="module")
-def baked(tmp_path_factory, ):
+def baked(tmp_path_factory):
     """A random Llama with existing-bias-free weights, a shift-carrying spec (the bias flags turn on),
     baked to safetensors and ONNX in one directory."""
     from conftest import make_tokenizer
@@ -219,3 +219,19 @@ def test_provider_choice_says_which(baked):
     assert OrtCausalLM(tmp / "out", "cpu").provider == "CPUExecutionProvider"
     logits, present = m.step(np.array([[1, 2, 3]]), np.ones((1, 3), np.int64), m.empty_past(1))
     assert logits.shape[:2] == (1, 3) and present[0].shape[2] == 3
+
+
+def test_large_models_go_to_external_data(monkeypatch, tmp_path, tokenizer):
+    """Over protobuf's 2 GB limit the weights go to model.onnx.data; shown with the limit lowered."""
+    from bake.exporters import onnx as onnx_exporter
+
+    monkeypatch.setattr(onnx_exporter, "PROTOBUF_LIMIT", 0)
+    model = make_llama(seed=2)
+    info = onnx_exporter.export(model, tokenizer, tmp_path / "ext", log=lambda *_: None)
+    assert info["external_data"] and (tmp_path / "ext" / "model.onnx.data").is_file()
+    assert (tmp_path / "ext" / "model.onnx").stat().st_size < 100_000  # the graph alone
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        ref = make_llama(seed=2)(ids).logits
+    got = OrtCausalLM(tmp_path / "ext", "cpu")(input_ids=ids).logits
+    assert ((ref - got).abs().max() / ref.abs().max()).item() < 1e-5

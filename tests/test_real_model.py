@@ -102,3 +102,21 @@ def test_gemma3_real_fit_apply_verify(tmp_path):
     assert v["passed"] and v["greedy_same"] == v["prompts"], v
     with pytest.raises(BakeError, match="post_attention_layernorm:output: cannot fold exactly"):
         compile.apply("gemma3", [str(tmp_path / "mean-act.json")], tmp_path / "out2", log=lambda *_: None)
+
+
+def test_real_onnx_export_verify_and_diff(tmp_path):
+    """The detox example as ONNX: ORT (CPU here) vs the hooked reference over prompts and decode
+    steps, then `bake diff` of the ONNX export against the original, with an HTML report."""
+    bake("apply", "--model", "llama", "--spec", "examples/detox.json", "--format", "onnx", "--out", tmp_path / "x")
+    rep = json.loads((tmp_path / "x" / "bake_report.json").read_text())
+    v = rep["verification"]
+    assert v["format"] == "onnx" and v["passed"] and v["max_rel"] <= 1e-5 and v["greedy_same"] == v["prompts"]
+    assert not list((tmp_path / "x").glob("*.safetensors"))
+    (tmp_path / "p.txt").write_text("The weather today is\nMy favourite food is\nThe meeting was about\n")
+    r = bake("diff", "--model", "llama", "--steered", tmp_path / "x", "--prompts", tmp_path / "p.txt",
+             "--max-new-tokens", "8", "--max-kl", "0.5", "--min-top1", "0.5", "--report", tmp_path / "d.html",
+             "--json", tmp_path / "d.json", check=False)
+    assert r.returncode == 0, r.stderr[-1500:]
+    d = json.loads((tmp_path / "d.json").read_text())
+    assert d["format"] == "onnx" and 0 < d["summary"]["kl_mean"] < 0.5 and d["summary"]["top1_agreement"] >= 0.5
+    assert "<table>" in (tmp_path / "d.html").read_text()
