@@ -69,6 +69,10 @@ def apply(model_name: str, spec_paths: list[str], out: str | Path, dtype: str = 
     exporters.check_out(out, force)
     loaded = load(model_name)
     exporters.check_out(out, force, loaded.source)
+    if "onnx" in formats:
+        from .exporters import onnx as onnx_exporter
+
+        onnx_exporter.check_supported(loaded.model)  # before any work
     plan = bind(specs, loaded.model, check_model=check_model)
     passes.run(plan)  # raises before anything is written if a map cannot fold
     for p, s, w in plan.report:
@@ -76,8 +80,6 @@ def apply(model_name: str, spec_paths: list[str], out: str | Path, dtype: str = 
     infos = [spec_info(s) for s in specs]
     with exporters.staged(out, force) as tmp:
         if "onnx" in formats:
-            from .exporters import onnx as onnx_exporter
-
             onnx_exporter.export(plan.model, loaded.tokenizer, tmp, dtype, log=log)
         if "safetensors" in formats:
             st_exporter.export(plan, loaded.tokenizer, tmp, dtype)

@@ -235,3 +235,13 @@ def test_large_models_go_to_external_data(monkeypatch, tmp_path, tokenizer):
         ref = make_llama(seed=2)(ids).logits
     got = OrtCausalLM(tmp_path / "ext", "cpu")(input_ids=ids).logits
     assert ((ref - got).abs().max() / ref.abs().max()).item() < 1e-5
+
+
+def test_onnx_refuses_gemma_with_the_reason(tmp_path, tokenizer):
+    from bake.errors import BakeError
+    from bake.exporters import onnx as onnx_exporter
+    from test_gemma import make_gemma
+
+    with pytest.raises(BakeError, match="sliding-window"):
+        onnx_exporter.export(make_gemma("gemma3", seed=0), tokenizer, tmp_path / "g", log=lambda *_: None)
+    assert not (tmp_path / "g" / "model.onnx").exists()

@@ -25,6 +25,7 @@ import torch
 from ..errors import BakeError
 
 OPSET = 17
+SUPPORTED = ("llama",)
 GRAPH = "model.onnx"
 PROTOBUF_LIMIT = 2 * 1024**3 - 64 * 1024**2  # leave room for the graph itself
 
@@ -63,13 +64,21 @@ def io_names(n_layers: int) -> tuple[list[str], list[str]]:
     return ["input_ids", "attention_mask", "position_ids", *past], ["logits", *present]
 
 
+def check_supported(model: torch.nn.Module) -> None:
+    mt = getattr(model.config, "model_type", None)
+    if mt not in SUPPORTED:
+        why = (": its sliding-window KV cache does not trace to a shape-generic graph with this exporter"
+               if mt in ("gemma2", "gemma3_text") else "")
+        raise BakeError(f"--format onnx: not supported for model type {mt!r} yet{why} "
+                        f"(supported: {', '.join(SUPPORTED)}; safetensors works)")
+
+
 def export(model: torch.nn.Module, tokenizer, out: Path, dtype: str = "float32", log=print) -> dict:
     """Write out/model.onnx (+ model.onnx.data when large), the tokenizer, config.json and
     onnx_info.json (names, dtype, opset, sizes). Returns onnx_info."""
     import onnx
 
-    if getattr(model.config, "model_type", None) not in ("llama", "gemma2", "gemma3_text"):
-        raise BakeError(f"--format onnx: not supported for model type {model.config.model_type!r} yet")
+    check_supported(model)
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
