@@ -28,7 +28,15 @@ def _p_fit(sub):
     p.add_argument("--support", default="none", help="none | source-range (affine maps act only inside it)")
     p.add_argument("--no-causal", dest="causal", action="store_false",
                    help="fit every site on clean activations instead of in graph order with earlier maps on")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=None, help="texts per batch (default 16; LinEAS: per step, default 8)")
+    g = p.add_argument_group("lineas (end-to-end training)")
+    g.add_argument("--steps", type=int, default=1000)
+    g.add_argument("--lr", type=float, default=1e-2)
+    g.add_argument("--optimizer", default="adam", help="adam | sgd (cosine decay either way)")
+    g.add_argument("--l1", type=float, default=0.0, help="per-unit L1 on a − 1 and b (proximal)")
+    g.add_argument("--group", type=float, default=0.0, help="per-site L2 group penalty, weighted by √d (proximal)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--max-minutes", type=float, default=None, help="stop cleanly and write the best spec so far")
     p.add_argument("--device", default="cpu", help="cpu | cuda | auto (cuda when a GPU is present)")
     p.add_argument("--out", required=True, help="spec manifest to write (.json; tensors go beside it)")
 
@@ -116,6 +124,13 @@ def parser() -> argparse.ArgumentParser:
     _p_verify(sub)
     _p_eval(sub)
     _p_diff(sub)
+    p = sub.add_parser("compose", help="compose specs per site, in order, into one spec")
+    p.add_argument("spec", nargs="+")
+    p.add_argument("-o", "--out", required=True, help="spec manifest to write (.json)")
+    p.add_argument("--ignore-fingerprint", action="store_true", help="compose specs fitted on different weights")
+    p = sub.add_parser("invert", help="the inverse spec: induces what the spec removes")
+    p.add_argument("spec")
+    p.add_argument("-o", "--out", required=True, help="spec manifest to write (.json)")
     p = sub.add_parser("inspect", help="print a readable summary of a spec")
     p.add_argument("spec")
     return ap
@@ -131,12 +146,27 @@ def cmd_fit(a) -> int:
         raise BakeError(f"--out: a spec manifest ends in .json, got {a.out!r}")
     src, tgt = read_texts(a.source, "--source"), read_texts(a.target, "--target")
     sites = [s.strip() for s in a.sites.split(",") if s.strip()] if a.sites else None
-    loaded = load(a.model, device=a.device)
     prov = {"model": a.model, "source": describe_file(a.source, len(src)), "target": describe_file(a.target, len(tgt))}
+    lineas = None
+    bs = a.batch_size if a.batch_size is not None else (8 if a.method == "lineas" else 16)
+    if bs < 1:
+        raise BakeError(f"--batch-size: must be at least 1, got {bs}")
+    if a.method == "lineas":
+        from .fit.lineas import LineasConfig
+
+        lineas = LineasConfig(steps=a.steps, lr=a.lr, batch_size=bs, optimizer=a.optimizer, l1=a.l1, group=a.group,
+                              seed=a.seed, max_minutes=a.max_minutes)
+        lineas.check(len(src), len(tgt))  # before the model is loaded
+    loaded = load(a.model, device=a.device)
     spec = fit(loaded.model, loaded.tokenizer, src, tgt, a.method, sites, a.strength, a.support, a.causal,
-               a.batch_size, prov, pooling=a.pooling, knots=a.knots, direction_layer=a.direction_layer)
+               bs, prov, pooling=a.pooling, knots=a.knots, direction_layer=a.direction_layer, lineas=lineas)
     write(spec, out)
     print(f"wrote {out} ({len(spec.sites)} sites, method {a.method}, λ={a.strength:g})")
+    if a.method == "lineas":
+        r = spec.params["run"]
+        print(f"lineas: {r['steps_run']} steps in {r['seconds']} s ({r['stopped_by']}), loss {r['loss_first']:.4g} → "
+              f"{r['loss_last']:.4g}; active units {r['active_units']}/{r['units']}, "
+              f"active sites {r['active_sites']}/{r['sites']}")
     return 0
 
 
@@ -253,6 +283,33 @@ def cmd_diff(a) -> int:
     return 1 if failed else 0
 
 
+def cmd_compose(a) -> int:
+    from .algebra import compose
+    from .spec import read, write
+
+    out = Path(a.out)
+    if out.suffix != ".json":
+        raise BakeError(f"--out: a spec manifest ends in .json, got {a.out!r}")
+    spec = compose([read(p) for p in a.spec], check_model=not a.ignore_fingerprint)
+    write(spec, out)
+    n = sum(len(m) for _, m in spec.sites)
+    print(f"wrote {out} ({len(spec.sites)} sites, {n} maps, composed from {len(a.spec)} specs)")
+    return 0
+
+
+def cmd_invert(a) -> int:
+    from .algebra import invert
+    from .spec import read, write
+
+    out = Path(a.out)
+    if out.suffix != ".json":
+        raise BakeError(f"--out: a spec manifest ends in .json, got {a.out!r}")
+    spec = invert(read(a.spec))
+    write(spec, out)
+    print(f"wrote {out} ({len(spec.sites)} sites, inverse of {Path(a.spec).name})")
+    return 0
+
+
 def cmd_inspect(a) -> int:
     from .inspect import summary
     from .spec import read
@@ -265,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
     try:
         return {"fit": cmd_fit, "apply": cmd_apply, "verify": cmd_verify, "eval": cmd_eval, "diff": cmd_diff,
-                "inspect": cmd_inspect}[a.cmd](a)
+                "compose": cmd_compose, "invert": cmd_invert, "inspect": cmd_inspect}[a.cmd](a)
     except BakeError as e:
         print(f"bake: error: {e}", file=sys.stderr)
         return e.exit_code

@@ -25,6 +25,7 @@ from bake.eval import EvalConfig, flores, rtp_prompts, write_json_atomic
 from bake.eval.scorers import load_scorers
 from bake.eval.sweep import measure
 from bake.fit import METHODS, fit, read_texts
+from bake.fit.lineas import LineasConfig
 from bake.models import load
 from bake.runtime import steered
 from bake.spec import read, write
@@ -119,11 +120,19 @@ def main() -> None:
         else:
             t0 = time.time()
             sites = e["sites"].split(",") if e.get("sites") else None
-            spec = fit(model, tok, src, tgt, e["method"], sites, 1.0, e.get("support", "none"), True,
-                       a.batch_size, {"model": a.model}, pooling=e.get("pooling"))
+            n = e.get("n_fit")  # fit on the first n texts of each side (LinEAS works from 32 + 32)
+            lineas = None
+            if e["method"] == "lineas":
+                lineas = LineasConfig(steps=e.get("steps", 1000), lr=e.get("lr", 1e-2), l1=e.get("l1", 0.0),
+                                      group=e.get("group", 0.0), seed=e.get("seed", 0))
+            spec = fit(model, tok, src[:n] if n else src, tgt[:n] if n else tgt, e["method"], sites, 1.0,
+                       e.get("support", "none"), True, a.batch_size, {"model": a.model}, pooling=e.get("pooling"),
+                       lineas=lineas)
             write(spec, spec_path)
             rec["fit_seconds"] = round(time.time() - t0, 1)
             rec["sites"] = len(spec.sites)
+            if "run" in spec.params:
+                rec["lineas"] = spec.params["run"]
         grid = list(entry_grid(e))
         while grid:
             lam = grid.pop(0)

@@ -48,6 +48,8 @@ METHODS: dict[str, Method] = {
                            "post-norms", "per unit, full 1-D optimal transport through K matched quantiles"),
     "ablate": Method("projection", None, "mean", "attn-out,mlp-out",
                      "remove the mean-difference direction of the residual stream at every write"),
+    "lineas": Method("affine", None, "mean", "post-norms",
+                     "per-unit affine maps at all sites trained jointly (end-to-end W2), optional sparse group lasso"),
 }
 
 
@@ -68,7 +70,7 @@ def read_texts(path: str | Path, field: str) -> list[str]:
 def fit(model, tok, source: list[str], target: list[str], method: str, sites: list[str] | None = None,
         strength: float = 1.0, support: str = "none", causal: bool = True, batch_size: int = 16,
         provenance: dict | None = None, pooling: str | None = None, knots: int = 16,
-        direction_layer: int | None = None) -> Spec:
+        direction_layer: int | None = None, lineas=None, progress: bool = True) -> Spec:
     """Fit one map per site. Causal estimation collects the source activations of each site with the
     maps of all earlier sites active (graph order), so later maps see what they will really
     receive; target activations are collected once, unsteered."""
@@ -97,6 +99,19 @@ def fit(model, tok, source: list[str], target: list[str], method: str, sites: li
     spec = Spec([], method=method, params=params, provenance=dict(provenance or {}), model=fp)
     spec.provenance.update({"bake_version": __version__, "created": datetime.date.today().isoformat(),
                             "n_source": len(source), "n_target": len(target)})
+    if method == "lineas":
+        from .lineas import LineasConfig, train
+
+        cfg = lineas or LineasConfig(pooling=pooling)
+        cfg.pooling = pooling
+        tensors, summary = train(model, tok, source, target, infos, cfg, progress=progress)
+        for info, t in zip(infos, tensors):
+            _check_finite(t, info.name)
+            spec.sites.append((info.name, [Map("affine", float(strength), t)]))
+        spec.params.update({"steps": cfg.steps, "lr": cfg.lr, "optimizer": cfg.optimizer, "batch_size": cfg.batch_size,
+                            "l1": cfg.l1, "group": cfg.group, "seed": cfg.seed, "max_minutes": cfg.max_minutes,
+                            "run": summary})
+        return spec
     if method == "ablate":
         return _fit_ablate(model, tok, source, target, spec, infos, catalog, strength, batch_size, direction_layer)
     opts = {"knots": knots}

@@ -1,0 +1,213 @@
+"""LinEAS: all sites' per-unit affine maps trained jointly, end to end.
+
+Parameters: per site a (init 1) and b (init 0), float32. Loss: for each site, the 1-D
+Wasserstein-2 distance per unit between the pooled source activations *after* that site's map,
+computed with every upstream map active (gradients flow through all of them), and the pooled
+clean target activations (computed once, no grad), on sorted samples of equal count; summed over
+units, averaged over sites. Adam or SGD with cosine decay; sparse group lasso by proximal steps
+after every optimiser step (soft-threshold a − 1 and b per unit by lr·l1, then shrink each site's
+vector [a − 1, b] towards 0 by lr·group·√d in L2), so units and whole sites become exactly the
+identity, which the compiler's canonicalize pass then drops.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import BakeError
+from .collect import _batches, _Enough, collect
+
+OPTIMIZERS = ("adam", "sgd")
+
+
+@dataclass
+class LineasConfig:
+    steps: int = 1000
+    lr: float = 1e-2
+    batch_size: int = 8
+    optimizer: str = "adam"
+    l1: float = 0.0
+    group: float = 0.0
+    seed: int = 0
+    max_minutes: float | None = None
+    pooling: str = "mean"
+
+    def check(self, n_source: int, n_target: int) -> None:
+        if self.steps < 1:
+            raise BakeError(f"--steps: must be at least 1, got {self.steps}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise BakeError(f"--lr: must be a positive number, got {self.lr}")
+        if self.batch_size < 4:
+            raise BakeError(f"--batch-size: LinEAS needs at least 4 samples per batch, got {self.batch_size}")
+        if self.optimizer not in OPTIMIZERS:
+            raise BakeError(f"--optimizer: unknown optimizer {self.optimizer!r} (known: {', '.join(OPTIMIZERS)})")
+        for name, v in (("--l1", self.l1), ("--group", self.group)):
+            if not (math.isfinite(v) and v >= 0):
+                raise BakeError(f"{name}: must be a number ≥ 0, got {v}")
+        if min(n_source, n_target) < 4:
+            raise BakeError(f"--source/--target: LinEAS needs at least 4 texts on each side "
+                            f"({n_source} source, {n_target} target)")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise BakeError(f"--max-minutes: must be positive, got {self.max_minutes}")
+
+
+def _pool(x: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
+    """Differentiable pooling over non-pad tokens: [B, T, d] → [B, d] (on x's device)."""
+    if how == "mean":
+        m = mask.to(x.dtype)[..., None]
+        return (x * m).sum(1) / m.sum(1)
+    if how == "last":
+        return x[torch.arange(x.shape[0], device=x.device), mask.sum(1) - 1]
+    return x.masked_fill(~mask.bool()[..., None], float("-inf")).max(1).values
+
+
+def prox(a: torch.Tensor, b: torch.Tensor, l1: float, group: float, lr: float) -> None:
+    """In place: soft-threshold (a − 1) and b by lr·l1, then group-shrink [a − 1, b] by lr·group·√d."""
+    with torch.no_grad():
+        if l1 > 0:
+            da = a - 1
+            a.copy_(1 + torch.sign(da) * (da.abs() - lr * l1).clamp(min=0))
+            b.copy_(torch.sign(b) * (b.abs() - lr * l1).clamp(min=0))
+        if group > 0:
+            v = torch.cat([a - 1, b])
+            norm = v.norm()
+            factor = (1 - lr * group * math.sqrt(a.numel()) / norm).clamp(min=0) if norm > 0 else norm * 0
+            a.copy_(1 + (a - 1) * factor)
+            b.copy_(b * factor)
+
+
+def penalty(params, l1: float, group: float) -> float:
+    """l1·Σ(|a − 1| + |b|) + group·Σ_sites √d·‖[a − 1, b]‖."""
+    if not (l1 or group):
+        return 0.0
+    with torch.no_grad():
+        tot = 0.0
+        for a, b in params:
+            v = torch.cat([a - 1, b])
+            tot += l1 * float(v.abs().sum()) + group * math.sqrt(a.numel()) * float(v.norm())
+    return tot
+
+
+def w2_per_unit(src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+    """Squared 1-D Wasserstein-2 distance per unit between two equal-size samples [n, d] → [d]."""
+    return ((torch.sort(src, 0).values - torch.sort(tgt, 0).values) ** 2).mean(0)
+
+
+def train(model, tok, source: list[str], target: list[str], infos, cfg: LineasConfig,
+          progress: bool = True) -> tuple[list[dict[str, torch.Tensor]], dict]:
+    """Returns per site {a, b} (CPU float32) in `infos` order, and a summary of the run."""
+    cfg.check(len(source), len(target))
+    dev = next(model.parameters()).device
+    tgt = collect(model, tok, target, infos, cfg.batch_size, desc="target activations", pooling=cfg.pooling,
+                  progress=progress)
+    tgt = {k: v.to(dev) for k, v in tgt.items()}
+    gen = torch.Generator().manual_seed(cfg.seed)
+    params = [(torch.ones(i.units, device=dev, requires_grad=True), torch.zeros(i.units, device=dev, requires_grad=True))
+              for i in infos]
+    flat = [p for pair in params for p in pair]
+    opt = (torch.optim.Adam(flat, lr=cfg.lr) if cfg.optimizer == "adam" else torch.optim.SGD(flat, lr=cfg.lr))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.steps)
+    frozen = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    pooled: list[torch.Tensor | None] = [None] * len(infos)
+    mask_box: list[torch.Tensor] = []
+    last = len(infos) - 1
+
+    def make_hook(k, side):
+        a, b = params[k]
+
+        def apply(x):
+            y = x * a.to(x.dtype) + b.to(x.dtype)
+            pooled[k] = _pool(y.float(), mask_box[0], cfg.pooling)
+            return y
+
+        if side == "output":
+            def hook(mod, args, out):
+                if isinstance(out, tuple):
+                    out = (apply(out[0]),) + tuple(out[1:])
+                else:
+                    out = apply(out)
+                if k == last:
+                    raise _Enough
+                return out
+            return hook
+
+        def pre(mod, args, kwargs):
+            if k == last:
+                apply(args[0] if args else next(iter(kwargs.values())))
+                raise _Enough
+            if args:
+                return (apply(args[0]),) + tuple(args[1:]), kwargs
+            key = next(iter(kwargs))
+            return args, {**kwargs, key: apply(kwargs[key])}
+        return pre
+
+    handles = []
+    for k, info in enumerate(infos):
+        mod = model.get_submodule(info.module)
+        if info.side == "output":
+            handles.append(mod.register_forward_hook(make_hook(k, "output")))
+        else:
+            handles.append(mod.register_forward_pre_hook(make_hook(k, "input"), with_kwargs=True))
+    enc_all = list(_batches(tok, source, len(source)))[0]
+    n = min(cfg.batch_size, len(source), len(target))  # equal counts on both sides of each W2
+    best, best_loss, ema, losses = None, float("inf"), None, []
+    t0 = time.perf_counter()
+    stopped = "steps"
+    bar = tqdm(range(cfg.steps), desc="fit lineas", unit="step", disable=not progress)
+    try:
+        for step in bar:
+            idx = torch.randperm(len(source), generator=gen)[:n]
+            ids = enc_all.input_ids[idx]
+            mask = enc_all.attention_mask[idx]
+            width = int(mask.sum(1).max())
+            ids, mask = ids[:, :width].to(dev), mask[:, :width].to(dev)
+            mask_box[:] = [mask]
+            try:
+                model(input_ids=ids, attention_mask=mask, use_cache=False)
+            except _Enough:
+                pass
+            loss = 0.0
+            for k, info in enumerate(infos):
+                t = tgt[info.name]
+                tidx = torch.randperm(t.shape[0], generator=gen)[:n].to(dev)
+                loss = loss + w2_per_unit(pooled[k], t[tidx]).sum()
+            loss = loss / len(infos)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            lr = opt.param_groups[0]["lr"]
+            sched.step()
+            for a, b in params:
+                prox(a, b, cfg.l1, cfg.group, lr)
+            val = float(loss.detach())
+            losses.append(val)
+            obj = val + penalty(params, cfg.l1, cfg.group)  # what the proximal steps minimise
+            ema = obj if ema is None else 0.9 * ema + 0.1 * obj
+            if step >= min(20, cfg.steps // 10) and ema < best_loss:
+                best_loss = ema
+                best = [(a.detach().clone(), b.detach().clone()) for a, b in params]
+            bar.set_postfix(loss=f"{val:.4g}", ema=f"{ema:.4g}")
+            if cfg.max_minutes and time.perf_counter() - t0 > 60 * cfg.max_minutes:
+                stopped = "max-minutes"
+                break
+    finally:
+        for h in handles:
+            h.remove()
+        for p, g in zip(model.parameters(), frozen):
+            p.requires_grad_(g)
+    if best is None:
+        best = [(a.detach().clone(), b.detach().clone()) for a, b in params]
+    out = [{"a": a.float().cpu(), "b": b.float().cpu()} for a, b in best]
+    active_units = [int(((t["a"] != 1) | (t["b"] != 0)).sum()) for t in out]
+    summary = {"steps_run": len(losses), "stopped_by": stopped, "seconds": round(time.perf_counter() - t0, 1),
+               "loss_first": losses[0], "loss_last": losses[-1], "objective_best_ema": best_loss,
+               "units": sum(i.units for i in infos), "active_units": sum(active_units),
+               "sites": len(infos), "active_sites": sum(n > 0 for n in active_units)}
+    return out, summary
