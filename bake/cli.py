@@ -58,6 +58,8 @@ def _p_apply(sub):
     p.add_argument("--format", default="safetensors", help="safetensors | onnx | safetensors,onnx (both in --out)")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     p.add_argument("--no-verify", dest="verify", action="store_false", help="skip the check against the reference")
+    p.add_argument("--insert-modules", action="store_true", help="keep maps that cannot fold as small modules "
+                   "(safetensors then carries generated code and needs trust_remote_code=True; ONNX needs nothing)")
 
 
 def _p_verify(sub):
@@ -65,6 +67,8 @@ def _p_verify(sub):
     _spec_args(p)
     p.add_argument("--baked", required=True, help="the baked model directory (safetensors and/or ONNX)")
     p.add_argument("--provider", default="auto", help="ONNX Runtime: auto (CUDA when present) | cpu | cuda")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run the generated code of a checkpoint with inserted modules (read it first)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--report", default=None, help="write the JSON report here")
 
@@ -185,7 +189,8 @@ def cmd_apply(a) -> int:
 
     formats = parse_formats(a.format)
     res = apply(a.model, a.spec, a.out, dtype=a.dtype, force=a.force, strength=a.strength, run_verify=a.verify,
-                prompts=prompts, check_model=not a.ignore_fingerprint, formats=formats)
+                prompts=prompts, check_model=not a.ignore_fingerprint, formats=formats,
+                insert_modules=a.insert_modules)
     if res.verification:
         print(_verification_line(res.verification))
     how = " + ".join({"safetensors": "stock from_pretrained", "onnx": "model.onnx for ONNX Runtime"}[f]
@@ -210,7 +215,7 @@ def cmd_verify(a) -> int:
         return loaded.model, loaded.tokenizer
 
     report = verify(fresh, specs, baked, prompts, a.max_new_tokens, check_model=not a.ignore_fingerprint,
-                    provider=a.provider)
+                    provider=a.provider, trust_code=a.trust_remote_code)
     if a.report:
         Path(a.report).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     print(_verification_line(report))

@@ -56,7 +56,7 @@ def parse_formats(text: str) -> list[str]:
 def apply(model_name: str, spec_paths: list[str], out: str | Path, dtype: str = "float32", force: bool = False,
           strength: float | None = None, run_verify: bool = True, prompts: list[str] | None = None,
           check_model: bool = True, max_new_tokens: int = 32, log=print,
-          formats: list[str] | None = None) -> ApplyResult:
+          formats: list[str] | None = None, insert_modules: bool = False) -> ApplyResult:
     t0 = time.perf_counter()
     out = Path(out)
     formats = formats or ["safetensors"]
@@ -74,6 +74,7 @@ def apply(model_name: str, spec_paths: list[str], out: str | Path, dtype: str = 
 
         onnx_exporter.check_supported(loaded.model)  # before any work
     plan = bind(specs, loaded.model, check_model=check_model)
+    plan.insert_modules = insert_modules
     passes.run(plan)  # raises before anything is written if a map cannot fold
     for p, s, w in plan.report:
         log(f"  {p:22s} {s}: {w}")
@@ -83,6 +84,10 @@ def apply(model_name: str, spec_paths: list[str], out: str | Path, dtype: str = 
             onnx_exporter.export(plan.model, loaded.tokenizer, tmp, dtype, log=log)
         if "safetensors" in formats:
             st_exporter.export(plan, loaded.tokenizer, tmp, dtype)
+            if plan.inserted:
+                from .modules import write_code
+
+                write_code(tmp, type(plan.model).__name__)
         del loaded  # verify reloads both models; never hold two copies while it runs
         plan.model = None
         gc.collect()
@@ -90,7 +95,7 @@ def apply(model_name: str, spec_paths: list[str], out: str | Path, dtype: str = 
         if run_verify:
             verification = verify_mod.verify(lambda: _fresh(model_name), specs, tmp, prompts,
                                              max_new_tokens=max_new_tokens, check_model=check_model,
-                                             formats=formats)
+                                             formats=formats, trust_code=bool(plan.inserted))
             if not verification["passed"]:
                 raise CheckFailed(f"verify: baked model differs from the hooked reference "
                                   f"(max abs {verification['max_abs']:.3g}, relative {verification['max_rel']:.3g}, "

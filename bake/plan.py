@@ -36,6 +36,8 @@ class Plan:
     biased: set[str] = field(default_factory=set)  # Linear modules that gained a bias
     report: list[tuple[str, str, str]] = field(default_factory=list)  # (pass, site, what it did)
     config_changes: dict[str, object] = field(default_factory=dict)
+    insert_modules: bool = False  # keep what does not fold as inserted modules (needs generated code)
+    inserted: list[dict] = field(default_factory=list)  # config entries of the inserted modules
 
     def note(self, pass_name: str, site: str, what: str) -> None:
         self.report.append((pass_name, site, what))

@@ -113,7 +113,7 @@ def formats_in(baked_dir: Path) -> list[str]:
     return found
 
 
-def _load_candidate(fmt: str, baked_dir: Path, provider: str = "auto"):
+def _load_candidate(fmt: str, baked_dir: Path, provider: str = "auto", trust_code: bool = False):
     if fmt == "onnx":
         from .ort import load_onnx
 
@@ -121,8 +121,13 @@ def _load_candidate(fmt: str, baked_dir: Path, provider: str = "auto"):
         return model, tok, str(model.dtype.__name__)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .modules import CODE, needs_code
+
+    if needs_code(baked_dir) and not trust_code:
+        raise BakeError(f"--baked: {str(baked_dir)!r} carries generated code ({CODE}, for inserted modules); "
+                        f"read it, then pass --trust-remote-code to run it")
     try:
-        baked = AutoModelForCausalLM.from_pretrained(str(baked_dir), dtype="auto")
+        baked = AutoModelForCausalLM.from_pretrained(str(baked_dir), dtype="auto", trust_remote_code=trust_code)
         tok = AutoTokenizer.from_pretrained(str(baked_dir))
     except Exception as e:
         raise BakeError(f"--baked: cannot load {str(baked_dir)!r} with stock from_pretrained: "
@@ -135,7 +140,7 @@ def _load_candidate(fmt: str, baked_dir: Path, provider: str = "auto"):
 
 def verify(load_original, specs: list[Spec], baked_dir: Path, prompts: list[str] | None = None,
            max_new_tokens: int = 32, check_model: bool = True, formats: list[str] | None = None,
-           provider: str = "auto") -> dict:
+           provider: str = "auto", trust_code: bool = False) -> dict:
     """`load_original()` returns a fresh (model, tokenizer) of the unmodified float32 model. Every
     format in the directory (safetensors, ONNX) is checked against one hooked reference run; the
     report is the first format's, with the others under their names, and passes when all do."""
@@ -148,7 +153,7 @@ def verify(load_original, specs: list[Spec], baked_dir: Path, prompts: list[str]
     gc.collect()
     reports = {}
     for fmt in formats:
-        cand, cand_tok, dtype = _load_candidate(fmt, baked_dir, provider)
+        cand, cand_tok, dtype = _load_candidate(fmt, baked_dir, provider, trust_code)
         reports[fmt] = _check(load_original, specs, ref, cand, cand_tok, dtype, prompts, max_new_tokens, fmt)
         if fmt == "onnx":
             reports[fmt]["provider"] = cand.provider

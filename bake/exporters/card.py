@@ -20,6 +20,7 @@ def write_card(out: Path, plan: Plan, specs_info: list[dict], model_name: str, d
         "formats": formats or ["safetensors"],
         "specs": specs_info,
         "config_changes": plan.config_changes,
+        "inserted_modules": plan.inserted,
         "passes": [{"pass": p, "site": s, "did": w} for p, s, w in plan.report],
         "verification": verification,
     }
@@ -43,6 +44,11 @@ def write_card(out: Path, plan: Plan, specs_info: list[dict], model_name: str, d
     for s in specs_info:
         lines.append(f"- spec `{s['file']}` (sha256 `{s['sha256'][:16]}…`), method `{s['method']}`, "
                      f"strengths {s['strengths']}, {s['sites']} site(s)")
+    if plan.inserted:
+        lines.append(f"- **needs `trust_remote_code=True`**: {len(plan.inserted)} site(s) hold maps that cannot fold "
+                     "into weights (see the table below); `modeling_bake.py` (plain torch, read it first) builds them "
+                     "as small modules inside the forward pass, on top of the stock class. The ONNX export, if any, "
+                     "needs no code.")
     if plan.config_changes:
         lines.append("- config changes: " + ", ".join(f"`{k} = {v}`" for k, v in plan.config_changes.items())
                      + " (explicit zero biases are written for every companion module)")

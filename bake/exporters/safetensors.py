@@ -17,5 +17,8 @@ def export(plan: Plan, tokenizer, out: Path, dtype: str = "float32") -> None:
     model = plan.model
     model.to(DTYPES[dtype])
     model.config.dtype = dtype
+    if plan.inserted:  # generated code builds the modules: from_pretrained(out, trust_remote_code=True)
+        model.config.bake_inserted = plan.inserted
+        model.config.auto_map = {"AutoModelForCausalLM": "modeling_bake.BakeForCausalLM"}
     model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))

@@ -1,5 +1,7 @@
-"""Pass 6: what no fold placed. Inserted modules are not built yet, so this pass names each such
-site and why it cannot fold, and stops the compile before anything is written."""
+"""Pass 6: what no fold placed. With `plan.insert_modules` it becomes a small module inside the
+forward of the site's module (see bake.modules; the checkpoint then carries generated code).
+Without it, this pass names the first such site and why it cannot fold, and stops the compile
+before anything is written."""
 
 from __future__ import annotations
 
@@ -32,8 +34,19 @@ def reason(plan: Plan, sp) -> str:
 
 def run(plan: Plan) -> None:
     left = [sp for sp in plan.sites if sp.pending]
+    if left and plan.insert_modules:
+        from ..modules import insert
+
+        for sp in left:
+            kinds = [seg.kind if not isinstance(seg, LinearMap) else "linear" for seg in sp.pending]
+            why = reason(plan, sp)
+            plan.inserted.append(insert(plan.model, sp.info.module, sp.info.side, sp.pending))
+            plan.note(NAME, sp.name, f"inserted module ({', '.join(kinds)}) at the {sp.info.side} of "
+                                     f"{sp.info.module}: {why}")
+            sp.pending = []
+        return
     if left:
         sp = left[0]
         more = f" (and {len(left) - 1} more site(s))" if len(left) > 1 else ""
-        raise BakeError(f"site {sp.name}: cannot fold exactly: {reason(plan, sp)}{more}; "
-                        f"inserted modules are not supported yet")
+        raise BakeError(f"site {sp.name}: cannot fold exactly: {reason(plan, sp)}{more}; pass --insert-modules "
+                        f"to keep it as a small module (the checkpoint then needs trust_remote_code=True)")
