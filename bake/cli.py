@@ -58,6 +58,8 @@ def _p_apply(sub):
     p.add_argument("--format", default="safetensors", help="safetensors | onnx | safetensors,onnx (both in --out)")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     p.add_argument("--no-verify", dest="verify", action="store_false", help="skip the check against the reference")
+    p.add_argument("--approximate", action="store_true", help="fold support-masked affine maps as if unbounded "
+                   "(a stock checkpoint; verify reports the resulting error)")
     p.add_argument("--insert-modules", action="store_true", help="keep maps that cannot fold as small modules "
                    "(safetensors then carries generated code and needs trust_remote_code=True; ONNX needs nothing)")
 
@@ -190,7 +192,7 @@ def cmd_apply(a) -> int:
     formats = parse_formats(a.format)
     res = apply(a.model, a.spec, a.out, dtype=a.dtype, force=a.force, strength=a.strength, run_verify=a.verify,
                 prompts=prompts, check_model=not a.ignore_fingerprint, formats=formats,
-                insert_modules=a.insert_modules)
+                insert_modules=a.insert_modules, approximate=a.approximate)
     if res.verification:
         print(_verification_line(res.verification))
     how = " + ".join({"safetensors": "stock from_pretrained", "onnx": "model.onnx for ONNX Runtime"}[f]

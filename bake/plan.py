@@ -37,6 +37,7 @@ class Plan:
     report: list[tuple[str, str, str]] = field(default_factory=list)  # (pass, site, what it did)
     config_changes: dict[str, object] = field(default_factory=dict)
     insert_modules: bool = False  # keep what does not fold as inserted modules (needs generated code)
+    approximate: bool = False  # fold support-masked affine maps as if their support were unbounded
     inserted: list[dict] = field(default_factory=list)  # config entries of the inserted modules
 
     def note(self, pass_name: str, site: str, what: str) -> None:

@@ -139,3 +139,16 @@ def test_refused_without_the_flag_and_no_code_when_everything_folds(model_dir, t
     base = ["verify", "--model", str(src), "--spec", str(tmp / "pwl.json"), "--baked", str(out), "--max-new-tokens", "4"]
     assert main(base) == 2 and "--trust-remote-code" in capsys.readouterr().err
     assert main(base + ["--trust-remote-code"]) == 0
+
+
+def test_approximate_folds_support_masked_maps_and_reports_the_error(model_dir, tmp_path, capsys):
+    tmp, src, _, _ = model_dir
+    out = tmp_path / "approx"
+    code = main(["apply", "--model", str(src), "--spec", str(tmp / "support.json"), "--out", str(out), "--approximate"])
+    assert code == 0, capsys.readouterr().err
+    assert not (out / "modeling_bake.py").exists()  # a stock checkpoint
+    rep = json.loads((out / "bake_report.json").read_text())
+    v = rep["verification"]
+    assert v["approximate"] is True and v["max_rel"] > 1e-5  # the support mattered; the error is reported
+    assert any("approximate" in p["did"] for p in rep["passes"])
+    assert "approximate" in (out / "README.md").read_text()

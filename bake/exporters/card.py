@@ -44,6 +44,9 @@ def write_card(out: Path, plan: Plan, specs_info: list[dict], model_name: str, d
     for s in specs_info:
         lines.append(f"- spec `{s['file']}` (sha256 `{s['sha256'][:16]}…`), method `{s['method']}`, "
                      f"strengths {s['strengths']}, {s['sites']} site(s)")
+    if plan.approximate:
+        lines.append("- **approximate**: support-masked affine maps were folded as if their support were unbounded; "
+                     "the verification line below measures the difference from the exact (hooked) spec")
     if plan.inserted:
         lines.append(f"- **needs `trust_remote_code=True`**: {len(plan.inserted)} site(s) hold maps that cannot fold "
                      "into weights (see the table below); `modeling_bake.py` (plain torch, read it first) builds them "

@@ -15,6 +15,9 @@ def run(plan: Plan) -> None:
         for m in sp.maps:
             if m.strength == 0:
                 continue  # λ = 0 is the identity for every kind
+            if m.has_support and plan.approximate:
+                m = Map("affine", m.strength, {"a": m.tensors["a"], "b": m.tensors["b"]})
+                plan.note(NAME, sp.name, "approximate: support [lo, hi] dropped, the affine map folds as unbounded")
             if m.foldable:
                 lin = m.to_linear()
                 if segments and isinstance(segments[-1], LinearMap):
