@@ -29,6 +29,13 @@ def _p_fit(sub):
     p.add_argument("--no-causal", dest="causal", action="store_false",
                    help="fit every site on clean activations instead of in graph order with earlier maps on")
     p.add_argument("--batch-size", type=int, default=None, help="texts per batch (default 16; LinEAS: per step, default 8)")
+    d = p.add_argument_group("dsas (gated steering)")
+    d.add_argument("--control", default=None, help="neutral texts the gate should leave alone, one per line")
+    d.add_argument("--inner", default=None, help="the map to gate: a spec file, or a method name fitted on "
+                   "--source/--target (e.g. mean-act)")
+    d.add_argument("--min-accuracy", type=float, default=0.75, help="keep sites whose detector reaches this "
+                   "held-out accuracy")
+    d.add_argument("--pca", type=int, default=None, help="fit each detector on this many principal components")
     g = p.add_argument_group("lineas (end-to-end training)")
     g.add_argument("--steps", type=int, default=1000)
     g.add_argument("--lr", type=float, default=1e-2)
@@ -163,11 +170,21 @@ def cmd_fit(a) -> int:
         lineas = LineasConfig(steps=a.steps, lr=a.lr, batch_size=bs, optimizer=a.optimizer, l1=a.l1, group=a.group,
                               seed=a.seed, max_minutes=a.max_minutes)
         lineas.check(len(src), len(tgt))  # before the model is loaded
+    control = read_texts(a.control, "--control") if a.control else None
+    if a.method == "dsas" and control is None:
+        raise BakeError("--control: DSAS needs a neutral control set (one text per line)")
+    if a.pca is not None and a.pca < 1:
+        raise BakeError(f"--pca: must be at least 1, got {a.pca}")
     loaded = load(a.model, device=a.device)
     spec = fit(loaded.model, loaded.tokenizer, src, tgt, a.method, sites, a.strength, a.support, a.causal,
-               bs, prov, pooling=a.pooling, knots=a.knots, direction_layer=a.direction_layer, lineas=lineas)
+               bs, prov, pooling=a.pooling, knots=a.knots, direction_layer=a.direction_layer, lineas=lineas,
+               control=control, inner=a.inner, min_accuracy=a.min_accuracy, pca=a.pca, seed=a.seed)
     write(spec, out)
     print(f"wrote {out} ({len(spec.sites)} sites, method {a.method}, λ={a.strength:g})")
+    if a.method == "dsas":
+        acc = spec.params["detector_accuracy"]
+        print(f"dsas: kept {spec.params['kept_sites']}/{spec.params['candidate_sites']} sites (held-out detector "
+              f"accuracy ≥ {a.min_accuracy:g}; range {min(acc.values()):.2f}–{max(acc.values()):.2f})")
     if a.method == "lineas":
         r = spec.params["run"]
         print(f"lineas: {r['steps_run']} steps in {r['seconds']} s ({r['stopped_by']}), loss {r['loss_first']:.4g} → "

@@ -48,6 +48,8 @@ METHODS: dict[str, Method] = {
                            "post-norms", "per unit, full 1-D optimal transport through K matched quantiles"),
     "ablate": Method("projection", None, "mean", "attn-out,mlp-out",
                      "remove the mean-difference direction of the residual stream at every write"),
+    "dsas": Method("gated", None, "mean", "post-norms",
+                   "gate an inner map per token: σ(w·x + c) from a source-vs-control logistic detector per site"),
     "lineas": Method("affine", None, "mean", "post-norms",
                      "per-unit affine maps at all sites trained jointly (end-to-end W2), optional sparse group lasso"),
 }
@@ -70,7 +72,8 @@ def read_texts(path: str | Path, field: str) -> list[str]:
 def fit(model, tok, source: list[str], target: list[str], method: str, sites: list[str] | None = None,
         strength: float = 1.0, support: str = "none", causal: bool = True, batch_size: int = 16,
         provenance: dict | None = None, pooling: str | None = None, knots: int = 16,
-        direction_layer: int | None = None, lineas=None, progress: bool = True) -> Spec:
+        direction_layer: int | None = None, lineas=None, progress: bool = True, control: list[str] | None = None,
+        inner: str | Spec | None = None, min_accuracy: float = 0.75, pca: int | None = None, seed: int = 0) -> Spec:
     """Fit one map per site. Causal estimation collects the source activations of each site with the
     maps of all earlier sites active (graph order), so later maps see what they will really
     receive; target activations are collected once, unsteered."""
@@ -99,6 +102,9 @@ def fit(model, tok, source: list[str], target: list[str], method: str, sites: li
     spec = Spec([], method=method, params=params, provenance=dict(provenance or {}), model=fp)
     spec.provenance.update({"bake_version": __version__, "created": datetime.date.today().isoformat(),
                             "n_source": len(source), "n_target": len(target)})
+    if method == "dsas":
+        return _fit_dsas(model, tok, source, target, control, inner, sites, strength, batch_size, spec, catalog,
+                         min_accuracy, pca, seed, pooling, causal)
     if method == "lineas":
         from .lineas import LineasConfig, train
 
@@ -164,6 +170,82 @@ def _fit_ablate(model, tok, source, target, spec, infos, catalog, strength, batc
                             f"ablate applies to residual writes (attn-out, mlp-out)")
         spec.sites.append((info.name, [Map("projection", float(strength), {"U": U})]))
     spec.params["direction_site"] = site.name
+    return spec
+
+
+def _inner_map(m: Map, site: str) -> Map:
+    """The inner map T of a gate runs at strength 1: fold the inner spec's own λ into its tensors."""
+    if m.kind in ("affine", "additive") and not m.has_support:
+        lin = m.to_linear()
+        return Map("affine", 1.0, {"a": lin.diag.float(), "b": lin.bias.float()})
+    if m.strength == 1.0 and m.kind != "gated":
+        return m
+    raise BakeError(f"--inner: {site}: a {m.kind} map at λ = {m.strength:g} cannot be gated as is "
+                    f"(refit it at strength 1)")
+
+
+def _fit_dsas(model, tok, source, target, control, inner, sites, strength, batch_size, spec, catalog,
+              min_accuracy, pca, seed, pooling, causal) -> Spec:
+    """DSAS: per site, a logistic detector of source (unwanted) vs control (neutral) activations
+    decides per token how much of the inner map to apply: x + λσ(w·x + c)(T(x) − x). Sites whose
+    detector reaches less than `min_accuracy` on a held-out fifth are left out."""
+    from ..algebra import _merge
+    from ..spec import read as read_spec
+
+    if not control or len(control) < 4:
+        raise BakeError("--control: DSAS needs a neutral control set of at least 4 texts")
+    if len(source) < 4:
+        raise BakeError("--source: DSAS needs at least 4 texts")
+    if not 0.5 <= min_accuracy <= 1:
+        raise BakeError(f"--min-accuracy: must be between 0.5 and 1, got {min_accuracy}")
+    if inner is None:
+        raise BakeError("--inner: give the inner map, as a spec file or a method name (e.g. mean-act)")
+    if isinstance(inner, str) and inner.endswith(".json"):
+        inner_spec = read_spec(inner)
+    elif isinstance(inner, str):
+        if inner in ("dsas", "lineas", "ablate"):
+            raise BakeError(f"--inner: {inner} cannot be the inner map here (fit it first and pass the spec)")
+        inner_spec = fit(model, tok, source, target, inner, sites, 1.0, causal=causal, batch_size=batch_size,
+                         pooling=pooling)
+    else:
+        inner_spec = inner
+    infos = []
+    inner_maps = {}
+    for name, maps in inner_spec.sites:
+        if name not in catalog:
+            raise BakeError(f"--inner: site {name!r} is not a site of this model")
+        merged = _merge(list(maps))
+        if len(merged) != 1:
+            raise BakeError(f"--inner: {name}: {len(merged)} maps that do not compose into one; gate one map per site")
+        inner_maps[name] = _inner_map(merged[0], name)
+        infos.append(catalog[name])
+    pos = collect(model, tok, source, infos, batch_size, desc="source activations", pooling=pooling)
+    neg = collect(model, tok, control, infos, batch_size, desc="control activations", pooling=pooling)
+    g = torch.Generator().manual_seed(seed)
+    report = {}
+    for info in infos:
+        p, n = pos[info.name], neg[info.name]
+        ip, ineg = torch.randperm(len(p), generator=g), torch.randperm(len(n), generator=g)
+        kp, kn = max(1, len(p) // 5), max(1, len(n) // 5)
+        w, c = estimators.logistic(p[ip[kp:]], n[ineg[kn:]], pca=pca)
+        acc = float(torch.cat([((p[ip[:kp]].double() @ w + c) > 0).double(),
+                               ((n[ineg[:kn]].double() @ w + c) <= 0).double()]).mean())
+        report[info.name] = round(acc, 4)
+        if acc < min_accuracy:
+            continue
+        w, c = estimators.logistic(p, n, pca=pca)  # refit on everything for the kept site
+        gate = Map("gated", float(strength), {"w": w.float(), "c": c.reshape(1).float()}, inner=inner_maps[info.name])
+        _check_finite(gate.tensors, info.name)
+        spec.sites.append((info.name, [gate]))
+    if not spec.sites:
+        raise BakeError(f"fit dsas: no site's detector reached --min-accuracy {min_accuracy:g} on held-out texts "
+                        f"(best {max(report.values()):.2f}); more or cleaner data, or a lower threshold")
+    spec.model = fingerprint(model, [catalog[n] for n, _ in spec.sites])  # the sites actually kept
+    spec.params["sites"] = [n for n, _ in spec.sites]
+    spec.params.update({"inner": inner if isinstance(inner, str) else inner_spec.method, "min_accuracy": min_accuracy,
+                        "pca": pca, "seed": seed, "detector_accuracy": report,
+                        "kept_sites": len(spec.sites), "candidate_sites": len(infos)})
+    spec.provenance["n_control"] = len(control)
     return spec
 
 

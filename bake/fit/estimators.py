@@ -72,13 +72,20 @@ def caa(src: torch.Tensor, tgt: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"v": (tgt.double().mean(0) - src.double().mean(0)).float()}
 
 
-def logistic_normal(pos: torch.Tensor, neg: torch.Tensor, l2: float = 1e-2, steps: int = 200) -> torch.Tensor:
-    """Unit normal of an L2-regularised logistic regression separating pos (1) from neg (0)."""
+def logistic(pos: torch.Tensor, neg: torch.Tensor, l2: float = 1e-2, steps: int = 200,
+             pca: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """L2-regularised logistic regression, pos (1) vs neg (0), on standardised features (optionally
+    their top `pca` principal components); returns (w, c) in raw activation coordinates, so that
+    σ(w·x + c) is the probability of pos."""
     x = torch.cat([pos, neg]).double()
     y = torch.cat([torch.ones(pos.shape[0]), torch.zeros(neg.shape[0])]).double()
     mu, sd = x.mean(0), x.std(0, unbiased=False).clamp_min(1e-6)
     z = (x - mu) / sd
-    w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
+    P = None
+    if pca is not None and pca < z.shape[1]:
+        P = torch.linalg.svd(z, full_matrices=False).Vh[:pca].T  # [d, k]
+        z = z @ P
+    w = torch.zeros(z.shape[1], dtype=torch.float64, requires_grad=True)
     c = torch.zeros((), dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([w, c], max_iter=steps, line_search_fn="strong_wolfe")
 
@@ -90,7 +97,14 @@ def logistic_normal(pos: torch.Tensor, neg: torch.Tensor, l2: float = 1e-2, step
 
     with torch.enable_grad():
         opt.step(closure)
-    normal = w.detach() / sd  # back to raw activation coordinates
+    wz = w.detach() if P is None else P @ w.detach()  # folded back into one vector
+    w_raw = wz / sd
+    return w_raw, c.detach() - w_raw @ mu
+
+
+def logistic_normal(pos: torch.Tensor, neg: torch.Tensor, l2: float = 1e-2, steps: int = 200) -> torch.Tensor:
+    """Unit normal of an L2-regularised logistic regression separating pos (1) from neg (0)."""
+    normal, _ = logistic(pos, neg, l2, steps)
     return normal / normal.norm().clamp_min(1e-12)
 
 

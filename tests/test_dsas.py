@@ -1,0 +1,88 @@
+"""DSAS: per-site logistic detectors gate an inner map per token; fitted, then baked as inserted modules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bake import compile
+from bake.cli import main
+from bake.fit import estimators, fit
+from bake.spec import read, write
+from conftest import TEXTS, make_llama, save_model
+
+
+def test_logistic_detector_in_raw_coordinates_and_pca_folded_back():
+    g = torch.Generator().manual_seed(0)
+    d = 10
+    shift = torch.zeros(d)
+    shift[3] = 3.0
+    pos = torch.randn(200, d, generator=g) * 2 + 5 + shift  # offset and scale: raw coordinates matter
+    neg = torch.randn(200, d, generator=g) * 2 + 5
+    w, c = estimators.logistic(pos, neg)
+    acc = torch.cat([(pos.double() @ w + c > 0).double(), (neg.double() @ w + c <= 0).double()]).mean()
+    # the Bayes rate for a gap of 3 at σ = 2 is Φ(0.75) = 0.773; the boundary sits half-way between the means
+    assert 0.72 < acc < 0.86 and w.abs().argmax() == 3
+    mid = torch.full((d,), 5.0, dtype=torch.float64)
+    mid[3] = 6.5
+    assert abs(float(mid @ w + c)) < 0.3
+    wp, cp = estimators.logistic(pos, neg, pca=3)  # fitted on 3 components, folded into one vector
+    assert wp.shape == (d,)
+    accp = torch.cat([(pos.double() @ wp + cp > 0).double(), (neg.double() @ wp + cp <= 0).double()]).mean()
+    assert accp > 0.6
+
+
+@pytest.fixture()
+def setup(tmp_path, tokenizer):
+    model = make_llama(seed=23, layers=2)
+    src = save_model(model, tokenizer, tmp_path / "m")
+    (tmp_path / "s.txt").write_text("\n".join(TEXTS[1::2]))
+    (tmp_path / "t.txt").write_text("\n".join(TEXTS[0::2]))
+    (tmp_path / "c.txt").write_text("\n".join(TEXTS[0::2][::-1]))
+    return tmp_path, src, model, tokenizer
+
+
+def test_dsas_fits_gates_and_bakes_them_as_modules(setup):
+    tmp, src, model, tok = setup
+    spec = fit(model, tok, TEXTS[1::2], TEXTS[0::2], "dsas", ["post-norms"], strength=0.9,
+               control=TEXTS[0::2], inner="mean-act", min_accuracy=0.5)
+    assert spec.sites and all(m.kind == "gated" and m.inner.kind == "affine" for _, ms in spec.sites for m in ms)
+    acc = spec.params["detector_accuracy"]
+    assert len(acc) == spec.params["candidate_sites"] == 4
+    assert all(v >= 0.5 for n, v in acc.items() if n in dict(spec.sites))
+    write(spec, tmp / "g.json")
+    res = compile.apply(str(src), [str(tmp / "g.json")], tmp / "out", formats=["safetensors", "onnx"],
+                        insert_modules=True, log=lambda *_: None)
+    assert res.verification["passed"] and res.verification["onnx"]["passed"]
+    # a stricter threshold keeps no more sites; an impossible one is a clear error
+    strict = fit(model, tok, TEXTS[1::2], TEXTS[0::2], "dsas", ["post-norms"], control=TEXTS[0::2],
+                 inner="mean-act", min_accuracy=0.9) if max(acc.values()) >= 0.9 else None
+    assert strict is None or len(strict.sites) <= len(spec.sites)
+
+
+def test_dsas_gates_a_given_spec_with_its_strength_folded_in(setup):
+    tmp, src, model, tok = setup
+    inner = fit(model, tok, TEXTS[1::2], TEXTS[0::2], "mean-act", ["post-norms"], strength=0.5)
+    write(inner, tmp / "inner.json")
+    spec = fit(model, tok, TEXTS[1::2], TEXTS[0::2], "dsas", control=TEXTS[0::2], inner=str(tmp / "inner.json"),
+               min_accuracy=0.5)
+    name, maps = spec.sites[0]
+    b_inner = dict(inner.sites)[name][0].tensors["b"]
+    assert torch.allclose(maps[0].inner.tensors["b"], 0.5 * b_inner) and maps[0].inner.strength == 1.0
+
+
+def test_dsas_bad_input(setup, capsys):
+    tmp, src, _, _ = setup
+    base = ["fit", "--model", str(src), "--method", "dsas", "--source", str(tmp / "s.txt"),
+            "--target", str(tmp / "t.txt"), "--out", str(tmp / "o.json")]
+    for extra, msg in [([], "--control"), (["--control", str(tmp / "c.txt")], "--inner"),
+                       (["--control", str(tmp / "c.txt"), "--inner", "mean-act", "--min-accuracy", "1.5"],
+                        "--min-accuracy"),
+                       (["--control", str(tmp / "c.txt"), "--inner", "mean-act", "--pca", "0"], "--pca"),
+                       (["--control", str(tmp / "c.txt"), "--inner", "lineas"], "--inner")]:
+        assert main(base + extra) == 2, extra
+        assert msg in capsys.readouterr().err, extra
+    assert not (tmp / "o.json").exists()
+    code = main(base + ["--control", str(tmp / "c.txt"), "--inner", "mean-act", "--min-accuracy", "0.5"])
+    assert code == 0 and "dsas: kept" in capsys.readouterr().out
+    assert read(tmp / "o.json").method == "dsas"
