@@ -30,8 +30,12 @@ def _op(seg: Map | LinearMap, strength: float | None = None) -> tuple[dict, dict
     elif seg.kind == "monotone-pwl":
         t = {"xs": seg.tensors["xs"], "ys": seg.tensors["ys"]}
         op = {"op": "pwl", "strength": seg.strength if strength is None else strength}
+    elif seg.kind == "gated" and seg.inner.foldable and seg.inner.to_linear().is_diagonal:
+        lin = seg.inner.with_strength(1.0).to_linear()  # T(x) − x = (a − 1)x + b: one fused op
+        t = {"w": seg.tensors["w"], "c": seg.tensors["c"].reshape(1), "d": lin.diag - 1, "b": lin.bias}
+        op = {"op": "gated_diag", "strength": seg.strength}
     elif seg.kind == "gated":
-        inner = seg.inner.to_linear() if seg.inner.foldable else seg.inner
+        inner = seg.inner.with_strength(1.0).to_linear() if seg.inner.foldable else seg.inner
         iop, it = _op(inner, 1.0)
         t = {"w": seg.tensors["w"], "c": seg.tensors["c"].reshape(1)}
         op = {"op": "gated", "strength": seg.strength, "inner": [iop]}

@@ -11,6 +11,7 @@
 #   affine    y = (1-s)x + s(a*x + b) where lo < x < hi, else x          (support-masked AcT)
 #   pwl       y = (1-s)x + s*f(x), f piecewise-linear through (xs, ys) per unit, linear past the ends
 #   gated     y = x + s*sigmoid(x.w + c)*(T(x) - x), T = the inner ops   (DSAS)
+#   gated_diag  the same with T(x) = a*x + b, written as x + s*g*((a-1)*x + b): fewer ops per token
 
 from __future__ import annotations
 
@@ -44,7 +45,8 @@ class SteerOps(torch.nn.Module):
                 self.add_module(f"inner{i}", SteerOps(op["inner"], prefix="t"))
 
     def t(self, i, role, x):
-        return getattr(self, f"t{i}_{role}").to(x.dtype)
+        b = getattr(self, f"t{i}_{role}")
+        return b if b.dtype == x.dtype else b.to(x.dtype)
 
     def forward(self, x):
         for i, op in enumerate(self.ops):
@@ -58,6 +60,9 @@ class SteerOps(torch.nn.Module):
                 x = torch.where((x > self.t(i, "lo", x)) & (x < self.t(i, "hi", x)), y, x)
             elif kind == "pwl":
                 x = (1 - s) * x + s * _pwl(x, self.t(i, "xs", x), self.t(i, "ys", x))
+            elif kind == "gated_diag":
+                g = torch.sigmoid(x @ self.t(i, "w", x) + self.t(i, "c", x))
+                x = x + (s * g).unsqueeze(-1) * torch.addcmul(self.t(i, "b", x), x, self.t(i, "d", x))
             elif kind == "gated":
                 g = torch.sigmoid(x @ self.t(i, "w", x) + self.t(i, "c", x).reshape(())).unsqueeze(-1)
                 x = x + s * g * (getattr(self, f"inner{i}")(x) - x)
