@@ -111,6 +111,8 @@ def _p_diff(sub):
     p.add_argument("--provider", default="auto", help="ONNX Runtime: auto (CUDA when present) | cpu | cuda")
     p.add_argument("--prompts", default=None, help="prompts, one per line (default: 8 probes + 24 held-out "
                    "FLORES sentences)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run the generated code of a checkpoint with inserted modules (read it first)")
     p.add_argument("--max-kl", type=float, default=None, help="fail when the mean next-token KL exceeds this")
     p.add_argument("--min-top1", type=float, default=None, help="fail when top-1 agreement falls below this (0-1)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="greedy continuation length")
@@ -284,7 +286,7 @@ def cmd_diff(a) -> int:
         if path and Path(path).is_dir():
             raise BakeError(f"{field}: {path!r} is a directory")
     prompts = read_prompts(a.prompts) if a.prompts else default_prompts()
-    steered, _, fmt = load_steered(a.steered, a.format, a.provider)
+    steered, _, fmt = load_steered(a.steered, a.format, a.provider, a.trust_remote_code)
     original = load(a.model)
     for key in ("model_type", "vocab_size"):
         x, y = getattr(original.model.config, key, None), getattr(steered.config, key, None)

@@ -34,7 +34,7 @@ def check_thresholds(max_kl: float | None, min_top1: float | None) -> None:
         raise BakeError(f"--min-top1: must be between 0 and 1, got {min_top1}")
 
 
-def load_steered(path: str | Path, fmt: str = "auto", provider: str = "auto"):
+def load_steered(path: str | Path, fmt: str = "auto", provider: str = "auto", trust_code: bool = False):
     """(model, tokenizer, format) for a steered directory: safetensors (stock from_pretrained) or ONNX."""
     from .ort import is_onnx_dir, load_onnx
 
@@ -56,8 +56,13 @@ def load_steered(path: str | Path, fmt: str = "auto", provider: str = "auto"):
     if not has_st:
         raise BakeError(f"--steered: {str(path)!r} holds no safetensors checkpoint")
     from .models import load
+    from .modules import CODE, needs_code
 
-    loaded = load(str(p))
+    if needs_code(p) and not trust_code:
+        # a stock loader would silently drop the inserted modules: refuse instead
+        raise BakeError(f"--steered: {str(path)!r} carries generated code ({CODE}, for inserted modules); read it, "
+                        f"then pass --trust-remote-code (or use its ONNX export: --format onnx)")
+    loaded = load(str(p), trust_remote_code=trust_code and needs_code(p))
     return loaded.model, loaded.tokenizer, "safetensors"
 
 

@@ -152,3 +152,17 @@ def test_approximate_folds_support_masked_maps_and_reports_the_error(model_dir, 
     assert v["approximate"] is True and v["max_rel"] > 1e-5  # the support mattered; the error is reported
     assert any("approximate" in p["did"] for p in rep["passes"])
     assert "approximate" in (out / "README.md").read_text()
+
+
+def test_diff_refuses_generated_code_unless_trusted(model_dir, capsys):
+    tmp, src, _, _ = model_dir
+    out = tmp / "out_pwl"
+    if not out.is_dir():
+        compile.apply(str(src), [str(tmp / "pwl.json")], out, insert_modules=True, run_verify=False,
+                      log=lambda *_: None)
+    (tmp / "p.txt").write_text("\n".join(TEXTS[:2]))
+    base = ["diff", "--model", str(src), "--steered", str(out), "--prompts", str(tmp / "p.txt"),
+            "--max-new-tokens", "3"]
+    assert main(base) == 2 and "--trust-remote-code" in capsys.readouterr().err
+    assert main(base + ["--trust-remote-code"]) == 0
+    assert "diff:" in capsys.readouterr().out
