@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ from bake import compile
 from bake.fit import fit, read_texts
 from bake.models import load
 from bake.ort import OrtCausalLM
+from timing import interleaved_medians_ms
 from bake.spec import write
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,16 +84,7 @@ def main() -> None:
             fns[f"pytorch_prefill_{name}"] = pt_prefill
             fns[f"ort_decode_{name}"] = lambda om=om, opast=opast: om.step(nxt.numpy(), m65.numpy(), opast)
             fns[f"ort_prefill_{name}"] = lambda om=om: om.step(ids.numpy(), m64.numpy(), om.empty_past(1))
-        for f in fns.values():
-            f()
-        times = {k: [] for k in fns}
-        names = list(fns)
-        for i in range(a.repeats):
-            for k in (names if i % 2 == 0 else names[::-1]):
-                t = time.perf_counter()
-                fns[k]()
-                times[k].append(time.perf_counter() - t)
-        med = {k: statistics.median(v) * 1000 for k, v in times.items()}
+        med = interleaved_medians_ms(fns, a.repeats)
         res["median_ms"] = {k: round(v, 2) for k, v in med.items()}
         res["gated_over_ungated"] = {k: round(med[f"{k}_gated"] / med[f"{k}_ungated"], 3)
                                      for k in ("pytorch_decode", "pytorch_prefill", "ort_decode", "ort_prefill")}

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 
 from bake import compile
 from bake.ort import OrtCausalLM
+from timing import interleaved_medians_ms
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,17 +83,7 @@ def main() -> None:
 
         fns = {"pytorch_prefill": pt_prefill, "ort_prefill": ort_prefill,
                "pytorch_decode": pt_decode, "ort_decode": ort_decode}
-        for f in fns.values():  # warm-up
-            f()
-            f()
-        times = {k: [] for k in fns}
-        names = list(fns)
-        for i in range(a.repeats):
-            for k in (names if i % 2 == 0 else names[::-1]):
-                t = time.perf_counter()
-                fns[k]()
-                times[k].append(time.perf_counter() - t)
-        med = {k: statistics.median(v) * 1000 for k, v in times.items()}
+        med = interleaved_medians_ms(fns, a.repeats)
         res["median_ms"] = {k: round(v, 2) for k, v in med.items()}
         res["ort_over_pytorch"] = {"prefill_64": round(med["ort_prefill"] / med["pytorch_prefill"], 3),
                                    "decode_step_past_64": round(med["ort_decode"] / med["pytorch_decode"], 3)}

@@ -238,7 +238,8 @@ def table(doc: dict) -> str:
         e = rec["entry"]
         sites = e.get("sites") or METHODS[e["method"]].default_sites
         if not rec.get("heldout"):
-            rows.append(f"| {name} | {sites} | none under budget | | | | | |" if "best" in rec else "")
+            if "best" in rec:
+                rows.append("| " + " | ".join([name, sites, "none under budget"] + [""] * (len(head) - 3)) + " |")
             continue
         h = rec["heldout"]
         t, p = h["toxicity"], h["perplexity"]["perplexity"]
