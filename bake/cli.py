@@ -96,6 +96,8 @@ def _p_eval(sub):
     p.add_argument("--n-sentences", type=int, default=200, help="FLORES sentences for perplexity")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run the generated code of a --baked checkpoint with inserted modules (read it first)")
     p.add_argument("--scorer", default="profanity", help="profanity (alt-profanity-check) | hatesonar; comma-separated for several (the first "
                    "gives the headline toxic rate)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | auto (cuda when a GPU is present)")
@@ -266,7 +268,7 @@ def cmd_eval(a) -> int:
                      max_new_tokens=a.max_new_tokens, scorer=a.scorer, batch_size=a.batch_size)
     out = Path(a.out)
     plot = Path(a.plot) if a.plot else out.with_suffix(".png")
-    doc = run(a.model, cfg, out, specs, strengths, a.baked, plot, device=a.device)
+    doc = run(a.model, cfg, out, specs, strengths, a.baked, plot, device=a.device, trust_code=a.trust_remote_code)
     print("\n".join(summary_line(p) for p in doc["points"]))
     print(f"wrote {out} and {plot}")
     return 0

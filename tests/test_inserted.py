@@ -166,3 +166,24 @@ def test_diff_refuses_generated_code_unless_trusted(model_dir, capsys):
     assert main(base) == 2 and "--trust-remote-code" in capsys.readouterr().err
     assert main(base + ["--trust-remote-code"]) == 0
     assert "diff:" in capsys.readouterr().out
+
+
+def test_eval_of_a_checkpoint_with_inserted_modules_matches_the_hooked_spec(model_dir, tmp_path):
+    from bake.eval import EvalConfig
+    from bake.eval.sweep import run
+    from bake.spec import read
+
+    tmp, src, _, _ = model_dir
+    out = tmp / "out_pwl"
+    if not out.is_dir():
+        compile.apply(str(src), [str(tmp / "pwl.json")], out, insert_modules=True, run_verify=False,
+                      log=lambda *_: None)
+    cfg = EvalConfig(tasks=["toxicity", "perplexity"], prompts=TEXTS[:3], sentences=TEXTS[3:6], seeds=[0],
+                     max_new_tokens=4, batch_size=3)
+    spec = read(tmp / "pwl.json")
+    doc = run(str(src), cfg, tmp_path / "e.json", [spec], [spec.sites[0][1][0].strength], str(out), None,
+              log=lambda *_: None, trust_code=True)
+    pts = {p["label"]: p for p in doc["points"]}
+    hooked = next(p for k, p in pts.items() if k.startswith("λ="))
+    assert pts["baked"]["toxicity"]["examples"] == hooked["toxicity"]["examples"]
+    assert abs(pts["baked"]["perplexity"]["perplexity"] / hooked["perplexity"]["perplexity"] - 1) < 1e-5

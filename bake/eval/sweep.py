@@ -30,7 +30,7 @@ def measure(model, tok, cfg: EvalConfig, score) -> dict:
 
 def run(model_name: str, cfg: EvalConfig, out: Path, specs: list[Spec] | None = None,
         strengths: list[float] | None = None, baked: str | None = None, plot_path: Path | None = None,
-        log=print, device: str = "cpu") -> dict:
+        log=print, device: str = "cpu", trust_code: bool = False) -> dict:
     score = load_scorers(cfg.scorer) if "toxicity" in cfg.tasks else None
     ident = {"model": model_name, "specs": [s.sha256() if s.path else s.method for s in specs or []],
              "baked": str(baked) if baked else None, "config_key": cfg.key(),
@@ -60,7 +60,7 @@ def run(model_name: str, cfg: EvalConfig, out: Path, specs: list[Spec] | None = 
         if label == "baked":
             from ..diff import load_steered
 
-            bm, btok, fmt = load_steered(baked, "auto", "auto")
+            bm, btok, fmt = load_steered(baked, "auto", "auto", trust_code)
             if fmt == "safetensors" and str(pick_device(device)) != "cpu":
                 bm.to(pick_device(device))
             point = measure(bm, btok, cfg, score)
