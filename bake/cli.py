@@ -36,6 +36,9 @@ def _p_fit(sub):
     d.add_argument("--min-accuracy", type=float, default=0.75, help="keep sites whose detector reaches this "
                    "held-out accuracy")
     d.add_argument("--pca", type=int, default=None, help="fit each detector on this many principal components")
+    d.add_argument("--joint", action="store_true", help="train gates and per-unit maps together, end to end "
+                   "(LinEAS loss source → target plus --retain × drift of the control texts; LinEAS options apply)")
+    d.add_argument("--retain", type=float, default=1.0, help="weight of the control-retain term (--joint)")
     g = p.add_argument_group("lineas (end-to-end training)")
     g.add_argument("--steps", type=int, default=1000)
     g.add_argument("--lr", type=float, default=1e-2)
@@ -168,11 +171,13 @@ def cmd_fit(a) -> int:
     bs = a.batch_size if a.batch_size is not None else (8 if a.method == "lineas" else 16)
     if bs < 1:
         raise BakeError(f"--batch-size: must be at least 1, got {bs}")
-    if a.method == "lineas":
+    if a.method == "lineas" or (a.method == "dsas" and a.joint):
         from .fit.lineas import LineasConfig
 
+        if a.method == "dsas" and not (a.retain >= 0 and a.retain == a.retain):
+            raise BakeError(f"--retain: must be a number ≥ 0, got {a.retain}")
         lineas = LineasConfig(steps=a.steps, lr=a.lr, batch_size=bs, optimizer=a.optimizer, l1=a.l1, group=a.group,
-                              seed=a.seed, max_minutes=a.max_minutes)
+                              seed=a.seed, max_minutes=a.max_minutes, retain=a.retain)
         lineas.check(len(src), len(tgt))  # before the model is loaded
     control = read_texts(a.control, "--control") if a.control else None
     if a.method == "dsas" and control is None:
@@ -182,14 +187,14 @@ def cmd_fit(a) -> int:
     loaded = load(a.model, device=a.device)
     spec = fit(loaded.model, loaded.tokenizer, src, tgt, a.method, sites, a.strength, a.support, a.causal,
                bs, prov, pooling=a.pooling, knots=a.knots, direction_layer=a.direction_layer, lineas=lineas,
-               control=control, inner=a.inner, min_accuracy=a.min_accuracy, pca=a.pca, seed=a.seed)
+               control=control, inner=a.inner, min_accuracy=a.min_accuracy, pca=a.pca, seed=a.seed, joint=a.joint)
     write(spec, out)
     print(f"wrote {out} ({len(spec.sites)} sites, method {a.method}, λ={a.strength:g})")
-    if a.method == "dsas":
+    if a.method == "dsas" and not a.joint:
         acc = spec.params["detector_accuracy"]
         print(f"dsas: kept {spec.params['kept_sites']}/{spec.params['candidate_sites']} sites (held-out detector "
               f"accuracy ≥ {a.min_accuracy:g}; range {min(acc.values()):.2f}–{max(acc.values()):.2f})")
-    if a.method == "lineas":
+    if a.method == "lineas" or (a.method == "dsas" and a.joint):
         r = spec.params["run"]
         print(f"lineas: {r['steps_run']} steps in {r['seconds']} s ({r['stopped_by']}), loss {r['loss_first']:.4g} → "
               f"{r['loss_last']:.4g}; active units {r['active_units']}/{r['units']}, "

@@ -86,3 +86,41 @@ def test_dsas_bad_input(setup, capsys):
     code = main(base + ["--control", str(tmp / "c.txt"), "--inner", "mean-act", "--min-accuracy", "0.5"])
     assert code == 0 and "dsas: kept" in capsys.readouterr().out
     assert read(tmp / "o.json").method == "dsas"
+
+
+def test_joint_gates_keep_control_texts_in_place(setup):
+    """--joint: gates trained with the maps and a retain term move the control texts' activations
+    less than the same maps trained ungated, while still moving the source towards the target."""
+    from bake.fit.collect import collect
+    from bake.fit.lineas import LineasConfig, w2_per_unit
+    from bake.models import adapter_for
+    from bake.runtime import steered
+
+    tmp, src, model, tok = setup
+    source, target = TEXTS[1::2], TEXTS[0::2]
+    control = ["The weather is mild today.", "Trains leave every ten minutes.", "She planted tomatoes in May.",
+               "The library opens at nine.", "Water boils at one hundred degrees.", "He painted the fence blue.",
+               "The museum has a new exhibit.", "Our meeting moved to Tuesday."]
+    kw = dict(steps=120, lr=5e-2, batch_size=8, seed=0)
+    joint = fit(model, tok, source, target, "dsas", ["post-norms"], control=control, joint=True,
+                lineas=LineasConfig(retain=5.0, **kw), progress=False)
+    plain = fit(model, tok, source, target, "lineas", ["post-norms"], lineas=LineasConfig(**kw), progress=False)
+    assert all(m.kind == "gated" and m.inner.kind == "affine" for _, ms in joint.sites for m in ms)
+    infos = [adapter_for(model).sites(model)[n] for n, _ in joint.sites]
+
+    def drift(spec, texts):
+        clean = collect(model, tok, texts, infos, 16, progress=False)
+        with steered(model, spec):
+            moved = collect(model, tok, texts, infos, 16, progress=False)
+        return sum(float(((moved[i.name] - clean[i.name]) ** 2).sum(-1).mean()) for i in infos)
+
+    assert drift(joint, control) < drift(plain, control)
+    t = collect(model, tok, target, infos, 16, progress=False)
+    with steered(model, joint):
+        s = collect(model, tok, source, infos, 16, progress=False)
+    s0 = collect(model, tok, source, infos, 16, progress=False)
+    w2 = lambda a: sum(float(w2_per_unit(a[i.name], t[i.name]).sum()) for i in infos)  # noqa: E731
+    assert w2(s) < w2(s0)
+    write(joint, tmp / "joint.json")
+    res = compile.apply(str(src), [str(tmp / "joint.json")], tmp / "jout", insert_modules=True, log=lambda *_: None)
+    assert res.verification["passed"]

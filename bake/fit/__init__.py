@@ -73,7 +73,8 @@ def fit(model, tok, source: list[str], target: list[str], method: str, sites: li
         strength: float = 1.0, support: str = "none", causal: bool = True, batch_size: int = 16,
         provenance: dict | None = None, pooling: str | None = None, knots: int = 16,
         direction_layer: int | None = None, lineas=None, progress: bool = True, control: list[str] | None = None,
-        inner: str | Spec | None = None, min_accuracy: float = 0.75, pca: int | None = None, seed: int = 0) -> Spec:
+        inner: str | Spec | None = None, min_accuracy: float = 0.75, pca: int | None = None, seed: int = 0,
+        joint: bool = False) -> Spec:
     """Fit one map per site. Causal estimation collects the source activations of each site with the
     maps of all earlier sites active (graph order), so later maps see what they will really
     receive; target activations are collected once, unsteered."""
@@ -102,6 +103,22 @@ def fit(model, tok, source: list[str], target: list[str], method: str, sites: li
     spec = Spec([], method=method, params=params, provenance=dict(provenance or {}), model=fp)
     spec.provenance.update({"bake_version": __version__, "created": datetime.date.today().isoformat(),
                             "n_source": len(source), "n_target": len(target)})
+    if method == "dsas" and joint:
+        from .lineas import LineasConfig, train
+
+        if not control or len(control) < 4:
+            raise BakeError("--control: DSAS needs a neutral control set of at least 4 texts")
+        cfg = lineas or LineasConfig()
+        cfg.pooling, cfg.gated = pooling, True
+        tensors, summary = train(model, tok, source, target, infos, cfg, progress=progress, control=control)
+        for info, t in zip(infos, tensors):
+            _check_finite(t, info.name)
+            inner_map = Map("affine", 1.0, {"a": t["a"], "b": t["b"]})
+            spec.sites.append((info.name, [Map("gated", float(strength), {"w": t["w"], "c": t["c"]}, inner=inner_map)]))
+        spec.params.update({"joint": True, "steps": cfg.steps, "lr": cfg.lr, "retain": cfg.retain, "seed": cfg.seed,
+                            "run": summary})
+        spec.provenance["n_control"] = len(control)
+        return spec
     if method == "dsas":
         return _fit_dsas(model, tok, source, target, control, inner, sites, strength, batch_size, spec, catalog,
                          min_accuracy, pca, seed, pooling, causal)

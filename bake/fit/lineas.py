@@ -36,6 +36,8 @@ class LineasConfig:
     seed: int = 0
     max_minutes: float | None = None
     pooling: str = "mean"
+    gated: bool = False  # DSAS --joint: train a gate σ(w·x + c) per site with the map
+    retain: float = 1.0  # weight of the term keeping control activations unchanged (gated only)
 
     def check(self, n_source: int, n_target: int) -> None:
         if self.steps < 1:
@@ -99,9 +101,13 @@ def w2_per_unit(src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
 
 
 def train(model, tok, source: list[str], target: list[str], infos, cfg: LineasConfig,
-          progress: bool = True) -> tuple[list[dict[str, torch.Tensor]], dict]:
-    """Returns per site {a, b} (CPU float32) in `infos` order, and a summary of the run."""
+          progress: bool = True, control: list[str] | None = None) -> tuple[list[dict[str, torch.Tensor]], dict]:
+    """Returns per site {a, b} (and {w, c} when gated) as CPU float32 in `infos` order, and a
+    summary of the run. Gated (DSAS --joint): each site's output is x + σ(w·x + c)(a⊙x + b − x),
+    and a retain term keeps the pooled activations of `control` texts where they were."""
     cfg.check(len(source), len(target))
+    if cfg.gated and (not control or len(control) < 4):
+        raise BakeError("--control: joint DSAS training needs a control set of at least 4 texts")
     dev = next(model.parameters()).device
     tgt = collect(model, tok, target, infos, cfg.batch_size, desc="target activations", pooling=cfg.pooling,
                   progress=progress)
@@ -109,7 +115,14 @@ def train(model, tok, source: list[str], target: list[str], infos, cfg: LineasCo
     gen = torch.Generator().manual_seed(cfg.seed)
     params = [(torch.ones(i.units, device=dev, requires_grad=True), torch.zeros(i.units, device=dev, requires_grad=True))
               for i in infos]
-    flat = [p for pair in params for p in pair]
+    gates = [(torch.zeros(i.units, device=dev, requires_grad=True), torch.zeros(1, device=dev, requires_grad=True))
+             for i in infos] if cfg.gated else []
+    flat = [p for pair in params + gates for p in pair]
+    if cfg.gated:
+        ctrl = collect(model, tok, control, infos, cfg.batch_size, desc="control activations", pooling=cfg.pooling,
+                       progress=progress)
+        ctrl = {k: v.to(dev) for k, v in ctrl.items()}
+        enc_ctrl = list(_batches(tok, control, len(control)))[0]
     opt = (torch.optim.Adam(flat, lr=cfg.lr) if cfg.optimizer == "adam" else torch.optim.SGD(flat, lr=cfg.lr))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.steps)
     frozen = [p.requires_grad for p in model.parameters()]
@@ -121,9 +134,13 @@ def train(model, tok, source: list[str], target: list[str], infos, cfg: LineasCo
 
     def make_hook(k, side):
         a, b = params[k]
+        w, c = gates[k] if cfg.gated else (None, None)
 
         def apply(x):
             y = x * a.to(x.dtype) + b.to(x.dtype)
+            if w is not None:
+                g = torch.sigmoid(x @ w.to(x.dtype) + c.to(x.dtype)).unsqueeze(-1)
+                y = x + g * (y - x)
             pooled[k] = _pool(y.float(), mask_box[0], cfg.pooling)
             return y
 
@@ -156,6 +173,17 @@ def train(model, tok, source: list[str], target: list[str], infos, cfg: LineasCo
         else:
             handles.append(mod.register_forward_pre_hook(make_hook(k, "input"), with_kwargs=True))
     enc_all = list(_batches(tok, source, len(source)))[0]
+
+    def run_batch(enc, idx):
+        ids, mask = enc.input_ids[idx], enc.attention_mask[idx]
+        width = int(mask.sum(1).max())
+        ids, mask = ids[:, :width].to(dev), mask[:, :width].to(dev)
+        mask_box[:] = [mask]
+        try:
+            model(input_ids=ids, attention_mask=mask, use_cache=False)
+        except _Enough:
+            pass
+
     n = min(cfg.batch_size, len(source), len(target))  # equal counts on both sides of each W2
     best, best_loss, ema, losses = None, float("inf"), None, []
     t0 = time.perf_counter()
@@ -164,20 +192,18 @@ def train(model, tok, source: list[str], target: list[str], infos, cfg: LineasCo
     try:
         for step in bar:
             idx = torch.randperm(len(source), generator=gen)[:n]
-            ids = enc_all.input_ids[idx]
-            mask = enc_all.attention_mask[idx]
-            width = int(mask.sum(1).max())
-            ids, mask = ids[:, :width].to(dev), mask[:, :width].to(dev)
-            mask_box[:] = [mask]
-            try:
-                model(input_ids=ids, attention_mask=mask, use_cache=False)
-            except _Enough:
-                pass
+            run_batch(enc_all, idx)
             loss = 0.0
             for k, info in enumerate(infos):
                 t = tgt[info.name]
                 tidx = torch.randperm(t.shape[0], generator=gen)[:n].to(dev)
                 loss = loss + w2_per_unit(pooled[k], t[tidx]).sum()
+            if cfg.gated:  # retain: control texts should come out of every site as they went in
+                cidx = torch.randperm(len(control), generator=gen)[:n]
+                run_batch(enc_ctrl, cidx)
+                for k, info in enumerate(infos):
+                    ref = ctrl[info.name][cidx.to(dev)]
+                    loss = loss + cfg.retain * ((pooled[k] - ref) ** 2).sum(-1).mean()
             loss = loss / len(infos)
             opt.zero_grad()
             loss.backward()
@@ -192,7 +218,7 @@ def train(model, tok, source: list[str], target: list[str], infos, cfg: LineasCo
             ema = obj if ema is None else 0.9 * ema + 0.1 * obj
             if step >= min(20, cfg.steps // 10) and ema < best_loss:
                 best_loss = ema
-                best = [(a.detach().clone(), b.detach().clone()) for a, b in params]
+                best = [(a.detach().clone(), b.detach().clone()) for a, b in params + gates]
             bar.set_postfix(loss=f"{val:.4g}", ema=f"{ema:.4g}")
             if cfg.max_minutes and time.perf_counter() - t0 > 60 * cfg.max_minutes:
                 stopped = "max-minutes"
@@ -203,8 +229,10 @@ def train(model, tok, source: list[str], target: list[str], infos, cfg: LineasCo
         for p, g in zip(model.parameters(), frozen):
             p.requires_grad_(g)
     if best is None:
-        best = [(a.detach().clone(), b.detach().clone()) for a, b in params]
-    out = [{"a": a.float().cpu(), "b": b.float().cpu()} for a, b in best]
+        best = [(a.detach().clone(), b.detach().clone()) for a, b in params + gates]
+    out = [{"a": a.float().cpu(), "b": b.float().cpu()} for a, b in best[:len(infos)]]
+    for t, (w, c) in zip(out, best[len(infos):]):
+        t["w"], t["c"] = w.float().cpu(), c.float().cpu()
     active_units = [int(((t["a"] != 1) | (t["b"] != 0)).sum()) for t in out]
     summary = {"steps_run": len(losses), "stopped_by": stopped, "seconds": round(time.perf_counter() - t0, 1),
                "loss_first": losses[0], "loss_last": losses[-1], "objective_best_ema": best_loss,
