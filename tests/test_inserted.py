@@ -22,6 +22,15 @@ from bake.spec import Spec, write
 from conftest import TEXTS, make_llama, save_model
 
 
+def _baked(tmp, src, kind: str):
+    """The `kind` spec baked with inserted modules (reused across tests when present)."""
+    out = tmp / f"out_{kind}"
+    if not out.is_dir():
+        compile.apply(str(src), [str(tmp / f"{kind}.json")], out, insert_modules=True, run_verify=False,
+                      log=lambda *_: None)
+    return out
+
+
 def _gated_spec(model, seed: int) -> Spec:
     g = torch.Generator().manual_seed(seed)
     d = model.config.hidden_size
@@ -87,10 +96,7 @@ with torch.no_grad():
 
 def test_generated_code_loads_in_a_fresh_process(model_dir):
     tmp, src, model, _ = model_dir
-    out = tmp / "out_gated"
-    if not out.is_dir():
-        compile.apply(str(src), [str(tmp / "gated.json")], out, insert_modules=True, run_verify=False,
-                      log=lambda *_: None)
+    out = _baked(tmp, src, "gated")
     r = subprocess.run([sys.executable, "-c", RELOAD, str(out)], capture_output=True, text=True, cwd=str(tmp))
     assert r.returncode == 0, r.stderr[-2000:]
     got = json.loads(r.stdout.strip().splitlines()[-1])
@@ -133,9 +139,7 @@ def test_refused_without_the_flag_and_no_code_when_everything_folds(model_dir, t
     assert res.verification["passed"] and not (tmp_path / "folded" / "modeling_bake.py").exists()
     assert "auto_map" not in json.loads((tmp_path / "folded" / "config.json").read_text())
     # verify runs generated code only when asked to
-    out = tmp / "out_pwl"
-    if not out.is_dir():
-        compile.apply(str(src), [str(tmp / "pwl.json")], out, insert_modules=True, log=lambda *_: None)
+    out = _baked(tmp, src, "pwl")
     base = ["verify", "--model", str(src), "--spec", str(tmp / "pwl.json"), "--baked", str(out), "--max-new-tokens", "4"]
     assert main(base) == 2 and "--trust-remote-code" in capsys.readouterr().err
     assert main(base + ["--trust-remote-code"]) == 0
@@ -156,10 +160,7 @@ def test_approximate_folds_support_masked_maps_and_reports_the_error(model_dir, 
 
 def test_diff_refuses_generated_code_unless_trusted(model_dir, capsys):
     tmp, src, _, _ = model_dir
-    out = tmp / "out_pwl"
-    if not out.is_dir():
-        compile.apply(str(src), [str(tmp / "pwl.json")], out, insert_modules=True, run_verify=False,
-                      log=lambda *_: None)
+    out = _baked(tmp, src, "pwl")
     (tmp / "p.txt").write_text("\n".join(TEXTS[:2]))
     base = ["diff", "--model", str(src), "--steered", str(out), "--prompts", str(tmp / "p.txt"),
             "--max-new-tokens", "3"]
@@ -174,10 +175,7 @@ def test_eval_of_a_checkpoint_with_inserted_modules_matches_the_hooked_spec(mode
     from bake.spec import read
 
     tmp, src, _, _ = model_dir
-    out = tmp / "out_pwl"
-    if not out.is_dir():
-        compile.apply(str(src), [str(tmp / "pwl.json")], out, insert_modules=True, run_verify=False,
-                      log=lambda *_: None)
+    out = _baked(tmp, src, "pwl")
     cfg = EvalConfig(tasks=["toxicity", "perplexity"], prompts=TEXTS[:3], sentences=TEXTS[3:6], seeds=[0],
                      max_new_tokens=4, batch_size=3)
     spec = read(tmp / "pwl.json")
