@@ -34,7 +34,7 @@ def _as_affine(maps: list[Map]) -> Map:
     return Map("affine", 1.0, {"a": lin.diag.float(), "b": lin.bias.float()})
 
 
-def _merge(maps: list[Map]) -> list[Map]:
+def merge_maps(maps: list[Map]) -> list[Map]:
     out: list[Map] = []
     run: list[Map] = []
     for m in maps + [None]:
@@ -71,7 +71,7 @@ def compose(specs: list[Spec], check_model: bool = True) -> Spec:
         units = {m.units for m in per[site]}
         if len(units) > 1:
             raise BakeError(f"compose: site {site}: the specs' maps have different unit counts {sorted(units)}")
-        sites.append((site, _merge(per[site])))
+        sites.append((site, merge_maps(per[site])))
     return _checked(Spec(sites, method="compose", params={"of": [s.method for s in specs]},
                 provenance={"composed": [{"file": s.path.name if s.path else None,
                                           "sha256": s.sha256() if s.path else None} for s in specs]},

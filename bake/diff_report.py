@@ -5,7 +5,6 @@ side by side with the first differing token marked."""
 from __future__ import annotations
 
 import html
-import os
 from pathlib import Path
 
 CSS = """
@@ -58,7 +57,6 @@ def render(result: dict, meta: dict, failed: list[str]) -> str:
 
 
 def write(path: Path, result: dict, meta: dict, failed: list[str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp"
-    tmp.write_text(render(result, meta, failed), encoding="utf-8")
-    os.replace(tmp, path)
+    from .eval import write_text_atomic
+
+    write_text_atomic(path, render(result, meta, failed))

@@ -151,10 +151,10 @@ def verify(load_original, specs: list[Spec], baked_dir: Path, prompts: list[str]
     ref = run_reference(model, tok, specs, prompts, max_new_tokens, check_model)
     del model
     gc.collect()
-    reports = {}
+    reports, shared = {}, {}  # shared: the yardstick runs, computed once for all formats
     for fmt in formats:
         cand, cand_tok, dtype = _load_candidate(fmt, baked_dir, provider, trust_code)
-        reports[fmt] = _check(load_original, specs, ref, cand, cand_tok, dtype, prompts, max_new_tokens, fmt)
+        reports[fmt] = _check(load_original, specs, ref, cand, cand_tok, dtype, prompts, max_new_tokens, fmt, shared)
         if fmt == "onnx":
             reports[fmt]["provider"] = cand.provider
         del cand
@@ -167,16 +167,18 @@ def verify(load_original, specs: list[Spec], baked_dir: Path, prompts: list[str]
     return report
 
 
-def _check(load_original, specs, ref, cand, cand_tok, dtype: str, prompts, max_new_tokens: int, fmt: str) -> dict:
+def _check(load_original, specs, ref, cand, cand_tok, dtype: str, prompts, max_new_tokens: int, fmt: str,
+           shared: dict) -> dict:
     noise = None
     if dtype != "float32":
         # the hooked model's own error at this dtype: the yardstick for the baked one
-        model, tok = load_original()
-        model.to(getattr(torch, dtype))
-        noisy = run_candidate_hooked(model, tok, specs, ref, max_new_tokens)
-        noise = errors(ref, noisy)
-        del model
-        gc.collect()
+        if ("noise", dtype) not in shared:
+            model, tok = load_original()
+            model.to(getattr(torch, dtype))
+            shared[("noise", dtype)] = errors(ref, run_candidate_hooked(model, tok, specs, ref, max_new_tokens))
+            del model
+            gc.collect()
+        noise = shared[("noise", dtype)]
     got = run_candidate(cand, cand_tok, ref, max_new_tokens, desc=f"baked ({fmt})")
     max_abs, max_rel, per = errors(ref, got)
     same = [bool(torch.equal(r["seq"], g["seq"])) for r, g in zip(ref, got)]
@@ -190,10 +192,12 @@ def _check(load_original, specs, ref, cand, cand_tok, dtype: str, prompts, max_n
         report["passed"] = max_rel <= REL_TOL and all(same)
         if all(same) and max_rel > REL_TOL:
             # is it the model's own float32 noise? compare both with the exact (float64) answer
-            model, tok = load_original()
-            exact = run_candidate_hooked(model.double(), tok, specs, ref, max_new_tokens, logits_only=True)
-            del model
-            gc.collect()
+            if "exact" not in shared:
+                model, tok = load_original()
+                shared["exact"] = run_candidate_hooked(model.double(), tok, specs, ref, max_new_tokens, logits_only=True)
+                del model
+                gc.collect()
+            exact = shared["exact"]
             own = errors(exact, ref)
             baked_err = errors(exact, got)
             report.update({"exact_ref": "hooked float64", "hooked_fp32_vs_fp64_max_abs": own[0],

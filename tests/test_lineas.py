@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
@@ -223,4 +221,4 @@ def test_compose_and_invert_cli_bake_exactly(tmp_path, tokenizer, capsys):
     capsys.readouterr()
     assert main(["compose", str(tmp_path / "a.json"), "-o", str(tmp_path / "x.txt")]) == 2
     assert main(["invert", str(tmp_path / "missing.json"), "-o", str(tmp_path / "y.json")]) == 2
-    assert not (tmp_path / "y.json").exists() and math.isfinite(1.0)
+    assert not (tmp_path / "y.json").exists()

@@ -206,7 +206,7 @@ def _fit_dsas(model, tok, source, target, control, inner, sites, strength, batch
     """DSAS: per site, a logistic detector of source (unwanted) vs control (neutral) activations
     decides per token how much of the inner map to apply: x + λσ(w·x + c)(T(x) − x). Sites whose
     detector reaches less than `min_accuracy` on a held-out fifth are left out."""
-    from ..algebra import _merge
+    from ..algebra import merge_maps
     from ..spec import read as read_spec
 
     if not control or len(control) < 4:
@@ -231,7 +231,7 @@ def _fit_dsas(model, tok, source, target, control, inner, sites, strength, batch
     for name, maps in inner_spec.sites:
         if name not in catalog:
             raise BakeError(f"--inner: site {name!r} is not a site of this model")
-        merged = _merge(list(maps))
+        merged = merge_maps(list(maps))
         if len(merged) != 1:
             raise BakeError(f"--inner: {name}: {len(merged)} maps that do not compose into one; gate one map per site")
         inner_maps[name] = _inner_map(merged[0], name)
