@@ -153,6 +153,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--out", required=True, help="spec manifest to write (.json)")
     p = sub.add_parser("inspect", help="print a readable summary of a spec")
     p.add_argument("spec")
+    p = sub.add_parser("families", help="supported model families and, per site preset, how each map kind folds")
+    p.add_argument("--family", action="append", help="only this family (repeatable)")
+    p.add_argument("--json", action="store_true", help="print the table as JSON")
     return ap
 
 
@@ -351,11 +354,35 @@ def cmd_inspect(a) -> int:
     return 0
 
 
+def cmd_families(a) -> int:
+    import json
+
+    from .families import ALWAYS_INSERTED, KINDS, table
+
+    rows = table(a.family)
+    if a.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    width = {k: max(len(k), *(len(r[k]) for r in rows)) for k in KINDS}
+    fam = None
+    for r in rows:
+        if r["family"] != fam:
+            fam = r["family"]
+            print(f"\n{fam} (model_type: {', '.join(r['model_types'])})")
+            print(f"  {'preset':11s} " + " ".join(f"{k:{width[k]}s}" for k in KINDS))
+        print(f"  {r['preset']:11s} " + " ".join(f"{r[k]:{width[k]}s}" for k in KINDS))
+    print(f"\nstock: folds into the stock class and config; stock + flag: the config turns a bias on; relabel: "
+          f"saved as that class (the same math); inserted module: needs --insert-modules (generated code, "
+          f"trust_remote_code=True) or ONNX. Always inserted: {', '.join(ALWAYS_INSERTED)}.")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
     try:
         return {"fit": cmd_fit, "apply": cmd_apply, "verify": cmd_verify, "eval": cmd_eval, "diff": cmd_diff,
-                "compose": cmd_compose, "invert": cmd_invert, "inspect": cmd_inspect}[a.cmd](a)
+                "compose": cmd_compose, "invert": cmd_invert, "inspect": cmd_inspect,
+                "families": cmd_families}[a.cmd](a)
     except BakeError as e:
         print(f"bake: error: {e}", file=sys.stderr)
         return e.exit_code

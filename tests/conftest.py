@@ -46,6 +46,39 @@ def make_llama(seed: int = 0, layers: int = 2, hidden: int = 64, inter: int = 96
     return model
 
 
+def _rough_norms(model, around: float = 1.0):
+    with torch.no_grad():  # non-trivial norm weights and biases so that folds into them are tested
+        for name, p in model.named_parameters():
+            if "norm" in name or ".ln_" in name:
+                p.copy_((around if name.endswith("weight") else 0.0) + 0.2 * torch.randn_like(p))
+    return model.eval()
+
+
+def make_family(family: str, seed: int = 0, layers: int = 2, **extra):
+    """A small random causal LM of `family` (llama, qwen2, mistral, gpt2) with a 400-token vocabulary."""
+    import transformers as tf
+
+    if family == "llama":
+        return make_llama(seed=seed, layers=layers, **extra)
+    torch.manual_seed(seed)
+    ids = dict(bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    if family == "gpt2":
+        cfg = tf.GPT2Config(vocab_size=400, n_embd=64, n_layer=layers, n_head=4, n_positions=256, **ids, **extra)
+        return _rough_norms(tf.GPT2LMHeadModel(cfg))
+    common = dict(vocab_size=400, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, **ids)
+    if family == "qwen2":
+        model = tf.Qwen2ForCausalLM(tf.Qwen2Config(**common, **{"tie_word_embeddings": True, **extra}))
+        with torch.no_grad():  # q/k/v biases that matter
+            for name, p in model.named_parameters():
+                if name.endswith("proj.bias"):
+                    p.copy_(0.3 * torch.randn_like(p))
+        return _rough_norms(model)
+    if family == "mistral":
+        return _rough_norms(tf.MistralForCausalLM(tf.MistralConfig(**common, **{"sliding_window": None, **extra})))
+    raise ValueError(family)
+
+
 def save_model(model, tok, path: Path) -> Path:
     model.save_pretrained(str(path))
     tok.save_pretrained(str(path))

@@ -42,7 +42,7 @@ def random_spec(model, patterns: list[str], seed: int) -> Spec:
         info = cat[name]
         if info.role == "residual":
             kinds = ["additive"]
-        elif name == "model.norm:output":
+        elif info.role == "norm" and not info.consumers:
             kinds = ["scale"]
         else:
             kinds = ["affine", "additive", "projection"]

@@ -32,10 +32,26 @@ class SiteInfo:
 
 @dataclass
 class BiasGroup:
-    """A config flag that turns on the biases of several Linear modules in every layer."""
+    """A config flag that turns on the biases of several Linear modules in every layer.
+
+    `relabel` names the family whose class has the flag when this family's class hard-codes
+    `bias=False` (Qwen2, Mistral → Llama: the same math with bias flags)."""
 
     flag: str
     members: tuple[str, ...]  # module names relative to a layer
+    relabel: str | None = None
+
+
+def linear_dims(mod: torch.nn.Module) -> tuple[int, int]:
+    """(in, out) of an nn.Linear or of a GPT-2 style Conv1D (weight stored [in, out])."""
+    if isinstance(mod, torch.nn.Linear):
+        return mod.in_features, mod.out_features
+    return mod.weight.shape[0], mod.weight.shape[1]
+
+
+def linear_weight(mod: torch.nn.Module) -> torch.Tensor:
+    """The weight as [out, in] (a transposed view for Conv1D)."""
+    return mod.weight if isinstance(mod, torch.nn.Linear) else mod.weight.t()
 
 
 @dataclass
@@ -45,7 +61,8 @@ class Adapter:
     presets: dict[str, tuple[str, ...]]
     bias_groups: tuple[BiasGroup, ...] = field(default_factory=tuple)
     norm_weight_offset: float = 0.0  # Gemma-style norms scale by (offset + weight)
-    norm_has_bias: bool = False
+    final_norm: str = "model.norm"
+    about: str = ""
 
     def matches(self, model: torch.nn.Module) -> bool:
         return getattr(model.config, "model_type", None) in self.model_types
@@ -56,7 +73,7 @@ class Adapter:
         infos: list[SiteInfo] = []
         for i in range(model.config.num_hidden_layers):
             infos += self.layer_sites(model, f"{self.layers_prefix()}.{i}", h)
-        infos.append(self.norm_site("model.norm", h))  # feeds lm_head (no bias): scale only
+        infos.append(self.norm_site(self.final_norm, h))  # feeds lm_head (no bias): scale only
         return {s.name: s for s in infos}
 
     def layer_sites(self, model: torch.nn.Module, layer: str, h: int) -> list[SiteInfo]:  # pragma: no cover
@@ -65,9 +82,9 @@ class Adapter:
     @staticmethod
     def linear_sites(model: torch.nn.Module, path: str) -> list[SiteInfo]:
         """The input and output sites of an nn.Linear."""
-        mod = model.get_submodule(path)
-        return [SiteInfo(f"{path}:input", path, "input", "linear", mod.in_features, anchor=f"{path}.weight"),
-                SiteInfo(f"{path}:output", path, "output", "linear", mod.out_features, anchor=f"{path}.weight")]
+        n_in, n_out = linear_dims(model.get_submodule(path))
+        return [SiteInfo(f"{path}:input", path, "input", "linear", n_in, anchor=f"{path}.weight"),
+                SiteInfo(f"{path}:output", path, "output", "linear", n_out, anchor=f"{path}.weight")]
 
     @staticmethod
     def norm_site(path: str, units: int, consumers: tuple[str, ...] = ()) -> SiteInfo:
@@ -86,6 +103,14 @@ class Adapter:
 
     def layers_prefix(self) -> str:
         return "model.layers"
+
+    def tiny(self) -> torch.nn.Module:
+        """A two-layer random model of this family (for `bake families`: what folds where)."""
+        raise NotImplementedError  # pragma: no cover
+
+    def relabel(self, model: torch.nn.Module, flags: dict[str, bool]) -> tuple[torch.nn.Module, list[str]]:
+        """The same model as another family's class with `flags` on; returns it and notes for the report."""
+        raise BakeError(f"{self.family}: no relabel to another family is known")  # pragma: no cover
 
     def bias_group(self, linear_path: str) -> BiasGroup | None:
         """The flag that gives `linear_path` a bias, or None if it can never have one."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from .adapter import Adapter, BiasGroup, SiteInfo
+from .llama import TINY
 
 ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
 
@@ -35,6 +36,11 @@ class GemmaAdapter(Adapter):
             bias_groups=(BiasGroup("attention_bias", ATTN),),
             norm_weight_offset=1.0,
         )
+
+    def tiny(self) -> torch.nn.Module:
+        from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+        return Gemma3ForCausalLM(Gemma3TextConfig(**TINY, sliding_window=8)).eval()
 
     def layer_sites(self, model: torch.nn.Module, p: str, h: int) -> list[SiteInfo]:
         return (self.attention_sites(model, p)

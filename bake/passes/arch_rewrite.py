@@ -1,10 +1,15 @@
 """Pass 7: turn on the bias flags that the folds need, with explicit zero biases for every
-companion module in every layer, so stock loaders (which create all biases of a flag) find them."""
+companion module in every layer, so stock loaders (which create all biases of a flag) find them.
+
+Where the family's class hard-codes `bias=False` (Qwen2's o_proj and MLP, Mistral everywhere), the
+model is relabelled to the family whose class has the flags (Llama: the same math); verify then
+proves the relabelled checkpoint equal to the hooked original."""
 
 from __future__ import annotations
 
 import torch
 
+from ..models.adapter import linear_dims
 from ..plan import Plan
 
 NAME = "architecture-rewrite"
@@ -15,16 +20,31 @@ def run(plan: Plan) -> None:
     for path in sorted(plan.biased):
         g = plan.adapter.bias_group(path)
         groups[g.flag] = g
+    if not groups:
+        return
+    relabel = {g.relabel for g in groups.values()} - {None}
+    if relabel:
+        model, notes = plan.adapter.relabel(plan.model, {flag: True for flag in groups})
+        before = type(plan.model).__name__
+        plan.model = model
+        plan.config_changes["architectures"] = [type(model).__name__]
+        plan.config_changes["model_type"] = model.config.model_type
+        for g in plan.adapter.bias_groups:  # flags the relabel turned on to keep existing biases
+            if getattr(model.config, g.flag, False):
+                groups.setdefault(g.flag, g)
+        plan.note(NAME, "config", f"relabelled {before} → {type(model).__name__} (the same math; its class has "
+                                  f"the bias flags the folds need)" + "".join(f"; {n}" for n in notes))
     model = plan.model
+    prefix = plan.adapter.layers_prefix()
     for flag, g in groups.items():
         setattr(model.config, flag, True)
         plan.config_changes[flag] = True
         added = 0
-        for layer_idx in range(len(model.get_submodule(plan.adapter.layers_prefix()))):
+        for layer_idx in range(len(model.get_submodule(prefix))):
             for rel in g.members:
-                lin = model.get_submodule(f"{plan.adapter.layers_prefix()}.{layer_idx}.{rel}")
+                lin = model.get_submodule(f"{prefix}.{layer_idx}.{rel}")
                 if lin.bias is None:
-                    lin.bias = torch.nn.Parameter(torch.zeros(lin.out_features, dtype=lin.weight.dtype,
+                    lin.bias = torch.nn.Parameter(torch.zeros(linear_dims(lin)[1], dtype=lin.weight.dtype,
                                                               device=lin.weight.device))
                     added += 1
         plan.note(NAME, "config", f"{flag} = true; {added} zero companion bias(es) written")

@@ -1,0 +1,84 @@
+"""`bake families`: which families bake supports and, per site preset and map kind, how a map
+folds there: into the stock class and config, with a bias flag turned on, by relabelling the
+checkpoint to another family's class, or only as an inserted module.
+
+The table is computed, not written by hand: each cell runs the compiler's passes on a two-layer
+random model of the family with a map of that kind at every site of the preset."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import BakeError
+from .maps import Map
+from .models import ADAPTERS, Adapter
+from .plan import bind
+from .spec import Spec
+
+KINDS = ("scale", "affine", "additive", "projection")
+ALWAYS_INSERTED = ("affine with support", "monotone-pwl", "gated")
+
+
+@dataclass
+class Cell:
+    outcome: str  # stock | flag | relabel | insert
+    detail: str = ""
+
+    def text(self) -> str:
+        return {"stock": "stock", "flag": f"stock + {self.detail}", "relabel": f"relabel → {self.detail}",
+                "insert": "inserted module"}[self.outcome]
+
+
+def probe_map(kind: str, units: int, gen: torch.Generator) -> Map:
+    a = 1 + 0.5 * torch.rand(units, generator=gen)
+    b = 0.1 + torch.rand(units, generator=gen)
+    if kind == "scale":
+        return Map("affine", 1.0, {"a": a, "b": torch.zeros(units)})
+    if kind == "affine":
+        return Map("affine", 1.0, {"a": a, "b": b})
+    if kind == "additive":
+        return Map("additive", 1.0, {"v": b})
+    U, _ = torch.linalg.qr(torch.randn(units, 1, generator=gen))
+    return Map("projection", 1.0, {"U": U})
+
+
+def cell(adapter: Adapter, preset: str, kind: str) -> Cell:
+    """Compile a map of `kind` at every site of `preset` into a fresh tiny model of the family."""
+    from . import passes
+
+    torch.manual_seed(0)
+    model = adapter.tiny()
+    catalog = adapter.sites(model)
+    gen = torch.Generator().manual_seed(0)
+    sites = adapter.resolve(model, [preset])
+    spec = Spec([(s, [probe_map(kind, catalog[s].units, gen)]) for s in sites], method="probe")
+    try:
+        plan = passes.run(bind([spec], model, check_model=False))
+    except BakeError:
+        return Cell("insert")
+    changes = plan.config_changes
+    if "architectures" in changes:
+        flags = ", ".join(sorted(k for k in changes if k.endswith("_bias")))
+        return Cell("relabel", f"{changes['model_type']} + {flags}")
+    if changes:
+        return Cell("flag", ", ".join(sorted(changes)))
+    return Cell("stock")
+
+
+def table(families: list[str] | None = None) -> list[dict]:
+    """One row per (family, preset): the outcome per map kind."""
+    known = {a.family: a for a in ADAPTERS}
+    for f in families or []:
+        if f not in known:
+            raise BakeError(f"--family: unknown family {f!r} (known: {', '.join(known)})")
+    rows = []
+    for fam in families or list(known):
+        ad = known[fam]
+        for preset in ad.presets:
+            row = {"family": fam, "model_types": list(ad.model_types), "preset": preset}
+            for kind in KINDS:
+                row[kind] = cell(ad, preset, kind).text()
+            rows.append(row)
+    return rows

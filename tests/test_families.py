@@ -1,0 +1,147 @@
+"""Qwen2, Mistral and GPT-2: random specs baked into small random models, reloaded with stock
+from_pretrained, against the hooked reference; relabels to Llama where a fold needs a bias the
+family's class lacks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from bake import compile
+from bake.errors import BakeError
+from bake.maps import Map
+from bake.runtime import steered
+from bake.spec import Spec, write
+from conftest import make_family, save_model
+from test_differential import probe_ids, random_spec
+
+CASES = [  # (family, seed, presets, architecture expected after the bake)
+    ("qwen2", 0, ["**"], "LlamaForCausalLM"),
+    ("qwen2", 1, ["post-norms", "attn-out"], "LlamaForCausalLM"),
+    ("mistral", 2, ["post-norms", "mlp-in", "residual"], "LlamaForCausalLM"),
+    ("gpt2", 3, ["**"], "GPT2LMHeadModel"),
+    ("gpt2", 4, ["post-norms", "mlp-in", "attn-out", "residual", "transformer.ln_f:output"], "GPT2LMHeadModel"),
+]
+
+
+def bake_random(tmp_path, tokenizer, family, seed, patterns):
+    model = make_family(family, seed)
+    src = save_model(model, tokenizer, tmp_path / "model")
+    spec = random_spec(model, patterns, seed)
+    write(spec, tmp_path / "spec.json")
+    res = compile.apply(str(src), [str(tmp_path / "spec.json")], tmp_path / "out", max_new_tokens=10,
+                        log=lambda *_: None)
+    return model, src, spec, res
+
+
+@pytest.mark.parametrize("family,seed,patterns,arch", CASES)
+def test_family_baked_equals_hooked(tmp_path, tokenizer, family, seed, patterns, arch):
+    model, src, spec, res = bake_random(tmp_path, tokenizer, family, seed, patterns)
+    v = res.verification
+    assert v["passed"] and v["max_rel"] <= 1e-5 and v["greedy_same"] == v["prompts"]
+    baked = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"))  # stock loader, no custom code
+    assert type(baked).__name__ == arch
+    ids, mask = probe_ids(400, seed)
+    with torch.no_grad():
+        with steered(model, spec):
+            ref = model(input_ids=ids, attention_mask=mask).logits
+        plain = model(input_ids=ids, attention_mask=mask).logits
+        got = baked(input_ids=ids, attention_mask=mask).logits
+    keep = mask.bool()
+    assert (ref - got)[keep].abs().max() / ref[keep].abs().max() <= 1e-5
+    assert (ref - plain)[keep].abs().max() > 1e-3
+    if arch != type(model).__name__:  # relabelled: the report says so
+        assert any("relabelled" in w for _, _, w in res.report)
+    else:
+        assert not res.config_changes  # GPT-2 has every bias: stock architecture, stock config
+
+
+def test_qwen2_relabel_keeps_qkv_biases(tmp_path, tokenizer):
+    """A shift on o_proj's output needs a bias Qwen2 lacks: relabel to Llama with attention_bias on;
+    the q/k/v biases come through byte-identical, o_proj's is the shift, the MLP stays bias-free."""
+    model = make_family("qwen2", 9)
+    src = save_model(model, tokenizer, tmp_path / "model")
+    v = torch.randn(64)
+    spec = Spec([("model.layers.1.self_attn.o_proj:output", [Map("additive", 0.5, {"v": v})])], method="caa")
+    write(spec, tmp_path / "s.json")
+    res = compile.apply(str(src), [str(tmp_path / "s.json")], tmp_path / "out", max_new_tokens=8, log=lambda *_: None)
+    assert res.verification["passed"] and res.config_changes["architectures"] == ["LlamaForCausalLM"]
+    before, after = load_file(str(src / "model.safetensors")), load_file(str(tmp_path / "out" / "model.safetensors"))
+    for k, t in before.items():
+        assert torch.equal(t, after[k]), k  # every original tensor unchanged (the fold only adds a bias)
+    assert torch.equal(after["model.layers.1.self_attn.o_proj.bias"], 0.5 * v)
+    assert not after["model.layers.0.self_attn.o_proj.bias"].any()
+    assert not any("mlp" in k and k.endswith("bias") for k in after)
+    cfg = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out")).config
+    assert cfg.attention_bias is True and cfg.mlp_bias is False and cfg.model_type == "llama"
+
+
+def test_qwen2_stays_qwen2_when_no_new_bias_is_needed(tmp_path, tokenizer):
+    """Scales anywhere and shifts into q/k/v (which Qwen2 has) need no relabel."""
+    model = make_family("qwen2", 5)
+    src = save_model(model, tokenizer, tmp_path / "model")
+    g = torch.Generator().manual_seed(5)
+    spec = Spec([("model.layers.0.input_layernorm:output",  # shift → q/k/v biases
+                  [Map("affine", 1.0, {"a": 1 + 0.3 * torch.randn(64, generator=g), "b": 0.3 * torch.randn(64, generator=g)})]),
+                 ("model.layers.1.mlp.down_proj:output",  # scale only
+                  [Map("affine", 0.7, {"a": 1 + 0.3 * torch.randn(64, generator=g), "b": torch.zeros(64)})])],
+                method="random")
+    write(spec, tmp_path / "s.json")
+    res = compile.apply(str(src), [str(tmp_path / "s.json")], tmp_path / "out", max_new_tokens=8, log=lambda *_: None)
+    assert res.verification["passed"] and not res.config_changes
+    assert type(AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"))).__name__ == "Qwen2ForCausalLM"
+
+
+def test_mistral_sliding_window_is_reported(tmp_path, tokenizer):
+    model = make_family("mistral", 6, sliding_window=64)
+    src = save_model(model, tokenizer, tmp_path / "model")
+    spec = Spec([("model.layers.1:output", [Map("additive", 1.0, {"v": torch.randn(64)})])], method="caa")
+    write(spec, tmp_path / "s.json")
+    res = compile.apply(str(src), [str(tmp_path / "s.json")], tmp_path / "out", max_new_tokens=8, log=lambda *_: None)
+    assert res.verification["passed"] and res.config_changes["mlp_bias"] is True
+    note = [w for _, _, w in res.report if "relabelled" in w][0]
+    assert "MistralForCausalLM → LlamaForCausalLM" in note and "up to 64 tokens" in note
+
+
+def test_spec_for_another_family_is_refused(tmp_path, tokenizer):
+    from bake.fit import fit
+
+    qwen = make_family("qwen2", 7)
+    spec = fit(qwen, tokenizer, ["you are an idiot"] * 4, ["the weather is lovely"] * 4, method="mean-act")
+    write(spec, tmp_path / "s.json")
+    src = save_model(make_family("llama", 7), tokenizer, tmp_path / "llama")
+    with pytest.raises(BakeError, match=r"spec.model.architecture: spec was fitted on 'Qwen2ForCausalLM'"):
+        compile.apply(str(src), [str(tmp_path / "s.json")], tmp_path / "out", log=lambda *_: None)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "qwen2", "mistral"])
+def test_fit_then_bake_on_each_family(tmp_path, tokenizer, family):
+    from bake.fit import fit
+
+    model = make_family(family, 8)
+    src = save_model(model, tokenizer, tmp_path / "model")
+    spec = fit(model, tokenizer, ["you are an idiot and i hate you", "stupid people ruin everything"] * 3,
+               ["the weather is lovely today", "music fills the quiet room"] * 3, method="mean-act")
+    write(spec, tmp_path / "s.json")
+    res = compile.apply(str(src), [str(tmp_path / "s.json")], tmp_path / "out", max_new_tokens=8, log=lambda *_: None)
+    assert res.verification["passed"] and res.verification["max_rel"] <= 1e-5
+
+
+def test_families_table_is_computed_from_the_passes(capsys):
+    from bake.cli import main
+    from bake.families import table
+
+    rows = {(r["family"], r["preset"]): r for r in table(["gpt2", "qwen2", "gemma"])}
+    assert all(rows[("gpt2", p)][k] == "stock" for p in ("post-norms", "mlp-in", "attn-out", "mlp-out")
+               for k in ("scale", "affine", "additive", "projection"))
+    assert rows[("gpt2", "residual")]["additive"] == "stock" and rows[("gpt2", "residual")]["scale"] == "inserted module"
+    assert rows[("qwen2", "attn-out")]["affine"] == "relabel → llama + attention_bias"
+    assert rows[("qwen2", "mlp-out")]["scale"] == "stock"
+    assert rows[("gemma", "post-norms")]["scale"] == "stock"
+    assert rows[("gemma", "post-norms")]["additive"] == "inserted module"  # no bias slot in stock Gemma
+    assert rows[("gemma", "attn-out")]["additive"] == "stock + attention_bias"
+    assert main(["families", "--family", "nope"]) == 2
+    assert "unknown family 'nope'" in capsys.readouterr().err
