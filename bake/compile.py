@@ -70,10 +70,15 @@ def apply(model_name: str, spec_paths: list[str], out: str | Path, dtype: str = 
     exporters.check_out(out, force)
     loaded = load(model_name)
     exporters.check_out(out, force, loaded.source)
-    if "onnx" in formats:
+    if "onnx" in formats and loaded.tokenizer is not None:
         from .exporters import onnx as onnx_exporter
 
         onnx_exporter.check_supported(loaded.model)  # before any work
+    from .models.diffusion import PipelineModel
+
+    if isinstance(loaded.model, PipelineModel):
+        return _apply_pipeline(loaded, model_name, specs, out, force, formats, run_verify, prompts, check_model,
+                               insert_modules, log, t0)
     plan = bind(specs, loaded.model, check_model=check_model)
     plan.insert_modules = insert_modules
     plan.approximate = approximate
@@ -115,3 +120,41 @@ def apply(model_name: str, spec_paths: list[str], out: str | Path, dtype: str = 
 def _fresh(model_name: str):
     loaded = load(model_name)
     return loaded.model, loaded.tokenizer
+
+
+def _apply_pipeline(loaded, model_name, specs, out, force, formats, run_verify, prompts, check_model, insert_modules,
+                    log, t0) -> ApplyResult:
+    """The same pipeline for a diffusers pipeline: bind → passes → pipeline directory (+ ONNX denoiser)."""
+    from .exporters import pipeline as pipe_exporter
+    from .models.diffusion import load_pipeline
+    from .verify_pipeline import verify_pipeline
+
+    if insert_modules:
+        raise BakeError("--insert-modules: not for diffusers pipelines yet (every default T2I site folds exactly)")
+    plan = bind(specs, loaded.model, check_model=check_model)
+    passes.run(plan)
+    for p, s, w in plan.report:
+        log(f"  {p:22s} {s}: {w}")
+    infos = [spec_info(s) for s in specs]
+    source = Path(loaded.source)
+    with exporters.staged(out, force) as tmp:
+        comps = pipe_exporter.export(plan, source, tmp) if "safetensors" in formats else []
+        if "onnx" in formats:
+            from .exporters import onnx_denoiser
+
+            onnx_denoiser.export(plan.model, tmp, log=log)
+        plan.config_changes.update({"components_rewritten": comps} if comps else {})
+        del loaded
+        plan.model = None
+        gc.collect()
+        verification = None
+        if run_verify:
+            verification = verify_pipeline(lambda dt: load_pipeline(source, dt), specs, tmp, prompts or None,
+                                           check_model=check_model)
+            if not verification["passed"]:
+                raise CheckFailed(f"verify: steered pipeline differs from the hooked reference "
+                                  f"(latent relative error {verification.get('latent_rel', float('nan')):.3g}, "
+                                  f"ONNX denoiser {verification.get('onnx_denoiser_rel', float('nan')):.3g}); "
+                                  f"nothing written to {out}")
+        card.write_card(tmp, plan, infos, model_name, "as stored", verification, formats)
+    return ApplyResult(out, plan.report, plan.config_changes, verification, time.perf_counter() - t0)

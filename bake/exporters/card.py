@@ -25,6 +25,8 @@ def write_card(out: Path, plan: Plan, specs_info: list[dict], model_name: str, d
         "verification": verification,
     }
     (out / "bake_report.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    if plan.adapter.family == "diffusers":
+        return _pipeline_card(out, plan, specs_info, model_name, verification, formats or ["safetensors"])
     lines = [
         "---", "library_name: transformers", "tags: [bake, activation-steering]", "---", "",
         f"# {model_name}, steered with bake", "",
@@ -66,6 +68,34 @@ def write_card(out: Path, plan: Plan, specs_info: list[dict], model_name: str, d
             lines.append(f"- ONNX verified the same way ({o.get('provider', 'ONNX Runtime')}): max abs logit error "
                          f"{o['max_abs']:.2e} (relative {o['max_rel']:.2e}), greedy identical "
                          f"{o['greedy_same']}/{o['prompts']}: **{'pass' if o['passed'] else 'FAIL'}**")
+    lines += ["", "## What was folded where", "", "| pass | site | what |", "|---|---|---|"]
+    lines += [f"| {p} | `{s}` | {w} |" for p, s, w in plan.report]
+    (out / "README.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _pipeline_card(out: Path, plan: Plan, specs_info: list[dict], model_name: str, verification: dict | None,
+                   formats: list[str]) -> None:
+    comps = plan.config_changes.get("components_rewritten", [])
+    lines = ["---", "library_name: diffusers", "tags: [bake, activation-steering, text-to-image]", "---", "",
+             f"# {model_name}, steered with bake", "",
+             "Activation steering baked into the weights of the pipeline: it loads with stock "
+             "`DiffusionPipeline.from_pretrained` and runs with no hooks and no custom code.", "",
+             f"- components rewritten: {', '.join(f'`{c}`' for c in comps) or 'none'}; every other file is a "
+             f"byte-for-byte copy of the original"]
+    if "onnx" in formats:
+        lines.append("- the denoiser is also exported as `<denoiser>/model.onnx` (one denoising call) for ONNX Runtime")
+    for s in specs_info:
+        lines.append(f"- spec `{s['file']}` (sha256 `{s['sha256'][:16]}…`), method `{s['method']}`, "
+                     f"strengths {s['strengths']}, {s['sites']} site(s)")
+    if verification:
+        v = verification
+        line = (f"- verified against bake's hooked pipeline on {v['prompts']} prompts, {v['steps']} denoising steps, "
+                f"seed {v['seed']}:")
+        if "latent_rel" in v:
+            line += f" latent relative error {v['latent_rel']:.2e}, max pixel error {v['pixel_max_abs']:.2e}"
+        if "onnx_denoiser_rel" in v:
+            line += f"; ONNX denoiser relative error {v['onnx_denoiser_rel']:.2e}"
+        lines.append(line + f": **{'pass' if v['passed'] else 'FAIL'}**")
     lines += ["", "## What was folded where", "", "| pass | site | what |", "|---|---|---|"]
     lines += [f"| {p} | `{s}` | {w} |" for p, s, w in plan.report]
     (out / "README.md").write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -8,13 +8,15 @@ import torch
 
 from ..errors import BakeError
 from .adapter import Adapter, SiteInfo
+from .diffusion import PipelineAdapter
 from .gemma import GemmaAdapter
 from .gpt2 import GPT2Adapter
 from .llama import LlamaAdapter
 from .qwen2 import MistralAdapter, Qwen2Adapter
 from .loading import ALIASES, DEVICES, Loaded, load, pick_device, resolve
 
-ADAPTERS: tuple[Adapter, ...] = (LlamaAdapter(), Qwen2Adapter(), MistralAdapter(), GemmaAdapter(), GPT2Adapter())
+ADAPTERS: tuple[Adapter, ...] = (LlamaAdapter(), Qwen2Adapter(), MistralAdapter(), GemmaAdapter(), GPT2Adapter(),
+                                 PipelineAdapter())
 
 __all__ = ["ADAPTERS", "ALIASES", "Adapter", "Loaded", "SiteInfo", "adapter_for", "fingerprint", "load", "pick_device", "resolve", "DEVICES"]
 

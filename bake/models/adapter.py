@@ -28,6 +28,7 @@ class SiteInfo:
     consumers: tuple[str, ...] = ()  # Linear modules that read this tensor and nothing else does
     writer: str | None = None  # residual: the Linear whose output is added last to the stream
     anchor: str = ""  # parameter whose bytes identify the model at this site (fingerprint)
+    unit_dim: int = -1  # the tensor dimension that holds the units (1: channels of a 4-D conv feature map)
 
 
 @dataclass

@@ -114,8 +114,9 @@ def resolve(name: str) -> Path | str:
         return convert_gguf(_alias_gguf(name, alias), cache_dir() / "models" / alias.cache_name)
     path = Path(name)
     if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise BakeError(f"--model: {name!r} is a directory but holds no config.json (not a transformers model)")
+        if not (path / "config.json").is_file() and not (path / "model_index.json").is_file():
+            raise BakeError(f"--model: {name!r} is a directory but holds no config.json (not a transformers model) "
+                            f"and no model_index.json (not a diffusers pipeline)")
         return path
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -156,6 +157,10 @@ def load(name: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool 
 
     dev = pick_device(device)
     source = resolve(name)
+    from .diffusion import is_pipeline_dir, load_pipeline
+
+    if isinstance(source, Path) and is_pipeline_dir(source):
+        return Loaded(load_pipeline(source, dtype, device=str(dev)), None, source, name)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(source), dtype=dtype, trust_remote_code=trust_remote_code)
         tok = AutoTokenizer.from_pretrained(str(source), trust_remote_code=trust_remote_code)

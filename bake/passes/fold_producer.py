@@ -27,7 +27,7 @@ def run(plan: Plan) -> None:
                 fold_output(plan, sp.info.module, m)
                 sp.pending = []
                 plan.note(NAME, sp.name, f"{describe(m)} → {sp.info.module}.weight/bias")
-        elif sp.info.role == "norm" and m.is_diagonal and not m.scale_is_identity:
+        elif sp.info.role == "norm" and m.is_diagonal and _norm_takes(plan.model.get_submodule(sp.info.module), m):
             norm = plan.model.get_submodule(sp.info.module)
             with torch.no_grad():
                 g = norm.weight.detach().double()
@@ -40,3 +40,10 @@ def run(plan: Plan) -> None:
                 else:
                     sp.pending = [] if m.shift_is_zero else [LinearMap(bias=m.bias, diag=torch.ones_like(m.diag))]
             plan.note(NAME, sp.name, done)
+
+
+def _norm_takes(norm: torch.nn.Module, m: LinearMap) -> bool:
+    """A norm with a weight takes a scale; one with a bias too takes the shift as well."""
+    if getattr(norm, "weight", None) is None:
+        return False
+    return not m.scale_is_identity or getattr(norm, "bias", None) is not None

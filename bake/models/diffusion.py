@@ -1,0 +1,311 @@
+"""Text-to-image pipelines (diffusers): loading a pipeline directory and the family adapter that
+describes the sites of its denoiser and text encoders.
+
+A pipeline is bound as one `PipelineModel` whose children are the pipeline's torch components, so a
+site is named `component.module.path:side` (`unet.down_blocks.0.resnets.0.norm1:output`,
+`text_encoder.encoder.layers.3.layer_norm2:output`) and every pass works unchanged.
+
+Denoisers (UNet2DConditionModel, Transformer2DModel / PixArt, FluxTransformer2DModel, ...): every
+GroupNorm and LayerNorm with affine parameters is a `norm` site, mapped per channel (dim 1 of a 4-D
+GroupNorm output, the last dim of a token tensor) at every pixel and every denoising step; the scale
+and the shift fold exactly into the norm's weight and bias. Flux's adaLN-Zero outputs feed only the
+attention's q/k/v (and the single blocks' MLP) projections, which have biases: a map there folds
+into them. Linear layers give `linear` sites as in the causal LMs.
+
+Text encoders: CLIP (every Linear and LayerNorm has a bias: everything folds) and T5 (RMS norms and
+bias-free projections: scales fold, shifts need an inserted module).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from ..errors import BakeError
+from .adapter import Adapter, SiteInfo
+
+DENOISERS = ("unet", "transformer", "prior")
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+
+
+class PipelineModel(torch.nn.Module):
+    """The torch components of a diffusers pipeline under one root, for binding and hooks."""
+
+    def __init__(self, pipe, source: Path | str = ""):
+        super().__init__()
+        self.pipe = [pipe]  # a list, so the pipeline is not registered as a child
+        for name, comp in pipe.components.items():
+            if isinstance(comp, torch.nn.Module):
+                self.add_module(name, comp)
+        self.config = SimpleNamespace(model_type="diffusers", architectures=[type(pipe).__name__],
+                                      components=sorted(self._modules), source=str(source))
+
+    @property
+    def pipeline(self):
+        return self.pipe[0]
+
+    def denoiser_name(self) -> str | None:
+        return next((n for n in DENOISERS if n in self._modules), None)
+
+
+def is_pipeline_dir(path: str | Path) -> bool:
+    return (Path(path) / "model_index.json").is_file()
+
+
+def load_pipeline(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> PipelineModel:
+    """Load a pipeline directory from safetensors only (never unpickles, never runs remote code)."""
+    try:
+        from diffusers import DiffusionPipeline
+    except ImportError:
+        raise BakeError("--model: a diffusers pipeline needs the diffusers package: pip install 'bake-steering[t2i]'") from None
+    try:
+        pipe = DiffusionPipeline.from_pretrained(str(path), torch_dtype=dtype, use_safetensors=True)
+    except Exception as e:  # diffusers raises many kinds for a bad directory
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BakeError(f"--model: cannot load {str(path)!r} as a diffusers pipeline: {first}") from None
+    pipe.set_progress_bar_config(disable=True)
+    if device != "cpu":
+        pipe.to(device)
+    root = PipelineModel(pipe, path)
+    for comp in root.children():
+        comp.eval()
+    if root.denoiser_name() is None:
+        raise BakeError(f"--model: pipeline {type(pipe).__name__} has no denoiser bake knows "
+                        f"(looked for components {', '.join(DENOISERS)})")
+    return root
+
+
+# --- component adapters: sites of one component, names relative to it --------------------------------
+
+def _norm(path: str, mod: torch.nn.Module, consumers: tuple[str, ...] = ()) -> SiteInfo | None:
+    if isinstance(mod, torch.nn.GroupNorm):
+        if not mod.affine:
+            return None
+        return SiteInfo(f"{path}:output", path, "output", "norm", mod.num_channels, consumers, anchor=f"{path}.weight",
+                        unit_dim=1)
+    if getattr(mod, "weight", None) is None:
+        return None
+    return SiteInfo(f"{path}:output", path, "output", "norm", mod.weight.shape[0], consumers, anchor=f"{path}.weight")
+
+
+def _linear(path: str, mod: torch.nn.Linear) -> list[SiteInfo]:
+    return [SiteInfo(f"{path}:input", path, "input", "linear", mod.in_features, anchor=f"{path}.weight"),
+            SiteInfo(f"{path}:output", path, "output", "linear", mod.out_features, anchor=f"{path}.weight")]
+
+
+# adaLN-Zero modules of Flux-style blocks (by attribute name) and the projections that alone read output[0]
+ADALN_ZERO = {("AdaLayerNormZero", "norm1"): ("attn.to_q", "attn.to_k", "attn.to_v"),
+              ("AdaLayerNormZero", "norm1_context"): ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+              ("AdaLayerNormZeroSingle", "norm"): ("proj_mlp", "attn.to_q", "attn.to_k", "attn.to_v")}
+
+
+def denoiser_sites(comp: torch.nn.Module) -> list[SiteInfo]:
+    """Every affine norm, adaLN-Zero output (Flux) and Linear of a denoiser, in module order."""
+    out: list[SiteInfo] = []
+    for path, mod in comp.named_modules():
+        if not path:
+            continue
+        block, _, attr = path.rpartition(".")
+        key = (type(mod).__name__, attr)
+        if key in ADALN_ZERO:  # output[0] feeds only these projections of the enclosing block
+            consumers = tuple(f"{block}.{c}" for c in ADALN_ZERO[key])
+            if all(_has_bias_linear(comp, c) for c in consumers):
+                out.append(SiteInfo(f"{path}:output", path, "output", "norm", mod.linear.in_features, consumers,
+                                    anchor=f"{path}.linear.weight"))
+        elif isinstance(mod, (torch.nn.GroupNorm, torch.nn.LayerNorm)):
+            info = _norm(path, mod)
+            if info is not None:
+                out.append(info)
+        elif isinstance(mod, torch.nn.Linear):
+            out += _linear(path, mod)
+    return out
+
+
+def _has_bias_linear(comp: torch.nn.Module, path: str) -> bool:
+    try:
+        mod = comp.get_submodule(path)
+    except AttributeError:
+        return False
+    return isinstance(mod, torch.nn.Linear) and mod.bias is not None
+
+
+def clip_sites(comp: torch.nn.Module) -> list[SiteInfo]:
+    """CLIP text encoder: pre-norm layers, every Linear and LayerNorm with a bias."""
+    root = "text_model." if hasattr(comp, "text_model") else ""  # transformers 5 flattened CLIPTextModel
+    enc = f"{root}encoder.layers"
+    out: list[SiteInfo] = []
+    for i in range(len(comp.get_submodule(enc))):
+        p = f"{enc}.{i}"
+        qkv = tuple(f"{p}.self_attn.{x}_proj" for x in "qkv")
+        out.append(_norm(f"{p}.layer_norm1", comp.get_submodule(f"{p}.layer_norm1"), qkv))
+        for path in qkv + (f"{p}.self_attn.out_proj",):
+            out += _linear(path, comp.get_submodule(path))
+        out.append(_norm(f"{p}.layer_norm2", comp.get_submodule(f"{p}.layer_norm2"), (f"{p}.mlp.fc1",)))
+        for path in (f"{p}.mlp.fc1", f"{p}.mlp.fc2"):
+            out += _linear(path, comp.get_submodule(path))
+        out.append(SiteInfo(f"{p}:output", p, "output", "residual", comp.config.hidden_size, writer=f"{p}.mlp.fc2",
+                            anchor=f"{p}.mlp.fc2.weight"))
+    out.append(_norm(f"{root}final_layer_norm", comp.get_submodule(f"{root}final_layer_norm")))
+    return out
+
+
+def t5_sites(comp: torch.nn.Module) -> list[SiteInfo]:
+    """T5 encoder: RMS norms (weight only) and bias-free projections."""
+    out: list[SiteInfo] = []
+    for i, block in enumerate(comp.encoder.block):
+        p = f"encoder.block.{i}"
+        qkv = tuple(f"{p}.layer.0.SelfAttention.{x}" for x in "qkv")
+        out.append(_norm(f"{p}.layer.0.layer_norm", block.layer[0].layer_norm, qkv))
+        for path in qkv + (f"{p}.layer.0.SelfAttention.o",):
+            out += _linear(path, comp.get_submodule(path))
+        ff = f"{p}.layer.1.DenseReluDense"
+        ins = tuple(f"{ff}.{n}" for n, m in comp.get_submodule(ff).named_children()
+                    if isinstance(m, torch.nn.Linear) and n != "wo")
+        out.append(_norm(f"{p}.layer.1.layer_norm", block.layer[1].layer_norm, ins))
+        for path in ins + (f"{ff}.wo",):
+            out += _linear(path, comp.get_submodule(path))
+    out.append(_norm("encoder.final_layer_norm", comp.encoder.final_layer_norm))
+    return out
+
+
+TEXT_FAMILIES = {"CLIPTextModel": clip_sites, "CLIPTextModelWithProjection": clip_sites,
+                 "T5EncoderModel": t5_sites}
+
+
+def _prefixed(comp: str, s: SiteInfo) -> SiteInfo:
+    q = lambda p: f"{comp}.{p}" if p else p  # noqa: E731
+    return SiteInfo(f"{comp}.{s.name}", q(s.module), s.side, s.role, s.units, tuple(q(c) for c in s.consumers),
+                    q(s.writer) if s.writer else None, q(s.anchor), s.unit_dim)
+
+
+class PipelineAdapter(Adapter):
+    """Sites of every denoiser and text encoder of a pipeline, prefixed by the component name."""
+
+    ROLE_PRESETS = {
+        "norms": "all affine norm outputs of the denoiser (GroupNorm and LayerNorm; AcT's T2I sites)",
+        "group-norms": "the denoiser's GroupNorm outputs",
+        "layer-norms": "the denoiser's LayerNorm outputs (and Flux's adaLN-Zero outputs)",
+        "attn-out": "the denoiser's attention output projections",
+        "text-norms": "the text encoders' norm outputs",
+        "text-residual": "the text encoders' layer outputs",
+    }
+
+    def __init__(self):
+        super().__init__(family="diffusers", model_types=("diffusers",), presets=dict.fromkeys(self.ROLE_PRESETS, ()))
+
+    def sites(self, model: torch.nn.Module) -> dict[str, SiteInfo]:
+        infos: list[SiteInfo] = []
+        for comp, mod in model.named_children():
+            kind = type(mod).__name__
+            if comp in DENOISERS:
+                infos += [_prefixed(comp, s) for s in denoiser_sites(mod)]
+            elif comp in TEXT_ENCODERS and kind in TEXT_FAMILIES:
+                infos += [_prefixed(comp, s) for s in TEXT_FAMILIES[kind](mod)]
+        return {s.name: s for s in infos}
+
+    def preset(self, model: torch.nn.Module, name: str, catalog: dict[str, SiteInfo]) -> list[str]:
+        den = model.denoiser_name()
+        in_den = lambda s: s.module.split(".", 1)[0] == den  # noqa: E731
+        is_group = lambda s: isinstance(model.get_submodule(s.module), torch.nn.GroupNorm)  # noqa: E731
+        pick = {
+            "norms": lambda s: in_den(s) and s.role == "norm",
+            "group-norms": lambda s: in_den(s) and s.role == "norm" and is_group(s),
+            "layer-norms": lambda s: in_den(s) and s.role == "norm" and not is_group(s),
+            "attn-out": lambda s: in_den(s) and s.side == "output" and s.role == "linear"
+                                  and s.module.endswith(".to_out.0"),
+            "text-norms": lambda s: not in_den(s) and s.role == "norm",
+            "text-residual": lambda s: not in_den(s) and s.role == "residual",
+        }[name]
+        return [n for n, s in catalog.items() if pick(s)]
+
+    def resolve(self, model: torch.nn.Module, patterns: list[str]) -> list[str]:
+        catalog = self.sites(model)
+        chosen: set[str] = set()
+        globs = []
+        for pat in patterns:
+            if pat in self.ROLE_PRESETS:
+                hit = self.preset(model, pat, catalog)
+                if not hit:
+                    raise BakeError(f"--sites: preset {pat!r} matches no site of this pipeline "
+                                    f"({type(model.pipeline).__name__}: {self.ROLE_PRESETS[pat]})")
+                chosen.update(hit)
+            else:
+                globs.append(pat)
+        if globs:
+            chosen.update(Adapter.resolve(self, model, globs))
+        return [n for n in catalog if n in chosen]
+
+    def sites_of_glob(self, model, patterns):  # pragma: no cover - kept for symmetry with Adapter
+        return Adapter.resolve(self, model, patterns)
+
+    def bias_group(self, linear_path: str):
+        return None  # every fold here uses biases the stock classes already have, or is refused
+
+    def layers_prefix(self) -> str:
+        return ""
+
+    def matches(self, model: torch.nn.Module) -> bool:
+        return isinstance(model, PipelineModel)
+
+    def tiny(self) -> torch.nn.Module:
+        from .tiny_pipelines import tiny_pipeline
+
+        return tiny_pipeline("sd")
+
+
+DEFAULT_PROMPTS = ["a photo of a cat in the city", "a watercolor landscape with a red sky",
+                   "a portrait of a dog at night", "an oil painting of a house and a tree"]
+
+
+def run_pipeline(root: PipelineModel, prompts: list[str], steps: int = 2, seed: int = 0, output_type: str = "latent",
+                 guidance: float | None = None, size: int | None = None):
+    """One seeded call of the pipeline (the same call for the original, hooked and baked pipelines)."""
+    import inspect
+
+    pipe = root.pipeline
+    params = inspect.signature(pipe.__call__).parameters
+    kw = {"num_inference_steps": steps, "output_type": output_type,
+          "generator": torch.Generator("cpu").manual_seed(seed)}
+    if "use_resolution_binning" in params:  # PixArt snaps sizes to its training buckets
+        kw["use_resolution_binning"] = False
+    if guidance is not None and "guidance_scale" in params:
+        kw["guidance_scale"] = guidance
+    if size is not None:
+        kw["height"] = kw["width"] = size
+    wrapped = None
+    if hasattr(pipe, "prepare_latents") and next(iter(root.parameters())).dtype != torch.float32:
+        wrapped = pipe.prepare_latents  # draw the initial noise in float32 whatever the dtype: same seed, same noise
+        pipe.prepare_latents = _float32_noise(wrapped)
+    try:
+        with torch.no_grad():
+            return pipe(prompts, **kw).images
+    finally:
+        if wrapped is not None:
+            del pipe.prepare_latents
+
+
+def _float32_noise(prepare):
+    def call(*args, **kwargs):
+        dt = next((a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.dtype)), None)
+        args = [torch.float32 if isinstance(a, torch.dtype) else a for a in args]
+        kwargs = {k: torch.float32 if isinstance(v, torch.dtype) else v for k, v in kwargs.items()}
+        out = prepare(*args, **kwargs)
+        cast = lambda t: t.to(dt) if torch.is_tensor(t) and t.is_floating_point() and dt is not None else t  # noqa: E731
+        return tuple(cast(t) for t in out) if isinstance(out, tuple) else cast(out)
+
+    return call
+
+
+def default_size(root: PipelineModel) -> int:
+    """The pipeline's native image size in pixels."""
+    den = getattr(root, root.denoiser_name())
+    pipe = root.pipeline
+    scale = getattr(pipe, "vae_scale_factor", 8)
+    sample = getattr(den.config, "sample_size", None)
+    if isinstance(sample, (list, tuple)):
+        sample = sample[0]
+    if getattr(pipe, "default_sample_size", None):
+        sample = pipe.default_sample_size
+    return int(sample * scale) if sample else 64
