@@ -206,6 +206,13 @@ def cmd_fit(a) -> int:
 
 
 def _verification_line(v: dict) -> str:
+    if v.get("kind") == "pipeline":
+        line = f"verify: {'PASS' if v['passed'] else 'FAIL'}: {v['prompts']} prompts, {v['steps']} denoising steps"
+        if "latent_rel" in v:
+            line += f", latent relative error {v['latent_rel']:.3g}, max pixel error {v['pixel_max_abs']:.3g}"
+        if "onnx_denoiser_rel" in v:
+            line += f", ONNX denoiser relative error {v['onnx_denoiser_rel']:.3g}"
+        return line + f" [{v['criterion']}]"
     return (f"verify: {'PASS' if v['passed'] else 'FAIL'}: {v['prompts']} prompts, max abs logit error "
             f"{v['max_abs']:.3g} (relative {v['max_rel']:.3g}), greedy identical {v['greedy_same']}/{v['prompts']}"
             f" [{v['criterion']}]")
@@ -238,6 +245,20 @@ def cmd_verify(a) -> int:
     specs = read_specs(a.spec, a.strength)
     prompts = read_prompts(a.prompts)
     baked = Path(a.baked)
+    if (baked / "model_index.json").is_file():  # a steered diffusers pipeline
+        from .models import resolve
+        from .models.diffusion import is_pipeline_dir, load_pipeline
+        from .verify_pipeline import verify_pipeline
+
+        source = resolve(a.model)
+        if not is_pipeline_dir(source):
+            raise BakeError(f"--model: {a.model!r} is not a diffusers pipeline, but --baked is one")
+        report = verify_pipeline(lambda dt: load_pipeline(source, dt), specs, baked, prompts,
+                                 check_model=not a.ignore_fingerprint)
+        if a.report:
+            Path(a.report).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+        print(_verification_line(report))
+        return 0 if report["passed"] else 1
     if not (baked / "config.json").is_file():
         raise BakeError(f"--baked: {a.baked!r} is not a model directory (no config.json)")
 
@@ -298,6 +319,9 @@ def cmd_diff(a) -> int:
     prompts = read_prompts(a.prompts) if a.prompts else default_prompts()
     steered, _, fmt = load_steered(a.steered, a.format, a.provider, a.trust_remote_code)
     original = load(a.model)
+    if original.tokenizer is None:
+        raise BakeError(f"--model: {a.model!r} is a diffusers pipeline; bake diff compares causal LMs "
+                        f"(for a pipeline, `bake verify` compares latents and pixels)")
     for key in ("model_type", "vocab_size"):
         x, y = getattr(original.model.config, key, None), getattr(steered.config, key, None)
         if x != y:
@@ -364,13 +388,15 @@ def cmd_families(a) -> int:
         print(json.dumps(rows, indent=1))
         return 0
     width = {k: max(len(k), *(len(r[k]) for r in rows)) for k in KINDS}
+    pw = max(len(r["preset"]) for r in rows)
     fam = None
     for r in rows:
         if r["family"] != fam:
             fam = r["family"]
-            print(f"\n{fam} (model_type: {', '.join(r['model_types'])})")
-            print(f"  {'preset':11s} " + " ".join(f"{k:{width[k]}s}" for k in KINDS))
-        print(f"  {r['preset']:11s} " + " ".join(f"{r[k]:{width[k]}s}" for k in KINDS))
+            what = "pipeline" if fam.startswith("diffusers") else "model_type: " + ", ".join(r["model_types"])
+            print(f"\n{fam} ({what})")
+            print(f"  {'preset':{pw}s} " + " ".join(f"{k:{width[k]}s}" for k in KINDS))
+        print(f"  {r['preset']:{pw}s} " + " ".join(f"{r[k]:{width[k]}s}" for k in KINDS))
     print(f"\nstock: folds into the stock class and config; stock + flag: the config turns a bias on; relabel: "
           f"saved as that class (the same math); inserted module: needs --insert-modules (generated code, "
           f"trust_remote_code=True) or ONNX. Always inserted: {', '.join(ALWAYS_INSERTED)}.")

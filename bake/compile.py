@@ -131,6 +131,10 @@ def _apply_pipeline(loaded, model_name, specs, out, force, formats, run_verify, 
 
     if insert_modules:
         raise BakeError("--insert-modules: not for diffusers pipelines yet (every default T2I site folds exactly)")
+    if "onnx" in formats:
+        from .exporters import onnx_denoiser
+
+        onnx_denoiser.check_supported(loaded.model)  # before any work
     plan = bind(specs, loaded.model, check_model=check_model)
     passes.run(plan)
     for p, s, w in plan.report:
@@ -140,8 +144,6 @@ def _apply_pipeline(loaded, model_name, specs, out, force, formats, run_verify, 
     with exporters.staged(out, force) as tmp:
         comps = pipe_exporter.export(plan, source, tmp) if "safetensors" in formats else []
         if "onnx" in formats:
-            from .exporters import onnx_denoiser
-
             onnx_denoiser.export(plan.model, tmp, log=log)
         plan.config_changes.update({"components_rewritten": comps} if comps else {})
         del loaded

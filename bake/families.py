@@ -28,7 +28,7 @@ class Cell:
 
     def text(self) -> str:
         return {"stock": "stock", "flag": f"stock + {self.detail}", "relabel": f"relabel → {self.detail}",
-                "insert": "inserted module"}[self.outcome]
+                "insert": "inserted module", "none": "(no such site)"}[self.outcome]
 
 
 def probe_map(kind: str, units: int, gen: torch.Generator) -> Map:
@@ -44,15 +44,18 @@ def probe_map(kind: str, units: int, gen: torch.Generator) -> Map:
     return Map("projection", 1.0, {"U": U})
 
 
-def cell(adapter: Adapter, preset: str, kind: str) -> Cell:
+def cell(adapter: Adapter, preset: str, kind: str, variant: str | None = None) -> Cell:
     """Compile a map of `kind` at every site of `preset` into a fresh tiny model of the family."""
     from . import passes
 
     torch.manual_seed(0)
-    model = adapter.tiny()
+    model = adapter.tiny(variant) if variant else adapter.tiny()
     catalog = adapter.sites(model)
     gen = torch.Generator().manual_seed(0)
-    sites = adapter.resolve(model, [preset])
+    try:
+        sites = adapter.resolve(model, [preset])
+    except BakeError:
+        return Cell("none")
     spec = Spec([(s, [probe_map(kind, catalog[s].units, gen)]) for s in sites], method="probe")
     try:
         plan = passes.run(bind([spec], model, check_model=False))
@@ -76,9 +79,11 @@ def table(families: list[str] | None = None) -> list[dict]:
     rows = []
     for fam in families or list(known):
         ad = known[fam]
-        for preset in ad.presets:
-            row = {"family": fam, "model_types": list(ad.model_types), "preset": preset}
-            for kind in KINDS:
-                row[kind] = cell(ad, preset, kind).text()
-            rows.append(row)
+        for variant in getattr(ad, "variants", (None,)):
+            label = f"{fam}:{variant}" if variant else fam
+            for preset in ad.presets:
+                row = {"family": label, "model_types": list(ad.model_types), "preset": preset}
+                for kind in KINDS:
+                    row[kind] = cell(ad, preset, kind, variant).text()
+                rows.append(row)
     return rows

@@ -37,6 +37,7 @@ def verify_pipeline(fresh, specs: list[Spec], baked: Path, prompts: list[str] | 
     root = fresh(torch.float32)
     den_name = root.denoiser_name()
     den = getattr(root, den_name)
+    den_class = type(den)
     first_call: dict = {}
 
     def grab(module, args, kwargs, output):
@@ -69,7 +70,7 @@ def verify_pipeline(fresh, specs: list[Spec], baked: Path, prompts: list[str] | 
     if onnx_path.is_file():
         from .exporters.onnx_denoiser import run_onnx_denoiser
 
-        got = run_onnx_denoiser(onnx_path, first_call["args"], first_call["kwargs"])
+        got = run_onnx_denoiser(onnx_path, den_class, first_call["args"], first_call["kwargs"])
         report["onnx_denoiser_rel"] = _rel(torch.from_numpy(got), first_call["out"])
     latent_ok = report.get("latent_rel", 0.0) <= LATENT_TOL
     report["criterion"] = f"latent relative error <= {LATENT_TOL:g}"

@@ -55,6 +55,9 @@ METHODS: dict[str, Method] = {
 }
 
 
+PIPELINE_METHODS = tuple(k for k, m in METHODS.items() if m.estimate is not None)
+
+
 def read_texts(path: str | Path, field: str) -> list[str]:
     p = Path(path)
     if not p.is_file():
@@ -91,7 +94,13 @@ def fit(model, tok, source: list[str], target: list[str], method: str, sites: li
     if method == "monotone-pwl" and not 2 <= knots <= min(len(source), len(target)):
         raise BakeError(f"--knots: {knots} quantiles need 2 ≤ knots ≤ the smaller text count "
                         f"({min(len(source), len(target))})")
-    sites = sites or meth.default_sites.split(",")
+    from ..models.diffusion import PipelineModel
+
+    pipeline = isinstance(model, PipelineModel)
+    if pipeline and (meth.estimate is None or support != "none"):
+        raise BakeError(f"--method: {method}{' with --support' if support != 'none' else ''} is not available for "
+                        f"diffusers pipelines yet (use {', '.join(PIPELINE_METHODS)})")
+    sites = sites or (["norms"] if pipeline else meth.default_sites.split(","))
     adapter = adapter_for(model)
     catalog = adapter.sites(model)
     names = adapter.resolve(model, sites)
@@ -138,6 +147,19 @@ def fit(model, tok, source: list[str], target: list[str], method: str, sites: li
     if method == "ablate":
         return _fit_ablate(model, tok, source, target, spec, infos, catalog, strength, batch_size, direction_layer)
     opts = {"knots": knots}
+    if pipeline:
+        from .diffusion import collect_pipeline
+
+        spec.params.update({"denoise_steps": 1, "seed": seed, "pooling": "mean over pixels and tokens"})
+        tgt = collect_pipeline(model, target, infos, seed=seed, batch_size=batch_size, desc="target activations",
+                               progress=progress)
+        src = collect_pipeline(model, source, infos, seed=seed, batch_size=batch_size, desc="source activations",
+                               progress=progress)
+        for info in infos:
+            tensors = meth.estimate(src[info.name], tgt[info.name], opts)
+            _check_finite(tensors, info.name)
+            spec.sites.append((info.name, [Map(meth.kind, float(strength), tensors)]))
+        return spec
     tgt = collect(model, tok, target, infos, batch_size, desc="target activations", pooling=pooling)
     if causal:
         replay = LayerReplay(model, tok, source, batch_size, adapter.layers_prefix())

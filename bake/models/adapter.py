@@ -105,6 +105,11 @@ class Adapter:
     def layers_prefix(self) -> str:
         return "model.layers"
 
+    def norm_flag(self, model: torch.nn.Module, path: str):
+        """(component, config flag, controlled norms) when a config flag can give the norm at `path` a
+        weight and a bias; None in the causal LM families (their norms always have a weight)."""
+        return None
+
     def tiny(self) -> torch.nn.Module:
         """A two-layer random model of this family (for `bake families`: what folds where)."""
         raise NotImplementedError  # pragma: no cover

@@ -101,9 +101,28 @@ ADALN_ZERO = {("AdaLayerNormZero", "norm1"): ("attn.to_q", "attn.to_k", "attn.to
               ("AdaLayerNormZeroSingle", "norm"): ("proj_mlp", "attn.to_q", "attn.to_k", "attn.to_v")}
 
 
+NORM_FLAG = "norm_elementwise_affine"
+
+
+def flag_norms(comp: torch.nn.Module) -> frozenset[str]:
+    """The LayerNorms (paths) that have no weight because the component's config says
+    `norm_elementwise_affine = false` (PixArt), found by building the component with the flag on,
+    on the meta device: turning the flag on gives exactly these a weight and a bias."""
+    cfg = getattr(comp, "config", None)
+    if cfg is None or cfg.get(NORM_FLAG, True) is not False:
+        return frozenset()
+    with torch.device("meta"):
+        twin = type(comp).from_config({**dict(cfg), NORM_FLAG: True})
+    return frozenset(p for p, m in twin.named_modules() if isinstance(m, torch.nn.LayerNorm) and m.weight is not None
+                     and getattr(comp.get_submodule(p), "weight", None) is None)
+
+
 def denoiser_sites(comp: torch.nn.Module) -> list[SiteInfo]:
-    """Every affine norm, adaLN-Zero output (Flux) and Linear of a denoiser, in module order."""
+    """Every affine norm (or one the config flag makes affine), adaLN-Zero output (Flux) and Linear of a
+    denoiser, in module order."""
     out: list[SiteInfo] = []
+    flagged = flag_norms(comp)
+    params = [n for n, _ in comp.named_parameters()]
     for path, mod in comp.named_modules():
         if not path:
             continue
@@ -116,6 +135,9 @@ def denoiser_sites(comp: torch.nn.Module) -> list[SiteInfo]:
                                     anchor=f"{path}.linear.weight"))
         elif isinstance(mod, (torch.nn.GroupNorm, torch.nn.LayerNorm)):
             info = _norm(path, mod)
+            if info is None and path in flagged:  # anchored on the first weight of its block
+                anchor = next(n for n in params if n.startswith(block + "."))
+                info = SiteInfo(f"{path}:output", path, "output", "norm", mod.normalized_shape[0], anchor=anchor)
             if info is not None:
                 out.append(info)
         elif isinstance(mod, torch.nn.Linear):
@@ -240,6 +262,13 @@ class PipelineAdapter(Adapter):
     def sites_of_glob(self, model, patterns):  # pragma: no cover - kept for symmetry with Adapter
         return Adapter.resolve(self, model, patterns)
 
+    def norm_flag(self, model: torch.nn.Module, path: str) -> tuple[str, str, frozenset[str]] | None:
+        """(component, config flag, the norms it controls) if a config flag can give this norm a weight."""
+        comp = path.split(".", 1)[0]
+        flagged = flag_norms(model.get_submodule(comp))
+        rel = path.split(".", 1)[1]
+        return (comp, NORM_FLAG, flagged) if rel in flagged else None
+
     def bias_group(self, linear_path: str):
         return None  # every fold here uses biases the stock classes already have, or is refused
 
@@ -249,10 +278,12 @@ class PipelineAdapter(Adapter):
     def matches(self, model: torch.nn.Module) -> bool:
         return isinstance(model, PipelineModel)
 
-    def tiny(self) -> torch.nn.Module:
+    variants = ("sd", "flux", "pixart")  # the tiny pipelines `bake families` probes
+
+    def tiny(self, variant: str = "sd") -> torch.nn.Module:
         from .tiny_pipelines import tiny_pipeline
 
-        return tiny_pipeline("sd")
+        return PipelineModel(tiny_pipeline(variant))
 
 
 DEFAULT_PROMPTS = ["a photo of a cat in the city", "a watercolor landscape with a red sky",

@@ -16,6 +16,7 @@ NAME = "architecture-rewrite"
 
 
 def run(plan: Plan) -> None:
+    _norm_flags(plan)
     groups = {}
     for path in sorted(plan.biased):
         g = plan.adapter.bias_group(path)
@@ -48,3 +49,21 @@ def run(plan: Plan) -> None:
                                                               device=lin.weight.device))
                     added += 1
         plan.note(NAME, "config", f"{flag} = true; {added} zero companion bias(es) written")
+
+
+def _norm_flags(plan: Plan) -> None:
+    """Turn on a component's norm flag (PixArt: norm_elementwise_affine) and give every norm it controls
+    weight 1 and bias 0, as the stock class then builds them."""
+    from .fold_producer import enable_affine
+
+    for comp, (flag, controlled) in plan.norm_flags.items():
+        mod = plan.model.get_submodule(comp)
+        added = 0
+        for rel in sorted(controlled):
+            norm = mod.get_submodule(rel)
+            if getattr(norm, "weight", None) is None:
+                enable_affine(norm)
+                added += 1
+        mod.register_to_config(**{flag: True})
+        plan.config_changes[f"{comp}.{flag}"] = True
+        plan.note(NAME, comp, f"{flag} = true; {added} companion norm(s) given weight 1 and bias 0")

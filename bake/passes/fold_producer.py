@@ -27,7 +27,8 @@ def run(plan: Plan) -> None:
                 fold_output(plan, sp.info.module, m)
                 sp.pending = []
                 plan.note(NAME, sp.name, f"{describe(m)} → {sp.info.module}.weight/bias")
-        elif sp.info.role == "norm" and m.is_diagonal and _norm_takes(plan.model.get_submodule(sp.info.module), m):
+        elif sp.info.role == "norm" and m.is_diagonal and _give_weight(plan, sp.info.module) \
+                and _norm_takes(plan.model.get_submodule(sp.info.module), m):
             norm = plan.model.get_submodule(sp.info.module)
             with torch.no_grad():
                 g = norm.weight.detach().double()
@@ -47,3 +48,27 @@ def _norm_takes(norm: torch.nn.Module, m: LinearMap) -> bool:
     if getattr(norm, "weight", None) is None:
         return False
     return not m.scale_is_identity or getattr(norm, "bias", None) is not None
+
+
+def _give_weight(plan: Plan, path: str) -> bool:
+    """A norm built without a weight because of a config flag (PixArt's norm_elementwise_affine) gets
+    weight 1 and bias 0 here; the architecture-rewrite pass turns the flag on for the component."""
+    norm = plan.model.get_submodule(path)
+    if getattr(norm, "weight", None) is not None:
+        return True
+    flag = plan.adapter.norm_flag(plan.model, path)
+    if flag is None:
+        return True  # nothing to give; _norm_takes refuses
+    comp, name, controlled = flag
+    enable_affine(norm)
+    plan.norm_flags[comp] = (name, controlled)
+    return True
+
+
+def enable_affine(norm: torch.nn.Module) -> None:
+    n = norm.normalized_shape
+    like = next(iter(norm.buffers()), None)
+    dev = like.device if like is not None else None
+    norm.weight = torch.nn.Parameter(torch.ones(n, device=dev))
+    norm.bias = torch.nn.Parameter(torch.zeros(n, device=dev))
+    norm.elementwise_affine = True
