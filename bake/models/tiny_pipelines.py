@@ -66,14 +66,16 @@ def _rough(*modules: torch.nn.Module) -> None:
                         m.bias.copy_(0.1 * torch.randn_like(m.bias))
 
 
-def tiny_pipeline(kind: str = "sd", seed: int = 0):
-    """A random-weight pipeline of `kind` (sd, flux, pixart) at toy size."""
+def tiny_pipeline(kind: str = "sd", seed: int = 0, width: int = 16, sample_size: int = 8):
+    """A random-weight pipeline of `kind` (sd, flux, pixart) at toy size. For `sd`, `width` scales the
+    UNet's channels (16 → 16/32; the benchmark uses 64) and `sample_size` its latent side."""
     if kind == "sd":
         from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
         torch.manual_seed(seed)
-        unet = UNet2DConditionModel(block_out_channels=(16, 32), layers_per_block=1, sample_size=8, in_channels=4,
-                                    out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        unet = UNet2DConditionModel(block_out_channels=(width, 2 * width), layers_per_block=1,
+                                    sample_size=sample_size, in_channels=4, out_channels=4,
+                                    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                                     up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
                                     norm_num_groups=4, attention_head_dim=4)
         text = _clip(seed + 1)
@@ -115,7 +117,7 @@ def tiny_pipeline(kind: str = "sd", seed: int = 0):
     return pipe
 
 
-def save_tiny_pipeline(kind: str, path: str | Path, seed: int = 0) -> Path:
-    pipe = tiny_pipeline(kind, seed)
+def save_tiny_pipeline(kind: str, path: str | Path, seed: int = 0, **size) -> Path:
+    pipe = tiny_pipeline(kind, seed, **size)
     pipe.save_pretrained(str(path), safe_serialization=True)
     return Path(path)
