@@ -145,3 +145,24 @@ def test_families_table_is_computed_from_the_passes(capsys):
     assert rows[("gemma", "attn-out")]["additive"] == "stock + attention_bias"
     assert main(["families", "--family", "nope"]) == 2
     assert "unknown family 'nope'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family,patterns", [("qwen2", ["post-norms", "attn-out"]), ("gpt2", ["**"])])
+def test_onnx_export_of_other_families(tmp_path, tokenizer, family, patterns):
+    """The ONNX exporter takes the relabelled Qwen2 (now Llama) and GPT-2 (Conv1D, learned positions)."""
+    model = make_family(family, 10)
+    src = save_model(model, tokenizer, tmp_path / "model")
+    write(random_spec(model, patterns, 10), tmp_path / "s.json")
+    res = compile.apply(str(src), [str(tmp_path / "s.json")], tmp_path / "out", formats=["safetensors", "onnx"],
+                        max_new_tokens=8, log=lambda *_: None)
+    o = res.verification["onnx"]
+    assert o["passed"] and o["max_rel"] <= 1e-5 and o["greedy_same"] == o["prompts"]
+
+
+def test_onnx_refuses_a_sliding_window(tmp_path, tokenizer):
+    src = save_model(make_family("mistral", 11, sliding_window=6), tokenizer, tmp_path / "model")
+    write(Spec([("model.layers.0.mlp.down_proj:output", [Map("additive", 1.0, {"v": torch.ones(64)})])], method="t"),
+          tmp_path / "s.json")
+    with pytest.raises(BakeError, match="sliding window .6 tokens"):
+        compile.apply(str(src), [str(tmp_path / "s.json")], tmp_path / "out", formats=["onnx"], log=lambda *_: None)
+    assert not (tmp_path / "out").exists()

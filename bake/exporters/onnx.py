@@ -25,7 +25,7 @@ import torch
 from ..errors import BakeError
 
 OPSET = 17
-SUPPORTED = ("llama",)
+SUPPORTED = ("llama", "qwen2", "mistral", "gpt2")
 GRAPH = "model.onnx"
 PROTOBUF_LIMIT = 2 * 1024**3 - 64 * 1024**2  # leave room for the graph itself
 
@@ -64,8 +64,20 @@ def io_names(n_layers: int) -> tuple[list[str], list[str]]:
     return ["input_ids", "attention_mask", "position_ids", *past], ["logits", *present]
 
 
+def sliding(config) -> bool:
+    """Mistral / Qwen2 with an active sliding window (a window shorter than the context)."""
+    w = getattr(config, "sliding_window", None)
+    if w is None or not getattr(config, "use_sliding_window", True):
+        return False
+    return w < getattr(config, "max_position_embeddings", w + 1)
+
+
 def check_supported(model: torch.nn.Module) -> None:
     mt = getattr(model.config, "model_type", None)
+    if mt in SUPPORTED and sliding(model.config):
+        raise BakeError(f"--format onnx: not supported for {mt} with a sliding window "
+                        f"({model.config.sliding_window} tokens) yet: its KV cache does not trace to a shape-generic "
+                        f"graph with this exporter (safetensors works)")
     if mt not in SUPPORTED:
         why = (": its sliding-window KV cache does not trace to a shape-generic graph with this exporter"
                if mt in ("gemma2", "gemma3_text") else "")
