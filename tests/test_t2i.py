@@ -26,7 +26,7 @@ AD = PipelineAdapter()
 @pytest.fixture(scope="module")
 def pipes(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipes")
-    return {k: save_tiny_pipeline(k, root / k) for k in ("sd", "flux", "pixart")}
+    return {k: save_tiny_pipeline(k, root / k) for k in ("sd", "sdxl", "flux", "pixart")}
 
 
 def random_spec(root, patterns: list[str], seed: int, scale_only: tuple[str, ...] = ()) -> Spec:
@@ -49,6 +49,7 @@ def digests(folder: Path) -> dict[str, str]:
 
 CASES = [  # (pipeline, site patterns, components whose T5 norms take scales only)
     ("sd", ["norms", "text-norms", "attn-out"], ()),
+    ("sdxl", ["norms", "text-norms", "text_encoder_2.**.layers.0:output"], ()),
     ("flux", ["norms", "attn-out", "text_encoder.encoder.layers.*.layer_norm?:output",
               "text_encoder_2.encoder.block.*.layer.*.layer_norm:output"], ("text_encoder_2",)),
     ("pixart", ["norms", "transformer.transformer_blocks.*.ff.net.2:output",
@@ -63,10 +64,16 @@ def test_pipeline_baked_equals_hooked(tmp_path, pipes, kind, patterns, scale_onl
     src = pipes[kind]
     root = load_pipeline(src)
     spec = random_spec(root, patterns, seed=len(kind), scale_only=scale_only)
+    if kind == "sdxl":  # the residual site takes an additive map (→ mlp.fc2 bias)
+        i = next(i for i, (n, _) in enumerate(spec.sites) if n.endswith("layers.0:output"))
+        spec.sites[i] = (spec.sites[i][0], [Map("additive", 1.0, {"v": 0.5 * torch.randn(32)})])
     write(spec, tmp_path / "s.json")
-    res = compile.apply(str(src), [str(tmp_path / "s.json")], tmp_path / "out", log=lambda *_: None)
+    formats = ["safetensors", "onnx"] if kind == "sdxl" else ["safetensors"]  # SDXL: added_cond_kwargs inputs
+    res = compile.apply(str(src), [str(tmp_path / "s.json")], tmp_path / "out", formats=formats, log=lambda *_: None)
     v = res.verification
     assert v["passed"], v
+    if kind == "sdxl":
+        assert v["onnx_denoiser_rel"] <= 1e-4
     assert v["steered_vs_original_latent_rel"] > 1e-2  # the spec really steers
     # a stock loader, no hooks: the same latents as the hooked original with the same seed
     baked = DiffusionPipeline.from_pretrained(str(tmp_path / "out"), use_safetensors=True)

@@ -278,7 +278,7 @@ class PipelineAdapter(Adapter):
     def matches(self, model: torch.nn.Module) -> bool:
         return isinstance(model, PipelineModel)
 
-    variants = ("sd", "flux", "pixart")  # the tiny pipelines `bake families` probes
+    variants = ("sd", "sdxl", "flux", "pixart")  # the tiny pipelines `bake families` probes
 
     def tiny(self, variant: str = "sd") -> torch.nn.Module:
         from .tiny_pipelines import tiny_pipeline

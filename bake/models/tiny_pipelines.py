@@ -1,7 +1,8 @@
 """Small text-to-image pipelines with random weights, built from configs (no downloads).
 
 No text-to-image weights can be had offline, and exactness needs none: these pipelines have the
-real classes (UNet2DConditionModel + CLIP for Stable Diffusion, FluxTransformer2DModel + CLIP + T5
+real classes (UNet2DConditionModel + CLIP for Stable Diffusion, the same with two CLIP encoders and
+text-time conditioning for SDXL, FluxTransformer2DModel + CLIP + T5
 for FLUX, PixArtTransformer2DModel + T5 for PixArt-α) at toy sizes. Tests, `bake families` and the
 benchmark use them. Norm weights and biases are randomised so that folds into them are exercised.
 """
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-KINDS = ("sd", "flux", "pixart")
+KINDS = ("sd", "sdxl", "flux", "pixart")
 WORDS = ("a photo of a cat dog house tree car in the style of van gogh watercolor oil painting pink elephant "
          "red blue green sky city night day portrait landscape with without sketch").split()
 
@@ -85,6 +86,23 @@ def tiny_pipeline(kind: str = "sd", seed: int = 0, width: int = 16, sample_size:
         pipe = StableDiffusionPipeline(vae=_vae(seed + 2), text_encoder=text, tokenizer=tokenizer(), unet=unet,
                                        scheduler=sched, safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False)
+    elif kind == "sdxl":
+        from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(block_out_channels=(16, 32), layers_per_block=1, sample_size=sample_size,
+                                    in_channels=4, out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+                                    use_linear_projection=True, addition_embed_type="text_time",
+                                    addition_time_embed_dim=8, transformer_layers_per_block=(1, 1),
+                                    projection_class_embeddings_input_dim=8 * 6 + 32, cross_attention_dim=64,
+                                    norm_num_groups=4)
+        te1, te2 = _clip(seed + 1), _clip(seed + 4, projection=True)
+        _rough(unet, te1, te2)
+        sched = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, timestep_spacing="leading")
+        pipe = StableDiffusionXLPipeline(vae=_vae(seed + 2), text_encoder=te1, text_encoder_2=te2, tokenizer=tokenizer(),
+                                         tokenizer_2=tokenizer(), unet=unet, scheduler=sched)
     elif kind == "flux":
         from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
