@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .models.diffusion import DEFAULT_PROMPTS, load_pipeline, run_pipeline
+from .models.diffusion import DEFAULT_PROMPTS, default_size, load_pipeline, run_pipeline
 from .runtime import steered
 from .spec import Spec
 
@@ -35,6 +35,9 @@ def verify_pipeline(fresh, specs: list[Spec], baked: Path, prompts: list[str] | 
                     seed: int = 0, size: int | None = None, check_model: bool = True) -> dict:
     prompts = prompts or DEFAULT_PROMPTS
     root = fresh(torch.float32)
+    if size is None:  # exactness does not depend on resolution: at most 256 px (SDXL / FLUX default to 1024)
+        native = default_size(root)
+        size = native if native <= 256 else 256
     den_name = root.denoiser_name()
     den = getattr(root, den_name)
     den_class = type(den)
@@ -57,7 +60,7 @@ def verify_pipeline(fresh, specs: list[Spec], baked: Path, prompts: list[str] | 
     lat_orig = run_pipeline(root, prompts, steps, seed, "latent", size=size)
     del root
     gc.collect()
-    report = {"kind": "pipeline", "prompts": len(prompts), "steps": steps, "seed": seed,
+    report = {"kind": "pipeline", "prompts": len(prompts), "steps": steps, "seed": seed, "size": size,
               "steered_vs_original_latent_rel": _rel(lat_orig, lat_ref)}
     if (baked / "model_index.json").is_file():
         root_b = load_pipeline(baked)

@@ -215,3 +215,25 @@ def test_bad_input(tmp_path, pipes, capsys):
     assert main(["apply", "--model", str(tmp_path / "empty"), "--spec", str(tmp_path / "sd.json"), "--out",
                  str(tmp_path / "o4")]) == 2
     assert "no model_index.json" in capsys.readouterr().err
+
+
+def test_hub_id_of_a_cached_pipeline_loads_offline(tmp_path, pipes, monkeypatch):
+    """`--model org/name` finds a pipeline in the local Hugging Face cache (its snapshot layout) with no
+    network: the real loading path for hub ids, exercised on local files."""
+    import shutil
+
+    from bake.models import resolve
+
+    cache = tmp_path / "hub"
+    snap = cache / "models--bake-test--tiny-sd" / "snapshots" / ("0" * 40)
+    shutil.copytree(pipes["sd"], snap)
+    (cache / "models--bake-test--tiny-sd" / "refs").mkdir()
+    (cache / "models--bake-test--tiny-sd" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as hc
+
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(cache))
+    assert resolve("bake-test/tiny-sd") == snap
+    root = load_pipeline(resolve("bake-test/tiny-sd"))
+    assert type(root.pipeline).__name__ == "StableDiffusionPipeline"

@@ -128,9 +128,20 @@ def resolve(name: str) -> Path | str:
         raise BakeError(f"--model: {name!r} is neither a model directory nor a .gguf file")
     parts = name.split("/")
     if len(parts) == 2 and all(parts):
-        return name  # a hub id; from_pretrained finds it in the local HF cache or downloads it
+        pipe = _cached_pipeline(name)
+        return pipe or name  # a hub id; from_pretrained finds it in the local HF cache or downloads it
     raise BakeError(f"--model: {name!r} is not a directory, a .gguf file, a hub id or an alias "
                     f"(aliases: {', '.join(ALIASES)})")
+
+
+def _cached_pipeline(repo: str) -> Path | None:
+    """The snapshot directory of a diffusers pipeline already in the local Hugging Face cache."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - a dependency of transformers
+        return None
+    found = try_to_load_from_cache(repo, "model_index.json")
+    return Path(found).parent if isinstance(found, str) else None
 
 
 DEVICES = ("cpu", "cuda", "auto")
