@@ -64,8 +64,13 @@ def _p_apply(sub):
     p = sub.add_parser("apply", help="bake specs into a stock checkpoint")
     _spec_args(p)
     p.add_argument("--out", required=True, help="output directory (written atomically)")
-    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (folding is done in fp32)")
+    p.add_argument("--dtype", default=None, help="float32 (default) | bfloat16 | float16 (folding is done in fp32); "
+                   "a streaming bake keeps each tensor's stored dtype")
     p.add_argument("--format", default="safetensors", help="safetensors | onnx | safetensors,onnx (both in --out)")
+    p.add_argument("--stream", action="store_true", help="never load the whole model: rewrite only the tensors the "
+                   "plan touches, shard by shard (the default for a sharded checkpoint with an index json)")
+    p.add_argument("--link", action="store_true", help="streaming: hard-link untouched shards instead of copying "
+                   "them (same filesystem; the output then shares those files with the source)")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     p.add_argument("--no-verify", dest="verify", action="store_false", help="skip the check against the reference")
     p.add_argument("--approximate", action="store_true", help="fold support-masked affine maps as if unbounded "
@@ -226,7 +231,25 @@ def cmd_apply(a) -> int:
     from .compile import parse_formats
 
     formats = parse_formats(a.format)
-    res = apply(a.model, a.spec, a.out, dtype=a.dtype, force=a.force, strength=a.strength, run_verify=a.verify,
+    from .models import resolve
+    from .stream import apply_streaming, is_sharded
+
+    simple = a.dtype is None and formats == ["safetensors"] and not a.insert_modules
+    if a.stream and not simple:
+        raise BakeError("--stream: writes safetensors in the stored dtypes only (drop --dtype, --format onnx and "
+                        "--insert-modules)")
+    if a.link and not (a.stream or (simple and is_sharded(resolve(a.model)))):
+        raise BakeError("--link: only for a streaming bake (--stream, or a sharded checkpoint)")
+    if a.stream or (simple and is_sharded(resolve(a.model))):
+        res = apply_streaming(a.model, a.spec, a.out, force=a.force, strength=a.strength, run_verify=a.verify,
+                              prompts=prompts, check_model=not a.ignore_fingerprint, link=a.link,
+                              approximate=a.approximate)
+        if res.verification:
+            print(_verification_line(res.verification))
+        print(f"wrote {res.out} in {res.seconds:.1f} s (streamed; stock from_pretrained; config changes: "
+              f"{res.config_changes or 'none'})")
+        return 0
+    res = apply(a.model, a.spec, a.out, dtype=a.dtype or "float32", force=a.force, strength=a.strength, run_verify=a.verify,
                 prompts=prompts, check_model=not a.ignore_fingerprint, formats=formats,
                 insert_modules=a.insert_modules, approximate=a.approximate)
     if res.verification:

@@ -45,11 +45,11 @@ class Plan:
         self.report.append((pass_name, site, what))
 
 
-def check_fingerprint(spec: Spec, model: torch.nn.Module, infos: list[SiteInfo], where: str) -> None:
+def check_fingerprint(spec: Spec, model: torch.nn.Module, infos: list[SiteInfo], where: str, tensor_of=None) -> None:
     want = spec.model
     if not want:
         return
-    have = fingerprint(model, infos)
+    have = fingerprint(model, infos, tensor_of)
     for key in ("architecture", "model_type"):
         if key in want and want[key] != have[key]:
             raise BakeError(f"{where}.model.{key}: spec was fitted on {want[key]!r}, this model is {have[key]!r}")
@@ -62,7 +62,7 @@ def check_fingerprint(spec: Spec, model: torch.nn.Module, infos: list[SiteInfo],
                         f"sites (pass --ignore-fingerprint to apply it anyway)")
 
 
-def bind(specs: list[Spec], model: torch.nn.Module, check_model: bool = True) -> Plan:
+def bind(specs: list[Spec], model: torch.nn.Module, check_model: bool = True, tensor_of=None) -> Plan:
     adapter = adapter_for(model)
     catalog = adapter.sites(model)
     by_site: dict[str, list[Map]] = {}
@@ -80,6 +80,6 @@ def bind(specs: list[Spec], model: torch.nn.Module, check_model: bool = True) ->
             infos.append(info)
             by_site.setdefault(site, []).extend(maps)
         if check_model:
-            check_fingerprint(spec, model, infos, where)
+            check_fingerprint(spec, model, infos, where, tensor_of)
     sites = [SitePlan(info, by_site[name]) for name, info in catalog.items() if name in by_site]
     return Plan(model, adapter, sites, list(specs))

@@ -34,14 +34,16 @@ SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_atte
               "num_key_value_heads", "vocab_size")
 
 
-def fingerprint(model: torch.nn.Module, sites: list[SiteInfo]) -> dict:
-    """Architecture, shapes and a hash of the weights at the given sites (in float32)."""
+def fingerprint(model: torch.nn.Module, sites: list[SiteInfo], tensor_of=None) -> dict:
+    """Architecture, shapes and a hash of the weights at the given sites (in float32). `tensor_of(name)`
+    reads an anchor from elsewhere (a checkpoint on disk, for a model built on the meta device)."""
     cfg = model.config
     h = hashlib.sha256()
     params = dict(model.named_parameters())
     for anchor in dict.fromkeys(s.anchor for s in sites):
         h.update(anchor.encode())
-        h.update(params[anchor].detach().to(torch.float32).cpu().contiguous().numpy().tobytes())
+        t = tensor_of(anchor) if tensor_of is not None else params[anchor]
+        h.update(t.detach().to(torch.float32).cpu().contiguous().numpy().tobytes())
     return {
         "architecture": (getattr(cfg, "architectures", None) or [type(model).__name__])[0],
         "model_type": cfg.model_type,

@@ -1,0 +1,154 @@
+"""Sharded safetensors checkpoints read and written one tensor at a time (for checkpoints larger
+than memory). safetensors' own `save_file` needs every tensor of a file in memory at once; this
+writer puts the header first (offsets are known from shapes and dtypes) and then streams each
+tensor's bytes, copying untouched tensors byte for byte from the source file."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import BakeError
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool}
+NAMES = {v: k for k, v in DTYPES.items()}
+CHUNK = 64 * 1024 * 1024
+
+
+@dataclass
+class Entry:
+    file: Path
+    dtype: str
+    shape: list[int]
+    start: int  # absolute byte offset in the file
+    end: int
+
+
+def read_header(path: Path) -> tuple[dict, int]:
+    """(header dict, offset of the data section) of one safetensors file."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise BakeError(f"--model: {path.name} is not a safetensors file (too short)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > 100 * 1024 * 1024:
+            raise BakeError(f"--model: {path.name} has a {n}-byte header; not a safetensors file")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError:
+            raise BakeError(f"--model: {path.name} has a malformed safetensors header") from None
+    return header, 8 + n
+
+
+class Checkpoint:
+    """The tensors of a (possibly sharded) safetensors checkpoint directory, by name, read lazily."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        index = self.folder / INDEX
+        if index.is_file():
+            try:
+                self.index = json.loads(index.read_text(encoding="utf-8"))
+                files = sorted(set(self.index["weight_map"].values()))
+            except (ValueError, KeyError):
+                raise BakeError(f"--model: {index} is not a safetensors index (no weight_map)") from None
+        elif (self.folder / SINGLE).is_file():
+            self.index, files = None, [SINGLE]
+        else:
+            raise BakeError(f"--model: {str(folder)!r} holds no {SINGLE} or {INDEX}")
+        self.files = files
+        self.entries: dict[str, Entry] = {}
+        for name in files:
+            path = self.folder / name
+            if not path.is_file():
+                raise BakeError(f"--model: shard {name} named by {INDEX} is missing")
+            header, base = read_header(path)
+            for key, h in header.items():
+                if key == "__metadata__":
+                    continue
+                s, e = h["data_offsets"]
+                self.entries[key] = Entry(path, h["dtype"], h["shape"], base + s, base + e)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """One tensor, read from its file (its stored dtype)."""
+        e = self.entries[name]
+        with open(e.file, "rb") as f:
+            f.seek(e.start)
+            buf = bytearray(f.read(e.end - e.start))
+        dt = DTYPES[e.dtype]
+        if not buf:
+            return torch.empty(e.shape, dtype=dt)
+        return torch.frombuffer(buf, dtype=dt).reshape(e.shape)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return DTYPES[self.entries[name].dtype]
+
+    def names_in(self, file: str) -> list[str]:
+        path = self.folder / file
+        return [k for k, e in sorted(self.entries.items(), key=lambda kv: kv[1].start) if e.file == path]
+
+
+def _bytes(t: torch.Tensor) -> bytes:
+    t = t.detach().cpu().contiguous()
+    if t.numel() == 0:
+        return b""
+    return t.reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def write_shard(path: Path, names: list[str], sources: dict) -> int:
+    """Write one safetensors file holding `names` in order, each from `sources[name]`: a tensor, or an
+    Entry whose bytes are copied from its file as they are. Returns the bytes of tensor data."""
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name in names:
+        src = sources[name]
+        if isinstance(src, torch.Tensor):
+            dtype, shape, size = NAMES[src.dtype], list(src.shape), src.numel() * src.element_size()
+        else:
+            dtype, shape, size = src.dtype, src.shape, src.end - src.start
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name in names:
+            src = sources[name]
+            if isinstance(src, torch.Tensor):
+                f.write(_bytes(src))
+                continue
+            with open(src.file, "rb") as g:
+                g.seek(src.start)
+                left = src.end - src.start
+                while left:
+                    chunk = g.read(min(CHUNK, left))
+                    if not chunk:
+                        raise BakeError(f"--model: {src.file.name} ends before tensor {name}")
+                    f.write(chunk)
+                    left -= len(chunk)
+        f.flush()
+        os.fsync(f.fileno())
+    return offset
+
+
+def place(src: Path, dst: Path, link: bool) -> str:
+    """Put an untouched shard at dst: a hard link where asked and possible, else a copy."""
+    if link:
+        try:
+            os.link(src, dst)
+            return "linked"
+        except OSError:
+            pass
+    shutil.copyfile(src, dst)
+    return "copied"

@@ -1,0 +1,220 @@
+"""Streaming bake: a safetensors checkpoint (sharded or not) baked without ever loading the model.
+
+The plan is built on the meta device from the config alone (shapes); the fingerprint hashes its
+anchor tensors one at a time from disk. The passes then run one decoder layer at a time: only the
+modules that layer's sites touch (the site's module, its consumers, its residual writer) are read
+from disk, in float32, folded exactly as in memory (float64 arithmetic, cast back to the stored
+dtype), and every changed tensor is spilled to a small file in the staging directory before the next
+layer is read. At the end each source shard holding a changed tensor is rewritten tensor by tensor
+(untouched tensors copied byte for byte), every other shard is copied or hard-linked, new biases go
+to one extra shard, and the index, config, tokenizer and model card are written. Peak memory is
+about one layer's touched modules in float32.
+"""
+
+from __future__ import annotations
+
+import errno
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import exporters, passes
+from .compile import ApplyResult, read_specs, spec_info
+from .errors import BakeError, CheckFailed
+from .exporters import card
+from .exporters.shards import INDEX, SINGLE, Checkpoint, Entry, place, read_header, write_shard
+from .models import adapter_for, resolve
+from .plan import Plan, bind
+
+EXTRA = "model-bake-extra.safetensors"
+WEIGHT_FILES = (INDEX, SINGLE, "config.json", "README.md", "bake_report.json")
+
+
+def is_sharded(source: Path | str) -> bool:
+    return isinstance(source, Path) and (source / INDEX).is_file()
+
+
+def meta_model(source: Path):
+    """The model class built from config.json on the meta device: shapes, no weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(str(source))  # never remote code
+    except Exception as e:
+        raise BakeError(f"--model: cannot read {source / 'config.json'}: {str(e).splitlines()[0]}") from None
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return model.eval()
+
+
+def _group(plan: Plan) -> list[list]:
+    """Plan sites grouped by decoder layer (graph order); sites outside the layers form the last group."""
+    prefix = plan.adapter.layers_prefix() + "."
+    groups: dict[object, list] = {}
+    for sp in plan.sites:
+        m = sp.info.module
+        key = int(m[len(prefix):].split(".", 1)[0].split(":")[0]) if m.startswith(prefix) else "rest"
+        groups.setdefault(key, []).append(sp)
+    return [groups[k] for k in sorted(groups, key=lambda k: (k == "rest", k if k != "rest" else 0))]
+
+
+def _modules(sites) -> list[str]:
+    out = []
+    for sp in sites:
+        out += [sp.info.module, *sp.info.consumers] + ([sp.info.writer] if sp.info.writer else [])
+    return list(dict.fromkeys(out))
+
+
+def _materialize(model, ckpt: Checkpoint, path: str) -> dict[str, tuple[int, int]]:
+    """Read a module's parameters from disk (float32); returns (id, version) per tensor, so that what
+    the passes left untouched is known without reading it again."""
+    mod = model.get_submodule(path)
+    seen = {}
+    for name, p in list(mod.named_parameters(recurse=False)):
+        full = f"{path}.{name}"
+        if full not in ckpt.entries:
+            raise BakeError(f"--model: tensor {full} is missing from the checkpoint")
+        prm = torch.nn.Parameter(ckpt.tensor(full).to(torch.float32), requires_grad=False)
+        mod._parameters[name] = prm
+        seen[full] = (id(prm), prm._version)
+    return seen
+
+
+def _release(model, path: str) -> None:
+    mod = model.get_submodule(path)
+    for name, p in list(mod.named_parameters(recurse=False)):
+        mod._parameters[name] = torch.nn.Parameter(torch.empty(p.shape, device="meta"), requires_grad=False)
+
+
+def apply_streaming(model_name: str, spec_paths: list[str], out: str | Path, force: bool = False,
+                    strength: float | None = None, run_verify: bool = True, prompts: list[str] | None = None,
+                    check_model: bool = True, max_new_tokens: int = 32, log=print, link: bool = False,
+                    approximate: bool = False) -> ApplyResult:
+    from safetensors.torch import save_file
+
+    t0 = time.perf_counter()
+    out = Path(out)
+    specs = read_specs(spec_paths, strength)
+    exporters.check_out(out, force)
+    source = resolve(model_name)
+    if not isinstance(source, Path):
+        raise BakeError(f"--model: streaming needs a local checkpoint directory, got the hub id {model_name!r} "
+                        f"(download it first)")
+    exporters.check_out(out, force, source)
+    ckpt = Checkpoint(source)
+    model = meta_model(source)
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    plan = bind(specs, model, check_model=check_model, tensor_of=lambda n: ckpt.tensor(n))
+    plan.approximate = approximate
+    stored = {n: ckpt.dtype(n) for n in ckpt.entries}
+    infos = [spec_info(s) for s in specs]
+    try:
+        with exporters.staged(out, force) as tmp:
+            spill_dir = tmp / ".spill"
+            spill_dir.mkdir()
+            spilled: dict[str, Entry] = {}
+            steps = [p for p in passes.PIPELINE if p is not passes.arch_rewrite]
+            for k, group in enumerate(tqdm(_group(plan), desc="stream bake", unit="layer", leave=False)):
+                mods = _modules(group)
+                before = {}
+                for m in mods:
+                    before.update(_materialize(model, ckpt, m))
+                sub = Plan(model, plan.adapter, group, plan.specs, approximate=approximate)
+                for p in steps:
+                    p.run(sub)
+                plan.report += sub.report
+                plan.biased |= sub.biased
+                changed = {}
+                for m in mods:
+                    mod = model.get_submodule(m)
+                    for name, prm in mod.named_parameters(recurse=False):
+                        full = f"{m}.{name}"
+                        if before.get(full) == (id(prm), prm._version):
+                            continue  # never written by a pass
+                        t = prm.detach().to(stored.get(full) or stored[f"{m}.weight"])
+                        if full not in ckpt.entries or not torch.equal(t, ckpt.tensor(full)):
+                            changed[full] = t.contiguous()
+                    _release(model, m)
+                if changed:
+                    f = spill_dir / f"{k:05d}.safetensors"
+                    save_file(changed, str(f))
+                    header, base = read_header(f)
+                    for n, h in header.items():
+                        if n != "__metadata__":
+                            s, e = h["data_offsets"]
+                            spilled[n] = Entry(f, h["dtype"], h["shape"], base + s, base + e)
+                del changed
+            passes.arch_rewrite.run(plan)  # flags, relabel, companion biases (on the meta model)
+            model = plan.model
+            # tensors the rewritten model has that the checkpoint lacks: companion zero biases
+            extra = {}
+            for name, prm in model.named_parameters():
+                if name in ckpt.entries or name in spilled or (tied and name == "lm_head.weight"):
+                    continue
+                if not name.endswith(".bias"):
+                    raise BakeError(f"stream: the rewritten model has a tensor {name} that bake cannot write")
+                weight = name[:-len(".bias")] + ".weight"
+                extra[name] = torch.zeros(prm.shape, dtype=stored.get(weight, torch.float32))
+            new_names = sorted(n for n in spilled if n not in ckpt.entries) + sorted(extra)
+            if extra:
+                f = spill_dir / "extra.safetensors"
+                save_file(extra, str(f))
+                header, base = read_header(f)
+                for n, h in header.items():
+                    if n != "__metadata__":
+                        s, e = h["data_offsets"]
+                        spilled[n] = Entry(f, h["dtype"], h["shape"], base + s, base + e)
+            # shards: rewrite the touched ones, copy or link the others
+            weight_map, total, how = {}, 0, {"rewritten": 0, "copied": 0, "linked": 0}
+            single = ckpt.index is None  # one file stays one file (new tensors join it; no index)
+            for file in tqdm(ckpt.files, desc="write shards", unit="shard", leave=False):
+                names = ckpt.names_in(file) + (new_names if single else [])
+                if any(n in spilled for n in names):
+                    total += write_shard(tmp / file, names, {n: spilled.get(n) or ckpt.entries[n] for n in names})
+                    how["rewritten"] += 1
+                else:
+                    how[place(source / file, tmp / file, link)] += 1
+                    total += sum(ckpt.entries[n].end - ckpt.entries[n].start for n in names)
+                weight_map.update({n: file for n in names})
+            if new_names and not single:
+                total += write_shard(tmp / EXTRA, new_names, spilled)
+                weight_map.update({n: EXTRA for n in new_names})
+            shutil.rmtree(spill_dir)
+            if not single:
+                import json
+
+                meta = dict((ckpt.index or {}).get("metadata", {}))
+                meta["total_size"] = total
+                (tmp / INDEX).write_text(json.dumps({"metadata": meta, "weight_map": dict(sorted(weight_map.items()))},
+                                                    indent=2) + "\n", encoding="utf-8")
+            for f in source.iterdir():  # tokenizer, generation config, …: as they are
+                if f.is_file() and f.name not in WEIGHT_FILES and f.name not in ckpt.files and not (tmp / f.name).exists():
+                    shutil.copyfile(f, tmp / f.name)
+            model.config.save_pretrained(str(tmp))
+            plan.note("stream", "shards", f"{how['rewritten']} rewritten, {how['copied']} copied, {how['linked']} "
+                                          f"hard-linked; {len(new_names)} new tensor(s) in {EXTRA if new_names else '-'}")
+            for p_, s_, w_ in plan.report:
+                if p_ in ("architecture-rewrite", "stream"):
+                    log(f"  {p_:22s} {s_}: {w_}")
+            verification = None
+            if run_verify:
+                from . import verify as verify_mod
+                from .compile import _fresh
+
+                verification = verify_mod.verify(lambda: _fresh(model_name), specs, tmp, prompts,
+                                                 max_new_tokens=max_new_tokens, check_model=check_model)
+                if not verification["passed"]:
+                    raise CheckFailed(f"verify: baked model differs from the hooked reference (max abs "
+                                      f"{verification['max_abs']:.3g}, relative {verification['max_rel']:.3g}); "
+                                      f"nothing written to {out}")
+            plan.model = None
+            card.write_card(tmp, plan, infos, model_name, "as stored", verification, ["safetensors"])
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise BakeError(f"--out: no space left on the device while writing {out}; the partial output was "
+                            f"removed") from None
+        raise
+    return ApplyResult(out, plan.report, plan.config_changes, verification, time.perf_counter() - t0)

@@ -1,0 +1,150 @@
+"""Streaming bake of a checkpoint with Llama-2-7B shapes: peak memory and time next to copying the
+checkpoint files, measured in one run. Writes benchmarks/results/stream_7b.json.
+
+A synthetic sharded Llama checkpoint (hidden 4096, MLP 11008, 32 layers, 32 heads, vocab 32000;
+random bf16 weights, about 13.5 GB in ~2 GB shards) is written once to a temp dir; the spec puts an
+affine map (scale and shift) at both norms of every layer (64 sites: scales into the norm weights,
+shifts into new q/k/v and gate/up biases, so every layer's projections are read and every shard
+holding a norm is rewritten). The bake runs as `bake apply --stream --no-verify` in a child process
+(its peak RSS is the child's ru_maxrss); the copy is `shutil.copytree` of the same directory.
+Targets (issue 8): peak RSS <= 2 GB, bake time <= 1.5x copy time.
+
+    python benchmarks/stream_7b.py [--layers 32] [--dir /tmp] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from bake.exporters.shards import write_shard
+from bake.maps import Map
+from bake.spec import Spec, write
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARD_BYTES = 2 * 1024**3
+
+
+def llama_7b_config(layers: int) -> dict:
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+            "intermediate_size": 11008, "num_hidden_layers": layers, "num_attention_heads": 32,
+            "num_key_value_heads": 32, "vocab_size": 32000, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
+            "hidden_act": "silu", "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
+            "dtype": "bfloat16", "rope_theta": 10000.0}
+
+
+def tensors(cfg: dict):
+    h, m, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    yield "model.embed_tokens.weight", (v, h)
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}"
+        yield f"{p}.input_layernorm.weight", (h,)
+        for x in "qkvo":
+            yield f"{p}.self_attn.{x}_proj.weight", (h, h)
+        yield f"{p}.post_attention_layernorm.weight", (h,)
+        yield f"{p}.mlp.gate_proj.weight", (m, h)
+        yield f"{p}.mlp.up_proj.weight", (m, h)
+        yield f"{p}.mlp.down_proj.weight", (h, m)
+    yield "model.norm.weight", (h,)
+    yield "lm_head.weight", (v, h)
+
+
+def make_checkpoint(folder: Path, cfg: dict) -> int:
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(cfg, indent=1))
+    g = torch.Generator().manual_seed(0)
+    shard, size, n, weight_map, total = {}, 0, 0, {}, 0
+
+    def flush():
+        nonlocal shard, size, n, total
+        name = f"model-{n:05d}.safetensors"
+        total += write_shard(folder / name, list(shard), shard)
+        weight_map.update({k: name for k in shard})
+        shard, size, n = {}, 0, n + 1
+
+    for name, shape in tensors(cfg):
+        if len(shape) == 1:
+            t = (1 + 0.1 * torch.randn(shape, generator=g)).to(torch.bfloat16)
+        else:
+            t = (0.02 * torch.randn(shape, generator=g)).to(torch.bfloat16)
+        shard[name] = t
+        size += t.numel() * 2
+        if size >= SHARD_BYTES:
+            flush()
+    if shard:
+        flush()
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    return total
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--dir", default=None, help="where to write the temp checkpoint (needs 3x its size)")
+    ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "stream_7b.json"))
+    a = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bake-stream-", dir=a.dir))
+    try:
+        cfg = llama_7b_config(a.layers)
+        t = time.perf_counter()
+        total = make_checkpoint(work / "ckpt", cfg)
+        make_s = time.perf_counter() - t
+        print(f"checkpoint: {total / 1e9:.2f} GB in {make_s:.0f} s", flush=True)
+        h = cfg["hidden_size"]
+        g = torch.Generator().manual_seed(1)
+        sites = [(f"model.layers.{i}.{n}:output", [Map("affine", 1.0, {"a": 1 + 0.1 * torch.randn(h, generator=g),
+                                                                        "b": 0.1 * torch.randn(h, generator=g)})])
+                 for i in range(a.layers) for n in ("input_layernorm", "post_attention_layernorm")]
+        write(Spec(sites, method="benchmark"), work / "spec.json")
+
+        t = time.perf_counter()
+        shutil.copytree(work / "ckpt", work / "copy1")
+        copy1 = time.perf_counter() - t
+        shutil.rmtree(work / "copy1")
+        t = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "bake", "apply", "--model", str(work / "ckpt"), "--spec",
+                               str(work / "spec.json"), "--out", str(work / "out"), "--stream", "--no-verify"],
+                              capture_output=True, text=True)
+        bake_s = time.perf_counter() - t
+        if proc.returncode != 0:
+            raise SystemExit(proc.stderr[-2000:])
+        peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        t = time.perf_counter()
+        shutil.copytree(work / "ckpt", work / "copy2")
+        copy2 = time.perf_counter() - t
+        copy_s = (copy1 + copy2) / 2
+        report = json.loads((work / "out" / "bake_report.json").read_text())
+        shards = [p for p in report["passes"] if p["pass"] == "stream"]
+        result = {
+            "checkpoint": f"synthetic Llama, 7B shapes ({a.layers} layers), bf16, {total / 1e9:.2f} GB, "
+                          f"{len(set(json.loads((work / 'ckpt' / 'model.safetensors.index.json').read_text())['weight_map'].values()))} shards",
+            "spec": f"affine (scale + shift) at both norms of every layer: {len(sites)} sites",
+            "bake_s": round(bake_s, 1), "copy_s": [round(copy1, 1), round(copy2, 1)],
+            "bake_over_copy": round(bake_s / copy_s, 2),
+            "bake_peak_rss_gb": round(peak_kb / 1024**2, 2),
+            "targets": {"peak_rss_gb_max": 2.0, "bake_over_copy_max": 1.5},
+            "shards": shards[0]["did"] if shards else "",
+            "config_changes": report["config_changes"],
+            "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        }
+        Path(a.out).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+        print(json.dumps(result, indent=1))
+    finally:
+        if not a.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
