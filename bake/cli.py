@@ -47,6 +47,8 @@ def _p_fit(sub):
     g.add_argument("--group", type=float, default=0.0, help="per-site L2 group penalty, weighted by √d (proximal)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--max-minutes", type=float, default=None, help="stop cleanly and write the best spec so far")
+    p.add_argument("--device-map", default=None, help="accelerate device map for models larger than one device "
+                   "(e.g. auto: layers across GPUs and CPU)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | auto (cuda when a GPU is present)")
     p.add_argument("--out", required=True, help="spec manifest to write (.json; tensors go beside it)")
 
@@ -192,7 +194,14 @@ def cmd_fit(a) -> int:
         raise BakeError("--control: DSAS needs a neutral control set (one text per line)")
     if a.pca is not None and a.pca < 1:
         raise BakeError(f"--pca: must be at least 1, got {a.pca}")
-    loaded = load(a.model, device=a.device)
+    from .fit import distributed as dist
+
+    if dist.init_from_env(a.device):  # launched by torchrun / accelerate launch: every rank runs this
+        try:
+            return _fit_distributed(a, out, src, tgt, sites, bs, prov, lineas, control)
+        finally:
+            dist.finish()
+    loaded = load(a.model, device=a.device, device_map=a.device_map)
     spec = fit(loaded.model, loaded.tokenizer, src, tgt, a.method, sites, a.strength, a.support, a.causal,
                bs, prov, pooling=a.pooling, knots=a.knots, direction_layer=a.direction_layer, lineas=lineas,
                control=control, inner=a.inner, min_accuracy=a.min_accuracy, pca=a.pca, seed=a.seed, joint=a.joint)
@@ -207,6 +216,27 @@ def cmd_fit(a) -> int:
         print(f"lineas: {r['steps_run']} steps in {r['seconds']} s ({r['stopped_by']}), loss {r['loss_first']:.4g} → "
               f"{r['loss_last']:.4g}; active units {r['active_units']}/{r['units']}, "
               f"active sites {r['active_sites']}/{r['sites']}")
+    return 0
+
+
+def _fit_distributed(a, out, src, tgt, sites, bs, prov, lineas, control) -> int:
+    """One rank of a distributed fit: its shard of the texts, all rows gathered, rank 0 writes."""
+    from .fit import distributed as dist
+    from .fit import fit
+    from .models import load
+    from .spec import write
+
+    loaded = load(a.model, device=dist.local_device(a.device), device_map=a.device_map)
+    spec = fit(loaded.model, loaded.tokenizer, src, tgt, a.method, sites, a.strength, a.support, a.causal,
+               bs, prov, pooling=a.pooling, knots=a.knots, direction_layer=a.direction_layer, lineas=lineas,
+               control=control, inner=a.inner, min_accuracy=a.min_accuracy, pca=a.pca, seed=a.seed, joint=a.joint,
+               progress=dist.rank() == 0)
+    spec.provenance["world_size"] = int(__import__("os").environ.get("WORLD_SIZE", "1"))
+    if dist.rank() == 0:
+        write(spec, out)
+        print(f"wrote {out} ({len(spec.sites)} sites, method {a.method}, λ={a.strength:g}; "
+              f"{spec.provenance['world_size']} processes)")
+    dist.barrier()
     return 0
 
 

@@ -51,14 +51,16 @@ def meta_model(source: Path):
 
 
 def _group(plan: Plan) -> list[list]:
-    """Plan sites grouped by decoder layer (graph order); sites outside the layers form the last group."""
-    prefix = plan.adapter.layers_prefix() + "."
-    groups: dict[object, list] = {}
+    """Plan sites in groups that share no module (graph order inside each group, so the passes meet
+    every module in the same order as in memory): sites that touch a common module are joined."""
+    groups: list[tuple[set[str], list]] = []
     for sp in plan.sites:
-        m = sp.info.module
-        key = int(m[len(prefix):].split(".", 1)[0].split(":")[0]) if m.startswith(prefix) else "rest"
-        groups.setdefault(key, []).append(sp)
-    return [groups[k] for k in sorted(groups, key=lambda k: (k == "rest", k if k != "rest" else 0))]
+        mods = set(_modules([sp]))
+        hit = [g for g in groups if g[0] & mods]
+        merged = (mods.union(*(g[0] for g in hit)), [s for g in hit for s in g[1]] + [sp])
+        groups = [g for g in groups if not any(g is h for h in hit)] + [merged]
+    order = {id(sp): i for i, sp in enumerate(plan.sites)}
+    return sorted((sorted(g[1], key=lambda s: order[id(s)]) for g in groups), key=lambda g: order[id(g[0])])
 
 
 def _modules(sites) -> list[str]:

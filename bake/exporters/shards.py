@@ -82,13 +82,14 @@ class Checkpoint:
     def tensor(self, name: str) -> torch.Tensor:
         """One tensor, read from its file (its stored dtype)."""
         e = self.entries[name]
-        with open(e.file, "rb") as f:
-            f.seek(e.start)
-            buf = bytearray(f.read(e.end - e.start))
-        dt = DTYPES[e.dtype]
-        if not buf:
-            return torch.empty(e.shape, dtype=dt)
-        return torch.frombuffer(buf, dtype=dt).reshape(e.shape)
+        out = torch.empty(e.shape, dtype=DTYPES[e.dtype])
+        if out.numel():
+            view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+            with open(e.file, "rb") as f:  # straight into the tensor's memory: no intermediate copy
+                f.seek(e.start)
+                if f.readinto(view) != e.end - e.start:
+                    raise BakeError(f"--model: {e.file.name} ends before tensor {name}")
+        return out
 
     def dtype(self, name: str) -> torch.dtype:
         return DTYPES[self.entries[name].dtype]
@@ -128,18 +129,35 @@ def write_shard(path: Path, names: list[str], sources: dict) -> int:
             if isinstance(src, torch.Tensor):
                 f.write(_bytes(src))
                 continue
-            with open(src.file, "rb") as g:
-                g.seek(src.start)
-                left = src.end - src.start
-                while left:
-                    chunk = g.read(min(CHUNK, left))
-                    if not chunk:
-                        raise BakeError(f"--model: {src.file.name} ends before tensor {name}")
-                    f.write(chunk)
-                    left -= len(chunk)
-        f.flush()
-        os.fsync(f.fileno())
+            f.flush()
+            _copy_range(src.file, src.start, src.end - src.start, f, name)
     return offset
+
+
+def _copy_range(path: Path, start: int, count: int, f, name: str) -> None:
+    """Append bytes [start, start + count) of `path` to the open file `f`: in the kernel
+    (copy_file_range) where the platform has it, else through a buffer."""
+    with open(path, "rb") as g:
+        done = 0
+        if hasattr(os, "copy_file_range"):
+            try:
+                while done < count:
+                    n = os.copy_file_range(g.fileno(), f.fileno(), min(count - done, 1 << 30), start + done)
+                    if n == 0:
+                        raise BakeError(f"--model: {path.name} ends before tensor {name}")
+                    done += n
+                f.seek(0, os.SEEK_END)  # keep the Python file object's position in step with the fd
+                return
+            except OSError:  # another filesystem or an old kernel: copy through a buffer
+                f.seek(0, os.SEEK_END)
+        g.seek(start + done)
+        left = count - done
+        while left:
+            chunk = g.read(min(CHUNK, left))
+            if not chunk:
+                raise BakeError(f"--model: {path.name} ends before tensor {name}")
+            f.write(chunk)
+            left -= len(chunk)
 
 
 def place(src: Path, dst: Path, link: bool) -> str:

@@ -96,7 +96,12 @@ def fit(model, tok, source: list[str], target: list[str], method: str, sites: li
                         f"({min(len(source), len(target))})")
     from ..models.diffusion import PipelineModel
 
+    from .distributed import active as distributed
+
     pipeline = isinstance(model, PipelineModel)
+    if distributed() and (pipeline or method == "lineas" or joint):
+        raise BakeError(f"distributed fit: not available for {'pipelines' if pipeline else method + (' --joint' if joint else '')} "
+                        f"yet (run it in one process)")
     if pipeline and (meth.estimate is None or support != "none"):
         raise BakeError(f"--method: {method}{' with --support' if support != 'none' else ''} is not available for "
                         f"diffusers pipelines yet (use {', '.join(PIPELINE_METHODS)})")

@@ -10,6 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..models import SiteInfo
+from .distributed import gather_texts, rank, shard
 
 
 class _Enough(Exception):
@@ -59,7 +60,10 @@ def _watch(model, site: SiteInfo, record):
 @torch.no_grad()
 def collect(model, tok, texts: list[str], sites: list[SiteInfo], batch_size: int = 16, desc: str = "collect",
             stop_early: bool = True, progress: bool = True, pooling: str = "mean") -> dict[str, torch.Tensor]:
-    """{site name: [len(texts), units] float32} of per-text pooled activations."""
+    """{site name: [len(texts), units] float32} of per-text pooled activations. Under torch.distributed
+    each rank runs its shard of the texts and every rank gets all rows, in text order."""
+    n, texts = len(texts), shard(texts)
+    progress = progress and rank() == 0
     pooled: dict[str, list[torch.Tensor]] = {s.name: [] for s in sites}
     mask_box: list[torch.Tensor] = []
     seen: set[str] = set()  # sites recorded in the current batch
@@ -85,7 +89,7 @@ def collect(model, tok, texts: list[str], sites: list[SiteInfo], batch_size: int
     finally:
         for h in handles:
             h.remove()
-    return {k: torch.cat(v) for k, v in pooled.items()}
+    return {k: gather_texts(torch.cat(v), n) for k, v in pooled.items()}
 
 
 class LayerReplay:
@@ -98,6 +102,7 @@ class LayerReplay:
 
     def __init__(self, model, tok, texts: list[str], batch_size: int, layers_prefix: str):
         self.model, self.prefix = model, layers_prefix
+        self.n, texts = len(texts), shard(texts)
         self.layers = model.get_submodule(layers_prefix)
         self.layer = 0
         self.batches: list[tuple[tuple, dict, torch.Tensor]] = []  # (args, kwargs, mask) entering self.layer
@@ -162,4 +167,4 @@ class LayerReplay:
                     pass
         finally:
             h.remove()
-        return torch.cat(pooled)
+        return gather_texts(torch.cat(pooled), self.n)

@@ -162,8 +162,9 @@ def pick_device(name: str = "cpu") -> torch.device:
 
 
 def load(name: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
-         device: str = "cpu") -> Loaded:
-    """Load a causal LM and its tokenizer (never with remote code unless asked) onto `device`."""
+         device: str = "cpu", device_map: str | None = None) -> Loaded:
+    """Load a causal LM and its tokenizer (never with remote code unless asked) onto `device`, or spread
+    over devices by accelerate with `device_map` ("auto": GPUs, then CPU, then disk)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dev = pick_device(device)
@@ -173,7 +174,9 @@ def load(name: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool 
     if isinstance(source, Path) and is_pipeline_dir(source):
         return Loaded(load_pipeline(source, dtype, device=str(dev)), None, source, name)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(source), dtype=dtype, trust_remote_code=trust_remote_code)
+        extra = {"device_map": device_map} if device_map else {}
+        model = AutoModelForCausalLM.from_pretrained(str(source), dtype=dtype, trust_remote_code=trust_remote_code,
+                                                     **extra)
         tok = AutoTokenizer.from_pretrained(str(source), trust_remote_code=trust_remote_code)
     except BakeError:
         raise
@@ -181,7 +184,7 @@ def load(name: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool 
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise BakeError(f"--model: cannot load {name!r} as a causal language model: {first}") from None
     model.eval()
-    if dev.type != "cpu":
+    if dev.type != "cpu" and not device_map:
         model.to(dev)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token

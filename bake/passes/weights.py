@@ -1,4 +1,5 @@
-"""Weight edits shared by the fold passes, done in float64 and cast back to the parameter dtype."""
+"""Weight edits shared by the fold passes, done in float64 (a block at a time) and cast back to the
+parameter dtype."""
 
 from __future__ import annotations
 
@@ -36,22 +37,46 @@ def _set(plan: Plan, linear: torch.nn.Module, path: str, weight: torch.Tensor | 
             linear.bias.copy_(bias.to(linear.bias.dtype))
 
 
+BLOCK = 2048  # rows (or columns) per float64 block: memory stays O(block × width), not a float64 copy of W
+
+
+def _blocks(n: int):
+    for i in range(0, n, BLOCK):
+        yield slice(i, min(i + BLOCK, n))
+
+
+def _matvec64(W: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """W v in float64, a block of rows at a time."""
+    return torch.cat([W[r].double() @ v for r in _blocks(W.shape[0])])
+
+
 def fold_output(plan: Plan, path: str, m: LinearMap) -> None:
     """Linear followed by y ↦ M y + b:  W' = M W,  bias' = M bias + b."""
     lin = plan.model.get_submodule(path)
-    W = linear_weight(lin).detach().double()
-    weight = None if m.scale_is_identity else (m.diag[:, None] * W if m.is_diagonal else m.mat @ W)
     bias = m.apply_matrix(_bias64(lin)) + m.bias
-    _set(plan, lin, path, weight, bias)
+    if not m.scale_is_identity:
+        W = linear_weight(lin)
+        with torch.no_grad():
+            if m.is_diagonal:  # rows scale: a block of rows at a time
+                for r in _blocks(W.shape[0]):
+                    W[r] = (m.diag[r, None] * W[r].double()).to(W.dtype)
+            else:  # rows mix: a block of columns at a time
+                for c in _blocks(W.shape[1]):
+                    W[:, c] = (m.mat @ W[:, c].double()).to(W.dtype)
+    _set(plan, lin, path, None, bias)
 
 
 def fold_input(plan: Plan, path: str, m: LinearMap) -> None:
-    """x ↦ M x + b followed by a Linear:  W' = W M,  bias' = bias + W b."""
+    """x ↦ M x + b followed by a Linear:  W' = W M,  bias' = bias + W b (with the original W)."""
     lin = plan.model.get_submodule(path)
-    W = linear_weight(lin).detach().double()
-    weight = None if m.scale_is_identity else (W * m.diag[None, :] if m.is_diagonal else W @ m.mat)
-    bias = None if m.shift_is_zero else _bias64(lin) + W @ m.bias
-    _set(plan, lin, path, weight, bias)
+    W = linear_weight(lin)
+    bias = None if m.shift_is_zero else _bias64(lin) + _matvec64(W.detach(), m.bias)
+    if not m.scale_is_identity:
+        with torch.no_grad():
+            for r in _blocks(W.shape[0]):  # columns scale or mix: a block of rows at a time
+                Wr = W[r].double()
+                W[r] = (Wr * m.diag[None, :] if m.is_diagonal else Wr @ m.mat).to(W.dtype)
+    _set(plan, lin, path, None, bias)
 
 
 def add_bias(plan: Plan, path: str, shift: torch.Tensor) -> None:

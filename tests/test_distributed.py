@@ -1,0 +1,85 @@
+"""Distributed fit: two processes with the gloo backend on CPU give the single-process spec; a rank
+that dies makes the other one exit with an error, not hang."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from bake.spec import read
+from conftest import TEXTS
+
+TOXIC = [t for t in TEXTS if any(w in t for w in ("idiot", "worst", "stupid", "terrible", "fool"))] * 2
+KIND = [t for t in TEXTS if t not in TOXIC] * 2
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def fit_args(tiny_dir, tmp_path, method: str, out: Path) -> list[str]:
+    (tmp_path / "src.txt").write_text("\n".join(TOXIC) + "\n")
+    (tmp_path / "tgt.txt").write_text("\n".join(KIND) + "\n")
+    return ["fit", "--model", str(tiny_dir), "--source", str(tmp_path / "src.txt"), "--target",
+            str(tmp_path / "tgt.txt"), "--method", method, "--out", str(out), "--batch-size", "3"]
+
+
+@pytest.mark.parametrize("method", ["linear-act", "ablate"])
+def test_two_ranks_equal_one_process(tiny_dir, tmp_path, method):
+    from bake.cli import main
+
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    assert main(fit_args(tiny_dir, tmp_path, method, one)) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", str(free_port()), "-m", "bake"]
+                          + fit_args(tiny_dir, tmp_path, method, two), env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 processes" in proc.stdout
+    a, b = read(one), read(two)
+    assert [s for s, _ in a.sites] == [s for s, _ in b.sites]
+    worst = 0.0
+    for (_, ma), (_, mb) in zip(a.sites, b.sites):
+        for k, t in ma[0].tensors.items():
+            worst = max(worst, float((t - mb[0].tensors[k]).abs().max()))
+    assert worst <= 1e-6, worst
+    assert b.provenance["world_size"] == 2 and b.provenance["n_source"] == len(TOXIC)
+
+
+def test_a_dead_rank_does_not_hang_the_other(tiny_dir, tmp_path):
+    """Rank 1 dies before its first collective; rank 0 must fail with an error well before the timeout."""
+    script = tmp_path / "die.py"
+    script.write_text(
+        "import os, sys\n"
+        "import bake.fit.distributed as d\n"
+        "if os.environ['RANK'] == '1':\n"
+        "    d.gather_rows = lambda x: os._exit(3)\n"
+        "    import bake.fit.collect as c\n"
+        "    c.gather_texts = lambda x, n: os._exit(3)\n"
+        "from bake.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n")
+    port = str(free_port())
+    procs = []
+    t0 = time.time()
+    for r in range(2):
+        env = {**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": port, "BAKE_DIST_TIMEOUT": "60", "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, str(script)] + fit_args(tiny_dir, tmp_path, "mean-act",
+                                                                               tmp_path / "x.json"),
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    codes = [p.wait(timeout=240) for p in procs]
+    err0 = procs[0].stderr.read()
+    assert codes[1] == 3
+    assert codes[0] != 0 and "distributed fit" in err0, err0[-2000:]
+    assert time.time() - t0 < 200
+    assert not (tmp_path / "x.json").exists()
