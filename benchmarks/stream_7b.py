@@ -5,8 +5,9 @@ A synthetic sharded Llama checkpoint (hidden 4096, MLP 11008, 32 layers, 32 head
 random bf16 weights: slices of one random pool, about 13.5 GB in ~2 GB shards) is written once to a temp dir; the spec puts an
 affine map (scale and shift) at both norms of every layer (64 sites: scales into the norm weights,
 shifts into new q/k/v and gate/up biases, so every layer's projections are read and every shard
-holding a norm is rewritten). The bake runs as `bake apply --stream --no-verify` in a child process
-(its peak RSS measured by GNU time); the copy is `shutil.copytree` of the same directory.
+holding a norm is rewritten). A second spec scales the same sites without shifts (norm weights only). Each bake runs
+as `bake apply --stream --no-verify` in a child process (peak RSS measured by GNU time); the copy is
+`shutil.copytree` of the same directory, before and after the bakes.
 Targets (issue 8): peak RSS <= 2 GB, bake time <= 1.5x copy time.
 
     python benchmarks/stream_7b.py [--layers 32] [--dir /tmp] [--keep]
@@ -106,41 +107,54 @@ def main() -> None:
         print(f"checkpoint: {total / 1e9:.2f} GB in {make_s:.0f} s", flush=True)
         h = cfg["hidden_size"]
         g = torch.Generator().manual_seed(1)
-        sites = [(f"model.layers.{i}.{n}:output", [Map("affine", 1.0, {"a": 1 + 0.1 * torch.randn(h, generator=g),
-                                                                        "b": 0.1 * torch.randn(h, generator=g)})])
-                 for i in range(a.layers) for n in ("input_layernorm", "post_attention_layernorm")]
-        write(Spec(sites, method="benchmark"), work / "spec.json")
+        norms = [(i, n) for i in range(a.layers) for n in ("input_layernorm", "post_attention_layernorm")]
+        specs = {  # shifts: every layer's q/k/v and gate/up weights are read for W b; scales: norm weights only
+            "affine_at_norms": Spec([(f"model.layers.{i}.{n}:output", [Map("affine", 1.0, {
+                "a": 1 + 0.1 * torch.randn(h, generator=g), "b": 0.1 * torch.randn(h, generator=g)})])
+                for i, n in norms], method="benchmark"),
+            "scale_at_norms": Spec([(f"model.layers.{i}.{n}:output", [Map("affine", 1.0, {
+                "a": 1 + 0.1 * torch.randn(h, generator=g), "b": torch.zeros(h)})]) for i, n in norms],
+                method="benchmark"),
+        }
 
-        t = time.perf_counter()
-        shutil.copytree(work / "ckpt", work / "copy1")
-        copy1 = time.perf_counter() - t
-        shutil.rmtree(work / "copy1")
-        t = time.perf_counter()
-        # GNU time reports the bake's own peak RSS (a forked child would otherwise be charged this
-        # process's pages until it execs)
-        proc = subprocess.run(["/usr/bin/time", "-f", "peak_rss_kb=%M", sys.executable, "-m", "bake", "apply", "--model", str(work / "ckpt"), "--spec",
-                               str(work / "spec.json"), "--out", str(work / "out"), "--stream", "--no-verify"],
-                              capture_output=True, text=True)
-        bake_s = time.perf_counter() - t
-        if proc.returncode != 0:
-            raise SystemExit(proc.stderr[-2000:])
-        peak_kb = int(proc.stderr.rsplit("peak_rss_kb=", 1)[1].split()[0])
-        t = time.perf_counter()
-        shutil.copytree(work / "ckpt", work / "copy2")
-        copy2 = time.perf_counter() - t
-        copy_s = (copy1 + copy2) / 2
-        report = json.loads((work / "out" / "bake_report.json").read_text())
-        shards = [p for p in report["passes"] if p["pass"] == "stream"]
+        def copy(dst: str) -> float:
+            t = time.perf_counter()
+            shutil.copytree(work / "ckpt", work / dst)
+            s = time.perf_counter() - t
+            shutil.rmtree(work / dst)
+            return s
+
+        def bake(name: str) -> dict:
+            write(specs[name], work / f"{name}.json")
+            t = time.perf_counter()
+            # GNU time reports the bake's own peak RSS (a forked child would otherwise be charged this
+            # process's pages until it execs)
+            proc = subprocess.run(["/usr/bin/time", "-f", "peak_rss_kb=%M", sys.executable, "-m", "bake", "apply",
+                                   "--model", str(work / "ckpt"), "--spec", str(work / f"{name}.json"), "--out",
+                                   str(work / name), "--stream", "--no-verify"], capture_output=True, text=True)
+            s = time.perf_counter() - t
+            if proc.returncode != 0:
+                raise SystemExit(proc.stderr[-2000:])
+            report = json.loads((work / name / "bake_report.json").read_text())
+            shutil.rmtree(work / name)
+            return {"seconds": round(s, 1),
+                    "peak_rss_gb": round(int(proc.stderr.rsplit("peak_rss_kb=", 1)[1].split()[0]) / 1024**2, 2),
+                    "shards": next((p["did"] for p in report["passes"] if p["pass"] == "stream"), ""),
+                    "config_changes": report["config_changes"]}
+
+        copies = [copy("copy1")]
+        bakes = {name: bake(name) for name in specs}
+        copies.append(copy("copy2"))
+        copy_s = sum(copies) / len(copies)
+        shards = len(set(json.loads((work / "ckpt" / "model.safetensors.index.json").read_text())["weight_map"].values()))
         result = {
-            "checkpoint": f"synthetic Llama, 7B shapes ({a.layers} layers), bf16, {total / 1e9:.2f} GB, "
-                          f"{len(set(json.loads((work / 'ckpt' / 'model.safetensors.index.json').read_text())['weight_map'].values()))} shards",
-            "spec": f"affine (scale + shift) at both norms of every layer: {len(sites)} sites",
-            "bake_s": round(bake_s, 1), "copy_s": [round(copy1, 1), round(copy2, 1)],
-            "bake_over_copy": round(bake_s / copy_s, 2),
-            "bake_peak_rss_gb": round(peak_kb / 1024**2, 2),
+            "checkpoint": f"synthetic Llama, 7B shapes ({a.layers} layers), bf16, {total / 1e9:.2f} GB, {shards} shards",
+            "specs": {"affine_at_norms": f"affine (scale + shift) at both norms of every layer: {len(norms)} sites",
+                      "scale_at_norms": f"scale only at the same {len(norms)} sites"},
+            "copy_s": [round(c, 1) for c in copies],
+            "bakes": bakes,
+            "bake_over_copy": {k: round(v["seconds"] / copy_s, 2) for k, v in bakes.items()},
             "targets": {"peak_rss_gb_max": 2.0, "bake_over_copy_max": 1.5},
-            "shards": shards[0]["did"] if shards else "",
-            "config_changes": report["config_changes"],
             "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
         }
         Path(a.out).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")

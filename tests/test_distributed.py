@@ -35,11 +35,11 @@ def fit_args(tiny_dir, tmp_path, method: str, out: Path) -> list[str]:
 
 @pytest.mark.parametrize("method", ["linear-act", "ablate"])
 def test_two_ranks_equal_one_process(tiny_dir, tmp_path, method):
-    from bake.cli import main
-
     one, two = tmp_path / "one.json", tmp_path / "two.json"
-    assert main(fit_args(tiny_dir, tmp_path, method, one)) == 0
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same threads in both runs
+    single = subprocess.run([sys.executable, "-m", "bake"] + fit_args(tiny_dir, tmp_path, method, one), env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-2000:]
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                            "--master_port", str(free_port()), "-m", "bake"]
                           + fit_args(tiny_dir, tmp_path, method, two), env=env, capture_output=True, text=True,
@@ -51,7 +51,7 @@ def test_two_ranks_equal_one_process(tiny_dir, tmp_path, method):
     worst = 0.0
     for (_, ma), (_, mb) in zip(a.sites, b.sites):
         for k, t in ma[0].tensors.items():
-            worst = max(worst, float((t - mb[0].tensors[k]).abs().max()))
+            worst = max(worst, float((t - mb[0].tensors[k]).abs().max() / t.abs().max().clamp_min(1.0)))
     assert worst <= 1e-6, worst
     assert b.provenance["world_size"] == 2 and b.provenance["n_source"] == len(TOXIC)
 

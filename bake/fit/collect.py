@@ -62,7 +62,7 @@ def collect(model, tok, texts: list[str], sites: list[SiteInfo], batch_size: int
             stop_early: bool = True, progress: bool = True, pooling: str = "mean") -> dict[str, torch.Tensor]:
     """{site name: [len(texts), units] float32} of per-text pooled activations. Under torch.distributed
     each rank runs its shard of the texts and every rank gets all rows, in text order."""
-    n, texts = len(texts), shard(texts)
+    n, texts = len(texts), shard(texts, batch_size)
     progress = progress and rank() == 0
     pooled: dict[str, list[torch.Tensor]] = {s.name: [] for s in sites}
     mask_box: list[torch.Tensor] = []
@@ -89,7 +89,7 @@ def collect(model, tok, texts: list[str], sites: list[SiteInfo], batch_size: int
     finally:
         for h in handles:
             h.remove()
-    return {k: gather_texts(torch.cat(v), n) for k, v in pooled.items()}
+    return {k: gather_texts(torch.cat(v), n, batch_size) for k, v in pooled.items()}
 
 
 class LayerReplay:
@@ -102,7 +102,7 @@ class LayerReplay:
 
     def __init__(self, model, tok, texts: list[str], batch_size: int, layers_prefix: str):
         self.model, self.prefix = model, layers_prefix
-        self.n, texts = len(texts), shard(texts)
+        self.n, self.batch_size, texts = len(texts), batch_size, shard(texts, batch_size)
         self.layers = model.get_submodule(layers_prefix)
         self.layer = 0
         self.batches: list[tuple[tuple, dict, torch.Tensor]] = []  # (args, kwargs, mask) entering self.layer
@@ -167,4 +167,4 @@ class LayerReplay:
                     pass
         finally:
             h.remove()
-        return gather_texts(torch.cat(pooled), self.n)
+        return gather_texts(torch.cat(pooled), self.n, self.batch_size)

@@ -1,6 +1,7 @@
 """fit on several processes with torch.distributed (`torchrun` / `accelerate launch`).
 
-Each rank takes every world-size-th text of the source, target and control sets, collects its
+Each rank takes every world-size-th batch of the source, target and control sets (the batches of a
+single-process run, so each text is pooled in the same batch as there), collects its
 per-text pooled activations, and the per-site sample matrices are gathered on every rank (all-gather,
 rank order), so every estimator sees the whole sample set: means and covariances alike, and AcT's
 sorted samples exactly. Every rank then computes the same maps (causal estimation stays in step);
@@ -50,12 +51,19 @@ def local_device(device: str) -> str:
     return device
 
 
-def shard(texts: list[str] | None) -> list[str] | None:
+def _indices(n: int, batch_size: int, r: int, w: int) -> list[int]:
+    """Rank r's texts: whole batches r, r + w, r + 2w, … of the single-process batching, so every text
+    is pooled in the same batch (same padding, same shapes) as in one process."""
+    return [i for b in range(r, -(-n // batch_size), w) for i in range(b * batch_size, min((b + 1) * batch_size, n))]
+
+
+def shard(texts: list[str] | None, batch_size: int = 1) -> list[str] | None:
     if texts is None or not active():
         return texts
-    part = texts[dist.get_rank()::dist.get_world_size()]
+    part = [texts[i] for i in _indices(len(texts), batch_size, dist.get_rank(), dist.get_world_size())]
     if not part:
-        raise BakeError(f"distributed fit: {len(texts)} texts cannot feed {dist.get_world_size()} ranks")
+        raise BakeError(f"distributed fit: {len(texts)} texts in batches of {batch_size} cannot feed "
+                        f"{dist.get_world_size()} ranks (lower --batch-size or the process count)")
     return part
 
 
@@ -79,20 +87,20 @@ def gather_rows(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([p[:int(s.item())] for p, s in zip(parts, sizes)]).to(x.device)
 
 
-def unshard(x: torch.Tensor, n: int) -> torch.Tensor:
-    """Rows gathered in rank order from `shard` (rank r held texts r, r + W, …) back to text order."""
+def unshard(x: torch.Tensor, n: int, batch_size: int = 1) -> torch.Tensor:
+    """Rows gathered in rank order from `shard` back to text order."""
     if not active():
         return x
     w = dist.get_world_size()
-    order = [r + w * j for r in range(w) for j in range(len(range(r, n, w)))]
+    order = [i for r in range(w) for i in _indices(n, batch_size, r, w)]
     out = torch.empty_like(x)
     out[torch.tensor(order)] = x
     return out
 
 
-def gather_texts(x: torch.Tensor, n: int) -> torch.Tensor:
+def gather_texts(x: torch.Tensor, n: int, batch_size: int = 1) -> torch.Tensor:
     """Per-text rows of this rank's shard → all n texts' rows, in text order, on every rank."""
-    return unshard(gather_rows(x), n)
+    return unshard(gather_rows(x), n, batch_size)
 
 
 def barrier() -> None:
