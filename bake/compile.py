@@ -7,6 +7,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from . import exporters, passes, verify as verify_mod
 from .errors import BakeError, CheckFailed
 from .exporters import card
@@ -82,6 +84,7 @@ def apply(model_name: str, spec_paths: list[str], out: str | Path, dtype: str = 
     plan = bind(specs, loaded.model, check_model=check_model)
     plan.insert_modules = insert_modules
     plan.approximate = approximate
+    plan.fold_dtype = torch.float64 if dtype == "float32" else torch.float32
     passes.run(plan)  # raises before anything is written if a map cannot fold
     for p, s, w in plan.report:
         log(f"  {p:22s} {s}: {w}")

@@ -39,6 +39,7 @@ class Plan:
     insert_modules: bool = False  # keep what does not fold as inserted modules (needs generated code)
     approximate: bool = False  # fold support-masked affine maps as if their support were unbounded
     inserted: list[dict] = field(default_factory=list)  # config entries of the inserted modules
+    fold_dtype: torch.dtype = torch.float64  # weight products; float32 when the output is bf16 / fp16
     norm_flags: dict = field(default_factory=dict)  # component → (flag, norms it controls) turned on by folds
 
     def note(self, pass_name: str, site: str, what: str) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -70,16 +71,26 @@ def _modules(sites) -> list[str]:
     return list(dict.fromkeys(out))
 
 
-def _materialize(model, ckpt: Checkpoint, path: str) -> dict[str, tuple[int, int]]:
-    """Read a module's parameters from disk (float32); returns (id, version) per tensor, so that what
-    the passes left untouched is known without reading it again."""
+def _read_group(model, ckpt: Checkpoint, mods: list[str]) -> dict[str, torch.Tensor]:
+    """The stored tensors of these modules' parameters (run on a reader thread, ahead of the passes)."""
+    out = {}
+    for path in mods:
+        for name, _ in model.get_submodule(path).named_parameters(recurse=False):
+            full = f"{path}.{name}"
+            if full not in ckpt.entries:
+                raise BakeError(f"--model: tensor {full} is missing from the checkpoint")
+            out[full] = ckpt.tensor(full)
+    return out
+
+
+def _materialize(model, raw: dict[str, torch.Tensor], path: str) -> dict[str, tuple[int, int]]:
+    """Put a module's parameters (read by _read_group) in place as float32; returns (id, version) per
+    tensor, so that what the passes left untouched is known without reading it again."""
     mod = model.get_submodule(path)
     seen = {}
     for name, p in list(mod.named_parameters(recurse=False)):
         full = f"{path}.{name}"
-        if full not in ckpt.entries:
-            raise BakeError(f"--model: tensor {full} is missing from the checkpoint")
-        prm = torch.nn.Parameter(ckpt.tensor(full).to(torch.float32), requires_grad=False)
+        prm = torch.nn.Parameter(raw.pop(full).to(torch.float32), requires_grad=False)
         mod._parameters[name] = prm
         seen[full] = (id(prm), prm._version)
     return seen
@@ -112,6 +123,8 @@ def apply_streaming(model_name: str, spec_paths: list[str], out: str | Path, for
     plan = bind(specs, model, check_model=check_model, tensor_of=lambda n: ckpt.tensor(n))
     plan.approximate = approximate
     stored = {n: ckpt.dtype(n) for n in ckpt.entries}
+    half = {torch.bfloat16, torch.float16}
+    plan.fold_dtype = torch.float32 if any(d in half for d in stored.values()) else torch.float64
     infos = [spec_info(s) for s in specs]
     try:
         with exporters.staged(out, force) as tmp:
@@ -119,12 +132,19 @@ def apply_streaming(model_name: str, spec_paths: list[str], out: str | Path, for
             spill_dir.mkdir()
             spilled: dict[str, Entry] = {}
             steps = [p for p in passes.PIPELINE if p is not passes.arch_rewrite]
-            for k, group in enumerate(tqdm(_group(plan), desc="stream bake", unit="layer", leave=False)):
+            groups = _group(plan)
+            reader = ThreadPoolExecutor(1)  # reads the next group's tensors while this one folds
+            ahead = reader.submit(_read_group, model, ckpt, _modules(groups[0])) if groups else None
+            for k, group in enumerate(tqdm(groups, desc="stream bake", unit="group", leave=False)):
                 mods = _modules(group)
+                raw = ahead.result()
+                if k + 1 < len(groups):
+                    ahead = reader.submit(_read_group, model, ckpt, _modules(groups[k + 1]))
                 before = {}
                 for m in mods:
-                    before.update(_materialize(model, ckpt, m))
-                sub = Plan(model, plan.adapter, group, plan.specs, approximate=approximate)
+                    before.update(_materialize(model, raw, m))
+                del raw
+                sub = Plan(model, plan.adapter, group, plan.specs, approximate=approximate, fold_dtype=plan.fold_dtype)
                 for p in steps:
                     p.run(sub)
                 plan.report += sub.report
@@ -149,6 +169,7 @@ def apply_streaming(model_name: str, spec_paths: list[str], out: str | Path, for
                             s, e = h["data_offsets"]
                             spilled[n] = Entry(f, h["dtype"], h["shape"], base + s, base + e)
                 del changed
+            reader.shutdown()
             passes.arch_rewrite.run(plan)  # flags, relabel, companion biases (on the meta model)
             model = plan.model
             # tensors the rewritten model has that the checkpoint lacks: companion zero biases

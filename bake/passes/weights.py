@@ -1,5 +1,6 @@
 """Weight edits shared by the fold passes, done in float64 (a block at a time) and cast back to the
-parameter dtype."""
+parameter dtype; for a bfloat16 / float16 output the large products run in float32 (`plan.fold_dtype`),
+whose rounding is far below the output's own."""
 
 from __future__ import annotations
 
@@ -45,24 +46,26 @@ def _blocks(n: int):
         yield slice(i, min(i + BLOCK, n))
 
 
-def _matvec64(W: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """W v in float64, a block of rows at a time."""
-    return torch.cat([W[r].double() @ v for r in _blocks(W.shape[0])])
+def _matvec(W: torch.Tensor, v: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
+    """W v in the plan's fold dtype, a block of rows at a time; float64 result."""
+    v = v.to(dt)
+    return torch.cat([W[r].to(dt) @ v for r in _blocks(W.shape[0])]).double()
 
 
 def fold_output(plan: Plan, path: str, m: LinearMap) -> None:
     """Linear followed by y ↦ M y + b:  W' = M W,  bias' = M bias + b."""
     lin = plan.model.get_submodule(path)
     bias = m.apply_matrix(_bias64(lin)) + m.bias
+    dt = plan.fold_dtype
     if not m.scale_is_identity:
         W = linear_weight(lin)
         with torch.no_grad():
             if m.is_diagonal:  # rows scale: a block of rows at a time
                 for r in _blocks(W.shape[0]):
-                    W[r] = (m.diag[r, None] * W[r].double()).to(W.dtype)
+                    W[r] = (m.diag[r, None].to(dt) * W[r].to(dt)).to(W.dtype)
             else:  # rows mix: a block of columns at a time
                 for c in _blocks(W.shape[1]):
-                    W[:, c] = (m.mat @ W[:, c].double()).to(W.dtype)
+                    W[:, c] = (m.mat.to(dt) @ W[:, c].to(dt)).to(W.dtype)
     _set(plan, lin, path, None, bias)
 
 
@@ -70,12 +73,13 @@ def fold_input(plan: Plan, path: str, m: LinearMap) -> None:
     """x ↦ M x + b followed by a Linear:  W' = W M,  bias' = bias + W b (with the original W)."""
     lin = plan.model.get_submodule(path)
     W = linear_weight(lin)
-    bias = None if m.shift_is_zero else _bias64(lin) + _matvec64(W.detach(), m.bias)
+    dt = plan.fold_dtype
+    bias = None if m.shift_is_zero else _bias64(lin) + _matvec(W.detach(), m.bias, dt)
     if not m.scale_is_identity:
         with torch.no_grad():
             for r in _blocks(W.shape[0]):  # columns scale or mix: a block of rows at a time
-                Wr = W[r].double()
-                W[r] = (Wr * m.diag[None, :] if m.is_diagonal else Wr @ m.mat).to(W.dtype)
+                Wr = W[r].to(dt)
+                W[r] = (Wr * m.diag[None, :].to(dt) if m.is_diagonal else Wr @ m.mat.to(dt)).to(W.dtype)
     _set(plan, lin, path, None, bias)
 
 
