@@ -71,6 +71,21 @@ def _modules(sites) -> list[str]:
     return list(dict.fromkeys(out))
 
 
+def _needed(sp) -> list[str]:
+    """The modules the fold passes will write for one canonicalized site: its own module, and a norm's
+    consumers only when a shift or a dense map has to go into them (a residual site: its writer)."""
+    from .maps import LinearMap
+
+    info = sp.info
+    if info.role == "residual":
+        return [info.writer] if info.writer else []
+    mods = [info.module]
+    if info.role == "norm" and any(not isinstance(s, LinearMap) or not s.is_diagonal or not s.shift_is_zero
+                                   for s in sp.pending):
+        mods += list(info.consumers)
+    return mods
+
+
 def _read_group(model, ckpt: Checkpoint, mods: list[str]) -> dict[str, torch.Tensor]:
     """The stored tensors of these modules' parameters (run on a reader thread, ahead of the passes)."""
     out = {}
@@ -133,19 +148,24 @@ def apply_streaming(model_name: str, spec_paths: list[str], out: str | Path, for
             spilled: dict[str, Entry] = {}
             steps = [p for p in passes.PIPELINE if p is not passes.arch_rewrite]
             groups = _group(plan)
+            subs = [Plan(model, plan.adapter, g, plan.specs, approximate=approximate, fold_dtype=plan.fold_dtype)
+                    for g in groups]
+            needed = []
+            for sub in subs:  # canonicalize touches no weight: it tells which modules the folds will write
+                steps[0].run(sub)
+                needed.append(list(dict.fromkeys(m for sp in sub.sites for m in _needed(sp))))
             reader = ThreadPoolExecutor(1)  # reads the next group's tensors while this one folds
-            ahead = reader.submit(_read_group, model, ckpt, _modules(groups[0])) if groups else None
-            for k, group in enumerate(tqdm(groups, desc="stream bake", unit="group", leave=False)):
-                mods = _modules(group)
+            ahead = reader.submit(_read_group, model, ckpt, needed[0]) if groups else None
+            for k, sub in enumerate(tqdm(subs, desc="stream bake", unit="group", leave=False)):
+                mods = needed[k]
                 raw = ahead.result()
                 if k + 1 < len(groups):
-                    ahead = reader.submit(_read_group, model, ckpt, _modules(groups[k + 1]))
+                    ahead = reader.submit(_read_group, model, ckpt, needed[k + 1])
                 before = {}
                 for m in mods:
                     before.update(_materialize(model, raw, m))
                 del raw
-                sub = Plan(model, plan.adapter, group, plan.specs, approximate=approximate, fold_dtype=plan.fold_dtype)
-                for p in steps:
+                for p in steps[1:]:
                     p.run(sub)
                 plan.report += sub.report
                 plan.biased |= sub.biased

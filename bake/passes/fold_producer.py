@@ -28,6 +28,7 @@ def run(plan: Plan) -> None:
                 sp.pending = []
                 plan.note(NAME, sp.name, f"{describe(m)} → {sp.info.module}.weight/bias")
         elif sp.info.role == "norm" and m.is_diagonal and _give_weight(plan, sp.info.module) \
+                and not getattr(getattr(plan.model.get_submodule(sp.info.module), "weight", None), "is_meta", False) \
                 and _norm_takes(plan.model.get_submodule(sp.info.module), m):
             norm = plan.model.get_submodule(sp.info.module)
             with torch.no_grad():

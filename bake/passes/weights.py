@@ -11,6 +11,14 @@ from ..models.adapter import linear_dims, linear_weight
 from ..plan import Plan
 
 
+def _real(mod: torch.nn.Module, path: str) -> torch.nn.Module:
+    """A module whose weights a fold may read (a streaming bake leaves the modules it did not read on the
+    meta device: folding into one of those would silently write nothing)."""
+    if mod.weight.is_meta:
+        raise RuntimeError(f"internal: {path} was not read from the checkpoint before a fold into it")
+    return mod
+
+
 def can_bias(plan: Plan, linear_path: str) -> bool:
     """True if the Linear has a bias or the architecture can turn one on."""
     mod = plan.model.get_submodule(linear_path)
@@ -54,7 +62,7 @@ def _matvec(W: torch.Tensor, v: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
 
 def fold_output(plan: Plan, path: str, m: LinearMap) -> None:
     """Linear followed by y ↦ M y + b:  W' = M W,  bias' = M bias + b."""
-    lin = plan.model.get_submodule(path)
+    lin = _real(plan.model.get_submodule(path), path)
     bias = m.apply_matrix(_bias64(lin)) + m.bias
     dt = plan.fold_dtype
     if not m.scale_is_identity:
@@ -71,7 +79,7 @@ def fold_output(plan: Plan, path: str, m: LinearMap) -> None:
 
 def fold_input(plan: Plan, path: str, m: LinearMap) -> None:
     """x ↦ M x + b followed by a Linear:  W' = W M,  bias' = bias + W b (with the original W)."""
-    lin = plan.model.get_submodule(path)
+    lin = _real(plan.model.get_submodule(path), path)
     W = linear_weight(lin)
     dt = plan.fold_dtype
     bias = None if m.shift_is_zero else _bias64(lin) + _matvec(W.detach(), m.bias, dt)
@@ -84,7 +92,7 @@ def fold_input(plan: Plan, path: str, m: LinearMap) -> None:
 
 
 def add_bias(plan: Plan, path: str, shift: torch.Tensor) -> None:
-    lin = plan.model.get_submodule(path)
+    lin = _real(plan.model.get_submodule(path), path)
     _set(plan, lin, path, None, _bias64(lin) + shift)
 
 
