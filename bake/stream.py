@@ -26,7 +26,7 @@ from . import exporters, passes
 from .compile import ApplyResult, read_specs, spec_info
 from .errors import BakeError, CheckFailed
 from .exporters import card
-from .exporters.shards import INDEX, SINGLE, Checkpoint, Entry, place, read_header, write_shard
+from .exporters.shards import INDEX, SINGLE, Checkpoint, Entry, place, spill, write_shard
 from .models import adapter_for, resolve
 from .plan import Plan, bind
 
@@ -121,8 +121,6 @@ def apply_streaming(model_name: str, spec_paths: list[str], out: str | Path, for
                     strength: float | None = None, run_verify: bool = True, prompts: list[str] | None = None,
                     check_model: bool = True, max_new_tokens: int = 32, log=print, link: bool = False,
                     approximate: bool = False) -> ApplyResult:
-    from safetensors.torch import save_file
-
     t0 = time.perf_counter()
     out = Path(out)
     specs = read_specs(spec_paths, strength)
@@ -181,13 +179,7 @@ def apply_streaming(model_name: str, spec_paths: list[str], out: str | Path, for
                             changed[full] = t.contiguous()
                     _release(model, m)
                 if changed:
-                    f = spill_dir / f"{k:05d}.safetensors"
-                    save_file(changed, str(f))
-                    header, base = read_header(f)
-                    for n, h in header.items():
-                        if n != "__metadata__":
-                            s, e = h["data_offsets"]
-                            spilled[n] = Entry(f, h["dtype"], h["shape"], base + s, base + e)
+                    spilled.update(spill(changed, spill_dir / f"{k:05d}.safetensors"))
                 del changed
             reader.shutdown()
             passes.arch_rewrite.run(plan)  # flags, relabel, companion biases (on the meta model)
@@ -203,13 +195,7 @@ def apply_streaming(model_name: str, spec_paths: list[str], out: str | Path, for
                 extra[name] = torch.zeros(prm.shape, dtype=stored.get(weight, torch.float32))
             new_names = sorted(n for n in spilled if n not in ckpt.entries) + sorted(extra)
             if extra:
-                f = spill_dir / "extra.safetensors"
-                save_file(extra, str(f))
-                header, base = read_header(f)
-                for n, h in header.items():
-                    if n != "__metadata__":
-                        s, e = h["data_offsets"]
-                        spilled[n] = Entry(f, h["dtype"], h["shape"], base + s, base + e)
+                spilled.update(spill(extra, spill_dir / "extra.safetensors"))
             # shards: rewrite the touched ones, copy or link the others
             weight_map, total, how = {}, 0, {"rewritten": 0, "copied": 0, "linked": 0}
             single = ckpt.index is None  # one file stays one file (new tensors join it; no index)

@@ -50,6 +50,25 @@ def read_header(path: Path) -> tuple[dict, int]:
     return header, 8 + n
 
 
+def entries_of(path: Path) -> dict[str, Entry]:
+    """Name → where its bytes lie, for every tensor of one safetensors file."""
+    header, base = read_header(path)
+    out = {}
+    for key, h in header.items():
+        if key != "__metadata__":
+            s, e = h["data_offsets"]
+            out[key] = Entry(path, h["dtype"], h["shape"], base + s, base + e)
+    return out
+
+
+def spill(tensors: dict[str, torch.Tensor], path: Path) -> dict[str, Entry]:
+    """Write tensors to a safetensors file (small: one group's) and say where each one lies."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path))
+    return entries_of(path)
+
+
 class Checkpoint:
     """The tensors of a (possibly sharded) safetensors checkpoint directory, by name, read lazily."""
 
@@ -72,12 +91,7 @@ class Checkpoint:
             path = self.folder / name
             if not path.is_file():
                 raise BakeError(f"--model: shard {name} named by {INDEX} is missing")
-            header, base = read_header(path)
-            for key, h in header.items():
-                if key == "__metadata__":
-                    continue
-                s, e = h["data_offsets"]
-                self.entries[key] = Entry(path, h["dtype"], h["shape"], base + s, base + e)
+            self.entries.update(entries_of(path))
 
     def tensor(self, name: str) -> torch.Tensor:
         """One tensor, read from its file (its stored dtype)."""
