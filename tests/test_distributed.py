@@ -83,3 +83,16 @@ def test_a_dead_rank_does_not_hang_the_other(tiny_dir, tmp_path):
     assert codes[0] != 0 and "distributed fit" in err0, err0[-2000:]
     assert time.time() - t0 < 200
     assert not (tmp_path / "x.json").exists()
+
+
+def test_device_map_auto_fit_equals_plain(tiny_dir):
+    """`--device-map auto` loads through accelerate (here: all on the CPU); the hooks and the fit are the same."""
+    from bake.fit import fit
+    from bake.models import load
+
+    plain, mapped = load(str(tiny_dir)), load(str(tiny_dir), device_map="auto")
+    assert all(p.device.type == "cpu" for p in mapped.model.parameters())  # no GPU here: accelerate keeps it on CPU
+    a = fit(plain.model, plain.tokenizer, TOXIC, KIND, "mean-act", progress=False)
+    b = fit(mapped.model, mapped.tokenizer, TOXIC, KIND, "mean-act", progress=False)
+    for (_, ma), (_, mb) in zip(a.sites, b.sites):
+        assert torch.allclose(ma[0].tensors["b"], mb[0].tensors["b"], atol=1e-6)
