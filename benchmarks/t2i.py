@@ -74,7 +74,7 @@ def main() -> None:
         import onnxruntime as ort
 
         sess = ort.InferenceSession(str(work / "out" / "unet" / "model.onnx"), providers=["CPUExecutionProvider"])
-        names, values, _ = flatten([], {k: v for k, v in kw.items() if k != "return_dict"})
+        names, values, _ = flatten({k: v for k, v in kw.items() if k != "return_dict"})
         feed = {n: v.numpy() for n, v in zip(names, values) if n in {i.name for i in sess.get_inputs()}}
 
         hooked = load_pipeline(src)  # a second copy with the hooks registered once, as a hooking tool would

@@ -35,13 +35,9 @@ def check_supported(root) -> None:
                         f"supported: {', '.join(SUPPORTED)} (use --format safetensors)")
 
 
-def flatten(args: list, kwargs: dict) -> tuple[list[str], list[torch.Tensor], dict]:
-    """Tensor inputs (name, value) of a call, and the rest frozen."""
+def flatten(kwargs: dict) -> tuple[list[str], list[torch.Tensor], dict]:
+    """Tensor inputs (name, value) of a call given by keyword, dict entries as `key.entry`; the rest frozen."""
     names, values, frozen = [], [], {}
-    for i, a in enumerate(args):
-        if torch.is_tensor(a):
-            names.append(f"arg{i}")
-            values.append(a)
     for k, v in kwargs.items():
         if torch.is_tensor(v):
             names.append(k)
@@ -52,8 +48,6 @@ def flatten(args: list, kwargs: dict) -> tuple[list[str], list[torch.Tensor], di
                 values.append(vv)
         else:
             frozen[k] = v
-    if any(not torch.is_tensor(a) for a in args):
-        raise BakeError("onnx: the denoiser takes a positional argument that is not a tensor; export not supported")
     return names, values, frozen
 
 
@@ -63,17 +57,15 @@ class _Call(torch.nn.Module):
         self.den, self.names, self.frozen = den, names, frozen
 
     def forward(self, *tensors):
-        args, kwargs = [], dict(self.frozen)
+        kwargs = dict(self.frozen)
         for name, t in zip(self.names, tensors):
-            if name.startswith("arg"):
-                args.append(t)
-            elif "." in name:
+            if "." in name:
                 k, kk = name.split(".", 1)
                 kwargs.setdefault(k, {})[kk] = t
             else:
                 kwargs[name] = t
         kwargs["return_dict"] = False
-        out = self.den(*args, **kwargs)
+        out = self.den(**kwargs)
         return out[0] if isinstance(out, tuple) else out
 
 
@@ -108,7 +100,7 @@ def export(root, out: Path, log=print, size: int | None = None) -> Path:
     name = root.denoiser_name()
     den = getattr(root, name)
     args, kwargs = capture(root, size)
-    names, values, frozen = flatten([], as_kwargs(den, args, kwargs))
+    names, values, frozen = flatten(as_kwargs(den, args, kwargs))
     dyn = {}
     for n, v in zip(names, values):
         if v.dim() >= 1:
@@ -131,7 +123,7 @@ def run_onnx_denoiser(path: Path, den, args: list, kwargs: dict,
 
     from ..ort import pick_providers
 
-    names, values, _ = flatten([], as_kwargs(den, args, kwargs))
+    names, values, _ = flatten(as_kwargs(den, args, kwargs))
     sess = ort.InferenceSession(str(path), providers=pick_providers(provider or "auto"))
     wanted = {i.name for i in sess.get_inputs()}
     feed = {n: v.detach().float().cpu().numpy() if v.is_floating_point() else v.detach().cpu().numpy()

@@ -259,9 +259,6 @@ class PipelineAdapter(Adapter):
             chosen.update(Adapter.resolve(self, model, globs))
         return [n for n in catalog if n in chosen]
 
-    def sites_of_glob(self, model, patterns):  # pragma: no cover - kept for symmetry with Adapter
-        return Adapter.resolve(self, model, patterns)
-
     def norm_flag(self, model: torch.nn.Module, path: str) -> tuple[str, str, frozenset[str]] | None:
         """(component, config flag, the norms it controls) if a config flag can give this norm a weight."""
         comp = path.split(".", 1)[0]

@@ -27,9 +27,7 @@ def run(plan: Plan) -> None:
                 fold_output(plan, sp.info.module, m)
                 sp.pending = []
                 plan.note(NAME, sp.name, f"{describe(m)} → {sp.info.module}.weight/bias")
-        elif sp.info.role == "norm" and m.is_diagonal and _give_weight(plan, sp.info.module) \
-                and not getattr(getattr(plan.model.get_submodule(sp.info.module), "weight", None), "is_meta", False) \
-                and _norm_takes(plan.model.get_submodule(sp.info.module), m):
+        elif sp.info.role == "norm" and m.is_diagonal and _norm_takes(_with_weight(plan, sp.info.module), m):
             norm = plan.model.get_submodule(sp.info.module)
             with torch.no_grad():
                 g = norm.weight.detach().double()
@@ -45,25 +43,25 @@ def run(plan: Plan) -> None:
 
 
 def _norm_takes(norm: torch.nn.Module, m: LinearMap) -> bool:
-    """A norm with a weight takes a scale; one with a bias too takes the shift as well."""
-    if getattr(norm, "weight", None) is None:
+    """A norm with a weight takes a scale; one with a bias too takes the shift as well. (A weight left on
+    the meta device by a streaming bake was not read: no fold into it.)"""
+    if getattr(norm, "weight", None) is None or norm.weight.is_meta:
         return False
     return not m.scale_is_identity or getattr(norm, "bias", None) is not None
 
 
-def _give_weight(plan: Plan, path: str) -> bool:
-    """A norm built without a weight because of a config flag (PixArt's norm_elementwise_affine) gets
-    weight 1 and bias 0 here; the architecture-rewrite pass turns the flag on for the component."""
+def _with_weight(plan: Plan, path: str) -> torch.nn.Module:
+    """The norm at `path`; one built without a weight because of a config flag (PixArt's
+    norm_elementwise_affine) gets weight 1 and bias 0 here, and the architecture-rewrite pass turns the
+    flag on for the component."""
     norm = plan.model.get_submodule(path)
-    if getattr(norm, "weight", None) is not None:
-        return True
-    flag = plan.adapter.norm_flag(plan.model, path)
-    if flag is None:
-        return True  # nothing to give; _norm_takes refuses
-    comp, name, controlled = flag
-    enable_affine(norm)
-    plan.norm_flags[comp] = (name, controlled)
-    return True
+    if getattr(norm, "weight", None) is None:
+        flag = plan.adapter.norm_flag(plan.model, path)
+        if flag is not None:
+            comp, name, controlled = flag
+            enable_affine(norm)
+            plan.norm_flags[comp] = (name, controlled)
+    return norm
 
 
 def enable_affine(norm: torch.nn.Module) -> None:
