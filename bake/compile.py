@@ -148,7 +148,8 @@ def _apply_pipeline(loaded, model_name, specs, out, force, formats, run_verify, 
         comps = pipe_exporter.export(plan, source, tmp) if "safetensors" in formats else []
         if "onnx" in formats:
             onnx_denoiser.export(plan.model, tmp, log=log)
-        plan.config_changes.update({"components_rewritten": comps} if comps else {})
+        if comps:
+            plan.config_changes["components_rewritten"] = comps
         del loaded
         plan.model = None
         gc.collect()

@@ -14,6 +14,7 @@ about one layer's touched modules in float32.
 from __future__ import annotations
 
 import errno
+import json
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +28,7 @@ from .compile import ApplyResult, read_specs, spec_info
 from .errors import BakeError, CheckFailed
 from .exporters import card
 from .exporters.shards import INDEX, SINGLE, Checkpoint, Entry, place, spill, write_shard
-from .models import adapter_for, resolve
+from .models import resolve
 from .plan import Plan, bind
 
 EXTRA = "model-bake-extra.safetensors"
@@ -213,8 +214,6 @@ def apply_streaming(model_name: str, spec_paths: list[str], out: str | Path, for
                 weight_map.update({n: EXTRA for n in new_names})
             shutil.rmtree(spill_dir)
             if not single:
-                import json
-
                 meta = dict((ckpt.index or {}).get("metadata", {}))
                 meta["total_size"] = total
                 (tmp / INDEX).write_text(json.dumps({"metadata": meta, "weight_map": dict(sorted(weight_map.items()))},

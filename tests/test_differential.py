@@ -60,6 +60,21 @@ def probe_ids(vocab: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
+def assert_baked_equals_hooked(model, baked, spec, seed: int) -> None:
+    """On a batched, left-padded forward over token ids the probe prompts never use: the stock-loaded
+    baked model is within 1e-5 of the hooked reference, and the spec really steers."""
+    ids, mask = probe_ids(model.config.vocab_size, seed)
+    with torch.no_grad():
+        with steered(model, spec):
+            ref = model(input_ids=ids, attention_mask=mask).logits
+        got = baked(input_ids=ids, attention_mask=mask).logits
+        plain = model(input_ids=ids, attention_mask=mask).logits
+    keep = mask.bool()
+    err = (ref - got)[keep].abs().max() / ref[keep].abs().max()
+    assert err <= 1e-5, err
+    assert (ref - plain)[keep].abs().max() > 1e-3
+
+
 CASES = [  # (seed, model kwargs, presets)
     (0, {}, PRESETS),
     (1, {"tie": False, "layers": 3}, ["post-norms", "attn-out", "residual"]),
@@ -79,19 +94,8 @@ def test_baked_equals_hooked_fp32(tmp_path, tokenizer, seed, kw, patterns):
                         log=lambda *_: None)
     v = res.verification
     assert v["passed"] and v["max_rel"] <= 1e-5 and v["greedy_same"] == v["prompts"]
-    # batched, padded forward on token ids the probe prompts never use
-    ids, mask = probe_ids(model.config.vocab_size, seed)
     baked = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"))
-    ref_model = AutoModelForCausalLM.from_pretrained(str(src))
-    with torch.no_grad():
-        with steered(ref_model, spec):
-            ref = ref_model(input_ids=ids, attention_mask=mask).logits
-        got = baked(input_ids=ids, attention_mask=mask).logits
-        plain = ref_model(input_ids=ids, attention_mask=mask).logits
-    keep = mask.bool()
-    err = (ref - got)[keep].abs().max() / ref[keep].abs().max()
-    assert err <= 1e-5, err
-    assert (ref - plain)[keep].abs().max() > 1e-3  # the spec really steers
+    assert_baked_equals_hooked(AutoModelForCausalLM.from_pretrained(str(src)), baked, spec, seed)
     # flags that the folds needed are on, so a stock loader keeps the biases
     for flag in res.config_changes:
         assert getattr(baked.config, flag) is True
