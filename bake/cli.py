@@ -15,7 +15,8 @@ def _p_fit(sub):
     p = sub.add_parser("fit", help="estimate a spec from source and target texts")
     p.add_argument("--model", required=True, help="model directory, .gguf file, hub id or alias (llama)")
     p.add_argument("--source", required=True, help="texts to steer away from, one per line")
-    p.add_argument("--target", required=True, help="texts to steer towards, one per line")
+    p.add_argument("--target", default=None, help="texts to steer towards, one per line (not needed by dsas "
+                   "when --inner is a spec file)")
     p.add_argument("--method", required=True, help="linear-act | mean-act | gaussian-act | aura | caa | iti-c | "
                    "monotone-pwl | ablate")
     p.add_argument("--sites", default=None, help="comma-separated presets or globs (post-norms, mlp-in, attn-out, "
@@ -46,6 +47,8 @@ def _p_fit(sub):
     g.add_argument("--l1", type=float, default=0.0, help="per-unit L1 on a − 1 and b (proximal)")
     g.add_argument("--group", type=float, default=0.0, help="per-site L2 group penalty, weighted by √d (proximal)")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--accumulate", type=int, default=1, help="micro-batches per step and process (gradient "
+                   "accumulation; under torchrun each process runs its own, so N processes = N × the batch)")
     g.add_argument("--max-minutes", type=float, default=None, help="stop cleanly and write the best spec so far")
     p.add_argument("--device-map", default=None, help="accelerate device map for models larger than one device "
                    "(e.g. auto: layers across GPUs and CPU)")
@@ -174,9 +177,15 @@ def cmd_fit(a) -> int:
     out = Path(a.out)
     if out.suffix != ".json":
         raise BakeError(f"--out: a spec manifest ends in .json, got {a.out!r}")
-    src, tgt = read_texts(a.source, "--source"), read_texts(a.target, "--target")
+    spec_inner = a.method == "dsas" and not a.joint and a.inner is not None and a.inner.endswith(".json")
+    if a.target is None and not spec_inner:
+        raise BakeError("--target: required (texts to steer towards, one per line)")
+    src = read_texts(a.source, "--source")
+    tgt = read_texts(a.target, "--target") if a.target is not None else []
     sites = [s.strip() for s in a.sites.split(",") if s.strip()] if a.sites else None
-    prov = {"model": a.model, "source": describe_file(a.source, len(src)), "target": describe_file(a.target, len(tgt))}
+    prov = {"model": a.model, "source": describe_file(a.source, len(src))}
+    if a.target is not None:
+        prov["target"] = describe_file(a.target, len(tgt))
     lineas = None
     bs = a.batch_size if a.batch_size is not None else (8 if a.method == "lineas" else 16)
     if bs < 1:
@@ -187,7 +196,7 @@ def cmd_fit(a) -> int:
         if a.method == "dsas" and not (a.retain >= 0 and a.retain == a.retain):
             raise BakeError(f"--retain: must be a number ≥ 0, got {a.retain}")
         lineas = LineasConfig(steps=a.steps, lr=a.lr, batch_size=bs, optimizer=a.optimizer, l1=a.l1, group=a.group,
-                              seed=a.seed, max_minutes=a.max_minutes, retain=a.retain)
+                              seed=a.seed, max_minutes=a.max_minutes, retain=a.retain, accumulate=a.accumulate)
         lineas.check(len(src), len(tgt))  # before the model is loaded
     control = read_texts(a.control, "--control") if a.control else None
     if a.method == "dsas" and control is None:

@@ -41,6 +41,9 @@ class Plan:
     inserted: list[dict] = field(default_factory=list)  # config entries of the inserted modules
     fold_dtype: torch.dtype = torch.float64  # weight products; float32 when the output is bf16 / fp16
     norm_flags: dict = field(default_factory=dict)  # component → (flag, norms it controls) turned on by folds
+    # Linear modules whose tensors sit in their stored (half) dtype until a fold writes them: a streaming
+    # bake reads W only for W b, a block at a time; a write first turns the tensor into float32
+    lazy: set[str] = field(default_factory=set)
 
     def note(self, pass_name: str, site: str, what: str) -> None:
         self.report.append((pass_name, site, what))

@@ -13,8 +13,10 @@ about one layer's touched modules in float32.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
+import os
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +29,7 @@ from . import exporters, passes
 from .compile import ApplyResult, read_specs, spec_info
 from .errors import BakeError, CheckFailed
 from .exporters import card
-from .exporters.shards import INDEX, SINGLE, Checkpoint, Entry, place, spill, write_shard
+from .exporters.shards import INDEX, SINGLE, Checkpoint, Entry, patch, place, spill, write_shard
 from .models import resolve
 from .plan import Plan, bind
 
@@ -99,14 +101,20 @@ def _read_group(model, ckpt: Checkpoint, mods: list[str]) -> dict[str, torch.Ten
     return out
 
 
-def _materialize(model, raw: dict[str, torch.Tensor], path: str) -> dict[str, tuple[int, int]]:
-    """Put a module's parameters (read by _read_group) in place as float32; returns (id, version) per
-    tensor, so that what the passes left untouched is known without reading it again."""
+def _materialize(model, raw: dict[str, torch.Tensor], path: str, lazy: set[str]) -> dict[str, tuple[int, int]]:
+    """Put a module's parameters (read by _read_group) in place: a Linear's as stored (the folds read
+    W a block at a time and turn a tensor into float32 only to write it: `lazy`), others as float32;
+    returns (id, version) per tensor, so that what the passes left untouched is known without reading
+    it again."""
     mod = model.get_submodule(path)
+    keep = isinstance(mod, torch.nn.Linear)
+    if keep:
+        lazy.add(path)
     seen = {}
     for name, p in list(mod.named_parameters(recurse=False)):
         full = f"{path}.{name}"
-        prm = torch.nn.Parameter(raw.pop(full).to(torch.float32), requires_grad=False)
+        t = raw.pop(full)
+        prm = torch.nn.Parameter(t if keep else t.to(torch.float32), requires_grad=False)
         mod._parameters[name] = prm
         seen[full] = (id(prm), prm._version)
     return seen
@@ -116,6 +124,17 @@ def _release(model, path: str) -> None:
     mod = model.get_submodule(path)
     for name, p in list(mod.named_parameters(recurse=False)):
         mod._parameters[name] = torch.nn.Parameter(torch.empty(p.shape, device="meta"), requires_grad=False)
+
+
+@contextlib.contextmanager
+def _background():
+    """One worker thread; on the way out (an error too) queued work is dropped and running work
+    finished, so the staging directory is never removed under a copy."""
+    ex = ThreadPoolExecutor(1)
+    try:
+        yield ex
+    finally:
+        ex.shutdown(wait=True, cancel_futures=True)
 
 
 def apply_streaming(model_name: str, spec_paths: list[str], out: str | Path, force: bool = False,
@@ -132,27 +151,38 @@ def apply_streaming(model_name: str, spec_paths: list[str], out: str | Path, for
                         f"(download it first)")
     exporters.check_out(out, force, source)
     ckpt = Checkpoint(source)
-    model = meta_model(source)
-    tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    plan = bind(specs, model, check_model=check_model, tensor_of=lambda n: ckpt.tensor(n))
-    plan.approximate = approximate
-    stored = {n: ckpt.dtype(n) for n in ckpt.entries}
-    half = {torch.bfloat16, torch.float16}
-    plan.fold_dtype = torch.float32 if any(d in half for d in stored.values()) else torch.float64
-    infos = [spec_info(s) for s in specs]
+    single = ckpt.index is None  # one file stays one file (new tensors join it; no index)
     try:
-        with exporters.staged(out, force) as tmp:
+        with exporters.staged(out, force) as tmp, _background() as copier:
+            # without --link every shard of a sharded checkpoint is copied whole (a shard that changes is
+            # patched in place afterwards), so the copies start now and run while the plan is built and folded
+            early = {} if single or link else {f: copier.submit(place, source / f, tmp / f, False)
+                                               for f in ckpt.files}
+            model = meta_model(source)
+            tied = bool(getattr(model.config, "tie_word_embeddings", False))
+            plan = bind(specs, model, check_model=check_model, tensor_of=lambda n: ckpt.tensor(n))
+            plan.approximate = approximate
+            stored = {n: ckpt.dtype(n) for n in ckpt.entries}
+            half = {torch.bfloat16, torch.float16}
+            plan.fold_dtype = torch.float32 if any(d in half for d in stored.values()) else torch.float64
+            infos = [spec_info(s) for s in specs]
             spill_dir = tmp / ".spill"
             spill_dir.mkdir()
             spilled: dict[str, Entry] = {}
             steps = [p for p in passes.PIPELINE if p is not passes.arch_rewrite]
             groups = _group(plan)
-            subs = [Plan(model, plan.adapter, g, plan.specs, approximate=approximate, fold_dtype=plan.fold_dtype)
-                    for g in groups]
+            subs = [Plan(model, plan.adapter, g, plan.specs, approximate=approximate, fold_dtype=plan.fold_dtype,
+                         lazy=plan.lazy) for g in groups]
             needed = []
             for sub in subs:  # canonicalize touches no weight: it tells which modules the folds will write
                 steps[0].run(sub)
                 needed.append(list(dict.fromkeys(m for sp in sub.sites for m in _needed(sp))))
+            # with --link: shards no fold can touch are linked, the others copied (on the copier thread)
+            maybe = {f"{m}.{n}" for mods in needed for m in mods
+                     for n, _ in model.get_submodule(m).named_parameters(recurse=False)}
+            touched = {ckpt.entries[n].file.name for n in maybe if n in ckpt.entries}
+            placed = early or ({} if single else {f: copier.submit(place, source / f, tmp / f, f not in touched)
+                                                   for f in ckpt.files})
             reader = ThreadPoolExecutor(1)  # reads the next group's tensors while this one folds
             ahead = reader.submit(_read_group, model, ckpt, needed[0]) if groups else None
             for k, sub in enumerate(tqdm(subs, desc="stream bake", unit="group", leave=False)):
@@ -162,7 +192,7 @@ def apply_streaming(model_name: str, spec_paths: list[str], out: str | Path, for
                     ahead = reader.submit(_read_group, model, ckpt, needed[k + 1])
                 before = {}
                 for m in mods:
-                    before.update(_materialize(model, raw, m))
+                    before.update(_materialize(model, raw, m, plan.lazy))
                 del raw
                 for p in steps[1:]:
                     p.run(sub)
@@ -197,16 +227,27 @@ def apply_streaming(model_name: str, spec_paths: list[str], out: str | Path, for
             new_names = sorted(n for n in spilled if n not in ckpt.entries) + sorted(extra)
             if extra:
                 spilled.update(spill(extra, spill_dir / "extra.safetensors"))
-            # shards: rewrite the touched ones, copy or link the others
+            # shards: patch or rewrite the touched ones; the others were copied or linked on the copier thread
             weight_map, total, how = {}, 0, {"rewritten": 0, "copied": 0, "linked": 0}
-            single = ckpt.index is None  # one file stays one file (new tensors join it; no index)
+            done = {f: fut.result() for f, fut in placed.items()}
             for file in tqdm(ckpt.files, desc="write shards", unit="shard", leave=False):
                 names = ckpt.names_in(file) + (new_names if single else [])
-                if any(n in spilled for n in names):
+                changed = [n for n in names if n in spilled]
+                if single and changed:
                     total += write_shard(tmp / file, names, {n: spilled.get(n) or ckpt.entries[n] for n in names})
                     how["rewritten"] += 1
+                elif changed:
+                    for n in changed:
+                        patch(tmp / file, ckpt.entries[n].start, spilled[n])
+                    total += sum(ckpt.entries[n].end - ckpt.entries[n].start for n in names)
+                    how["rewritten"] += 1
                 else:
-                    how[place(source / file, tmp / file, link)] += 1
+                    if single:
+                        done[file] = place(source / file, tmp / file, link)
+                    elif link and file in touched:  # copied in case it changed; it did not: a link after all
+                        os.remove(tmp / file)
+                        done[file] = place(source / file, tmp / file, link)
+                    how[done[file]] += 1
                     total += sum(ckpt.entries[n].end - ckpt.entries[n].start for n in names)
                 weight_map.update({n: file for n in names})
             if new_names and not single:

@@ -39,6 +39,8 @@ DEFAULT_ENTRIES = [{"name": m, "method": m} for m in METHODS]
 def entry_grid(e: dict) -> tuple[float, ...]:
     if "grid" in e:
         return tuple(e["grid"])
+    if e["method"] not in METHODS:  # a pre-fitted spec (e.g. dsas): its entry names the grid
+        return GRID
     return SMALL_GRID if METHODS[e["method"]].kind == "additive" else GRID
 
 
@@ -115,7 +117,15 @@ def main() -> None:
         name = e["name"]
         rec = doc["entries"].setdefault(name, {"entry": e, "tune": {}})
         spec_path = out / "specs" / f"{name}.json"
-        if spec_path.is_file():
+        if e.get("spec"):  # fitted beforehand (dsas, composed specs): copied in once
+            if not spec_path.is_file():
+                import shutil
+
+                src_spec = read(e["spec"])
+                write(src_spec, spec_path)
+                shutil.copy(Path(e["spec"]).with_suffix(".safetensors"), spec_path.with_suffix(".safetensors"))
+            spec = read(spec_path)
+        elif spec_path.is_file():
             spec = read(spec_path)
         else:
             t0 = time.time()
@@ -179,7 +189,7 @@ def main() -> None:
             rec.pop("baked", None)
             print(f"{name} λ={best:g} HELD-OUT: {line(rec['heldout'])}", flush=True)
             save()
-        if "baked" not in rec:
+        if "baked" not in rec and e.get("baked", True):
             rec["baked"] = baked_point(model, tok, spec.with_strength(best), held, score)
             print(f"{name} λ={best:g} BAKED held-out: {rec['baked'].get('error') or line(rec['baked'])}", flush=True)
         save()
@@ -201,7 +211,9 @@ def baked_point(model, tok, spec, cfg, score) -> dict:
     device = model.device
     baked = copy.deepcopy(model).cpu()  # the passes fold on the CPU, in float32
     try:
-        passes.run(bind([spec], baked))
+        plan = bind([spec], baked)
+        plan.insert_modules = True  # what does not fold runs as inserted modules (no hooks)
+        passes.run(plan)
     except BakeError as e:
         return {"error": str(e).splitlines()[0]}
     baked.to(device)
@@ -236,7 +248,7 @@ def table(doc: dict) -> str:
     rows.append("| " + " | ".join(orig) + " |")
     for name, rec in doc["entries"].items():
         e = rec["entry"]
-        sites = e.get("sites") or METHODS[e["method"]].default_sites
+        sites = e.get("sites") or (METHODS[e["method"]].default_sites if e["method"] in METHODS else "–")
         if not rec.get("heldout"):
             if "best" in rec:
                 rows.append("| " + " | ".join([name, sites, "none under budget"] + [""] * (len(head) - 3)) + " |")

@@ -56,6 +56,51 @@ def test_two_ranks_equal_one_process(tiny_dir, tmp_path, method):
     assert b.provenance["world_size"] == 2 and b.provenance["n_source"] == len(TOXIC)
 
 
+def worst_rel(a, b) -> float:
+    assert [s for s, _ in a.sites] == [s for s, _ in b.sites]
+    worst = 0.0
+    for (_, ma), (_, mb) in zip(a.sites, b.sites):
+        ta = {**ma[0].tensors, **(ma[0].inner.tensors if ma[0].inner else {})}
+        tb = {**mb[0].tensors, **(mb[0].inner.tensors if mb[0].inner else {})}
+        assert ta.keys() == tb.keys()
+        for k, t in ta.items():
+            worst = max(worst, float((t - tb[k]).abs().max() / t.abs().max().clamp_min(1.0)))
+    return worst
+
+
+@pytest.mark.parametrize("extra", [["--method", "lineas"], ["--method", "dsas", "--joint", "--optimizer", "sgd"]],
+                         ids=["lineas", "dsas-joint"])
+def test_lineas_under_ddp_equals_one_process_accumulating(tiny_dir, tmp_path, extra):
+    """LinEAS by DistributedDataParallel: 2 ranks, one micro-batch each per step, give the spec of one
+    process accumulating 2 micro-batches (micro-batch j draws from its own seeded generator)."""
+    (tmp_path / "ctrl.txt").write_text("\n".join(KIND) + "\n")
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    common = ["--batch-size", "4", "--steps", "12", "--lr", "0.05", "--sites", "post-norms",
+              "--control", str(tmp_path / "ctrl.txt")] + extra
+    single = subprocess.run([sys.executable, "-m", "bake"] + fit_args(tiny_dir, tmp_path, "mean-act", one) + common
+                            + ["--accumulate", "2"], env=env, capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-2000:]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", str(free_port()), "-m", "bake"]
+                          + fit_args(tiny_dir, tmp_path, "mean-act", two) + common, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = read(one), read(two)
+    run_a, run_b = a.params["run"], b.params["run"]
+    assert run_a["micro_batches_per_step"] == run_b["micro_batches_per_step"] == 2
+    assert (run_a["processes"], run_b["processes"]) == (1, 2)
+    assert run_b["loss_last"] < run_b["loss_first"]  # it trained
+    assert abs(run_a["loss_last"] - run_b["loss_last"]) <= 1e-5 * abs(run_a["loss_last"])
+    worst = worst_rel(a, b)
+    assert worst <= 1e-6, worst
+    # and it is not the one-micro-batch run: the second rank's samples changed the answer
+    plain = subprocess.run([sys.executable, "-m", "bake"] + fit_args(tiny_dir, tmp_path, "mean-act", tmp_path / "p.json")
+                           + common, env=env, capture_output=True, text=True, timeout=300)
+    assert plain.returncode == 0, plain.stderr[-2000:]
+    assert worst_rel(a, read(tmp_path / "p.json")) > 1e-3
+
+
 def test_a_dead_rank_does_not_hang_the_other(tiny_dir, tmp_path):
     """Rank 1 dies before its first collective; rank 0 must fail with an error well before the timeout."""
     script = tmp_path / "die.py"

@@ -8,7 +8,7 @@ import torch
 from bake import compile
 from bake.cli import main
 from bake.fit import estimators, fit
-from bake.spec import read, write
+from bake.spec import Spec, read, write
 from conftest import TEXTS, make_llama, save_model
 
 
@@ -91,9 +91,19 @@ def test_dsas_bad_input(setup, capsys):
         assert main(base + extra) == 2, extra
         assert msg in capsys.readouterr().err, extra
     assert not (tmp / "o.json").exists()
+    no_target = base[:7] + base[9:]
+    assert no_target.count("--target") == 0
+    # a method fitted on --source/--target needs --target; gating a given spec file does not
+    assert main(no_target + ["--control", str(tmp / "c.txt"), "--inner", "mean-act"]) == 2
+    assert "--target: required" in capsys.readouterr().err
     code = main(base + ["--control", str(tmp / "c.txt"), "--inner", "mean-act", "--min-accuracy", "0.5"])
     assert code == 0 and "dsas: kept" in capsys.readouterr().out
     assert read(tmp / "o.json").method == "dsas"
+    inner = read(tmp / "o.json")
+    write(Spec([(s, [m[0].inner]) for s, m in inner.sites], method="mean-act", model=inner.model), tmp / "inner.json")
+    assert main(no_target + ["--control", str(tmp / "c.txt"), "--inner", str(tmp / "inner.json"),
+                             "--min-accuracy", "0.5", "--out", str(tmp / "o2.json")]) == 0
+    assert read(tmp / "o2.json").method == "dsas" and "target" not in read(tmp / "o2.json").provenance
 
 
 def test_joint_gates_keep_control_texts_in_place(setup):

@@ -137,7 +137,9 @@ def test_single_file_checkpoint_gains_biases_in_place(tmp_path, tokenizer):
     assert "model.layers.0.mlp.gate_proj.bias" in load_file(str(tmp_path / "out" / "model.safetensors"))
 
 
-def test_disk_full_is_one_clear_error(tmp_path, tokenizer, monkeypatch):
+@pytest.mark.parametrize("where", ["write_shard", "place", "patch"])
+def test_disk_full_is_one_clear_error(tmp_path, tokenizer, monkeypatch, where):
+    """The extra shard, a shard copied on the copier thread, a changed tensor patched in: each one full."""
     model = make_llama(seed=25)
     src = save_sharded(model, tokenizer, tmp_path / "model")
     write(random_spec(model, ["post-norms"], 25), tmp_path / "s.json")
@@ -145,7 +147,7 @@ def test_disk_full_is_one_clear_error(tmp_path, tokenizer, monkeypatch):
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(stream, "write_shard", full)
+    monkeypatch.setattr(stream, where, full)
     with pytest.raises(BakeError, match="no space left on the device"):
         stream.apply_streaming(str(src), [str(tmp_path / "s.json")], tmp_path / "out", log=lambda *_: None)
     assert not (tmp_path / "out").exists()

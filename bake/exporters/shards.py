@@ -174,6 +174,32 @@ def _copy_range(path: Path, start: int, count: int, f, name: str) -> None:
             left -= len(chunk)
 
 
+def patch(path: Path, offset: int, src: Entry) -> None:
+    """Overwrite bytes [offset, offset + size) of the file at `path` with a tensor's bytes of the same
+    size from `src` (a copied shard whose changed tensors are patched in place: same dtype and shape,
+    so the header and every other byte stay)."""
+    count = src.end - src.start
+    with open(src.file, "rb") as g, open(path, "r+b") as f:
+        done = 0
+        if hasattr(os, "copy_file_range"):
+            try:
+                while done < count:
+                    n = os.copy_file_range(g.fileno(), f.fileno(), count - done, src.start + done, offset + done)
+                    if n == 0:
+                        break
+                    done += n
+            except OSError:  # another filesystem or an old kernel: through a buffer
+                pass
+        g.seek(src.start + done)
+        f.seek(offset + done)
+        while done < count:
+            chunk = g.read(min(CHUNK, count - done))
+            if not chunk:
+                raise BakeError(f"internal: spill file {src.file.name} is shorter than its header says")
+            f.write(chunk)
+            done += len(chunk)
+
+
 def place(src: Path, dst: Path, link: bool) -> str:
     """Put an untouched shard at dst: a hard link where asked and possible, else a copy."""
     if link:

@@ -99,9 +99,8 @@ def fit(model, tok, source: list[str], target: list[str], method: str, sites: li
     from .distributed import active as distributed
 
     pipeline = isinstance(model, PipelineModel)
-    if distributed() and (pipeline or method == "lineas" or joint):
-        raise BakeError(f"distributed fit: not available for {'pipelines' if pipeline else method + (' --joint' if joint else '')} "
-                        f"yet (run it in one process)")
+    if distributed() and pipeline:
+        raise BakeError("distributed fit: not available for diffusers pipelines yet (run it in one process)")
     if pipeline and (meth.estimate is None or support != "none"):
         raise BakeError(f"--method: {method}{' with --support' if support != 'none' else ''} is not available for "
                         f"diffusers pipelines yet (use {', '.join(PIPELINE_METHODS)})")
@@ -146,7 +145,7 @@ def fit(model, tok, source: list[str], target: list[str], method: str, sites: li
             _check_finite(t, info.name)
             spec.sites.append((info.name, [Map("affine", float(strength), t)]))
         spec.params.update({"steps": cfg.steps, "lr": cfg.lr, "optimizer": cfg.optimizer, "batch_size": cfg.batch_size,
-                            "l1": cfg.l1, "group": cfg.group, "seed": cfg.seed, "max_minutes": cfg.max_minutes,
+                            "accumulate": cfg.accumulate, "l1": cfg.l1, "group": cfg.group, "seed": cfg.seed, "max_minutes": cfg.max_minutes,
                             "run": summary})
         return spec
     if method == "ablate":

@@ -12,6 +12,7 @@ identity, which the compiler's canonicalize pass then drops.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ class LineasConfig:
     pooling: str = "mean"
     gated: bool = False  # DSAS --joint: train a gate σ(w·x + c) per site with the map
     retain: float = 1.0  # weight of the term keeping control activations unchanged (gated only)
+    accumulate: int = 1  # micro-batches per step and process (gradient accumulation)
 
     def check(self, n_source: int, n_target: int) -> None:
         if self.steps < 1:
@@ -46,6 +48,8 @@ class LineasConfig:
             raise BakeError(f"--lr: must be a positive number, got {self.lr}")
         if self.batch_size < 4:
             raise BakeError(f"--batch-size: LinEAS needs at least 4 samples per batch, got {self.batch_size}")
+        if self.accumulate < 1:
+            raise BakeError(f"--accumulate: must be at least 1, got {self.accumulate}")
         if self.optimizer not in OPTIMIZERS:
             raise BakeError(f"--optimizer: unknown optimizer {self.optimizer!r} (known: {', '.join(OPTIMIZERS)})")
         for name, v in (("--l1", self.l1), ("--group", self.group)):
@@ -100,11 +104,33 @@ def w2_per_unit(src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
     return ((torch.sort(src, 0).values - torch.sort(tgt, 0).values) ** 2).mean(0)
 
 
+class _Maps(torch.nn.Module):
+    """The trained parameters: per site a, b (and a gate's w, c), so DistributedDataParallel can own them."""
+
+    def __init__(self, infos, gated: bool, dev):
+        super().__init__()
+        self.a = torch.nn.ParameterList([torch.nn.Parameter(torch.ones(i.units, device=dev)) for i in infos])
+        self.b = torch.nn.ParameterList([torch.nn.Parameter(torch.zeros(i.units, device=dev)) for i in infos])
+        self.w = torch.nn.ParameterList([torch.nn.Parameter(torch.zeros(i.units, device=dev)) for i in infos] if gated else [])
+        self.c = torch.nn.ParameterList([torch.nn.Parameter(torch.zeros(1, device=dev)) for i in infos] if gated else [])
+
+    def forward(self, step):  # one micro-batch's loss; the frozen model runs inside `step`
+        return step()
+
+
 def train(model, tok, source: list[str], target: list[str], infos, cfg: LineasConfig,
           progress: bool = True, control: list[str] | None = None) -> tuple[list[dict[str, torch.Tensor]], dict]:
     """Returns per site {a, b} (and {w, c} when gated) as CPU float32 in `infos` order, and a
     summary of the run. Gated (DSAS --joint): each site's output is x + σ(w·x + c)(a⊙x + b − x),
-    and a retain term keeps the pooled activations of `control` texts where they were."""
+    and a retain term keeps the pooled activations of `control` texts where they were.
+
+    A step averages the loss of `cfg.accumulate` micro-batches per process. Under torch.distributed
+    (torchrun) the maps are wrapped in DistributedDataParallel and rank r runs micro-batches r, r + w,
+    …: micro-batch j always draws its samples from its own seeded generator, so W ranks equal one
+    process with `accumulate` × W micro-batches (gradients all-reduced, the same optimiser state on
+    every rank)."""
+    from . import distributed as dist
+
     cfg.check(len(source), len(target))
     if cfg.gated and (not control or len(control) < 4):
         raise BakeError("--control: joint DSAS training needs a control set of at least 4 texts")
@@ -112,17 +138,24 @@ def train(model, tok, source: list[str], target: list[str], infos, cfg: LineasCo
     tgt = collect(model, tok, target, infos, cfg.batch_size, desc="target activations", pooling=cfg.pooling,
                   progress=progress)
     tgt = {k: v.to(dev) for k, v in tgt.items()}
-    gen = torch.Generator().manual_seed(cfg.seed)
-    params = [(torch.ones(i.units, device=dev, requires_grad=True), torch.zeros(i.units, device=dev, requires_grad=True))
-              for i in infos]
-    gates = [(torch.zeros(i.units, device=dev, requires_grad=True), torch.zeros(1, device=dev, requires_grad=True))
-             for i in infos] if cfg.gated else []
-    flat = [p for pair in params + gates for p in pair]
+    world, rank = (torch.distributed.get_world_size(), dist.rank()) if dist.active() else (1, 0)
+    n_micro = cfg.accumulate * world
+    gens = [torch.Generator().manual_seed(cfg.seed + 7919 * j) for j in range(n_micro)]
+    mine = list(range(rank, n_micro, world))
+    maps = _Maps(infos, cfg.gated, dev)
+    params = list(zip(maps.a, maps.b))
+    gates = list(zip(maps.w, maps.c))
     if cfg.gated:
         ctrl = collect(model, tok, control, infos, cfg.batch_size, desc="control activations", pooling=cfg.pooling,
                        progress=progress)
         ctrl = {k: v.to(dev) for k, v in ctrl.items()}
         enc_ctrl = list(_batches(tok, control, len(control)))[0]
+    runner = maps
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        runner = DistributedDataParallel(maps, device_ids=[dev.index] if dev.type == "cuda" else None)
+    flat = list(maps.parameters())
     opt = (torch.optim.Adam(flat, lr=cfg.lr) if cfg.optimizer == "adam" else torch.optim.SGD(flat, lr=cfg.lr))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.steps)
     frozen = [p.requires_grad for p in model.parameters()]
@@ -185,34 +218,49 @@ def train(model, tok, source: list[str], target: list[str], infos, cfg: LineasCo
             pass
 
     n = min(cfg.batch_size, len(source), len(target))  # equal counts on both sides of each W2
+
+    def micro_loss(gen: torch.Generator) -> torch.Tensor:
+        """The loss of one micro-batch, its samples drawn from `gen`."""
+        idx = torch.randperm(len(source), generator=gen)[:n]
+        run_batch(enc_all, idx)
+        loss = 0.0
+        for k, info in enumerate(infos):
+            t = tgt[info.name]
+            tidx = torch.randperm(t.shape[0], generator=gen)[:n].to(dev)
+            loss = loss + w2_per_unit(pooled[k], t[tidx]).sum()
+        if cfg.gated:  # retain: control texts should come out of every site as they went in
+            cidx = torch.randperm(len(control), generator=gen)[:n]
+            run_batch(enc_ctrl, cidx)
+            for k, info in enumerate(infos):
+                ref = ctrl[info.name][cidx.to(dev)]
+                loss = loss + cfg.retain * ((pooled[k] - ref) ** 2).sum(-1).mean()
+        return loss / len(infos)
+
     best, best_loss, ema, losses = None, float("inf"), None, []
     t0 = time.perf_counter()
     stopped = "steps"
     bar = tqdm(range(cfg.steps), desc="fit lineas", unit="step", disable=not progress)
     try:
         for step in bar:
-            idx = torch.randperm(len(source), generator=gen)[:n]
-            run_batch(enc_all, idx)
-            loss = 0.0
-            for k, info in enumerate(infos):
-                t = tgt[info.name]
-                tidx = torch.randperm(t.shape[0], generator=gen)[:n].to(dev)
-                loss = loss + w2_per_unit(pooled[k], t[tidx]).sum()
-            if cfg.gated:  # retain: control texts should come out of every site as they went in
-                cidx = torch.randperm(len(control), generator=gen)[:n]
-                run_batch(enc_ctrl, cidx)
-                for k, info in enumerate(infos):
-                    ref = ctrl[info.name][cidx.to(dev)]
-                    loss = loss + cfg.retain * ((pooled[k] - ref) ** 2).sum(-1).mean()
-            loss = loss / len(infos)
             opt.zero_grad()
-            loss.backward()
+            total = torch.zeros((), device=dev)
+            for i, j in enumerate(mine):
+                sync = world == 1 or i == len(mine) - 1  # all-reduce once, after the last micro-batch
+                with (contextlib.nullcontext() if sync else runner.no_sync()):
+                    loss = runner(lambda: micro_loss(gens[j])) / len(mine)
+                    loss.backward()
+                total = total + loss.detach()
+            late = bool(cfg.max_minutes and time.perf_counter() - t0 > 60 * cfg.max_minutes)
+            if world > 1:  # every rank sees the mean loss and stops at the same step
+                both = torch.stack([total, torch.tensor(float(late), device=dev)])
+                torch.distributed.all_reduce(both)
+                total, late = both[0] / world, bool(both[1] > 0)
             opt.step()
             lr = opt.param_groups[0]["lr"]
             sched.step()
             for a, b in params:
                 prox(a, b, cfg.l1, cfg.group, lr)
-            val = float(loss.detach())
+            val = float(total)
             losses.append(val)
             obj = val + penalty(params, cfg.l1, cfg.group)  # what the proximal steps minimise
             ema = obj if ema is None else 0.9 * ema + 0.1 * obj
@@ -220,7 +268,7 @@ def train(model, tok, source: list[str], target: list[str], infos, cfg: LineasCo
                 best_loss = ema
                 best = [(a.detach().clone(), b.detach().clone()) for a, b in params + gates]
             bar.set_postfix(loss=f"{val:.4g}", ema=f"{ema:.4g}")
-            if cfg.max_minutes and time.perf_counter() - t0 > 60 * cfg.max_minutes:
+            if late:
                 stopped = "max-minutes"
                 break
     finally:
@@ -237,5 +285,6 @@ def train(model, tok, source: list[str], target: list[str], infos, cfg: LineasCo
     summary = {"steps_run": len(losses), "stopped_by": stopped, "seconds": round(time.perf_counter() - t0, 1),
                "loss_first": losses[0], "loss_last": losses[-1], "objective_best_ema": best_loss,
                "units": sum(i.units for i in infos), "active_units": sum(active_units),
-               "sites": len(infos), "active_sites": sum(n > 0 for n in active_units)}
+               "sites": len(infos), "active_sites": sum(n > 0 for n in active_units),
+               "processes": world, "micro_batches_per_step": n_micro}
     return out, summary

@@ -31,18 +31,29 @@ def _bias64(linear: torch.nn.Module) -> torch.Tensor:
     return linear.bias.detach().double()
 
 
+def _writable(plan: Plan, linear: torch.nn.Module, path: str, name: str) -> None:
+    """A tensor about to be written: one held lazily in its stored dtype becomes float32 first, so the
+    result is rounded to the stored dtype once, at the end, as on the in-memory path."""
+    t = getattr(linear, name)
+    if path in plan.lazy and t is not None and t.dtype != torch.float32:
+        setattr(linear, name, torch.nn.Parameter(t.detach().float(), requires_grad=False))
+
+
 def _set(plan: Plan, linear: torch.nn.Module, path: str, weight: torch.Tensor | None, bias: torch.Tensor | None):
     with torch.no_grad():
         if weight is not None:
+            _writable(plan, linear, path, "weight")
             linear_weight(linear).copy_(weight.to(linear.weight.dtype))
         if bias is not None:
             if linear.bias is None:
                 if not bool((bias == 0).all()):
-                    linear.bias = torch.nn.Parameter(torch.zeros(linear_dims(linear)[1], dtype=linear.weight.dtype,
+                    dt = torch.float32 if path in plan.lazy else linear.weight.dtype
+                    linear.bias = torch.nn.Parameter(torch.zeros(linear_dims(linear)[1], dtype=dt,
                                                                  device=linear.weight.device))
                     plan.biased.add(path)
                 else:
                     return
+            _writable(plan, linear, path, "bias")
             linear.bias.copy_(bias.to(linear.bias.dtype))
 
 
@@ -66,6 +77,7 @@ def fold_output(plan: Plan, path: str, m: LinearMap) -> None:
     bias = m.apply_matrix(_bias64(lin)) + m.bias
     dt = plan.fold_dtype
     if not m.scale_is_identity:
+        _writable(plan, lin, path, "weight")
         W = linear_weight(lin)
         with torch.no_grad():
             if m.is_diagonal:  # rows scale: a block of rows at a time
@@ -84,6 +96,8 @@ def fold_input(plan: Plan, path: str, m: LinearMap) -> None:
     dt = plan.fold_dtype
     bias = None if m.shift_is_zero else _bias64(lin) + _matvec(W.detach(), m.bias, dt)
     if not m.scale_is_identity:
+        _writable(plan, lin, path, "weight")
+        W = linear_weight(lin)
         with torch.no_grad():
             for r in _blocks(W.shape[0]):  # columns scale or mix: a block of rows at a time
                 Wr = W[r].to(dt)
