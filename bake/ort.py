@@ -50,7 +50,8 @@ class OrtCausalLM:
     """An exported decoder graph behind the small part of the transformers API bake uses:
     `model(input_ids, attention_mask).logits`, `model.generate(...)`, `.device`, `.config`."""
 
-    def __init__(self, path: str | Path, provider: str = "auto", threads: int | None = None):
+    def __init__(self, path: str | Path, provider: str = "auto", threads: int | None = None,
+                 spin: bool = True):
         import onnxruntime as ort
         from transformers import AutoConfig
 
@@ -68,6 +69,8 @@ class OrtCausalLM:
         if threads:
             opts.intra_op_num_threads = threads
         opts.log_severity_level = 3
+        if not spin:  # idle threads block at once instead of spinning (fair timing of several sessions)
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(str(graph), opts, providers=pick_providers(provider))
         except BakeError:

@@ -1,6 +1,7 @@
 """Overhead of inserted modules: a DSAS-gated bake vs the same inner map folded (ungated, stock),
 per decode step with a 64-token KV cache and for a 64-token prefill, in PyTorch eager and ONNX
-Runtime (CPU), interleaved in one process, medians and ratios. Writes
+Runtime (CPU), interleaved in one process (PyTorch and ORT in separate blocks; the two ORT sessions
+with thread spinning off, so neither runs beside the other's idle threads), medians and ratios. Writes
 benchmarks/results/inserted_overhead.json.
 
     python benchmarks/inserted_overhead.py [--model llama] [--inner examples/detox_mean_act.json] [--repeats 15]
@@ -22,7 +23,7 @@ from bake import compile
 from bake.fit import fit, read_texts
 from bake.models import load
 from bake.ort import OrtCausalLM
-from timing import interleaved_medians_ms
+from timing import by_runtime, interleaved_medians_ms
 from bake.spec import write
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,10 +64,11 @@ def main() -> None:
         fns = {}
         for name, path in outs.items():
             pt = AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=(name == "gated")).eval()
+            res.setdefault("pytorch_class", {})[name] = (type(pt).__name__, pt.config._attn_implementation)
             with torch.no_grad():
                 past = [(lay.keys.clone(), lay.values.clone())
                         for lay in pt(ids, attention_mask=m64, use_cache=True).past_key_values.layers]
-            om = OrtCausalLM(path, "cpu", threads=a.threads)
+            om = OrtCausalLM(path, "cpu", threads=a.threads, spin=False)  # two sessions: no spinning
             _, opast = om.step(ids.numpy(), m64.numpy(), om.empty_past(1))
 
             def pt_decode(pt=pt, past=past):
@@ -84,7 +86,7 @@ def main() -> None:
             fns[f"pytorch_prefill_{name}"] = pt_prefill
             fns[f"ort_decode_{name}"] = lambda om=om, opast=opast: om.step(nxt.numpy(), m65.numpy(), opast)
             fns[f"ort_prefill_{name}"] = lambda om=om: om.step(ids.numpy(), m64.numpy(), om.empty_past(1))
-        med = interleaved_medians_ms(fns, a.repeats)
+        med = interleaved_medians_ms(fns, a.repeats, group=by_runtime)
         res["median_ms"] = {k: round(v, 2) for k, v in med.items()}
         res["gated_over_ungated"] = {k: round(med[f"{k}_gated"] / med[f"{k}_ungated"], 3)
                                      for k in ("pytorch_decode", "pytorch_prefill", "ort_decode", "ort_prefill")}

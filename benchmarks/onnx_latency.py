@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 
 from bake import compile
 from bake.ort import OrtCausalLM
-from timing import interleaved_medians_ms
+from timing import by_runtime, interleaved_medians_ms
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,7 +83,7 @@ def main() -> None:
 
         fns = {"pytorch_prefill": pt_prefill, "ort_prefill": ort_prefill,
                "pytorch_decode": pt_decode, "ort_decode": ort_decode}
-        med = interleaved_medians_ms(fns, a.repeats)
+        med = interleaved_medians_ms(fns, a.repeats, group=by_runtime)
         res["median_ms"] = {k: round(v, 2) for k, v in med.items()}
         res["ort_over_pytorch"] = {"prefill_64": round(med["ort_prefill"] / med["pytorch_prefill"], 3),
                                    "decode_step_past_64": round(med["ort_decode"] / med["pytorch_decode"], 3)}

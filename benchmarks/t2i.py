@@ -27,7 +27,7 @@ from bake.models.diffusion import PipelineAdapter, load_pipeline
 from bake.models.tiny_pipelines import save_tiny_pipeline
 from bake.runtime import steered
 from bake.spec import Spec, write
-from timing import interleaved_medians_ms
+from timing import by_runtime, interleaved_medians_ms
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -84,7 +84,7 @@ def main() -> None:
                 "baked": lambda: baked.unet(**kw),
                 "hooked": lambda: hooked.unet(**kw),
                 "baked_onnx_cpu": lambda: sess.run(None, feed),
-            }, repeats=a.repeats)
+            }, repeats=a.repeats, group=by_runtime)
             ref = hooked.unet(**kw)[0]
             got = baked.unet(**kw)[0]
         result = {

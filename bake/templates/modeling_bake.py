@@ -11,7 +11,8 @@
 #   affine    y = (1-s)x + s(a*x + b) where lo < x < hi, else x          (support-masked AcT)
 #   pwl       y = (1-s)x + s*f(x), f piecewise-linear through (xs, ys) per unit, linear past the ends
 #   gated     y = x + s*sigmoid(x.w + c)*(T(x) - x), T = the inner ops   (DSAS)
-#   gated_diag  the same with T(x) = a*x + b, written as x + s*g*((a-1)*x + b): fewer ops per token
+#   gated_diag  the same with T(x) = a*x + b, written as x + s*g*((a-1)*x + b) with d = a-1: four ops
+#               per token (the gate's dot product with c as one linear, sigmoid, two fused multiply-adds)
 
 from __future__ import annotations
 
@@ -61,8 +62,9 @@ class SteerOps(torch.nn.Module):
             elif kind == "pwl":
                 x = (1 - s) * x + s * _pwl(x, self.t(i, "xs", x), self.t(i, "ys", x))
             elif kind == "gated_diag":
-                g = torch.sigmoid(x @ self.t(i, "w", x) + self.t(i, "c", x))
-                x = x + (s * g).unsqueeze(-1) * torch.addcmul(self.t(i, "b", x), x, self.t(i, "d", x))
+                g = torch.sigmoid(torch.nn.functional.linear(x, self.t(i, "w", x).unsqueeze(0),
+                                                             self.t(i, "c", x).reshape(1)))
+                x = torch.addcmul(x, g, torch.addcmul(self.t(i, "b", x), x, self.t(i, "d", x)), value=s)
             elif kind == "gated":
                 g = torch.sigmoid(x @ self.t(i, "w", x) + self.t(i, "c", x).reshape(())).unsqueeze(-1)
                 x = x + s * g * (getattr(self, f"inner{i}")(x) - x)
