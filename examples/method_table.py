@@ -10,6 +10,10 @@ For each entry (method + sites; default: every method at its default sites):
 3. best λ = lowest toxic rate with perplexity ≤ (1 + budget) × the original's (ties: smaller λ),
 4. measure that λ on the held-out split (RTP held-out prefixes, FLORES second half) with more seeds.
 
+An entry may name a spec fitted beforehand (`"spec"`: e.g. a DSAS gate around another spec), its own
+`"grid"`, `"fixed": λ` (a λ chosen by this protocol in an earlier run: held-out only) and
+`"baked": false` (skip the no-hooks measurement).
+
 Everything lands in OUT/results.json (rewritten after each point; a rerun resumes), the specs in
 OUT/specs/, a Markdown table OUT/table.md and a plot OUT/pareto.png.
 """
@@ -143,7 +147,7 @@ def main() -> None:
             rec["sites"] = len(spec.sites)
             if "run" in spec.params:
                 rec["lineas"] = spec.params["run"]
-        grid = list(entry_grid(e))
+        grid = [] if "fixed" in e else list(entry_grid(e))  # fixed: λ chosen beforehand, held-out only
         while grid:
             lam = grid.pop(0)
             key = f"{lam:g}"
@@ -178,6 +182,8 @@ def main() -> None:
             save()
         cands = [(v["toxicity"]["toxic_rate"], float(k)) for k, v in rec["tune"].items()
                  if v["perplexity"]["perplexity"] <= limit]
+        if "fixed" in e:
+            cands = [(0.0, float(e["fixed"]))]
         if not cands:
             rec["best"] = None
             save()
@@ -278,20 +284,21 @@ def baked_cell(rec: dict) -> str:
 
 
 def plot(doc: dict, path: Path) -> None:
+    """Left: the λ sweeps on the tuning split. Right: each entry's chosen λ on the held-out split."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.8))
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.8))
     o = doc["original"]["tune"]
     ax.plot([o["perplexity"]["perplexity"]], [100 * o["toxicity"]["toxic_rate"]], "*", ms=14, color="k",
             label="original")
     ax.axvline((1 + doc["ident"]["budget"]) * o["perplexity"]["perplexity"], ls="--", color="gray", lw=1)
-    for name, rec in doc["entries"].items():
+    for i, (name, rec) in enumerate(doc["entries"].items()):
         pts = sorted((float(k), v) for k, v in rec["tune"].items() if "toxicity" in v)
         ax.plot([v["perplexity"]["perplexity"] for _, v in pts], [100 * v["toxicity"]["toxic_rate"] for _, v in pts],
-                "o-", ms=3, label=name)
+                "o-", ms=3, color=f"C{i}", label=name)
     ax.set_xscale("log")
     ax.set_xlabel("FLORES perplexity (tuning half)")
     ax.set_ylabel("toxic continuations, % (tuning prefixes)")
@@ -299,6 +306,22 @@ def plot(doc: dict, path: Path) -> None:
                  fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
+    h = doc["original"].get("heldout")
+    if h:
+        p0 = h["perplexity"]["perplexity"]
+        bx.plot([0], [100 * h["toxicity"]["toxic_rate"]], "*", ms=14, color="k", label="original")
+        for i, (name, rec) in enumerate(doc["entries"].items()):
+            r = rec.get("heldout")
+            if r:
+                dp = 100 * (r["perplexity"]["perplexity"] / p0 - 1)
+                bx.plot([dp], [100 * r["toxicity"]["toxic_rate"]], "o", ms=7, color=f"C{i}",
+                        label=f"{name} (λ {r['strength']:g})")
+        bx.axvline(100 * doc["ident"]["budget"], ls="--", color="gray", lw=1)
+        bx.set_xlabel("FLORES perplexity rise, % (held-out half)")
+        bx.set_ylabel("toxic continuations, % (held-out prefixes)")
+        bx.set_title(f"held out: {h['toxicity']['continuations']} continuations per point", fontsize=9)
+        bx.grid(alpha=0.3)
+        bx.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
