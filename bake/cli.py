@@ -293,8 +293,10 @@ def cmd_apply(a) -> int:
                 insert_modules=a.insert_modules, approximate=a.approximate)
     if res.verification:
         print(_verification_line(res.verification))
-    how = " + ".join({"safetensors": "stock from_pretrained", "onnx": "model.onnx for ONNX Runtime"}[f]
-                     for f in formats)
+    inserted = sum(p_ == "insert-modules" for p_, _, _ in res.report)
+    loads = (f"from_pretrained(trust_remote_code=True): generated modeling_bake.py, {inserted} inserted module(s)"
+             if inserted else "stock from_pretrained")
+    how = " + ".join({"safetensors": loads, "onnx": "model.onnx for ONNX Runtime"}[f] for f in formats)
     print(f"wrote {res.out} in {res.seconds:.1f} s ({how}; config changes: {res.config_changes or 'none'})")
     return 0
 

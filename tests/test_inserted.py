@@ -133,6 +133,10 @@ def test_refused_without_the_flag_and_no_code_when_everything_folds(model_dir, t
     tmp, src, model, tok = model_dir
     code = main(["apply", "--model", str(src), "--spec", str(tmp / "pwl.json"), "--out", str(tmp_path / "x")])
     assert code == 2 and "--insert-modules" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    code = main(["apply", "--model", str(src), "--spec", str(tmp / "pwl.json"), "--out", str(tmp_path / "x"),
+                 "--insert-modules", "--no-verify"])
+    said = capsys.readouterr().out.splitlines()[-1]  # the summary line says how the checkpoint loads
+    assert code == 0 and "trust_remote_code=True" in said and "stock" not in said, said
     write(fit(model, tok, TEXTS[1::2], TEXTS[0::2], "mean-act", ["post-norms"]), tmp_path / "m.json")
     res = compile.apply(str(src), [str(tmp_path / "m.json")], tmp_path / "folded", insert_modules=True,
                         log=lambda *_: None)
