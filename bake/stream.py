@@ -238,7 +238,7 @@ def apply_streaming(model_name: str, spec_paths: list[str], out: str | Path, for
                     how["rewritten"] += 1
                 elif changed:
                     for n in changed:
-                        patch(tmp / file, ckpt.entries[n].start, spilled[n])
+                        patch(tmp / file, ckpt.entries[n].start, spilled[n], n)
                     total += sum(ckpt.entries[n].end - ckpt.entries[n].start for n in names)
                     how["rewritten"] += 1
                 else:

@@ -61,6 +61,12 @@ def test_stream_equals_in_memory_bit_for_bit(tmp_path, tokenizer, dtype):
     assert baked.config.mlp_bias and baked.config.attention_bias
 
 
+def test_stream_without_copy_file_range(tmp_path, tokenizer, monkeypatch):
+    """Platforms without copy_file_range: shard copies and in-place patches go through a buffer."""
+    monkeypatch.delattr(os, "copy_file_range")
+    test_stream_equals_in_memory_bit_for_bit(tmp_path, tokenizer, torch.bfloat16)
+
+
 def test_untouched_shards_are_copied_or_linked(tmp_path, tokenizer):
     from bake.maps import Map
     from bake.spec import Spec

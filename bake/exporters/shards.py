@@ -148,56 +148,39 @@ def write_shard(path: Path, names: list[str], sources: dict) -> int:
     return offset
 
 
-def _copy_range(path: Path, start: int, count: int, f, name: str) -> None:
-    """Append bytes [start, start + count) of `path` to the open file `f`: in the kernel
-    (copy_file_range) where the platform has it, else through a buffer."""
+def _copy_range(path: Path, start: int, count: int, f, name: str, at: int | None = None) -> None:
+    """Copy bytes [start, start + count) of `path` into the open file `f` at offset `at` (default: its
+    end): in the kernel (copy_file_range) where the platform has it, else through a buffer."""
+    pos = f.seek(0, os.SEEK_END) if at is None else at
     with open(path, "rb") as g:
         done = 0
         if hasattr(os, "copy_file_range"):
             try:
                 while done < count:
-                    n = os.copy_file_range(g.fileno(), f.fileno(), min(count - done, 1 << 30), start + done)
+                    n = os.copy_file_range(g.fileno(), f.fileno(), min(count - done, 1 << 30), start + done,
+                                           pos + done)
                     if n == 0:
                         raise BakeError(f"--model: {path.name} ends before tensor {name}")
                     done += n
-                f.seek(0, os.SEEK_END)  # keep the Python file object's position in step with the fd
-                return
-            except OSError:  # another filesystem or an old kernel: copy through a buffer
-                f.seek(0, os.SEEK_END)
-        g.seek(start + done)
-        left = count - done
-        while left:
-            chunk = g.read(min(CHUNK, left))
-            if not chunk:
-                raise BakeError(f"--model: {path.name} ends before tensor {name}")
-            f.write(chunk)
-            left -= len(chunk)
-
-
-def patch(path: Path, offset: int, src: Entry) -> None:
-    """Overwrite bytes [offset, offset + size) of the file at `path` with a tensor's bytes of the same
-    size from `src` (a copied shard whose changed tensors are patched in place: same dtype and shape,
-    so the header and every other byte stay)."""
-    count = src.end - src.start
-    with open(src.file, "rb") as g, open(path, "r+b") as f:
-        done = 0
-        if hasattr(os, "copy_file_range"):
-            try:
-                while done < count:
-                    n = os.copy_file_range(g.fileno(), f.fileno(), count - done, src.start + done, offset + done)
-                    if n == 0:
-                        break
-                    done += n
-            except OSError:  # another filesystem or an old kernel: through a buffer
+            except OSError:  # another filesystem or an old kernel: the rest through a buffer
                 pass
-        g.seek(src.start + done)
-        f.seek(offset + done)
+        g.seek(start + done)
+        f.seek(pos + done)
         while done < count:
             chunk = g.read(min(CHUNK, count - done))
             if not chunk:
-                raise BakeError(f"internal: spill file {src.file.name} is shorter than its header says")
+                raise BakeError(f"--model: {path.name} ends before tensor {name}")
             f.write(chunk)
             done += len(chunk)
+        f.seek(0, os.SEEK_END)  # keep the Python file object's position in step with the fd
+
+
+def patch(path: Path, offset: int, src: Entry, name: str) -> None:
+    """Overwrite bytes [offset, offset + size) of the file at `path` with a tensor's bytes of the same
+    size from `src` (a copied shard whose changed tensors are patched in place: same dtype and shape,
+    so the header and every other byte stay)."""
+    with open(path, "r+b") as f:
+        _copy_range(src.file, src.start, src.end - src.start, f, name, at=offset)
 
 
 def place(src: Path, dst: Path, link: bool) -> str:
