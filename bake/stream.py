@@ -101,11 +101,11 @@ def _read_group(model, ckpt: Checkpoint, mods: list[str]) -> dict[str, torch.Ten
     return out
 
 
-def _materialize(model, raw: dict[str, torch.Tensor], path: str, lazy: set[str]) -> dict[str, tuple[int, int]]:
+def _materialize(model, raw: dict[str, torch.Tensor], path: str, lazy: set[str]) -> dict[str, tuple]:
     """Put a module's parameters (read by _read_group) in place: a Linear's as stored (the folds read
     W a block at a time and turn a tensor into float32 only to write it: `lazy`), others as float32;
-    returns (id, version) per tensor, so that what the passes left untouched is known without reading
-    it again."""
+    returns (id, version, stored tensor) per parameter, so that what the passes left untouched is known,
+    and what they wrote is compared with the stored bytes, without reading either again."""
     mod = model.get_submodule(path)
     keep = isinstance(mod, torch.nn.Linear)
     if keep:
@@ -116,7 +116,7 @@ def _materialize(model, raw: dict[str, torch.Tensor], path: str, lazy: set[str])
         t = raw.pop(full)
         prm = torch.nn.Parameter(t if keep else t.to(torch.float32), requires_grad=False)
         mod._parameters[name] = prm
-        seen[full] = (id(prm), prm._version)
+        seen[full] = (id(prm), prm._version, t)
     return seen
 
 
@@ -153,7 +153,8 @@ def apply_streaming(model_name: str, spec_paths: list[str], out: str | Path, for
     ckpt = Checkpoint(source)
     single = ckpt.index is None  # one file stays one file (new tensors join it; no index)
     try:
-        with exporters.staged(out, force) as tmp, _background() as copier:
+        # copier: shard copies; reader: the next group's tensors, read while this group folds
+        with exporters.staged(out, force) as tmp, _background() as copier, _background() as reader:
             # without --link every shard of a sharded checkpoint is copied whole (a shard that changes is
             # patched in place afterwards), so the copies start now and run while the plan is built and folded
             early = {} if single or link else {f: copier.submit(place, source / f, tmp / f, False)
@@ -183,7 +184,6 @@ def apply_streaming(model_name: str, spec_paths: list[str], out: str | Path, for
             touched = {ckpt.entries[n].file.name for n in maybe if n in ckpt.entries}
             placed = early or ({} if single else {f: copier.submit(place, source / f, tmp / f, f not in touched)
                                                    for f in ckpt.files})
-            reader = ThreadPoolExecutor(1)  # reads the next group's tensors while this one folds
             ahead = reader.submit(_read_group, model, ckpt, needed[0]) if groups else None
             for k, sub in enumerate(tqdm(subs, desc="stream bake", unit="group", leave=False)):
                 mods = needed[k]
@@ -203,16 +203,18 @@ def apply_streaming(model_name: str, spec_paths: list[str], out: str | Path, for
                     mod = model.get_submodule(m)
                     for name, prm in mod.named_parameters(recurse=False):
                         full = f"{m}.{name}"
-                        if before.get(full) == (id(prm), prm._version):
+                        ident, version, orig = before.get(full, (None, None, None))
+                        if (ident, version) == (id(prm), prm._version):
                             continue  # never written by a pass
                         t = prm.detach().to(stored.get(full) or stored[f"{m}.weight"])
-                        if full not in ckpt.entries or not torch.equal(t, ckpt.tensor(full)):
+                        if orig is not None and orig.untyped_storage().data_ptr() == prm.untyped_storage().data_ptr():
+                            orig = ckpt.tensor(full)  # written in place over the stored tensor: read it again
+                        if orig is None or not torch.equal(t, orig):
                             changed[full] = t.contiguous()
                     _release(model, m)
                 if changed:
                     spilled.update(spill(changed, spill_dir / f"{k:05d}.safetensors"))
                 del changed
-            reader.shutdown()
             passes.arch_rewrite.run(plan)  # flags, relabel, companion biases (on the meta model)
             model = plan.model
             # tensors the rewritten model has that the checkpoint lacks: companion zero biases
