@@ -55,6 +55,21 @@ def test_mean_direction_ablation_removes_the_gap():
     assert gap.abs().max() < 1e-4
 
 
+def test_affine_ablation_moves_the_component_to_the_target_mean():
+    src = torch.randn(300, 5, generator=g) + torch.tensor([0, 3.0, 4.0, 0, 0])
+    tgt = torch.randn(300, 5, generator=g) + torch.tensor([1.0, -2.0, 1.0, 0, 5.0])
+    U = estimators.mean_direction(src, tgt)
+    v = estimators.reference_shift(tgt, U)["v"]
+    proj, shift = Map("projection", 1.0, {"U": U}), Map("additive", 1.0, {"v": v})
+    ace = lambda x: shift(proj(x))  # noqa: E731
+    assert (ace(tgt).mean(0) - tgt.mean(0)).abs().max() < 1e-4  # target keeps its mean (zero ablation does not)
+    assert (proj(tgt).mean(0) - tgt.mean(0)).abs().max() > 1.0
+    assert (ace(src).mean(0) - ace(tgt).mean(0)).abs().max() < 1e-4  # the source's gap along u is gone
+    x = torch.randn(7, 5, generator=g)  # off u nothing moves
+    step = ace(x) - x
+    assert (step - (step @ U) @ U.T).abs().max() < 1e-5
+
+
 def test_monotone_pwl_is_full_transport():
     src = torch.rand(1000, 2, generator=g)  # U(0, 1)
     tgt = src ** 3  # a monotone non-linear map: its OT map is x ↦ x³
@@ -90,6 +105,22 @@ def test_every_foldable_method_fits_and_bakes_exactly(tmp_path, tokenizer, metho
     assert res.verification["passed"] and res.verification["max_rel"] <= 1e-5
 
 
+def test_affine_ablation_fits_and_bakes_exactly(tmp_path, tokenizer):
+    model = make_llama(seed=13)
+    src_dir = save_model(model, tokenizer, tmp_path / "model")
+    spec = fit(model, tokenizer, TEXTS[1::2], TEXTS[0::2], "ablate", strength=0.7, reference="target")
+    assert spec.params["reference"] == "target"
+    for _, maps in spec.sites:  # a projection, then the shift back to the target's mean along u
+        assert [m.kind for m in maps] == ["projection", "additive"]
+        U, v = maps[0].tensors["U"], maps[1].tensors["v"]
+        assert torch.allclose(v, U[:, 0] * (U[:, 0] @ v), atol=1e-6)  # v lies along u
+    assert len({float(m[1].tensors["v"].norm()) for _, m in spec.sites}) > 1  # each write has its own mean
+    write(spec, tmp_path / "s.json")
+    res = compile.apply(str(src_dir), [str(tmp_path / "s.json")], tmp_path / "out", max_new_tokens=6,
+                        log=lambda *_: None)
+    assert res.verification["passed"] and res.verification["max_rel"] <= 1e-5
+
+
 def test_monotone_pwl_fits_but_does_not_fold_yet(tmp_path, tokenizer):
     model = make_llama(seed=12)
     src_dir = save_model(model, tokenizer, tmp_path / "model")
@@ -104,7 +135,9 @@ def test_monotone_pwl_fits_but_does_not_fold_yet(tmp_path, tokenizer):
                                     ({"method": "monotone-pwl", "knots": 50}, "--knots"),
                                     ({"method": "mean-act", "pooling": "median"}, "--pooling"),
                                     ({"method": "ablate", "direction_layer": 9}, "--direction-layer"),
-                                    ({"method": "ablate", "sites": ["mlp-in"]}, "ablate applies")])
+                                    ({"method": "ablate", "sites": ["mlp-in"]}, "ablate applies"),
+                                    ({"method": "ablate", "reference": "source"}, "--reference"),
+                                    ({"method": "caa", "reference": "target"}, "--reference")])
 def test_method_options_are_checked(tokenizer, kw, msg):
     model = make_llama(seed=0)
     with pytest.raises(BakeError, match=msg):

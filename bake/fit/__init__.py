@@ -75,7 +75,7 @@ def read_texts(path: str | Path, field: str) -> list[str]:
 def fit(model, tok, source: list[str], target: list[str], method: str, sites: list[str] | None = None,
         strength: float = 1.0, support: str = "none", causal: bool = True, batch_size: int = 16,
         provenance: dict | None = None, pooling: str | None = None, knots: int = 16,
-        direction_layer: int | None = None, lineas=None, progress: bool = True, control: list[str] | None = None,
+        direction_layer: int | None = None, reference: str = "zero", lineas=None, progress: bool = True, control: list[str] | None = None,
         inner: str | Spec | None = None, min_accuracy: float = 0.75, pca: int | None = None, seed: int = 0,
         joint: bool = False) -> Spec:
     """Fit one map per site. Causal estimation collects the source activations of each site with the
@@ -149,7 +149,10 @@ def fit(model, tok, source: list[str], target: list[str], method: str, sites: li
                             "run": summary})
         return spec
     if method == "ablate":
-        return _fit_ablate(model, tok, source, target, spec, infos, catalog, strength, batch_size, direction_layer)
+        return _fit_ablate(model, tok, source, target, spec, infos, catalog, strength, batch_size, direction_layer,
+                           reference)
+    if reference != "zero":
+        raise BakeError(f"--reference: only ablate takes a reference; {method} fits {meth.kind} maps")
     opts = {"knots": knots}
     if pipeline:
         from .diffusion import collect_pipeline
@@ -194,10 +197,20 @@ def _check_finite(tensors: dict[str, torch.Tensor], site: str) -> None:
             raise BakeError(f"fit: non-finite {k} at {site} (are the activations finite?)")
 
 
-def _fit_ablate(model, tok, source, target, spec, infos, catalog, strength, batch_size, direction_layer) -> Spec:
+REFERENCES = ("zero", "target")
+
+
+def _fit_ablate(model, tok, source, target, spec, infos, catalog, strength, batch_size, direction_layer,
+                reference="zero") -> Spec:
     """One direction, u = unit(μs − μt) of the residual stream after `direction_layer` (default: the
     middle layer), projected out at every chosen site. At every write into the residual stream
-    (attn-out, mlp-out) the projection folds into the writer's weight and bias."""
+    (attn-out, mlp-out) the projection folds into the writer's weight and bias.
+
+    reference "zero" removes the component: x − λu(u·x). Reference "target" (affine concept
+    editing) moves it to the target texts' mean instead, x − λu(u·x − r) with r = u·μt of that
+    write: a projection and an additive map, both folding, and target-like text keeps its mean."""
+    if reference not in REFERENCES:
+        raise BakeError(f"--reference: unknown reference {reference!r} (known: {', '.join(REFERENCES)})")
     residual = [s for s in catalog.values() if s.role == "residual"]  # one per layer, in order
     layer = len(residual) // 2 if direction_layer is None else direction_layer
     if not 0 <= layer < len(residual):
@@ -211,8 +224,18 @@ def _fit_ablate(model, tok, source, target, spec, infos, catalog, strength, batc
         if info.units != U.shape[0]:
             raise BakeError(f"--sites: {info.name} has {info.units} units, the residual stream has {U.shape[0]}; "
                             f"ablate applies to residual writes (attn-out, mlp-out)")
-        spec.sites.append((info.name, [Map("projection", float(strength), {"U": U})]))
+    means = {}
+    if reference == "target":
+        writes = collect(model, tok, target, infos, batch_size, desc="target writes")
+        means = {n: estimators.reference_shift(w, U) for n, w in writes.items()}
+    for info in infos:
+        maps = [Map("projection", float(strength), {"U": U})]
+        if reference == "target":
+            _check_finite(means[info.name], info.name)
+            maps.append(Map("additive", float(strength), means[info.name]))
+        spec.sites.append((info.name, maps))
     spec.params["direction_site"] = site.name
+    spec.params["reference"] = reference
     return spec
 
 

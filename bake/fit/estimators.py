@@ -122,6 +122,13 @@ def mean_direction(src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
     return (d / d.norm().clamp_min(1e-12))[:, None].float()
 
 
+def reference_shift(tgt: torch.Tensor, U: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The additive part of an affine projection toward the target mean: v = U(Uᵀμt), so that
+    x − U(Uᵀx) + v = x − U(Uᵀ(x − μt)) (the component along U moves to the target's)."""
+    Ud = U.double()
+    return {"v": (Ud @ (Ud.T @ tgt.double().mean(0))).float()}
+
+
 def monotone_pwl(src: torch.Tensor, tgt: torch.Tensor, knots: int = 16) -> dict[str, torch.Tensor]:
     """Full 1-D optimal transport per unit, as a piecewise-linear map through `knots` matched
     quantiles (source quantile → target quantile). Knots are nudged apart where the source ties."""
