@@ -109,6 +109,8 @@ def _p_eval(sub):
                    "tune (RTP 1-40 of each file, FLORES first half), heldout (the rest, deduplicated) or all")
     p.add_argument("--seeds", default="0,1,2", help="generation seeds, pooled")
     p.add_argument("--n-sentences", type=int, default=200, help="FLORES sentences for perplexity")
+    p.add_argument("--sentences", default=None, help="perplexity on these texts (one per line) instead of FLORES, "
+                   "e.g. unwanted texts, to screen specs without sampling")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--trust-remote-code", action="store_true",
@@ -358,8 +360,14 @@ def cmd_eval(a) -> int:
     if a.baked and not (Path(a.baked) / "config.json").is_file():
         raise BakeError(f"--baked: {a.baked!r} is not a model directory (no config.json)")
     prompts = read_prompts(a.prompts) if a.prompts else rtp_prompts(a.split)
+    if a.sentences:
+        from .fit import read_texts
+
+        sentences = read_texts(a.sentences, "--sentences")[:a.n_sentences]
+    else:
+        sentences = flores(a.n_sentences, a.split)
     cfg = EvalConfig(tasks=tasks, prompts=prompts if "toxicity" in tasks else [],
-                     sentences=flores(a.n_sentences, a.split) if "perplexity" in tasks else [], seeds=seeds,
+                     sentences=sentences if "perplexity" in tasks else [], seeds=seeds,
                      max_new_tokens=a.max_new_tokens, scorer=a.scorer, batch_size=a.batch_size)
     out = Path(a.out)
     plot = Path(a.plot) if a.plot else out.with_suffix(".png")

@@ -95,13 +95,25 @@ def test_eval_cli_and_bad_input(setup, capsys):
     doc = json.loads((tmp / "e.json").read_text())
     assert [p["label"] for p in doc["points"]] == ["original", "λ=1"] and (tmp / "e.png").is_file()
     assert doc["device"] == "cpu"
+    ppl_flores = doc["points"][0]["perplexity"]
+    code = main(["eval", "--model", str(src), "--out", str(tmp / "own.json"), "--task", "perplexity",
+                 "--sentences", str(tmp / "p.txt"), "--strengths", "1", "--spec", str(tmp / "s.json")])
+    own = json.loads((tmp / "own.json").read_text())["points"][0]["perplexity"]
+    assert code == 0 and own["tokens"] != ppl_flores["tokens"]  # the user's texts, not FLORES
+    from bake.eval.tasks import perplexity
+    from bake.models import load
+
+    loaded = load(str(src))
+    cfg = EvalConfig(tasks=["perplexity"], prompts=[], sentences=TEXTS[:3])
+    assert own["perplexity"] == pytest.approx(perplexity(loaded.model, loaded.tokenizer, cfg)["perplexity"], rel=1e-6)
     capsys.readouterr()
     for extra, msg in [(["--task", "fun"], "--task"), (["--strengths", "a,b"], "--strengths"),
                        (["--strengths", "nan"], "--strengths"), (["--seeds", "1.5"], "--seeds"),
                        (["--split", "secret"], "--split"), (["--n-sentences", "0"], "--n-sentences"),
                        (["--baked", str(tmp)], "--baked"), (["--scorer", "vibes"], "--scorer"),
                        (["--scorer", ","], "--scorer"), (["--device", "tpu"], "--device"),
-                       (["--prompts", str(tmp / "none.txt")], "--prompts")]:
+                       (["--prompts", str(tmp / "none.txt")], "--prompts"),
+                       (["--sentences", str(tmp / "none.txt")], "--sentences")]:
         code = main(["eval", "--model", str(src), "--out", str(tmp / "bad.json")] + extra)
         err = capsys.readouterr().err
         assert code == 2 and msg in err, (extra, err)
