@@ -216,7 +216,8 @@ def cmd_fit(a) -> int:
             dist.finish()
     loaded = load(a.model, device=a.device, device_map=a.device_map)
     spec = fit(loaded.model, loaded.tokenizer, src, tgt, a.method, sites, a.strength, a.support, a.causal,
-               bs, prov, pooling=a.pooling, knots=a.knots, direction_layer=a.direction_layer, reference=a.reference, lineas=lineas,
+               bs, prov, pooling=a.pooling, knots=a.knots, direction_layer=a.direction_layer,
+               reference=a.reference, lineas=lineas,
                control=control, inner=a.inner, min_accuracy=a.min_accuracy, pca=a.pca, seed=a.seed, joint=a.joint)
     write(spec, out)
     print(f"wrote {out} ({len(spec.sites)} sites, method {a.method}, λ={a.strength:g})")
@@ -241,7 +242,8 @@ def _fit_distributed(a, out, src, tgt, sites, bs, prov, lineas, control) -> int:
 
     loaded = load(a.model, device=dist.local_device(a.device), device_map=a.device_map)
     spec = fit(loaded.model, loaded.tokenizer, src, tgt, a.method, sites, a.strength, a.support, a.causal,
-               bs, prov, pooling=a.pooling, knots=a.knots, direction_layer=a.direction_layer, reference=a.reference, lineas=lineas,
+               bs, prov, pooling=a.pooling, knots=a.knots, direction_layer=a.direction_layer,
+               reference=a.reference, lineas=lineas,
                control=control, inner=a.inner, min_accuracy=a.min_accuracy, pca=a.pca, seed=a.seed, joint=a.joint,
                progress=dist.rank() == 0)
     spec.provenance["world_size"] = int(__import__("os").environ.get("WORLD_SIZE", "1"))

@@ -137,7 +137,8 @@ def test_monotone_pwl_fits_but_does_not_fold_yet(tmp_path, tokenizer):
                                     ({"method": "ablate", "direction_layer": 9}, "--direction-layer"),
                                     ({"method": "ablate", "sites": ["mlp-in"]}, "ablate applies"),
                                     ({"method": "ablate", "reference": "source"}, "--reference"),
-                                    ({"method": "caa", "reference": "target"}, "--reference")])
+                                    ({"method": "caa", "reference": "target"}, "--reference"),
+                                    ({"method": "lineas", "reference": "target"}, "--reference")])
 def test_method_options_are_checked(tokenizer, kw, msg):
     model = make_llama(seed=0)
     with pytest.raises(BakeError, match=msg):

@@ -75,7 +75,8 @@ def read_texts(path: str | Path, field: str) -> list[str]:
 def fit(model, tok, source: list[str], target: list[str], method: str, sites: list[str] | None = None,
         strength: float = 1.0, support: str = "none", causal: bool = True, batch_size: int = 16,
         provenance: dict | None = None, pooling: str | None = None, knots: int = 16,
-        direction_layer: int | None = None, reference: str = "zero", lineas=None, progress: bool = True, control: list[str] | None = None,
+        direction_layer: int | None = None, reference: str = "zero", lineas=None, progress: bool = True,
+        control: list[str] | None = None,
         inner: str | Spec | None = None, min_accuracy: float = 0.75, pca: int | None = None, seed: int = 0,
         joint: bool = False) -> Spec:
     """Fit one map per site. Causal estimation collects the source activations of each site with the
@@ -88,6 +89,8 @@ def fit(model, tok, source: list[str], target: list[str], method: str, sites: li
         raise BakeError(f"--support: unknown support {support!r} (known: {', '.join(SUPPORTS)})")
     if support != "none" and meth.kind != "affine":
         raise BakeError(f"--support: only affine methods take a support; {method} fits {meth.kind} maps")
+    if reference != "zero" and method != "ablate":
+        raise BakeError(f"--reference: only ablate takes a reference; {method} fits {meth.kind} maps")
     pooling = pooling or meth.pooling
     if pooling not in POOLINGS:
         raise BakeError(f"--pooling: unknown pooling {pooling!r} (known: {', '.join(POOLINGS)})")
@@ -151,8 +154,6 @@ def fit(model, tok, source: list[str], target: list[str], method: str, sites: li
     if method == "ablate":
         return _fit_ablate(model, tok, source, target, spec, infos, catalog, strength, batch_size, direction_layer,
                            reference)
-    if reference != "zero":
-        raise BakeError(f"--reference: only ablate takes a reference; {method} fits {meth.kind} maps")
     opts = {"knots": knots}
     if pipeline:
         from .diffusion import collect_pipeline
