@@ -362,6 +362,8 @@ def cmd_eval(a) -> int:
     if a.baked and not (Path(a.baked) / "config.json").is_file():
         raise BakeError(f"--baked: {a.baked!r} is not a model directory (no config.json)")
     prompts = read_prompts(a.prompts) if a.prompts else rtp_prompts(a.split)
+    if a.n_sentences < 1:
+        raise BakeError(f"--n-sentences: must be at least 1, got {a.n_sentences}")
     if a.sentences:
         from .fit import read_texts
 

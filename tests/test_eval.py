@@ -113,7 +113,8 @@ def test_eval_cli_and_bad_input(setup, capsys):
                        (["--baked", str(tmp)], "--baked"), (["--scorer", "vibes"], "--scorer"),
                        (["--scorer", ","], "--scorer"), (["--device", "tpu"], "--device"),
                        (["--prompts", str(tmp / "none.txt")], "--prompts"),
-                       (["--sentences", str(tmp / "none.txt")], "--sentences")]:
+                       (["--sentences", str(tmp / "none.txt")], "--sentences"),
+                       (["--sentences", str(tmp / "p.txt"), "--n-sentences", "0"], "--n-sentences")]:
         code = main(["eval", "--model", str(src), "--out", str(tmp / "bad.json")] + extra)
         err = capsys.readouterr().err
         assert code == 2 and msg in err, (extra, err)

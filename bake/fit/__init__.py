@@ -20,6 +20,7 @@ from . import estimators
 from .collect import POOLINGS, LayerReplay, collect
 
 SUPPORTS = ("none", "source-range")
+REFERENCES = ("zero", "target")  # ablate: where the removed component goes
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,8 @@ def fit(model, tok, source: list[str], target: list[str], method: str, sites: li
         raise BakeError(f"--support: unknown support {support!r} (known: {', '.join(SUPPORTS)})")
     if support != "none" and meth.kind != "affine":
         raise BakeError(f"--support: only affine methods take a support; {method} fits {meth.kind} maps")
+    if reference not in REFERENCES:
+        raise BakeError(f"--reference: unknown reference {reference!r} (known: {', '.join(REFERENCES)})")
     if reference != "zero" and method != "ablate":
         raise BakeError(f"--reference: only ablate takes a reference; {method} fits {meth.kind} maps")
     pooling = pooling or meth.pooling
@@ -198,9 +201,6 @@ def _check_finite(tensors: dict[str, torch.Tensor], site: str) -> None:
             raise BakeError(f"fit: non-finite {k} at {site} (are the activations finite?)")
 
 
-REFERENCES = ("zero", "target")
-
-
 def _fit_ablate(model, tok, source, target, spec, infos, catalog, strength, batch_size, direction_layer,
                 reference="zero") -> Spec:
     """One direction, u = unit(μs − μt) of the residual stream after `direction_layer` (default: the
@@ -210,30 +210,26 @@ def _fit_ablate(model, tok, source, target, spec, infos, catalog, strength, batc
     reference "zero" removes the component: x − λu(u·x). Reference "target" (affine concept
     editing) moves it to the target texts' mean instead, x − λu(u·x − r) with r = u·μt of that
     write: a projection and an additive map, both folding, and target-like text keeps its mean."""
-    if reference not in REFERENCES:
-        raise BakeError(f"--reference: unknown reference {reference!r} (known: {', '.join(REFERENCES)})")
     residual = [s for s in catalog.values() if s.role == "residual"]  # one per layer, in order
     layer = len(residual) // 2 if direction_layer is None else direction_layer
     if not 0 <= layer < len(residual):
         raise BakeError(f"--direction-layer: {layer} is not a layer index (0 … {len(residual) - 1})")
     site = residual[layer]
-    s = collect(model, tok, source, [site], batch_size, desc="source activations")[site.name]
-    t = collect(model, tok, target, [site], batch_size, desc="target activations")[site.name]
-    U = estimators.mean_direction(s, t)
-    _check_finite({"U": U}, site.name)
     for info in infos:
-        if info.units != U.shape[0]:
-            raise BakeError(f"--sites: {info.name} has {info.units} units, the residual stream has {U.shape[0]}; "
+        if info.units != site.units:
+            raise BakeError(f"--sites: {info.name} has {info.units} units, the residual stream has {site.units}; "
                             f"ablate applies to residual writes (attn-out, mlp-out)")
-    means = {}
-    if reference == "target":
-        writes = collect(model, tok, target, infos, batch_size, desc="target writes")
-        means = {n: estimators.reference_shift(w, U) for n, w in writes.items()}
+    writes = infos if reference == "target" else []  # the writes' target means come from the same pass
+    s = collect(model, tok, source, [site], batch_size, desc="source activations")[site.name]
+    t = collect(model, tok, target, [site] + writes, batch_size, desc="target activations")
+    U = estimators.mean_direction(s, t[site.name])
+    _check_finite({"U": U}, site.name)
     for info in infos:
         maps = [Map("projection", float(strength), {"U": U})]
         if reference == "target":
-            _check_finite(means[info.name], info.name)
-            maps.append(Map("additive", float(strength), means[info.name]))
+            shift = estimators.reference_shift(t[info.name], U)
+            _check_finite(shift, info.name)
+            maps.append(Map("additive", float(strength), shift))
         spec.sites.append((info.name, maps))
     spec.params["direction_site"] = site.name
     spec.params["reference"] = reference
