@@ -51,13 +51,13 @@ def test_mean_act_and_support():
     assert r["lo"].tolist() == [0.0, 1.0] and r["hi"].tolist() == [2.0, 3.0]
 
 
-def test_collect_pools_the_mean_over_non_pad_tokens(tokenizer):
+def test_collect_pools_the_mean_over_non_pad_tokens_after_the_first(tokenizer):
     model = make_llama(seed=1)
     info = adapter_for(model).sites(model)["model.layers.0.mlp.down_proj:input"]
     texts = ["the cat sat on the mat", "go away", "music fills the quiet room tonight"]
     got = collect(model, tokenizer, texts, [info], batch_size=3)[info.name]
     seen = []
-    h = model.get_submodule(info.module).register_forward_pre_hook(lambda m, a: seen.append(a[0][0].mean(0)))
+    h = model.get_submodule(info.module).register_forward_pre_hook(lambda m, a: seen.append(a[0][0][1:].mean(0)))
     with torch.no_grad():
         for t in texts:  # one at a time: no padding at all
             model(**tokenizer(t, return_tensors="pt"))

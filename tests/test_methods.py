@@ -82,12 +82,18 @@ def test_monotone_pwl_is_full_transport():
     Map("monotone-pwl", 1.0, ties).validate("tied")  # knots nudged apart: still a valid map
 
 
-def test_pooling():
-    x = torch.tensor([[[1.0], [3.0], [100.0]], [[2.0], [4.0], [6.0]]])
-    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
-    assert _pool(x, mask, "mean").flatten().tolist() == [2.0, 4.0]
-    assert _pool(x, mask, "last").flatten().tolist() == [3.0, 6.0]
-    assert _pool(x, mask, "max").flatten().tolist() == [3.0, 6.0]
+def test_pooling_leaves_out_the_first_token_and_padding():
+    """The first position (an attention sink: huge activations) is left out of mean and max
+    pooling wherever a text has more than one token; a one-token text keeps its token."""
+    x = torch.tensor([[[1000.0], [3.0], [100.0]], [[2.0], [4.0], [6.0]], [[7.0], [50.0], [50.0]]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0]])
+    assert _pool(x, mask, "mean").flatten().tolist() == [3.0, 5.0, 7.0]
+    assert _pool(x, mask, "last").flatten().tolist() == [3.0, 6.0, 7.0]
+    assert _pool(x, mask, "max").flatten().tolist() == [3.0, 6.0, 7.0]
+    from bake.fit.lineas import _pool as diff_pool  # LinEAS's differentiable pooling agrees
+
+    for how in ("mean", "last", "max"):
+        assert torch.equal(diff_pool(x, mask, how), _pool(x, mask, how))
 
 
 FOLDABLE = ["linear-act", "mean-act", "gaussian-act", "aura", "caa", "iti-c", "ablate"]

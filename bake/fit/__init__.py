@@ -156,7 +156,7 @@ def fit(model, tok, source: list[str], target: list[str], method: str, sites: li
         return spec
     if method == "ablate":
         return _fit_ablate(model, tok, source, target, spec, infos, catalog, strength, batch_size, direction_layer,
-                           reference)
+                           reference, pooling)
     opts = {"knots": knots}
     if pipeline:
         from .diffusion import collect_pipeline
@@ -202,7 +202,7 @@ def _check_finite(tensors: dict[str, torch.Tensor], site: str) -> None:
 
 
 def _fit_ablate(model, tok, source, target, spec, infos, catalog, strength, batch_size, direction_layer,
-                reference="zero") -> Spec:
+                reference="zero", pooling="mean") -> Spec:
     """One direction, u = unit(μs − μt) of the residual stream after `direction_layer` (default: the
     middle layer), projected out at every chosen site. At every write into the residual stream
     (attn-out, mlp-out) the projection folds into the writer's weight and bias.
@@ -220,8 +220,8 @@ def _fit_ablate(model, tok, source, target, spec, infos, catalog, strength, batc
             raise BakeError(f"--sites: {info.name} has {info.units} units, the residual stream has {site.units}; "
                             f"ablate applies to residual writes (attn-out, mlp-out)")
     writes = infos if reference == "target" else []  # the writes' target means come from the same pass
-    s = collect(model, tok, source, [site], batch_size, desc="source activations")[site.name]
-    t = collect(model, tok, target, [site] + writes, batch_size, desc="target activations")
+    s = collect(model, tok, source, [site], batch_size, desc="source activations", pooling=pooling)[site.name]
+    t = collect(model, tok, target, [site] + writes, batch_size, desc="target activations", pooling=pooling)
     U = estimators.mean_direction(s, t[site.name])
     _check_finite({"U": U}, site.name)
     for info in infos:

@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import BakeError
-from .collect import _batches, _Enough, collect
+from .collect import _batches, _Enough, collect, content_mask
 
 OPTIMIZERS = ("adam", "sgd")
 
@@ -63,13 +63,14 @@ class LineasConfig:
 
 
 def _pool(x: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
-    """Differentiable pooling over non-pad tokens: [B, T, d] → [B, d] (on x's device)."""
+    """Differentiable pooling over non-pad tokens, the first (attention sink) left out as in
+    collect: [B, T, d] → [B, d] (on x's device)."""
     if how == "mean":
-        m = mask.to(x.dtype)[..., None]
+        m = content_mask(mask).to(x.dtype)[..., None]
         return (x * m).sum(1) / m.sum(1)
     if how == "last":
         return x[torch.arange(x.shape[0], device=x.device), mask.sum(1) - 1]
-    return x.masked_fill(~mask.bool()[..., None], float("-inf")).max(1).values
+    return x.masked_fill(~content_mask(mask)[..., None], float("-inf")).max(1).values
 
 
 def prox(a: torch.Tensor, b: torch.Tensor, l1: float, group: float, lr: float) -> None:
