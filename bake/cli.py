@@ -27,6 +27,8 @@ def _p_fit(sub):
                    help="ablate: layer whose residual stream gives the direction (default: the middle one)")
     p.add_argument("--reference", default="zero", help="ablate: zero (remove the direction) | target (move it to "
                    "the target texts' mean at each write: affine concept editing; still folds)")
+    p.add_argument("--direction", default=None, help="ablate: lda (Σ⁻¹(μs − μt), Σ the diagonal within-class "
+                   "covariance; default) | mean (μs − μt, classic abliteration)")
     p.add_argument("--strength", type=float, default=1.0, help="λ stored in the spec (default 1)")
     p.add_argument("--support", default="none", help="none | source-range (affine maps act only inside it)")
     p.add_argument("--no-causal", dest="causal", action="store_false",
@@ -217,7 +219,7 @@ def cmd_fit(a) -> int:
     loaded = load(a.model, device=a.device, device_map=a.device_map)
     spec = fit(loaded.model, loaded.tokenizer, src, tgt, a.method, sites, a.strength, a.support, a.causal,
                bs, prov, pooling=a.pooling, knots=a.knots, direction_layer=a.direction_layer,
-               reference=a.reference, lineas=lineas,
+               reference=a.reference, direction=a.direction, lineas=lineas,
                control=control, inner=a.inner, min_accuracy=a.min_accuracy, pca=a.pca, seed=a.seed, joint=a.joint)
     write(spec, out)
     print(f"wrote {out} ({len(spec.sites)} sites, method {a.method}, λ={a.strength:g})")
@@ -243,7 +245,7 @@ def _fit_distributed(a, out, src, tgt, sites, bs, prov, lineas, control) -> int:
     loaded = load(a.model, device=dist.local_device(a.device), device_map=a.device_map)
     spec = fit(loaded.model, loaded.tokenizer, src, tgt, a.method, sites, a.strength, a.support, a.causal,
                bs, prov, pooling=a.pooling, knots=a.knots, direction_layer=a.direction_layer,
-               reference=a.reference, lineas=lineas,
+               reference=a.reference, direction=a.direction, lineas=lineas,
                control=control, inner=a.inner, min_accuracy=a.min_accuracy, pca=a.pca, seed=a.seed, joint=a.joint,
                progress=dist.rank() == 0)
     spec.provenance["world_size"] = int(__import__("os").environ.get("WORLD_SIZE", "1"))

@@ -2,7 +2,7 @@
 with a 64-token KV cache, interleaved in one process (alternating order), medians and ratios; plus
 export time and file size. Writes benchmarks/results/onnx_latency.json.
 
-    python benchmarks/onnx_latency.py [--model llama] [--spec examples/detox.json] [--repeats 15] [--threads 2]
+    python benchmarks/onnx_latency.py [--model llama] [--spec examples/detox_mean_direction.json] [--repeats 15] [--threads 2]
 """
 
 from __future__ import annotations

@@ -56,7 +56,7 @@ def main() -> None:
     ap.add_argument("--source", default=str(HERE / "data" / "selflabel_toxic.txt"))
     ap.add_argument("--target", default=str(HERE / "data" / "selflabel_benign.txt"))
     ap.add_argument("--entries", default=None, help="JSON list of {name, method, sites?, pooling?, grid?, "
-                    "support?, direction_layer?, reference?}; default: every method at its default sites")
+                    "support?, direction_layer?, reference?, direction?}; default: every method at its default sites")
     ap.add_argument("--only", default=None, help="comma-separated entry names to run")
     ap.add_argument("--budget", type=float, default=0.10, help="allowed relative perplexity rise")
     ap.add_argument("--tune-seeds", default="0,1,2,3")
@@ -141,7 +141,8 @@ def main() -> None:
                                       group=e.get("group", 0.0), seed=e.get("seed", 0))
             spec = fit(model, tok, src[:n] if n else src, tgt[:n] if n else tgt, e["method"], sites, 1.0,
                        e.get("support", "none"), True, a.batch_size, {"model": a.model}, pooling=e.get("pooling"),
-                       lineas=lineas, direction_layer=e.get("direction_layer"), reference=e.get("reference", "zero"))
+                       lineas=lineas, direction_layer=e.get("direction_layer"), reference=e.get("reference", "zero"),
+                       direction=e.get("direction"))
             write(spec, spec_path)
             rec["fit_seconds"] = round(time.time() - t0, 1)
             rec["sites"] = len(spec.sites)

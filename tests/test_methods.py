@@ -55,6 +55,31 @@ def test_mean_direction_ablation_removes_the_gap():
     assert gap.abs().max() < 1e-4
 
 
+def test_lda_direction_weighs_units_by_how_well_they_separate():
+    """Unit 0 is an outlier unit (variance 10⁴) with the larger raw mean gap (30 vs 2), unit 1 a
+    quiet unit (variance 1) that separates the sets far better: the mean difference points along
+    unit 0, the discriminant Σ⁻¹(μs − μt) along unit 1, in closed form (30/10⁴ vs 2/1)."""
+    n = 4000
+    noise = torch.randn(2 * n, 3, generator=g, dtype=torch.float64) * torch.tensor([100.0, 1.0, 1.0], dtype=torch.float64)
+    noise -= torch.cat([noise[:n].mean(0, keepdim=True).expand(n, 3), noise[n:].mean(0, keepdim=True).expand(n, 3)])
+    src, tgt = noise[:n] + torch.tensor([30.0, 2.0, 0.0], dtype=torch.float64), noise[n:]
+    assert float(estimators.mean_direction(src, tgt)[0, 0]) > 0.99
+    var = torch.cat([src - src.mean(0), tgt - tgt.mean(0)]).pow(2).mean(0)
+    want = torch.tensor([30.0, 2.0, 0.0], dtype=torch.float64) / var
+    U = estimators.lda_direction(src, tgt)
+    assert torch.allclose(U[:, 0].double(), want / want.norm(), atol=1e-6)
+    assert float(U[1, 0]) > 0.99 and abs(float(U.norm()) - 1) < 1e-6
+
+
+def test_ablate_directions(tokenizer):
+    model = make_llama(seed=14)
+    lda = fit(model, tokenizer, TEXTS[1::2], TEXTS[0::2], "ablate", progress=False)
+    mean = fit(model, tokenizer, TEXTS[1::2], TEXTS[0::2], "ablate", direction="mean", progress=False)
+    assert lda.params["direction"] == "lda" and mean.params["direction"] == "mean"
+    u, v = lda.sites[0][1][0].tensors["U"][:, 0], mean.sites[0][1][0].tensors["U"][:, 0]
+    assert abs(float(u.norm()) - 1) < 1e-5 and abs(float(u @ v)) < 0.999  # two different unit directions
+
+
 def test_affine_ablation_moves_the_component_to_the_target_mean():
     src = torch.randn(300, 5, generator=g) + torch.tensor([0, 3.0, 4.0, 0, 0])
     tgt = torch.randn(300, 5, generator=g) + torch.tensor([1.0, -2.0, 1.0, 0, 5.0])
@@ -144,7 +169,9 @@ def test_monotone_pwl_fits_but_does_not_fold_yet(tmp_path, tokenizer):
                                     ({"method": "ablate", "sites": ["mlp-in"]}, "ablate applies"),
                                     ({"method": "ablate", "reference": "source"}, "--reference"),
                                     ({"method": "caa", "reference": "target"}, "--reference"),
-                                    ({"method": "lineas", "reference": "target"}, "--reference")])
+                                    ({"method": "lineas", "reference": "target"}, "--reference"),
+                                    ({"method": "ablate", "direction": "pca"}, "--direction"),
+                                    ({"method": "caa", "direction": "lda"}, "--direction")])
 def test_method_options_are_checked(tokenizer, kw, msg):
     model = make_llama(seed=0)
     with pytest.raises(BakeError, match=msg):

@@ -21,6 +21,7 @@ from .collect import POOLINGS, LayerReplay, collect
 
 SUPPORTS = ("none", "source-range")
 REFERENCES = ("zero", "target")  # ablate: where the removed component goes
+DIRECTIONS = ("lda", "mean")  # ablate: which direction is removed
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,8 @@ def read_texts(path: str | Path, field: str) -> list[str]:
 def fit(model, tok, source: list[str], target: list[str], method: str, sites: list[str] | None = None,
         strength: float = 1.0, support: str = "none", causal: bool = True, batch_size: int = 16,
         provenance: dict | None = None, pooling: str | None = None, knots: int = 16,
-        direction_layer: int | None = None, reference: str = "zero", lineas=None, progress: bool = True,
+        direction_layer: int | None = None, reference: str = "zero", direction: str | None = None, lineas=None,
+        progress: bool = True,
         control: list[str] | None = None,
         inner: str | Spec | None = None, min_accuracy: float = 0.75, pca: int | None = None, seed: int = 0,
         joint: bool = False) -> Spec:
@@ -94,6 +96,11 @@ def fit(model, tok, source: list[str], target: list[str], method: str, sites: li
         raise BakeError(f"--reference: unknown reference {reference!r} (known: {', '.join(REFERENCES)})")
     if reference != "zero" and method != "ablate":
         raise BakeError(f"--reference: only ablate takes a reference; {method} fits {meth.kind} maps")
+    if direction is not None and method != "ablate":
+        raise BakeError(f"--direction: only ablate takes a direction; {method} fits {meth.kind} maps")
+    direction = direction or DIRECTIONS[0]
+    if direction not in DIRECTIONS:
+        raise BakeError(f"--direction: unknown direction {direction!r} (known: {', '.join(DIRECTIONS)})")
     pooling = pooling or meth.pooling
     if pooling not in POOLINGS:
         raise BakeError(f"--pooling: unknown pooling {pooling!r} (known: {', '.join(POOLINGS)})")
@@ -156,7 +163,7 @@ def fit(model, tok, source: list[str], target: list[str], method: str, sites: li
         return spec
     if method == "ablate":
         return _fit_ablate(model, tok, source, target, spec, infos, catalog, strength, batch_size, direction_layer,
-                           reference, pooling)
+                           reference, pooling, direction)
     opts = {"knots": knots}
     if pipeline:
         from .diffusion import collect_pipeline
@@ -202,10 +209,12 @@ def _check_finite(tensors: dict[str, torch.Tensor], site: str) -> None:
 
 
 def _fit_ablate(model, tok, source, target, spec, infos, catalog, strength, batch_size, direction_layer,
-                reference="zero", pooling="mean") -> Spec:
-    """One direction, u = unit(μs − μt) of the residual stream after `direction_layer` (default: the
-    middle layer), projected out at every chosen site. At every write into the residual stream
-    (attn-out, mlp-out) the projection folds into the writer's weight and bias.
+                reference="zero", pooling="mean", direction="lda") -> Spec:
+    """One direction u of the residual stream after `direction_layer` (default: the middle layer),
+    projected out at every chosen site. At every write into the residual stream (attn-out, mlp-out)
+    the projection folds into the writer's weight and bias. Direction "lda" (default):
+    u = unit(Σ⁻¹(μs − μt)) with Σ the diagonal within-class covariance; "mean": u = unit(μs − μt),
+    the classic abliteration direction, which on SmolLM2-135M lies mostly along one outlier unit.
 
     reference "zero" removes the component: x − λu(u·x). Reference "target" (affine concept
     editing) moves it to the target texts' mean instead, x − λu(u·x − r) with r = u·μt of that
@@ -222,7 +231,7 @@ def _fit_ablate(model, tok, source, target, spec, infos, catalog, strength, batc
     writes = infos if reference == "target" else []  # the writes' target means come from the same pass
     s = collect(model, tok, source, [site], batch_size, desc="source activations", pooling=pooling)[site.name]
     t = collect(model, tok, target, [site] + writes, batch_size, desc="target activations", pooling=pooling)
-    U = estimators.mean_direction(s, t[site.name])
+    U = (estimators.lda_direction if direction == "lda" else estimators.mean_direction)(s, t[site.name])
     _check_finite({"U": U}, site.name)
     for info in infos:
         maps = [Map("projection", float(strength), {"U": U})]
@@ -233,6 +242,7 @@ def _fit_ablate(model, tok, source, target, spec, infos, catalog, strength, batc
         spec.sites.append((info.name, maps))
     spec.params["direction_site"] = site.name
     spec.params["reference"] = reference
+    spec.params["direction"] = direction
     return spec
 
 

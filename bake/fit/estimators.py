@@ -122,6 +122,18 @@ def mean_direction(src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
     return (d / d.norm().clamp_min(1e-12))[:, None].float()
 
 
+def lda_direction(src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+    """The discriminant direction Σ⁻¹(μs − μt), Σ the diagonal within-class covariance (per-unit
+    variance of both sets about their own means), as a unit [units, 1] matrix. Where a few units
+    carry most of the variance (the residual stream's outlier units), the plain mean difference
+    points mostly along them; this one weighs every unit by how well it separates the sets."""
+    s, t = src.double(), tgt.double()
+    var = torch.cat([s - s.mean(0), t - t.mean(0)]).pow(2).mean(0)
+    var = var.clamp_min(1e-12 * float(var.max()) + 1e-30)
+    d = (s.mean(0) - t.mean(0)) / var
+    return (d / d.norm().clamp_min(1e-30))[:, None].float()
+
+
 def reference_shift(tgt: torch.Tensor, U: torch.Tensor) -> dict[str, torch.Tensor]:
     """The additive part of an affine projection toward the target mean: v = U(Uᵀμt), so that
     x − U(Uᵀx) + v = x − U(Uᵀ(x − μt)) (the component along U moves to the target's)."""
