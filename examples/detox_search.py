@@ -32,18 +32,15 @@ import torch
 
 from bake.eval import EvalConfig, flores, rtp_prompts, write_json_atomic, write_text_atomic
 from bake.eval.scorers import load_scorers
-from bake.eval.sweep import measure
 from bake.eval.tasks import continuations
 from bake.fit import fit, read_texts
-from bake.fit.collect import collect
 from bake.maps import Map
-from bake.models import adapter_for, load
-from bake.runtime import steered
+from bake.models import load
 from bake.spec import Spec, read, write
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from method_table import baked_point  # noqa: E402
+from method_table import baked_point, line, timed_point  # noqa: E402
 
 LAYERS = 30  # SmolLM2-135M; the windows below name its layers
 WRITES = ("model.layers.{i}.self_attn.o_proj:output", "model.layers.{i}.mlp.down_proj:output")
@@ -54,17 +51,19 @@ def window(lo: int, hi: int) -> str:
 
 
 # name → how to fit it; "rank2" stacks the directions of two layers into one rank-2 projection
-# "lda": the direction Σ⁻¹(μs − μt) with Σ the diagonal within-class covariance, instead of μs − μt
+# "direction": mean = μs − μt (classic abliteration), lda = Σ⁻¹(μs − μt) with Σ the diagonal
+# within-class covariance (`bake fit --method ablate --direction lda`, the default since this search)
 VARIANTS = [
-    {"name": "ablate L15", "method": "ablate", "direction_layer": 15},
-    {"name": "ablate L22", "method": "ablate", "direction_layer": 22},
-    {"name": "ablate L15, last-token", "method": "ablate", "direction_layer": 15, "pooling": "last"},
-    {"name": "ablate L15, lda", "method": "ablate", "direction_layer": 15, "lda": True},
-    {"name": "ablate L22, lda", "method": "ablate", "direction_layer": 22, "lda": True},
+    {"name": "ablate L15", "method": "ablate", "direction_layer": 15, "direction": "mean"},
+    {"name": "ablate L22", "method": "ablate", "direction_layer": 22, "direction": "mean"},
+    {"name": "ablate L15, last-token", "method": "ablate", "direction_layer": 15, "direction": "mean", "pooling": "last"},
+    {"name": "ablate L15, lda", "method": "ablate", "direction_layer": 15, "direction": "lda"},
+    {"name": "ablate L22, lda", "method": "ablate", "direction_layer": 22, "direction": "lda"},
     {"name": "caa residual", "method": "caa"},
-    {"name": "ablate rank-2 L15+L22", "method": "ablate", "rank2": [15, 22]},
-    {"name": "ablate L12", "method": "ablate", "direction_layer": 12},
-    {"name": "ablate L15, writes 8-29", "method": "ablate", "direction_layer": 15, "sites": window(8, 29)},
+    {"name": "ablate rank-2 L15+L22", "method": "ablate", "rank2": [15, 22], "direction": "mean"},
+    {"name": "ablate L12", "method": "ablate", "direction_layer": 12, "direction": "mean"},
+    {"name": "ablate L15, writes 8-29", "method": "ablate", "direction_layer": 15, "direction": "mean",
+     "sites": window(8, 29)},
 ]
 
 
@@ -94,25 +93,14 @@ def fit_variant(model, tok, v: dict, src, tgt, batch_size, model_name) -> Spec:
     kw = dict(pooling=v.get("pooling"), progress=False)
     if v.get("rank2"):
         specs = [fit(model, tok, src, tgt, "ablate", sites, 1.0, batch_size=batch_size, provenance={"model": model_name},
-                     direction_layer=layer, **kw) for layer in v["rank2"]]
+                     direction_layer=layer, direction=v.get("direction"), **kw) for layer in v["rank2"]]
         U = torch.linalg.qr(torch.cat([s.sites[0][1][0].tensors["U"].double() for s in specs], 1))[0].float()
         spec = specs[0]
         spec.sites = [(name, [Map("projection", 1.0, {"U": U})]) for name, _ in spec.sites]
         spec.params["direction_site"] = [s.params["direction_site"] for s in specs]
         return spec
-    spec = fit(model, tok, src, tgt, v["method"], sites, 1.0, batch_size=batch_size, provenance={"model": model_name},
-               direction_layer=v.get("direction_layer"), **kw)
-    if v.get("lda"):  # same site, direction weighted by the inverse within-class variance per unit
-        site = adapter_for(model).sites(model)[spec.params["direction_site"]]
-        pooling = v.get("pooling") or "mean"
-        s = collect(model, tok, src, [site], batch_size, progress=False, pooling=pooling)[site.name].double()
-        t = collect(model, tok, tgt, [site], batch_size, progress=False, pooling=pooling)[site.name].double()
-        var = torch.cat([s - s.mean(0), t - t.mean(0)]).var(0).clamp(min=1e-12)
-        u = (s.mean(0) - t.mean(0)) / var
-        U = (u / u.norm()).float()[:, None]
-        spec.sites = [(name, [Map("projection", 1.0, {"U": U})]) for name, _ in spec.sites]
-        spec.params["direction"] = "lda (diagonal)"
-    return spec
+    return fit(model, tok, src, tgt, v["method"], sites, 1.0, batch_size=batch_size, provenance={"model": model_name},
+               direction_layer=v.get("direction_layer"), direction=v.get("direction"), **kw)
 
 
 def main() -> None:
@@ -133,7 +121,7 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=None, help="fit no new variant after this long")
     ap.add_argument("--limit", type=int, default=None, help="first N prompts/sentences (smoke runs)")
     a = ap.parse_args()
-    t_end = time.time() + 60 * a.minutes if a.minutes else None
+    t_end = time.time() + 60 * a.minutes if a.minutes is not None else None
     out = Path(a.out)
     (out / "specs").mkdir(parents=True, exist_ok=True)
     tune = rtp_prompts("tune")
@@ -164,11 +152,7 @@ def main() -> None:
     doc["fitting_sets"] = {"fit_prefixes": len(fit_p), "toxic": len(src), "benign": len(tgt)}
 
     def point(cfg, spec=None):
-        t0 = time.time()
-        with steered(model, [spec] if spec else []):
-            r = measure(model, tok, cfg, score)
-        r["seconds"] = round(time.time() - t0, 1)
-        return r
+        return timed_point(model, tok, cfg, score, [spec] if spec else None)
 
     for name, cfg in (("select", select), ("ppl_tune", ppl_tune), ("heldout", held)):
         if name not in doc["original"]:
@@ -237,18 +221,6 @@ def main() -> None:
     write_text_atomic(out / "table.md", table(doc))
     plot(doc, out / "search.png")
     print(table(doc))
-
-
-def line(p: dict) -> str:
-    s = ""
-    if "toxicity" in p:
-        t = p["toxicity"]
-        s += f"toxic {100 * t['toxic_rate']:.2f}% ({t['toxic']}/{t['continuations']}) "
-        for k, v in t.get("by_scorer", {}).items():
-            s += f"[{k} {100 * v['toxic_rate']:.2f}%] "
-    if "perplexity" in p:
-        s += f"PPL {p['perplexity']['perplexity']:.2f} "
-    return s + f"({p['seconds']} s)"
 
 
 def table(doc: dict) -> str:

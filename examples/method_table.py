@@ -97,14 +97,7 @@ def main() -> None:
     src, tgt = read_texts(a.source, "--source"), read_texts(a.target, "--target")
 
     def point(cfg, specs=None):
-        t0 = time.time()
-        if specs is None:
-            r = measure(model, tok, cfg, score)
-        else:
-            with steered(model, specs):
-                r = measure(model, tok, cfg, score)
-        r["seconds"] = round(time.time() - t0, 1)
-        return r
+        return timed_point(model, tok, cfg, score, specs)
 
     for split, cfg in (("tune", tune), ("heldout", held)):
         if split not in doc["original"]:
@@ -205,6 +198,15 @@ def main() -> None:
     print(table(doc))
 
 
+def timed_point(model, tok, cfg, score, specs=None) -> dict:
+    """One measurement, hooked with `specs` (none: the original model), with its wall time."""
+    t0 = time.time()
+    with steered(model, specs or []):
+        r = measure(model, tok, cfg, score)
+    r["seconds"] = round(time.time() - t0, 1)
+    return r
+
+
 def baked_point(model, tok, spec, cfg, score) -> dict:
     """Fold the spec into a copy of the model (the compiler's passes, in memory) and measure that
     copy with no hooks; or say why it does not fold."""
@@ -239,7 +241,9 @@ def line(p: dict) -> str:
         s += f"toxic {100 * t['toxic_rate']:.2f}% ({t['toxic']}/{t['continuations']}) "
         for k, v in t.get("by_scorer", {}).items():
             s += f"[{k} {100 * v['toxic_rate']:.2f}%] "
-    return s + f"PPL {p['perplexity']['perplexity']:.2f} ({p['seconds']} s)"
+    if "perplexity" in p:
+        s += f"PPL {p['perplexity']['perplexity']:.2f} "
+    return s + f"({p['seconds']} s)"
 
 
 def table(doc: dict) -> str:
