@@ -32,22 +32,26 @@ def content_mask(mask: torch.Tensor) -> torch.Tensor:
     return keep
 
 
-def _pool(x: torch.Tensor, mask: torch.Tensor, how: str = "mean") -> torch.Tensor:
-    """Pool over non-pad tokens (right padding): [B, T, d] with mask [B, T] → [B, d] float32, CPU.
+def pool_tokens(x: torch.Tensor, mask: torch.Tensor, how: str = "mean") -> torch.Tensor:
+    """Differentiable pooling over non-pad tokens (right padding): [B, T, d] with mask [B, T] →
+    [B, d], on x's device and in its dtype.
 
     mean: average of the tokens after the first (see content_mask); last: the last token;
     max: per-unit maximum over the tokens after the first.
     """
     if how == "mean":
         m = content_mask(mask).to(x.dtype)[..., None]
-        out = (x * m).sum(1) / m.sum(1)
-    elif how == "last":
-        out = x[torch.arange(x.shape[0], device=x.device), mask.sum(1) - 1]
-    elif how == "max":
-        out = x.masked_fill(~content_mask(mask)[..., None], float("-inf")).max(1).values
-    else:
-        raise ValueError(how)
-    return out.float().cpu()
+        return (x * m).sum(1) / m.sum(1)
+    if how == "last":
+        return x[torch.arange(x.shape[0], device=x.device), mask.sum(1) - 1]
+    if how == "max":
+        return x.masked_fill(~content_mask(mask)[..., None], float("-inf")).max(1).values
+    raise ValueError(how)
+
+
+def _pool(x: torch.Tensor, mask: torch.Tensor, how: str = "mean") -> torch.Tensor:
+    """pool_tokens, detached to float32 on the CPU (what collection keeps)."""
+    return pool_tokens(x, mask, how).float().cpu()
 
 
 def _batches(tok, texts: list[str], batch_size: int, desc: str = "", progress: bool = False):

@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import BakeError
-from .collect import _batches, _Enough, collect, content_mask
+from .collect import _batches, _Enough, collect, pool_tokens
 
 OPTIMIZERS = ("adam", "sgd")
 
@@ -60,17 +60,6 @@ class LineasConfig:
                             f"({n_source} source, {n_target} target)")
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise BakeError(f"--max-minutes: must be positive, got {self.max_minutes}")
-
-
-def _pool(x: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
-    """Differentiable pooling over non-pad tokens, the first (attention sink) left out as in
-    collect: [B, T, d] → [B, d] (on x's device)."""
-    if how == "mean":
-        m = content_mask(mask).to(x.dtype)[..., None]
-        return (x * m).sum(1) / m.sum(1)
-    if how == "last":
-        return x[torch.arange(x.shape[0], device=x.device), mask.sum(1) - 1]
-    return x.masked_fill(~content_mask(mask)[..., None], float("-inf")).max(1).values
 
 
 def prox(a: torch.Tensor, b: torch.Tensor, l1: float, group: float, lr: float) -> None:
@@ -175,7 +164,7 @@ def train(model, tok, source: list[str], target: list[str], infos, cfg: LineasCo
             if w is not None:
                 g = torch.sigmoid(x @ w.to(x.dtype) + c.to(x.dtype)).unsqueeze(-1)
                 y = x + g * (y - x)
-            pooled[k] = _pool(y.float(), mask_box[0], cfg.pooling)
+            pooled[k] = pool_tokens(y.float(), mask_box[0], cfg.pooling)
             return y
 
         if side == "output":
