@@ -26,6 +26,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def torchrun(args: list[str], env: dict) -> subprocess.CompletedProcess:
+    """`python -m torch.distributed.run --nproc_per_node 2 -m bake ARGS`. A launch in which a rank
+    aborted with "terminate called without an active exception" (a C++ std::terminate outside any
+    Python code: seen once in 21 runs of the DSAS-joint case here, in a full-suite run, never
+    again in 20 runs of that test alone) is run once more on a fresh port; any other failure is
+    returned as is."""
+    for _ in range(2):
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                               "--master_port", str(free_port()), "-m", "bake"] + args, env=env,
+                              capture_output=True, text=True, timeout=300)
+        if proc.returncode == 0 or "terminate called without an active exception" not in proc.stderr:
+            break
+    return proc
+
+
 def fit_args(tiny_dir, tmp_path, method: str, out: Path) -> list[str]:
     (tmp_path / "src.txt").write_text("\n".join(TOXIC) + "\n")
     (tmp_path / "tgt.txt").write_text("\n".join(KIND) + "\n")
@@ -40,10 +55,7 @@ def test_two_ranks_equal_one_process(tiny_dir, tmp_path, method):
     single = subprocess.run([sys.executable, "-m", "bake"] + fit_args(tiny_dir, tmp_path, method, one), env=env,
                             capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr[-2000:]
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", str(free_port()), "-m", "bake"]
-                          + fit_args(tiny_dir, tmp_path, method, two), env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = torchrun(fit_args(tiny_dir, tmp_path, method, two), env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 processes" in proc.stdout
     a, b = read(one), read(two)
@@ -81,10 +93,7 @@ def test_lineas_under_ddp_equals_one_process_accumulating(tiny_dir, tmp_path, ex
     single = subprocess.run([sys.executable, "-m", "bake"] + fit_args(tiny_dir, tmp_path, "mean-act", one) + common
                             + ["--accumulate", "2"], env=env, capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr[-2000:]
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", str(free_port()), "-m", "bake"]
-                          + fit_args(tiny_dir, tmp_path, "mean-act", two) + common, env=env, capture_output=True,
-                          text=True, timeout=300)
+    proc = torchrun(fit_args(tiny_dir, tmp_path, "mean-act", two) + common, env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = read(one), read(two)
     run_a, run_b = a.params["run"], b.params["run"]
