@@ -120,3 +120,33 @@ def test_real_onnx_export_verify_and_diff(tmp_path):
     d = json.loads((tmp_path / "d.json").read_text())
     assert d["format"] == "onnx" and 0 < d["summary"]["kl_mean"] < 0.5 and d["summary"]["top1_agreement"] >= 0.5
     assert "<table>" in (tmp_path / "d.html").read_text()
+
+
+def test_pooling_leaves_out_the_attention_sink_and_lda_spreads_over_units():
+    """SmolLM2's first token is an attention sink: after layer 15 its outlier unit is hundreds of
+    times larger than on any other token. Pooled means must not carry it (they did, as 1/length,
+    before), and the ablate direction (diagonal LDA) must not collapse onto that unit, on the
+    vendored detox fitting sets."""
+    import torch
+
+    from bake.fit import fit, read_texts
+    from bake.fit.collect import collect
+    from bake.models import adapter_for, load
+
+    loaded = load("llama")
+    model, tok = loaded.model, loaded.tokenizer
+    site = adapter_for(model).sites(model)["model.layers.15:output"]
+    texts = ["Hello there, how are you today?", "The cat sat.", "A much longer sentence about the weather "
+             "in the mountains, which changes quickly and without warning in the spring."]
+    pooled = collect(model, tok, texts, [site], batch_size=3, progress=False)[site.name]
+    with torch.no_grad():
+        first = model(**tok(texts[1], return_tensors="pt"), output_hidden_states=True).hidden_states[16][0, 0]
+    unit = int(first.abs().argmax())
+    assert first[unit].abs() > 1000  # the sink is there
+    assert pooled[:, unit].abs().max() < first[unit].abs() / 20  # and no pooled mean carries it
+    data = ROOT / "examples" / "data"
+    src = read_texts(data / "detox_fit_toxic.txt", "src")[:96]
+    tgt = read_texts(data / "detox_fit_benign.txt", "tgt")[:96]
+    spec = fit(model, tok, src, tgt, "ablate", direction_layer=15, progress=False)
+    u = spec.sites[0][1][0].tensors["U"][:, 0]
+    assert spec.params["direction"] == "lda" and float(u.abs().max()) < 0.5

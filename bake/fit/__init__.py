@@ -163,7 +163,7 @@ def fit(model, tok, source: list[str], target: list[str], method: str, sites: li
         return spec
     if method == "ablate":
         return _fit_ablate(model, tok, source, target, spec, infos, catalog, strength, batch_size, direction_layer,
-                           reference, pooling, direction)
+                           reference, pooling, direction, progress)
     opts = {"knots": knots}
     if pipeline:
         from .diffusion import collect_pipeline
@@ -209,7 +209,7 @@ def _check_finite(tensors: dict[str, torch.Tensor], site: str) -> None:
 
 
 def _fit_ablate(model, tok, source, target, spec, infos, catalog, strength, batch_size, direction_layer,
-                reference="zero", pooling="mean", direction="lda") -> Spec:
+                reference="zero", pooling="mean", direction="lda", progress=True) -> Spec:
     """One direction u of the residual stream after `direction_layer` (default: the middle layer),
     projected out at every chosen site. At every write into the residual stream (attn-out, mlp-out)
     the projection folds into the writer's weight and bias. Direction "lda" (default):
@@ -229,8 +229,10 @@ def _fit_ablate(model, tok, source, target, spec, infos, catalog, strength, batc
             raise BakeError(f"--sites: {info.name} has {info.units} units, the residual stream has {site.units}; "
                             f"ablate applies to residual writes (attn-out, mlp-out)")
     writes = infos if reference == "target" else []  # the writes' target means come from the same pass
-    s = collect(model, tok, source, [site], batch_size, desc="source activations", pooling=pooling)[site.name]
-    t = collect(model, tok, target, [site] + writes, batch_size, desc="target activations", pooling=pooling)
+    s = collect(model, tok, source, [site], batch_size, desc="source activations", pooling=pooling,
+                progress=progress)[site.name]
+    t = collect(model, tok, target, [site] + writes, batch_size, desc="target activations", pooling=pooling,
+                progress=progress)
     U = (estimators.lda_direction if direction == "lda" else estimators.mean_direction)(s, t[site.name])
     _check_finite({"U": U}, site.name)
     for info in infos:
