@@ -76,6 +76,9 @@ def test_ablate_directions(tokenizer):
     lda = fit(model, tokenizer, TEXTS[1::2], TEXTS[0::2], "ablate", progress=False)
     mean = fit(model, tokenizer, TEXTS[1::2], TEXTS[0::2], "ablate", direction="mean", progress=False)
     assert lda.params["direction"] == "lda" and mean.params["direction"] == "mean"
+    big = lda.params["largest_unit"]  # recorded for the CLI's warning about outlier-unit directions
+    U = lda.sites[0][1][0].tensors["U"][:, 0]
+    assert big["unit"] == int(U.abs().argmax()) and abs(big["weight"] - float(U.abs().max())) < 1e-4
     u, v = lda.sites[0][1][0].tensors["U"][:, 0], mean.sites[0][1][0].tensors["U"][:, 0]
     assert abs(float(u.norm()) - 1) < 1e-5 and abs(float(u @ v)) < 0.999  # two different unit directions
 

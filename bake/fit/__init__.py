@@ -245,6 +245,8 @@ def _fit_ablate(model, tok, source, target, spec, infos, catalog, strength, batc
     spec.params["direction_site"] = site.name
     spec.params["reference"] = reference
     spec.params["direction"] = direction
+    top = int(U[:, 0].abs().argmax())  # a direction that is mostly one unit is an outlier unit, not a concept
+    spec.params["largest_unit"] = {"unit": top, "weight": round(float(U[top, 0].abs()), 4)}
     return spec
 
 
