@@ -234,13 +234,6 @@ def cmd_fit(a) -> int:
         acc = spec.params["detector_accuracy"]
         print(f"dsas: kept {spec.params['kept_sites']}/{spec.params['candidate_sites']} sites (held-out detector "
               f"accuracy ≥ {a.min_accuracy:g}; range {min(acc.values()):.2f}–{max(acc.values()):.2f})")
-    if a.method == "ablate":
-        big = spec.params["largest_unit"]
-        print(f"ablate: {spec.params['direction']} direction from {spec.params['direction_site']}; largest unit weight "
-              f"{big['weight']:.2f} (unit {big['unit']})")
-        if big["weight"] > 0.5:
-            print(f"ablate: warning: the direction is mostly unit {big['unit']} (an outlier unit removes more than a "
-                  f"concept{'; try --direction lda' if spec.params['direction'] == 'mean' else ''})")
     if a.method == "lineas" or (a.method == "dsas" and a.joint):
         r = spec.params["run"]
         print(f"lineas: {r['steps_run']} steps in {r['seconds']} s ({r['stopped_by']}), loss {r['loss_first']:.4g} → "
