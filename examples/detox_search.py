@@ -88,6 +88,17 @@ def self_label(model, tok, prompts, seeds, batch_size, score, out: Path, benign_
     return toxic, benign
 
 
+def budget_edge(ppl_at, limit: float, lo: float, hi: float, cap: float, steps: int) -> float:
+    """The largest λ whose perplexity stays ≤ limit: double hi until it leaves (or reaches cap),
+    then bisect `steps` times on perplexity alone (assumed to rise with λ)."""
+    while ppl_at(hi) <= limit and hi < cap:
+        lo, hi = hi, hi * 2
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if ppl_at(mid) <= limit else (lo, mid)
+    return float(f"{lo:.4g}")
+
+
 def fit_variant(model, tok, v: dict, src, tgt, batch_size, model_name) -> Spec:
     sites = v["sites"].split(",") if v.get("sites") else None
     kw = dict(pooling=v.get("pooling"), progress=False)
@@ -186,14 +197,8 @@ def main() -> None:
                 save()
             return rec["ppl"][key]
 
-        if "edge" not in rec:  # bracket the edge by doubling, then bisect on perplexity alone
-            lo, hi = 0.0, 0.02
-            while ppl_at(hi) <= limit and hi < 64:
-                lo, hi = hi, hi * 2
-            for _ in range(7):
-                mid = (lo + hi) / 2
-                lo, hi = (mid, hi) if ppl_at(mid) <= limit else (lo, mid)
-            rec["edge"] = float(f"{lo:.4g}")
+        if "edge" not in rec:
+            rec["edge"] = budget_edge(ppl_at, limit, 0.0, 0.02, cap=64, steps=7)
             save()
         if "select" not in rec and rec["edge"] > 0:
             rec["select"] = point(select, spec.with_strength(rec["edge"]))

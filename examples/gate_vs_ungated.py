@@ -19,6 +19,7 @@ from bake.eval.scorers import load_scorers
 from bake.fit import fit, read_texts
 from bake.models import load
 from bake.spec import read, write
+from detox_search import budget_edge  # noqa: E402
 from method_table import timed_point  # noqa: E402
 
 OUT = Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/gate_vs_ungated")
@@ -62,14 +63,8 @@ def ppl_at(lam: float) -> float:
     return doc["ppl"][k]
 
 
-if "edge" not in doc:
-    lo, hi = 1.39, 2.78  # the gate is open about half the time: start above the ungated λ
-    while ppl_at(hi) <= limit and hi < 20:
-        lo, hi = hi, hi * 2
-    for _ in range(5):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if ppl_at(mid) <= limit else (lo, mid)
-    doc["edge"] = float(f"{lo:.4g}")
+if "edge" not in doc:  # the gate is open about half the time: start above the ungated λ
+    doc["edge"] = budget_edge(ppl_at, limit, 1.39, 2.78, cap=20, steps=5)
     save()
 if "ungated_tune_ppl" not in doc:
     doc["ungated_tune_ppl"] = timed_point(model, tok, ppl_tune, score, [lda])["perplexity"]["perplexity"]
