@@ -48,7 +48,9 @@ def _p_fit(sub):
     g.add_argument("--steps", type=int, default=1000)
     g.add_argument("--lr", type=float, default=1e-2)
     g.add_argument("--optimizer", default="adam", help="adam | sgd (cosine decay either way)")
-    g.add_argument("--l1", type=float, default=0.0, help="per-unit L1 on a − 1 and b (proximal)")
+    g.add_argument("--l1", type=float, default=0.0, help="per-unit L1 on a − 1 and b (proximal). With Adam a unit "
+                   "moves about lr per step, so --l1 acts between 0 and 1 (≥ 1 leaves every unit identity); on "
+                   "SmolLM2 post-norms 0.9 kept 22 %% of the units, 0.97 under 1 %%")
     g.add_argument("--group", type=float, default=0.0, help="per-site L2 group penalty, weighted by √d (proximal)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--accumulate", type=int, default=1, help="micro-batches per step and process (gradient "
@@ -239,6 +241,8 @@ def cmd_fit(a) -> int:
         print(f"lineas: {r['steps_run']} steps in {r['seconds']} s ({r['stopped_by']}), loss {r['loss_first']:.4g} → "
               f"{r['loss_last']:.4g}; active units {r['active_units']}/{r['units']}, "
               f"active sites {r['active_sites']}/{r['sites']}")
+        if r["active_units"] == 0:
+            print("lineas: warning: every unit is the identity, so the spec does nothing; lower --l1/--group")
     return 0
 
 

@@ -136,6 +136,11 @@ def test_lineas_bad_input(tmp_path, tokenizer, capsys):
     code = main(base + ["--source", str(tmp_path / "a.txt"), "--target", str(tmp_path / "b.txt"), "--steps", "5",
                         "--optimizer", "sgd"])
     assert code == 0 and "active units" in capsys.readouterr().out
+    # with Adam a unit moves about lr per step: an l1 of 5 thresholds every step away, and the CLI says so
+    code = main(base + ["--source", str(tmp_path / "a.txt"), "--target", str(tmp_path / "b.txt"), "--steps", "5",
+                        "--l1", "5"])
+    out = capsys.readouterr().out
+    assert code == 0 and "active units 0/" in out and "every unit is the identity" in out
 
 
 # -- spec algebra ---------------------------------------------------------------------------------
