@@ -36,6 +36,7 @@ from method_table import line, timed_point  # noqa: E402
 ENTRIES = [
     {"name": "lineas dense", "method": "lineas"},
     {"name": "lineas l1 0.92 group 0.02", "method": "lineas", "l1": 0.92, "group": 0.02, "hi": 4.0},
+    {"name": "lineas l1 0.945 group 0.02", "method": "lineas", "l1": 0.945, "group": 0.02, "hi": 4.0},
     {"name": "linear-act", "method": "linear-act"},
 ]
 N_FIT = 32
