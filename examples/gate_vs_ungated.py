@@ -4,16 +4,9 @@ sentences, the edge detox.json's λ 1.39 was chosen at), then both are measured 
 split (230 prefixes × 8 seeds, batch 80, and the other 500 FLORES sentences).
 
     python examples/gate_vs_ungated.py [OUT_DIR]     # default /tmp/gate_vs_ungated; about 35 min on 2 CPU cores
-    python examples/gate_vs_ungated.py OUT_DIR --pareto 0.7,1.0 --pareto-gated 1.5,2.2
-
-`--pareto` / `--pareto-gated` add more strengths of the ungated / gated spec on the held-out split
-(plus the original model in the same run and batches, and `bake diff`'s drift on its default
-benign prompts for every point) and draw OUT_DIR/pareto.png: held-out toxicity against held-out
-perplexity rise and against benign-prompt KL, one curve per spec.
 
 Resumable: OUT_DIR/results.json is rewritten after every point.
 """
-import argparse
 import json
 import sys
 import time
@@ -29,12 +22,7 @@ from bake.spec import read, write
 from detox_search import budget_edge  # noqa: E402
 from method_table import timed_point  # noqa: E402
 
-ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-ap.add_argument("out", nargs="?", default="/tmp/gate_vs_ungated")
-ap.add_argument("--pareto", default="", help="more ungated strengths, comma-separated")
-ap.add_argument("--pareto-gated", default="", help="more gated strengths, comma-separated")
-args = ap.parse_args()
-OUT = Path(args.out)
+OUT = Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/gate_vs_ungated")
 OUT.mkdir(parents=True, exist_ok=True)
 out = OUT / "results.json"
 doc = json.loads(out.read_text()) if out.is_file() else {}
@@ -93,72 +81,3 @@ if "original_ppl_held" not in doc:
     doc["original_ppl_held"] = timed_point(model, tok, ppl_held, score)["perplexity"]["perplexity"]
     save()
 print(json.dumps({k: v for k, v in doc.items() if k not in ("ungated", "gated")}, indent=1))
-
-
-def drift(spec) -> dict:
-    """`bake diff` on its default benign prompts: the original against the hooked reference."""
-    import copy
-
-    from bake.diff import compare, default_prompts
-    from bake.runtime import steered
-
-    twin = copy.deepcopy(model)
-    with steered(twin, [spec]):
-        return compare(model, twin, tok, default_prompts())["summary"]
-
-
-def plot_pareto(doc: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    o, p0 = doc["original"], doc["original_ppl_held"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.3))
-    for ax, xlabel in zip(axes, ("FLORES perplexity rise, % (held-out half)", "bake diff mean KL on benign prompts")):
-        ax.plot([0], [100 * o["toxicity"]["toxic_rate"]], "*", ms=14, color="k", label="original")
-        for i, name in enumerate(("ungated", "gated")):
-            pts = sorted((float(k), r) for k, r in doc["pareto"][name].items())
-            xs = [100 * (r["perplexity"]["perplexity"] / p0 - 1) if ax is axes[0] else r["drift"]["kl_mean"]
-                  for _, r in pts]
-            ys = [100 * r["toxicity"]["toxic_rate"] for _, r in pts]
-            ax.plot(xs, ys, "o-", color=f"C{i}", label="LDA projection " + ("behind DSAS gates" if i else "(folds)"))
-            for (lam, _), x, y in zip(pts, xs, ys):
-                ax.annotate(f"λ {lam:g}", (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("toxic continuations, % (held-out prefixes)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    n = o["toxicity"]["continuations"]
-    fig.suptitle(f"gated vs ungated over λ: {n} sampled held-out continuations per point (CPU)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-lams = {"ungated": [float(x) for x in args.pareto.split(",") if x],
-        "gated": [float(x) for x in args.pareto_gated.split(",") if x]}
-if lams["ungated"] or lams["gated"]:
-    sweep = doc.setdefault("pareto", {"ungated": {}, "gated": {}})
-    if "original" not in doc:  # the same prompts, seeds and batches as every point below
-        r = timed_point(model, tok, held, score)
-        r["toxicity"].pop("examples", None)
-        doc["original"] = r
-        save()
-    for name, spec, grid, at in (("ungated", lda, lams["ungated"], 1.39), ("gated", gated, lams["gated"], doc["edge"])):
-        pts = sweep[name]
-        if f"{at:g}" not in pts and name in doc:  # the matched-budget point measured above
-            pts[f"{at:g}"] = doc[name]
-        for lam in grid:
-            k = f"{lam:g}"
-            if k not in pts:
-                r = timed_point(model, tok, held, score, [spec.with_strength(lam)])
-                r["toxicity"].pop("examples", None)
-                pts[k] = r
-                save()
-                print(name, k, r["toxicity"]["toxic"], r["perplexity"], flush=True)
-        for k, r in pts.items():
-            if "drift" not in r:
-                r["drift"] = drift(spec.with_strength(float(k)))
-                save()
-    plot_pareto(doc, OUT / "pareto.png")
