@@ -47,7 +47,6 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("out")
     ap.add_argument("--only", default=None, help="entry names separated by semicolons")
-    ap.add_argument("--extra", default=None, help="JSON list of more entries {name, method, l1?, group?, hi?}")
     ap.add_argument("--fit-only", action="store_true")
     ap.add_argument("--threads", type=int, default=None)
     a = ap.parse_args()
@@ -55,7 +54,7 @@ def main() -> None:
         torch.set_num_threads(a.threads)
     out = Path(a.out)
     (out / "specs").mkdir(parents=True, exist_ok=True)
-    entries = ENTRIES + (json.loads(a.extra) if a.extra else [])
+    entries = ENTRIES
     if a.only:
         keep = set(a.only.split(";"))
         entries = [e for e in entries if e["name"] in keep]
