@@ -33,7 +33,7 @@ def _p_fit(sub):
     p.add_argument("--support", default="none", help="none | source-range (affine maps act only inside it)")
     p.add_argument("--no-causal", dest="causal", action="store_false",
                    help="fit every site on clean activations instead of in graph order with earlier maps on")
-    p.add_argument("--batch-size", type=int, default=None, help="texts per batch (default 16; LinEAS: per step, default 8)")
+    p.add_argument("--batch-size", type=int, default=None, help="texts per batch (default 16; LinEAS and DSAS --joint: per step, default 8)")
     d = p.add_argument_group("dsas (gated steering)")
     d.add_argument("--control", default=None, help="neutral texts the gate should leave alone, one per line")
     d.add_argument("--inner", default=None, help="the map to gate: a spec file, or a method name fitted on "
@@ -195,10 +195,11 @@ def cmd_fit(a) -> int:
     if a.target is not None:
         prov["target"] = describe_file(a.target, len(tgt))
     lineas = None
-    bs = a.batch_size if a.batch_size is not None else (8 if a.method == "lineas" else 16)
+    trains = a.method == "lineas" or (a.method == "dsas" and a.joint)  # end-to-end: a per-step batch
+    bs = a.batch_size if a.batch_size is not None else (8 if trains else 16)
     if bs < 1:
         raise BakeError(f"--batch-size: must be at least 1, got {bs}")
-    if a.method == "lineas" or (a.method == "dsas" and a.joint):
+    if trains:
         from .fit.lineas import LineasConfig
 
         if a.method == "dsas" and not (a.retain >= 0 and a.retain == a.retain):

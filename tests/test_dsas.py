@@ -142,3 +142,20 @@ def test_joint_gates_keep_control_texts_in_place(setup):
     write(joint, tmp / "joint.json")
     res = compile.apply(str(src), [str(tmp / "joint.json")], tmp / "jout", insert_modules=True, log=lambda *_: None)
     assert res.verification["passed"]
+
+
+def test_joint_cli_trains_like_lineas(setup, capsys):
+    """`bake fit --method dsas --joint` samples LinEAS's per-step batch (8 by default, not the
+    activation-collection batch of 16) and records its training settings in the spec."""
+    tmp, src, _, _ = setup
+    base = ["fit", "--model", str(src), "--method", "dsas", "--joint", "--source", str(tmp / "s.txt"),
+            "--target", str(tmp / "t.txt"), "--control", str(tmp / "c.txt"), "--steps", "2",
+            "--out", str(tmp / "j.json")]
+    assert main(base + ["--retain", "-1"]) == 2 and "--retain" in capsys.readouterr().err
+    assert not (tmp / "j.json").exists()
+    assert main(base) == 0
+    p = read(tmp / "j.json").params
+    assert (p["joint"], p["batch_size"], p["steps"], p["optimizer"], p["retain"]) == (True, 8, 2, "adam", 1.0)
+    assert main(base + ["--batch-size", "4", "--retain", "0.5"]) == 0
+    p = read(tmp / "j.json").params
+    assert (p["batch_size"], p["retain"]) == (4, 0.5)

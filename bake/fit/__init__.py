@@ -141,7 +141,8 @@ def fit(model, tok, source: list[str], target: list[str], method: str, sites: li
             _check_finite(t, info.name)
             inner_map = Map("affine", 1.0, {"a": t["a"], "b": t["b"]})
             spec.sites.append((info.name, [Map("gated", float(strength), {"w": t["w"], "c": t["c"]}, inner=inner_map)]))
-        spec.params.update({"joint": True, "steps": cfg.steps, "lr": cfg.lr, "retain": cfg.retain, "seed": cfg.seed,
+        spec.params.update({"joint": True, "steps": cfg.steps, "lr": cfg.lr, "optimizer": cfg.optimizer,
+                            "batch_size": cfg.batch_size, "retain": cfg.retain, "seed": cfg.seed,
                             "run": summary})
         spec.provenance["n_control"] = len(control)
         return spec
