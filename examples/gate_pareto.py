@@ -14,8 +14,17 @@ The curves:
 - gated: the same projection behind DSAS gates (`examples/results/gate_vs_ungated/dsas.json`,
   46 of 60 sites, fitted by `examples/gate_vs_ungated.py`) at λ ∈ GATED (2.954 matched 1.39's
   tuning perplexity);
-- joint (optional, `--joint SPEC`): gates and per-unit maps trained together (`bake fit --method
-  dsas --joint`), at λ ∈ JOINT.
+- joint (optional, `--joint SPEC`): gates and per-unit maps trained together, at λ ∈ JOINT. The
+  published one (`examples/results/gate_pareto/specs/joint.json`) is
+
+      head -32 examples/data/selflabel_toxic.txt > src.txt
+      head -32 examples/data/selflabel_benign.txt > tgt.txt
+      sed -n 33,96p examples/data/selflabel_benign.txt > ctrl.txt
+      OMP_NUM_THREADS=1 bake fit --model llama --method dsas --joint --source src.txt \
+          --target tgt.txt --control ctrl.txt --steps 600 --out joint.json
+
+  (the same 32 + 32 texts as the LinEAS fits of examples/results/lineas_cpu/, 64 other benign
+  texts as the retain set).
 
 Points are independent (one file each under OUT_DIR/points/): run two processes side by side with
 `--threads 1 --only ...`, then `--report`.
@@ -43,7 +52,7 @@ from method_table import timed_point  # noqa: E402
 
 UNGATED = [0.9, 1.39, 1.9]
 GATED = [2.4, 2.954, 3.3]
-JOINT = [0.5, 1.0]
+JOINT = [1.0, 2.0]
 GATED_SPEC = HERE / "results" / "gate_vs_ungated" / "dsas.json"
 
 
@@ -95,10 +104,12 @@ def report(out: Path) -> None:
     for r in rs:
         red = orig["toxic"] / r["toxic"] if r["toxic"] else float("inf")
         d = (f"+{100 * (r['ppl'] / orig['ppl'] - 1):.1f} %", f"+{100 * (r['tune_ppl'] / orig['tune_ppl'] - 1):.1f} %")
-        lines.append(f"| {r["curve"]} | {r["lam"]:g} | {100 * r['toxic'] / r['n']:.2f} ({r['toxic']}/{r['n']}) | "
+        lam = "–" if r is orig else f"{r['lam']:g}"
+        drift = "–" if r is orig else f"{r['kl']:.3f} / {r['top1']:.3f}"
+        lines.append(f"| {r['curve']} | {lam} | {100 * r['toxic'] / r['n']:.2f} ({r['toxic']}/{r['n']}) | "
                      f"{red:.1f}× | {100 * r['hatesonar'] / r['n']:.2f} | {r['ppl']:.2f} | "
                      f"{d[0] if r is not orig else '–'} | {d[1] if r is not orig else '–'} | "
-                     f"{r['kl']:.3f} / {r['top1']:.3f} |")
+                     f"{drift} |")
     (out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -109,6 +120,7 @@ def report(out: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     style = {"ungated": ("tab:blue", "o"), "gated": ("tab:orange", "s"), "joint": ("tab:green", "^")}
+    clip = {"ppl": 30.0, "kl": 0.35}
     for ax, key, label in ((axes[0], "ppl", "held-out FLORES perplexity rise (%)"),
                            (axes[1], "kl", "mean KL(original ‖ steered), benign prompts")):
         for curve, (color, marker) in style.items():
@@ -118,16 +130,20 @@ def report(out: Path) -> None:
             x = [100 * (r["ppl"] / orig["ppl"] - 1) if key == "ppl" else r["kl"] for r in pts]
             y = [100 * r["toxic"] / r["n"] for r in pts]
             se = [100 * ((r["toxic"] / r["n"]) * (1 - r["toxic"] / r["n"]) / r["n"]) ** 0.5 for r in pts]
-            ax.errorbar(x, y, yerr=se, color=color, marker=marker, capsize=3, label=curve)
-            for xi, yi, r in zip(x, y, pts):
-                ax.annotate(f"λ {r['lam']:g}", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            # a collapsed point (ungated past its knee: +234 %) is drawn at the right edge, value in its label
+            shown = [min(xi, clip[key]) for xi in x]
+            ax.errorbar(shown, y, yerr=se, color=color, marker=marker, capsize=3, label=curve)
+            for xi, si, yi, r in zip(x, shown, y, pts):
+                off = "" if xi == si else (f" ({xi:+.0f} %) →" if key == "ppl" else f" ({xi:.2f}) →")
+                ax.annotate(f"λ {r['lam']:g}{off}", (si, yi), textcoords="offset points",
+                            xytext=(-70 if off else 4, 4), fontsize=7)
         ax.axhline(100 * orig["toxic"] / orig["n"], color="grey", ls=":", label="original")
         ax.set_xlabel(label)
         ax.set_ylabel("toxic continuations, held-out (%)")
         ax.grid(alpha=0.3)
     axes[0].legend()
-    fig.suptitle(f"gated vs ungated LDA projection, SmolLM2-135M, {orig['n']} held-out samples per point "
-                 "(bars: binomial SE)", fontsize=9)
+    fig.suptitle(f"LDA projection, ungated vs behind DSAS gates; joint: gates + LinEAS maps trained together. "
+                 f"SmolLM2-135M, {orig['n']} held-out samples per point (bars: binomial SE)", fontsize=9)
     fig.tight_layout()
     fig.savefig(out / "pareto.png", dpi=120)
 
