@@ -153,9 +153,15 @@ class Map:
         if self.kind == "monotone-pwl":
             return (1 - lam) * x + lam * pwl(x, t["xs"], t["ys"])
         if self.kind == "gated":
-            g = torch.sigmoid(x @ t["w"] + t["c"].reshape(())).unsqueeze(-1)
-            return x + lam * g * (self.inner.with_strength(1.0)(x) - x)
+            return x + lam * self.gate(x).unsqueeze(-1) * (self.inner.with_strength(1.0)(x) - x)
         raise AssertionError(self.kind)
+
+    def gate(self, x: torch.Tensor) -> torch.Tensor:
+        """A gated map's opening σ(w·x + c) at every position of x (units last): shape x.shape[:-1]."""
+        if self.kind != "gated":
+            raise ValueError(f"{self.kind} map has no gate")
+        w, c = (self.tensors[k].to(device=x.device, dtype=x.dtype) for k in ("w", "c"))
+        return torch.sigmoid(x @ w + c.reshape(()))
 
     def to_linear(self) -> LinearMap:
         """Canonical form (a' = 1 + λ(a − 1), b' = λb) of a foldable map."""

@@ -40,13 +40,11 @@ def main() -> None:
     hooks = []
     for site, maps in spec.sites:
         name, where = site.rsplit(":", 1)
-        gates = [m for m in maps if m.kind == "gated"]
-        if where != "output" or len(gates) != 1 or len(maps) != 1:
+        if where != "output" or len(maps) != 1 or maps[0].kind != "gated":
             raise SystemExit(f"{site}: this script reads one gated map at a module's output")
-        w, c = gates[0].tensors["w"].float().reshape(-1), gates[0].tensors["c"].float().reshape(())
 
-        def hook(_m, _inp, out, site=site, w=w, c=c):  # registered before steering's hook: sees x, not T(x)
-            g, m = torch.sigmoid(out.float() @ w + c), mask["m"]
+        def hook(_m, _inp, out, site=site, gated=maps[0]):  # registered before steering's hook: sees x, not T(x)
+            g, m = gated.gate(out), mask["m"]
             s = acc.setdefault(site, [0.0, 0.0, 0.0])
             s[0] += float((g * m).sum())
             s[1] += float(m.sum())

@@ -103,13 +103,11 @@ def report(out: Path) -> None:
              "mean KL / top-1 on benign prompts |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rs:
         red = orig["toxic"] / r["toxic"] if r["toxic"] else float("inf")
-        d = (f"+{100 * (r['ppl'] / orig['ppl'] - 1):.1f} %", f"+{100 * (r['tune_ppl'] / orig['tune_ppl'] - 1):.1f} %")
-        lam = "–" if r is orig else f"{r['lam']:g}"
-        drift = "–" if r is orig else f"{r['kl']:.3f} / {r['top1']:.3f}"
+        lam, held, tune, drift = ("–",) * 4 if r is orig else (
+            f"{r['lam']:g}", f"+{100 * (r['ppl'] / orig['ppl'] - 1):.1f} %",
+            f"+{100 * (r['tune_ppl'] / orig['tune_ppl'] - 1):.1f} %", f"{r['kl']:.3f} / {r['top1']:.3f}")
         lines.append(f"| {r['curve']} | {lam} | {100 * r['toxic'] / r['n']:.2f} ({r['toxic']}/{r['n']}) | "
-                     f"{red:.1f}× | {100 * r['hatesonar'] / r['n']:.2f} | {r['ppl']:.2f} | "
-                     f"{d[0] if r is not orig else '–'} | {d[1] if r is not orig else '–'} | "
-                     f"{drift} |")
+                     f"{red:.1f}× | {100 * r['hatesonar'] / r['n']:.2f} | {r['ppl']:.2f} | {held} | {tune} | {drift} |")
     (out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

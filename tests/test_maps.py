@@ -58,6 +58,9 @@ def test_gated_meaning():
     m = Map("gated", 0.8, {"w": w, "c": c}, inner)
     gate = torch.sigmoid(x @ w + 0.3)[:, None]
     assert torch.allclose(m(x), x + 0.8 * gate * inner.tensors["v"])
+    assert m.gate(x).shape == (5,) and torch.allclose(m.gate(x), gate[:, 0])
+    with pytest.raises(ValueError, match="no gate"):
+        inner.gate(x)
 
 
 def test_unit_dim_for_channel_first_tensors():
