@@ -54,8 +54,11 @@ def merge_maps(maps: list[Map]) -> list[Map]:
 def compose(specs: list[Spec], check_model: bool = True) -> Spec:
     if not specs:
         raise BakeError("compose: give at least one spec")
-    models = {repr(sorted(s.model.items())) for s in specs if s.model}
-    if check_model and len(models) > 1:
+    blocks = [s.model for s in specs if s.model]
+    # two blocks agree when every field both carry is equal (a spec written before `weights_digest`
+    # lacks it, and still composes with a newer spec of the same model)
+    clash = any(a[k] != b[k] for i, a in enumerate(blocks) for b in blocks[i + 1:] for k in set(a) & set(b))
+    if check_model and clash:
         raise BakeError("compose: the specs were fitted on different models (fingerprints differ); "
                         "pass --ignore-fingerprint to compose them anyway")
     order: list[str] = []

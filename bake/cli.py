@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from . import __version__
@@ -302,7 +304,7 @@ def cmd_apply(a) -> int:
     if a.stream or (simple and is_sharded(resolve(a.model))):
         res = apply_streaming(a.model, a.spec, a.out, force=a.force, strength=a.strength, run_verify=a.verify,
                               prompts=prompts, check_model=not a.ignore_fingerprint, link=a.link,
-                              approximate=a.approximate)
+                              approximate=a.approximate, inputs=(a.prompts,))
         if res.verification:
             print(_verification_line(res.verification))
         print(f"wrote {res.out} in {res.seconds:.1f} s (streamed; stock from_pretrained; config changes: "
@@ -310,7 +312,7 @@ def cmd_apply(a) -> int:
         return 0
     res = apply(a.model, a.spec, a.out, dtype=a.dtype or "float32", force=a.force, strength=a.strength, run_verify=a.verify,
                 prompts=prompts, check_model=not a.ignore_fingerprint, formats=formats,
-                insert_modules=a.insert_modules, approximate=a.approximate)
+                insert_modules=a.insert_modules, approximate=a.approximate, inputs=(a.prompts,))
     if res.verification:
         print(_verification_line(res.verification))
     inserted = sum(p_ == "insert-modules" for p_, _, _ in res.report)
@@ -495,8 +497,26 @@ def cmd_families(a) -> int:
     return 0
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every staging directory is removed on the way out."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
+    main_thread = threading.current_thread() is threading.main_thread()
+    prev = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
+    try:
+        return _run(a)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, prev)
+
+
+def _run(a) -> int:
     try:
         return {"fit": cmd_fit, "apply": cmd_apply, "verify": cmd_verify, "eval": cmd_eval, "diff": cmd_diff,
                 "compose": cmd_compose, "invert": cmd_invert, "inspect": cmd_inspect,
@@ -507,9 +527,9 @@ def main(argv: list[str] | None = None) -> int:
     except CheckFailed as e:
         print(f"bake: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         print("bake: interrupted; nothing was written", file=sys.stderr)
-        return 130
+        return 143 if isinstance(e, Terminated) else 130
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from .exporters import safetensors as st_exporter
 from .models import load
 from .plan import bind
 from .spec import Spec
+from .spec import check_strength
 from .spec import read as read_spec
 
 
@@ -33,6 +34,7 @@ def read_specs(paths: list[str], strength: float | None = None) -> list[Spec]:
         raise BakeError("--spec: give at least one spec")
     specs = [read_spec(p) for p in paths]
     if strength is not None:
+        strength = check_strength(strength, "--strength")
         specs = [s.with_strength(strength) for s in specs]
     return specs
 
@@ -41,6 +43,13 @@ def spec_info(s: Spec) -> dict:
     strengths = sorted({m.strength for _, maps in s.sites for m in maps})
     return {"file": s.path.name if s.path else None, "sha256": s.sha256() if s.path else "",
             "method": s.method, "strengths": strengths, "sites": len(s.sites)}
+
+
+def input_paths(specs: list[Spec], model_name: str, extra=()) -> list[tuple[str, object]]:
+    """Everything a bake reads from disk, as (what, path): spec manifests and tensor files, the model as
+    named, more files (prompts)."""
+    return ([("spec file", f) for s in specs for f in s.files] + [("model directory", model_name)]
+            + [("input file", f) for f in extra])
 
 
 FORMATS = ("safetensors", "onnx")
@@ -59,7 +68,9 @@ def apply(model_name: str, spec_paths: list[str], out: str | Path, dtype: str = 
           strength: float | None = None, run_verify: bool = True, prompts: list[str] | None = None,
           check_model: bool = True, max_new_tokens: int = 32, log=print,
           formats: list[str] | None = None, insert_modules: bool = False,
-          approximate: bool = False) -> ApplyResult:
+          approximate: bool = False, inputs: tuple = ()) -> ApplyResult:
+    """Bake `spec_paths` into `model_name` and write `out`. `inputs`: more files the run reads (prompts)
+    that `out` must not touch."""
     t0 = time.perf_counter()
     out = Path(out)
     formats = formats or ["safetensors"]
@@ -69,9 +80,10 @@ def apply(model_name: str, spec_paths: list[str], out: str | Path, dtype: str = 
         raise BakeError("--dtype bfloat16: not with --format onnx (ONNX Runtime's CPU kernels lack bfloat16; "
                         "use float32 or float16)")
     specs = read_specs(spec_paths, strength)  # validated before any model is loaded
-    exporters.check_out(out, force)
+    reads = input_paths(specs, model_name, inputs)
+    exporters.check_out(out, force, reads)
     loaded = load(model_name)
-    exporters.check_out(out, force, loaded.source)
+    exporters.check_out(out, force, [*reads, ("model directory", loaded.source)])
     if "onnx" in formats and loaded.tokenizer is not None:
         from .exporters import onnx as onnx_exporter
 
@@ -89,7 +101,7 @@ def apply(model_name: str, spec_paths: list[str], out: str | Path, dtype: str = 
     for p, s, w in plan.report:
         log(f"  {p:22s} {s}: {w}")
     infos = [spec_info(s) for s in specs]
-    with exporters.staged(out, force) as tmp:
+    with exporters.staged(out, force, log) as tmp:
         if "onnx" in formats:
             onnx_exporter.export(plan.model, loaded.tokenizer, tmp, dtype, log=log)
         if "safetensors" in formats:
@@ -144,7 +156,7 @@ def _apply_pipeline(loaded, model_name, specs, out, force, formats, run_verify, 
         log(f"  {p:22s} {s}: {w}")
     infos = [spec_info(s) for s in specs]
     source = Path(loaded.source)
-    with exporters.staged(out, force) as tmp:
+    with exporters.staged(out, force, log) as tmp:
         comps = pipe_exporter.export(plan, source, tmp) if "safetensors" in formats else []
         if "onnx" in formats:
             onnx_denoiser.export(plan.model, tmp, log=log)

@@ -3,7 +3,7 @@
 Per prompt, teacher-forced over every position: the next-token KL divergence KL(original ‖ steered)
 and whether both models' top-1 tokens agree; then greedy continuations of both, side by side.
 The gate fails (exit 1) when the mean KL over all positions exceeds `max_kl` or the top-1
-agreement falls below `min_top1`.
+agreement falls below `min_top1`, and always when either model gives a NaN or Inf logit.
 """
 
 from __future__ import annotations
@@ -81,6 +81,7 @@ def compare(original, steered, tok, prompts: list[str], max_new_tokens: int = 32
         lpa, lpb = torch.log_softmax(a, -1), torch.log_softmax(b, -1)
         kl = (lpa.exp() * (lpa - lpb)).sum(-1).clamp(min=0)  # per position
         top1 = (a.argmax(-1) == b.argmax(-1)).double()
+        finite = bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())
         ga = greedy(original, tok, p, max_new_tokens)[len(ids):]
         gb = greedy(steered, tok, p, max_new_tokens)[len(ids):]
         first = next((i for i, (x, y) in enumerate(zip(ga.tolist(), gb.tolist())) if x != y), None)
@@ -88,12 +89,13 @@ def compare(original, steered, tok, prompts: list[str], max_new_tokens: int = 32
                      "top1_agreement": top1.mean().item(), "kl_sum": kl.sum().item(), "top1_sum": top1.sum().item(),
                      "original": tok.decode(ga, skip_special_tokens=True),
                      "steered": tok.decode(gb, skip_special_tokens=True),
-                     "greedy_same": first is None, "first_divergence": first})
+                     "greedy_same": first is None, "first_divergence": first, "finite": finite})
     n = sum(r["positions"] for r in rows)
     summary = {"prompts": len(rows), "positions": n, "kl_mean": sum(r["kl_sum"] for r in rows) / n,
                "kl_max": max(r["kl_max"] for r in rows), "kl_prompt_max": max(r["kl_mean"] for r in rows),
                "top1_agreement": sum(r["top1_sum"] for r in rows) / n,
                "greedy_same": sum(r["greedy_same"] for r in rows), "max_new_tokens": max_new_tokens,
+               "nonfinite_prompts": sum(not r["finite"] for r in rows),
                "seconds": round(time.perf_counter() - t0, 1)}
     for r in rows:
         del r["kl_sum"], r["top1_sum"]
@@ -103,6 +105,11 @@ def compare(original, steered, tok, prompts: list[str], max_new_tokens: int = 32
 def gate(result: dict, max_kl: float | None, min_top1: float | None) -> list[str]:
     """The thresholds crossed, as readable lines (empty: the gate passes)."""
     s, failed = result["summary"], []
+    bad = s.get("nonfinite_prompts", 0)
+    if bad or not all(math.isfinite(s[k]) for k in ("kl_mean", "kl_max", "top1_agreement")):
+        # a NaN compares False with every threshold: it must fail on its own, with or without thresholds
+        failed.append(f"non-finite logits or KL: {bad}/{s['prompts']} prompt(s) give NaN or Inf logits (mean KL "
+                      f"{s['kl_mean']:.4g}); the steered model is broken")
     if max_kl is not None and s["kl_mean"] > max_kl:
         failed.append(f"mean next-token KL {s['kl_mean']:.4g} > --max-kl {max_kl:g}")
     if min_top1 is not None and s["top1_agreement"] < min_top1:

@@ -30,9 +30,9 @@ def _op(seg: Map | LinearMap, strength: float | None = None) -> tuple[dict, dict
     elif seg.kind == "monotone-pwl":
         t = {"xs": seg.tensors["xs"], "ys": seg.tensors["ys"]}
         op = {"op": "pwl", "strength": seg.strength if strength is None else strength}
-    elif seg.kind == "gated" and seg.inner.foldable and seg.inner.to_linear().is_diagonal:
-        lin = seg.inner.with_strength(1.0).to_linear()  # T(x) − x = (a − 1)x + b: one fused op
-        t = {"w": seg.tensors["w"], "c": seg.tensors["c"].reshape(1), "d": lin.diag - 1, "b": lin.bias}
+    elif seg.kind == "gated" and seg.diagonal_step() is not None:
+        d, b = seg.diagonal_step()  # T(x) − x = d⊙x + b: the reference's own ops (Map.diagonal_step)
+        t = {"w": seg.tensors["w"], "c": seg.tensors["c"].reshape(1), "d": d, "b": b}
         op = {"op": "gated_diag", "strength": seg.strength}
     elif seg.kind == "gated":
         inner = seg.inner.with_strength(1.0).to_linear() if seg.inner.foldable else seg.inner

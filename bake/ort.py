@@ -64,7 +64,11 @@ class OrtCausalLM:
         except (OSError, json.JSONDecodeError):
             raise BakeError(f"{str(path)!r}: onnx_info.json is missing or unreadable (export with bake apply "
                             f"--format onnx)") from None
-        self.config = AutoConfig.from_pretrained(str(path))
+        try:
+            self.config = AutoConfig.from_pretrained(str(path), trust_remote_code=False)  # never prompt
+        except Exception as e:  # remote code asked for, or an unreadable config
+            raise BakeError(f"{str(path)!r}: cannot read config.json without running its code: "
+                            f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
@@ -177,7 +181,11 @@ def load_onnx(path: str | Path, provider: str = "auto"):
     from transformers import AutoTokenizer
 
     model = OrtCausalLM(path, provider, threads=int(os.environ.get("BAKE_ORT_THREADS", "0")) or None)
-    tok = AutoTokenizer.from_pretrained(str(path))
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    except Exception as e:
+        raise BakeError(f"{str(path)!r}: cannot load its tokenizer without running its code: "
+                        f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return model, tok

@@ -49,11 +49,16 @@ class Plan:
         self.report.append((pass_name, site, what))
 
 
-def check_fingerprint(spec: Spec, model: torch.nn.Module, infos: list[SiteInfo], where: str, tensor_of=None) -> None:
+def check_fingerprint(spec: Spec, model: torch.nn.Module, infos: list[SiteInfo], where: str, tensor_of=None,
+                      rows_of=None) -> None:
+    """The model is the one the spec was fitted on: same architecture and shapes, and the same weights by
+    `weights_digest` (the whole model, sampled), or, for specs written before it, by the hash of the
+    sites' anchor tensors. A spec with no model block proves nothing and is refused."""
     want = spec.model
     if not want:
-        return
-    have = fingerprint(model, infos, tensor_of)
+        raise BakeError(f"{where}.model: the spec has no model block (fingerprint), so nothing shows it was fitted "
+                        f"on this model; pass --ignore-fingerprint to apply it anyway")
+    have = fingerprint(model, infos, tensor_of, rows_of)
     for key in ("architecture", "model_type"):
         if key in want and want[key] != have[key]:
             raise BakeError(f"{where}.model.{key}: spec was fitted on {want[key]!r}, this model is {have[key]!r}")
@@ -61,12 +66,16 @@ def check_fingerprint(spec: Spec, model: torch.nn.Module, infos: list[SiteInfo],
         if have["shapes"].get(key) != val:
             raise BakeError(f"{where}.model.shapes.{key}: spec was fitted on {val}, this model has "
                             f"{have['shapes'].get(key)}")
-    if "weights_sha256" in want and want["weights_sha256"] != have["weights_sha256"]:
+    if "weights_digest" in want:
+        if want["weights_digest"] != have["weights_digest"]:
+            raise BakeError(f"{where}.model.weights_digest: spec was fitted on a model with other weights (pass "
+                            f"--ignore-fingerprint to apply it anyway)")
+    elif "weights_sha256" in want and want["weights_sha256"] != have["weights_sha256"]:
         raise BakeError(f"{where}.model.weights_sha256: spec was fitted on a model with other weights at its "
                         f"sites (pass --ignore-fingerprint to apply it anyway)")
 
 
-def bind(specs: list[Spec], model: torch.nn.Module, check_model: bool = True, tensor_of=None) -> Plan:
+def bind(specs: list[Spec], model: torch.nn.Module, check_model: bool = True, tensor_of=None, rows_of=None) -> Plan:
     adapter = adapter_for(model)
     catalog = adapter.sites(model)
     by_site: dict[str, list[Map]] = {}
@@ -84,6 +93,6 @@ def bind(specs: list[Spec], model: torch.nn.Module, check_model: bool = True, te
             infos.append(info)
             by_site.setdefault(site, []).extend(maps)
         if check_model:
-            check_fingerprint(spec, model, infos, where, tensor_of)
+            check_fingerprint(spec, model, infos, where, tensor_of, rows_of)
     sites = [SitePlan(info, by_site[name]) for name, info in catalog.items() if name in by_site]
     return Plan(model, adapter, sites, list(specs))

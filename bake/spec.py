@@ -42,6 +42,7 @@ class Spec:
     provenance: dict = field(default_factory=dict)
     model: dict = field(default_factory=dict)
     path: Path | None = None  # where it was read from
+    tensors_path: Path | None = None  # the tensor file the manifest names (set by read and write)
 
     @property
     def site_names(self) -> list[str]:
@@ -49,15 +50,21 @@ class Spec:
 
     def with_strength(self, strength: float) -> Spec:
         sites = [(s, [m.with_strength(strength) for m in maps]) for s, maps in self.sites]
-        return Spec(sites, self.method, self.params, self.provenance, self.model, self.path)
+        return Spec(sites, self.method, self.params, self.provenance, self.model, self.path, self.tensors_path)
 
     def sha256(self) -> str:
-        """Hash of the manifest and tensor bytes (as written): identifies the spec in model cards."""
+        """Hash of the manifest and of the tensor file it names (as written): identifies the spec in model
+        cards and reports."""
         if self.path is None:
             raise ValueError("spec has not been written")
         h = hashlib.sha256(self.path.read_bytes())
-        h.update((self.path.parent / tensors_name(self.path)).read_bytes())
+        h.update((self.tensors_path or self.path.parent / tensors_name(self.path)).read_bytes())
         return h.hexdigest()
+
+    @property
+    def files(self) -> list[Path]:
+        """The files this spec was read from (manifest and tensor file): inputs an --out must not touch."""
+        return [p for p in (self.path, self.tensors_path) if p is not None]
 
 
 def tensors_name(manifest: Path) -> str:
@@ -66,6 +73,74 @@ def tensors_name(manifest: Path) -> str:
 
 def _fail(msg: str) -> BakeError:
     return BakeError(msg)
+
+
+def check_strength(value, where: str) -> float:
+    """A strength λ as a float: a finite number (not a bool, not an integer too large for a float)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _fail(f"{where}: must be a finite number, got {_short(value)}")
+    try:
+        lam = float(value)
+    except OverflowError:
+        raise _fail(f"{where}: must be a finite number, got an integer of {len(str(value))} digits") from None
+    if not math.isfinite(lam):
+        raise _fail(f"{where}: must be a finite number, got {lam!r}")
+    return lam
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _no_duplicates(pairs: list) -> dict:
+    keys = [k for k, _ in pairs]
+    dup = next((k for k in keys if keys.count(k) > 1), None)
+    if dup is not None:
+        raise _fail(f"spec: the key {dup!r} appears twice in one JSON object")
+    return dict(pairs)
+
+
+def _load_json(path: Path) -> dict:
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_no_duplicates)
+    except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError, and integers past Python's digit limit
+        raise _fail(f"spec: {path.name} is not valid JSON ({str(e).splitlines()[0][:120]})") from None
+    except RecursionError:
+        raise _fail(f"spec: {path.name} nests JSON too deeply to read") from None
+    if not isinstance(doc, dict):
+        raise _fail("spec: the manifest must be a JSON object")
+    return doc
+
+
+MODEL_FIELDS = {"architecture": str, "model_type": str, "shapes": dict, "weights_sha256": str, "weights_digest": str}
+TENSOR_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_model_block(model: dict) -> None:
+    """spec.model: the fingerprint's fields, each of its type (shapes: names to integers)."""
+    for key, val in model.items():
+        want = MODEL_FIELDS.get(key)
+        if want is None:
+            raise _fail(f"spec.model: unknown field {key!r} (known: {', '.join(MODEL_FIELDS)})")
+        if not isinstance(val, want):
+            raise _fail(f"spec.model.{key}: must be a {want.__name__}, got {type(val).__name__}")
+    for key, val in model.get("shapes", {}).items():
+        if isinstance(val, bool) or not isinstance(val, int):
+            raise _fail(f"spec.model.shapes.{key}: must be an integer, got {_short(val)}")
+
+
+def _tensor_file(path: Path, tname) -> Path:
+    """The tensor file a manifest names: a plain name in the manifest's own directory, resolving there."""
+    if not isinstance(tname, str) or not tname or os.path.basename(tname) != tname or tname in (".", ".."):
+        raise _fail(f"spec.tensors: must name a file in the spec's own directory, got {tname!r}")
+    tpath = path.parent / tname
+    if not tpath.is_file():
+        raise _fail(f"spec.tensors: tensor file {tname!r} not found beside {path.name}")
+    if tpath.resolve().parent != path.parent.resolve():
+        raise _fail(f"spec.tensors: {tname!r} is a link to a file outside the spec's directory "
+                    f"({tpath.resolve()}); copy the file beside the spec")
+    return tpath
 
 
 def _map_from_json(obj, where: str, tensors: dict[str, torch.Tensor], used: set[str]) -> Map:
@@ -77,9 +152,7 @@ def _map_from_json(obj, where: str, tensors: dict[str, torch.Tensor], used: set[
     kind = obj.get("kind")
     if kind not in KINDS:
         raise _fail(f"{where}.kind: unknown map kind {kind!r} (known: {', '.join(KINDS)})")
-    strength = obj.get("strength", 1.0)
-    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength):
-        raise _fail(f"{where}.strength: must be a finite number, got {strength!r}")
+    strength = check_strength(obj.get("strength", 1.0), f"{where}.strength")
     refs = obj.get("tensors")
     if not isinstance(refs, dict) or not all(isinstance(v, str) for v in refs.values()):
         raise _fail(f"{where}.tensors: must map tensor roles to names in the tensor file")
@@ -92,7 +165,7 @@ def _map_from_json(obj, where: str, tensors: dict[str, torch.Tensor], used: set[
     inner = None
     if "inner" in obj:
         inner = _map_from_json(obj["inner"], f"{where}.inner", tensors, used)
-    m = Map(kind, float(strength), ts, inner)
+    m = Map(kind, strength, ts, inner)
     m.validate(where)
     return m
 
@@ -102,32 +175,29 @@ def read(path: str | os.PathLike) -> Spec:
     path = Path(path)
     if not path.is_file():
         raise _fail(f"spec: no such file {str(path)!r}")
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise _fail(f"spec: {path.name} is not valid JSON ({e})") from None
-    if not isinstance(doc, dict):
-        raise _fail("spec: the manifest must be a JSON object")
+    doc = _load_json(path)
     if doc.get("format") != FORMAT:
-        raise _fail(f"spec.format: expected {FORMAT!r}, got {doc.get('format')!r}")
-    if doc.get("version") != VERSION:
-        raise _fail(f"spec.version: this bake reads version {VERSION}, got {doc.get('version')!r}")
+        raise _fail(f"spec.format: expected {FORMAT!r}, got {_short(doc.get('format'))}")
+    version = doc.get("version")
+    if type(version) is not int or version != VERSION:
+        raise _fail(f"spec.version: this bake reads version {VERSION} (an integer), got {_short(version)}")
     extra = set(doc) - TOP_KEYS
     if extra:
         raise _fail(f"spec: unknown field(s) {sorted(extra)}")
     for key in ("params", "provenance", "model"):
         if not isinstance(doc.get(key, {}), dict):
             raise _fail(f"spec.{key}: must be an object")
+    _check_model_block(doc.get("model", {}))
     tname = doc.get("tensors")
-    if not isinstance(tname, str) or not tname or os.path.basename(tname) != tname or tname in (".", ".."):
-        raise _fail(f"spec.tensors: must name a file in the spec's own directory, got {tname!r}")
-    tpath = path.parent / tname
-    if not tpath.is_file():
-        raise _fail(f"spec.tensors: tensor file {tname!r} not found beside {path.name}")
+    tpath = _tensor_file(path, tname)
     try:
         tensors = load_file(str(tpath))
     except (SafetensorError, OSError, ValueError) as e:
-        raise _fail(f"spec.tensors: {tname} is not a readable safetensors file ({e})") from None
+        raise _fail(f"spec.tensors: {tname} is not a readable safetensors file ({str(e).splitlines()[0][:120]})") from None
+    for name, t in tensors.items():
+        if t.dtype not in TENSOR_DTYPES:
+            raise _fail(f"spec.tensors: tensor {name!r} has dtype {str(t.dtype).replace('torch.', '')} (a spec "
+                        f"holds float16, bfloat16, float32 or float64 tensors)")
     sites_json = doc.get("sites")
     if not isinstance(sites_json, list) or not sites_json:
         raise _fail("spec.sites: must be a non-empty list")
@@ -156,7 +226,7 @@ def read(path: str | os.PathLike) -> Spec:
     if unused:
         raise _fail(f"spec.tensors: tensor file holds unreferenced tensor(s) {sorted(unused)[:5]}")
     return Spec(sites, str(doc.get("method", "manual")), doc.get("params", {}), doc.get("provenance", {}),
-                doc.get("model", {}), path)
+                doc.get("model", {}), path, tpath)
 
 
 def write(spec: Spec, path: str | os.PathLike) -> Path:
@@ -196,7 +266,7 @@ def write(spec: Spec, path: str | os.PathLike) -> Path:
         for p in (tmp_t, tmp_j):
             if p.exists():
                 p.unlink()
-    spec.path = path
+    spec.path, spec.tensors_path = path, path.parent / tname
     return path
 
 

@@ -14,7 +14,6 @@ about one layer's touched modules in float32.
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import shutil
@@ -26,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import exporters, passes
-from .compile import ApplyResult, read_specs, spec_info
+from .compile import ApplyResult, input_paths, read_specs, spec_info
 from .errors import BakeError, CheckFailed
 from .exporters import card
 from .exporters.shards import INDEX, SINGLE, Checkpoint, Entry, patch, place, spill, write_shard
@@ -46,11 +45,15 @@ def meta_model(source: Path):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
-        config = AutoConfig.from_pretrained(str(source))  # never remote code
+        config = AutoConfig.from_pretrained(str(source), trust_remote_code=False)  # never prompt
     except Exception as e:
         raise BakeError(f"--model: cannot read {source / 'config.json'}: {str(e).splitlines()[0]}") from None
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=False)
+    except ValueError as e:  # a model type transformers does not ship (its code would have to run)
+        raise BakeError(f"--model: cannot build {config.model_type!r} from its config without running the "
+                        f"checkpoint's own code: {str(e).splitlines()[0]}") from None
     return model.eval()
 
 
@@ -140,152 +143,149 @@ def _background():
 def apply_streaming(model_name: str, spec_paths: list[str], out: str | Path, force: bool = False,
                     strength: float | None = None, run_verify: bool = True, prompts: list[str] | None = None,
                     check_model: bool = True, max_new_tokens: int = 32, log=print, link: bool = False,
-                    approximate: bool = False) -> ApplyResult:
+                    approximate: bool = False, inputs: tuple = ()) -> ApplyResult:
     t0 = time.perf_counter()
     out = Path(out)
     specs = read_specs(spec_paths, strength)
-    exporters.check_out(out, force)
+    reads = input_paths(specs, model_name, inputs)
+    exporters.check_out(out, force, reads)
     source = resolve(model_name)
     if not isinstance(source, Path):
         raise BakeError(f"--model: streaming needs a local checkpoint directory, got the hub id {model_name!r} "
                         f"(download it first)")
-    exporters.check_out(out, force, source)
+    exporters.check_out(out, force, [*reads, ("model directory", source)])
     ckpt = Checkpoint(source)
     single = ckpt.index is None  # one file stays one file (new tensors join it; no index)
-    try:
-        # copier: shard copies; reader: the next group's tensors, read while this group folds
-        with exporters.staged(out, force) as tmp, _background() as copier, _background() as reader:
-            # without --link every shard of a sharded checkpoint is copied whole (a shard that changes is
-            # patched in place afterwards), so the copies start now and run while the plan is built and folded
-            early = {} if single or link else {f: copier.submit(place, source / f, tmp / f, False)
-                                               for f in ckpt.files}
-            model = meta_model(source)
-            tied = bool(getattr(model.config, "tie_word_embeddings", False))
-            plan = bind(specs, model, check_model=check_model, tensor_of=lambda n: ckpt.tensor(n))
-            plan.approximate = approximate
-            stored = {n: ckpt.dtype(n) for n in ckpt.entries}
-            half = {torch.bfloat16, torch.float16}
-            plan.fold_dtype = torch.float32 if any(d in half for d in stored.values()) else torch.float64
-            infos = [spec_info(s) for s in specs]
-            spill_dir = tmp / ".spill"
-            spill_dir.mkdir()
-            spilled: dict[str, Entry] = {}
-            steps = [p for p in passes.PIPELINE if p is not passes.arch_rewrite]
-            groups = _group(plan)
-            subs = [Plan(model, plan.adapter, g, plan.specs, approximate=approximate, fold_dtype=plan.fold_dtype,
-                         lazy=plan.lazy) for g in groups]
-            needed = []
-            for sub in subs:  # canonicalize touches no weight: it tells which modules the folds will write
-                steps[0].run(sub)
-                needed.append(list(dict.fromkeys(m for sp in sub.sites for m in _needed(sp))))
-            # with --link: shards no fold can touch are linked, the others copied (on the copier thread)
-            maybe = {f"{m}.{n}" for mods in needed for m in mods
-                     for n, _ in model.get_submodule(m).named_parameters(recurse=False)}
-            touched = {ckpt.entries[n].file.name for n in maybe if n in ckpt.entries}
-            placed = early or ({} if single else {f: copier.submit(place, source / f, tmp / f, f not in touched)
-                                                   for f in ckpt.files})
-            ahead = reader.submit(_read_group, model, ckpt, needed[0]) if groups else None
-            for k, sub in enumerate(tqdm(subs, desc="stream bake", unit="group", leave=False)):
-                mods = needed[k]
-                raw = ahead.result()
-                if k + 1 < len(groups):
-                    ahead = reader.submit(_read_group, model, ckpt, needed[k + 1])
-                before = {}
-                for m in mods:
-                    before.update(_materialize(model, raw, m, plan.lazy))
-                del raw
-                for p in steps[1:]:
-                    p.run(sub)
-                plan.report += sub.report
-                plan.biased |= sub.biased
-                changed = {}
-                for m in mods:
-                    mod = model.get_submodule(m)
-                    for name, prm in mod.named_parameters(recurse=False):
-                        full = f"{m}.{name}"
-                        ident, version, orig = before.get(full, (None, None, None))
-                        if (ident, version) == (id(prm), prm._version):
-                            continue  # never written by a pass
-                        t = prm.detach().to(stored.get(full) or stored[f"{m}.weight"])
-                        if orig is not None and orig.untyped_storage().data_ptr() == prm.untyped_storage().data_ptr():
-                            orig = ckpt.tensor(full)  # written in place over the stored tensor: read it again
-                        if orig is None or not torch.equal(t, orig):
-                            changed[full] = t.contiguous()
-                    _release(model, m)
-                if changed:
-                    spilled.update(spill(changed, spill_dir / f"{k:05d}.safetensors"))
-                del changed
-            passes.arch_rewrite.run(plan)  # flags, relabel, companion biases (on the meta model)
-            model = plan.model
-            # tensors the rewritten model has that the checkpoint lacks: companion zero biases
-            extra = {}
-            for name, prm in model.named_parameters():
-                if name in ckpt.entries or name in spilled or (tied and name == "lm_head.weight"):
-                    continue
-                if not name.endswith(".bias"):
-                    raise BakeError(f"stream: the rewritten model has a tensor {name} that bake cannot write")
-                weight = name[:-len(".bias")] + ".weight"
-                extra[name] = torch.zeros(prm.shape, dtype=stored.get(weight, torch.float32))
-            new_names = sorted(n for n in spilled if n not in ckpt.entries) + sorted(extra)
-            if extra:
-                spilled.update(spill(extra, spill_dir / "extra.safetensors"))
-            # shards: patch or rewrite the touched ones; the others were copied or linked on the copier thread
-            weight_map, total, how = {}, 0, {"rewritten": 0, "copied": 0, "linked": 0}
-            done = {f: fut.result() for f, fut in placed.items()}
-            for file in tqdm(ckpt.files, desc="write shards", unit="shard", leave=False):
-                names = ckpt.names_in(file) + (new_names if single else [])
-                changed = [n for n in names if n in spilled]
-                if single and changed:
-                    total += write_shard(tmp / file, names, {n: spilled.get(n) or ckpt.entries[n] for n in names})
-                    how["rewritten"] += 1
-                elif changed:
-                    for n in changed:
-                        patch(tmp / file, ckpt.entries[n].start, spilled[n], n)
-                    total += sum(ckpt.entries[n].end - ckpt.entries[n].start for n in names)
-                    how["rewritten"] += 1
-                else:
-                    if single:
-                        done[file] = place(source / file, tmp / file, link)
-                    elif link and file in touched:  # copied in case it changed; it did not: a link after all
-                        os.remove(tmp / file)
-                        done[file] = place(source / file, tmp / file, link)
-                    how[done[file]] += 1
-                    total += sum(ckpt.entries[n].end - ckpt.entries[n].start for n in names)
-                weight_map.update({n: file for n in names})
-            if new_names and not single:
-                total += write_shard(tmp / EXTRA, new_names, spilled)
-                weight_map.update({n: EXTRA for n in new_names})
-            shutil.rmtree(spill_dir)
-            if not single:
-                meta = dict((ckpt.index or {}).get("metadata", {}))
-                meta["total_size"] = total
-                (tmp / INDEX).write_text(json.dumps({"metadata": meta, "weight_map": dict(sorted(weight_map.items()))},
-                                                    indent=2) + "\n", encoding="utf-8")
-            for f in source.iterdir():  # tokenizer, generation config, …: as they are
-                if f.is_file() and f.name not in WEIGHT_FILES and f.name not in ckpt.files and not (tmp / f.name).exists():
-                    shutil.copyfile(f, tmp / f.name)
-            model.config.save_pretrained(str(tmp))
-            plan.note("stream", "shards", f"{how['rewritten']} rewritten, {how['copied']} copied, {how['linked']} "
-                                          f"hard-linked; {len(new_names)} new tensor(s) in {EXTRA if new_names else '-'}")
-            for p_, s_, w_ in plan.report:
-                if p_ in ("architecture-rewrite", "stream"):
-                    log(f"  {p_:22s} {s_}: {w_}")
-            verification = None
-            if run_verify:
-                from . import verify as verify_mod
-                from .compile import _fresh
+    # copier: shard copies; reader: the next group's tensors, read while this group folds
+    with exporters.staged(out, force, log) as tmp, _background() as copier, _background() as reader:
+        # without --link every shard of a sharded checkpoint is copied whole (a shard that changes is
+        # patched in place afterwards), so the copies start now and run while the plan is built and folded
+        early = {} if single or link else {f: copier.submit(place, source / f, tmp / f, False)
+                                           for f in ckpt.files}
+        model = meta_model(source)
+        tied = bool(getattr(model.config, "tie_word_embeddings", False))
+        plan = bind(specs, model, check_model=check_model, tensor_of=lambda n: ckpt.tensor(n),
+                    rows_of=lambda n, idx: ckpt.rows(n, idx))
+        plan.approximate = approximate
+        stored = {n: ckpt.dtype(n) for n in ckpt.entries}
+        half = {torch.bfloat16, torch.float16}
+        plan.fold_dtype = torch.float32 if any(d in half for d in stored.values()) else torch.float64
+        infos = [spec_info(s) for s in specs]
+        spill_dir = tmp / ".spill"
+        spill_dir.mkdir()
+        spilled: dict[str, Entry] = {}
+        steps = [p for p in passes.PIPELINE if p is not passes.arch_rewrite]
+        groups = _group(plan)
+        subs = [Plan(model, plan.adapter, g, plan.specs, approximate=approximate, fold_dtype=plan.fold_dtype,
+                     lazy=plan.lazy) for g in groups]
+        needed = []
+        for sub in subs:  # canonicalize touches no weight: it tells which modules the folds will write
+            steps[0].run(sub)
+            needed.append(list(dict.fromkeys(m for sp in sub.sites for m in _needed(sp))))
+        # with --link: shards no fold can touch are linked, the others copied (on the copier thread)
+        maybe = {f"{m}.{n}" for mods in needed for m in mods
+                 for n, _ in model.get_submodule(m).named_parameters(recurse=False)}
+        touched = {ckpt.entries[n].file.name for n in maybe if n in ckpt.entries}
+        placed = early or ({} if single else {f: copier.submit(place, source / f, tmp / f, f not in touched)
+                                               for f in ckpt.files})
+        ahead = reader.submit(_read_group, model, ckpt, needed[0]) if groups else None
+        for k, sub in enumerate(tqdm(subs, desc="stream bake", unit="group", leave=False)):
+            mods = needed[k]
+            raw = ahead.result()
+            if k + 1 < len(groups):
+                ahead = reader.submit(_read_group, model, ckpt, needed[k + 1])
+            before = {}
+            for m in mods:
+                before.update(_materialize(model, raw, m, plan.lazy))
+            del raw
+            for p in steps[1:]:
+                p.run(sub)
+            plan.report += sub.report
+            plan.biased |= sub.biased
+            changed = {}
+            for m in mods:
+                mod = model.get_submodule(m)
+                for name, prm in mod.named_parameters(recurse=False):
+                    full = f"{m}.{name}"
+                    ident, version, orig = before.get(full, (None, None, None))
+                    if (ident, version) == (id(prm), prm._version):
+                        continue  # never written by a pass
+                    t = prm.detach().to(stored.get(full) or stored[f"{m}.weight"])
+                    if orig is not None and orig.untyped_storage().data_ptr() == prm.untyped_storage().data_ptr():
+                        orig = ckpt.tensor(full)  # written in place over the stored tensor: read it again
+                    if orig is None or not torch.equal(t, orig):
+                        changed[full] = t.contiguous()
+                _release(model, m)
+            passes.check_finite(changed.items(), "the folded weights", "the stored dtype")
+            if changed:
+                spilled.update(spill(changed, spill_dir / f"{k:05d}.safetensors"))
+            del changed
+        passes.arch_rewrite.run(plan)  # flags, relabel, companion biases (on the meta model)
+        model = plan.model
+        # tensors the rewritten model has that the checkpoint lacks: companion zero biases
+        extra = {}
+        for name, prm in model.named_parameters():
+            if name in ckpt.entries or name in spilled or (tied and name == "lm_head.weight"):
+                continue
+            if not name.endswith(".bias"):
+                raise BakeError(f"stream: the rewritten model has a tensor {name} that bake cannot write")
+            weight = name[:-len(".bias")] + ".weight"
+            extra[name] = torch.zeros(prm.shape, dtype=stored.get(weight, torch.float32))
+        new_names = sorted(n for n in spilled if n not in ckpt.entries) + sorted(extra)
+        if extra:
+            spilled.update(spill(extra, spill_dir / "extra.safetensors"))
+        # shards: patch or rewrite the touched ones; the others were copied or linked on the copier thread
+        weight_map, total, how = {}, 0, {"rewritten": 0, "copied": 0, "linked": 0}
+        done = {f: fut.result() for f, fut in placed.items()}
+        for file in tqdm(ckpt.files, desc="write shards", unit="shard", leave=False):
+            names = ckpt.names_in(file) + (new_names if single else [])
+            changed = [n for n in names if n in spilled]
+            if single and changed:
+                total += write_shard(tmp / file, names, {n: spilled.get(n) or ckpt.entries[n] for n in names})
+                how["rewritten"] += 1
+            elif changed:
+                for n in changed:
+                    patch(tmp / file, ckpt.entries[n].start, spilled[n], n)
+                total += sum(ckpt.entries[n].end - ckpt.entries[n].start for n in names)
+                how["rewritten"] += 1
+            else:
+                if single:
+                    done[file] = place(source / file, tmp / file, link)
+                elif link and file in touched:  # copied in case it changed; it did not: a link after all
+                    os.remove(tmp / file)
+                    done[file] = place(source / file, tmp / file, link)
+                how[done[file]] += 1
+                total += sum(ckpt.entries[n].end - ckpt.entries[n].start for n in names)
+            weight_map.update({n: file for n in names})
+        if new_names and not single:
+            total += write_shard(tmp / EXTRA, new_names, spilled)
+            weight_map.update({n: EXTRA for n in new_names})
+        shutil.rmtree(spill_dir)
+        if not single:
+            meta = dict((ckpt.index or {}).get("metadata", {}))
+            meta["total_size"] = total
+            (tmp / INDEX).write_text(json.dumps({"metadata": meta, "weight_map": dict(sorted(weight_map.items()))},
+                                                indent=2) + "\n", encoding="utf-8")
+        for f in source.iterdir():  # tokenizer, generation config, …: as they are
+            if f.is_file() and f.name not in WEIGHT_FILES and f.name not in ckpt.files and not (tmp / f.name).exists():
+                shutil.copyfile(f, tmp / f.name)
+        model.config.save_pretrained(str(tmp))
+        plan.note("stream", "shards", f"{how['rewritten']} rewritten, {how['copied']} copied, {how['linked']} "
+                                      f"hard-linked; {len(new_names)} new tensor(s) in {EXTRA if new_names else '-'}")
+        for p_, s_, w_ in plan.report:
+            if p_ in ("architecture-rewrite", "stream"):
+                log(f"  {p_:22s} {s_}: {w_}")
+        verification = None
+        if run_verify:
+            from . import verify as verify_mod
+            from .compile import _fresh
 
-                verification = verify_mod.verify(lambda: _fresh(model_name), specs, tmp, prompts,
-                                                 max_new_tokens=max_new_tokens, check_model=check_model)
-                if not verification["passed"]:
-                    raise CheckFailed(f"verify: baked model differs from the hooked reference (max abs "
-                                      f"{verification['max_abs']:.3g}, relative {verification['max_rel']:.3g}); "
-                                      f"nothing written to {out}")
-            plan.model = None
-            card.write_card(tmp, plan, infos, model_name, "as stored", verification, ["safetensors"])
-    except OSError as e:
-        if e.errno == errno.ENOSPC:
-            raise BakeError(f"--out: no space left on the device while writing {out}; the partial output was "
-                            f"removed") from None
-        raise
+            verification = verify_mod.verify(lambda: _fresh(model_name), specs, tmp, prompts,
+                                             max_new_tokens=max_new_tokens, check_model=check_model)
+            if not verification["passed"]:
+                raise CheckFailed(f"verify: baked model differs from the hooked reference (max abs "
+                                  f"{verification['max_abs']:.3g}, relative {verification['max_rel']:.3g}); "
+                                  f"nothing written to {out}")
+        plan.model = None
+        card.write_card(tmp, plan, infos, model_name, "as stored", verification, ["safetensors"])
     return ApplyResult(out, plan.report, plan.config_changes, verification, time.perf_counter() - t0)

@@ -13,6 +13,7 @@ error at that precision (cast to that dtype) vs the float32 reference.
 from __future__ import annotations
 
 import gc
+import math
 from pathlib import Path
 
 import torch
@@ -74,6 +75,10 @@ def run_reference(model, tok, specs: list[Spec], prompts: list[str], n: int, che
         for p in tqdm(prompts, desc=desc, leave=False):
             seq = greedy(model, tok, p, n)
             out.append({"prompt": p, "n_prompt": len(seq) - n, "seq": seq, "logits": logits(model, seq)})
+    bad = nonfinite(out)
+    if bad:
+        raise BakeError(f"--strength/spec: the hooked reference itself gives NaN or Inf logits on {bad}/{len(out)} "
+                        f"probe prompts: at these strengths the spec breaks the model (lower the strength)")
     return out
 
 
@@ -90,13 +95,22 @@ def run_candidate(model, tok, ref: list[dict], n: int, desc: str) -> list[dict]:
 
 
 def errors(ref: list[dict], got: list[dict]) -> tuple[float, float, list[float]]:
+    """Max abs and relative logit error over prompts, NaN-aware: a non-finite logit anywhere counts as an
+    infinite error (Python's max() would drop a NaN; all-NaN models would even agree on greedy tokens)."""
     max_abs, max_rel, per = 0.0, 0.0, []
     for r, g in zip(ref, got):
-        d = (r["logits"] - g["logits"]).abs().max().item()
+        finite = bool(torch.isfinite(g["logits"]).all()) and bool(torch.isfinite(r["logits"]).all())
+        d = (r["logits"] - g["logits"]).abs().max().item() if finite else math.inf
         scale = r["logits"].abs().max().item()
+        rel = d / scale if scale > 0 else (0.0 if d == 0 else math.inf)
         per.append(d)
-        max_abs, max_rel = max(max_abs, d), max(max_rel, d / scale)
+        max_abs, max_rel = max(max_abs, d), max(max_rel, rel)
     return max_abs, max_rel, per
+
+
+def nonfinite(runs: list[dict]) -> int:
+    """How many runs (prompts) hold a NaN or Inf logit."""
+    return sum(not bool(torch.isfinite(r["logits"]).all()) for r in runs)
 
 
 def formats_in(baked_dir: Path) -> list[str]:
@@ -127,8 +141,9 @@ def _load_candidate(fmt: str, baked_dir: Path, provider: str = "auto", trust_cod
         raise BakeError(f"--baked: {str(baked_dir)!r} carries generated code ({CODE}, for inserted modules); "
                         f"read it, then pass --trust-remote-code to run it")
     try:
-        baked = AutoModelForCausalLM.from_pretrained(str(baked_dir), dtype="auto", trust_remote_code=trust_code)
-        tok = AutoTokenizer.from_pretrained(str(baked_dir))
+        baked = AutoModelForCausalLM.from_pretrained(str(baked_dir), dtype="auto", trust_remote_code=trust_code,
+                                                     use_safetensors=True)
+        tok = AutoTokenizer.from_pretrained(str(baked_dir), trust_remote_code=False)
     except Exception as e:
         raise BakeError(f"--baked: cannot load {str(baked_dir)!r} with stock from_pretrained: "
                         f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
@@ -184,7 +199,7 @@ def _check(load_original, specs, ref, cand, cand_tok, dtype: str, prompts, max_n
     same = [bool(torch.equal(r["seq"], g["seq"])) for r, g in zip(ref, got)]
     report = {
         "prompts": len(prompts), "max_new_tokens": max_new_tokens, "dtype": dtype,
-        "max_abs": max_abs, "max_rel": max_rel, "greedy_same": sum(same),
+        "max_abs": max_abs, "max_rel": max_rel, "greedy_same": sum(same), "nonfinite": nonfinite(got),
         "per_prompt": [{"prompt": r["prompt"], "max_abs": e, "greedy_same": s} for r, e, s in zip(ref, per, same)],
     }
     if noise is None:
@@ -210,6 +225,9 @@ def _check(load_original, specs, ref, cand, cand_tok, dtype: str, prompts, max_n
         report["criterion"] = (f"max abs logit error <= {NOISE_FACTOR:g} x the hooked model's own error at "
                                f"{report['dtype']} ({noise[0]:.3g})")
         report["passed"] = max_abs <= NOISE_FACTOR * noise[0]
+    if report["nonfinite"]:  # never a pass, whatever the yardstick said
+        report["passed"] = False
+        report["criterion"] = f"the baked model gives NaN or Inf logits on {report['nonfinite']} prompt(s)"
     return report
 
 

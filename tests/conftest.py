@@ -93,3 +93,13 @@ def tokenizer():
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory, tokenizer) -> Path:
     return save_model(make_llama(), tokenizer, tmp_path_factory.mktemp("tiny-llama"))
+
+
+def stamp(spec, model):
+    """The spec with the fingerprint of the model it was written for, as `bake fit` records it (a spec
+    with no model block is refused without --ignore-fingerprint)."""
+    from bake.models import adapter_for, fingerprint
+
+    cat = adapter_for(model).sites(model)
+    spec.model = fingerprint(model, [cat[s] for s, _ in spec.sites if s in cat])
+    return spec

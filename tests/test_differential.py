@@ -14,7 +14,7 @@ from bake.maps import Map
 from bake.models import adapter_for
 from bake.runtime import steered
 from bake.spec import Spec, write
-from conftest import make_llama, save_model
+from conftest import make_llama, save_model, stamp
 
 PRESETS = ["post-norms", "mlp-in", "attn-out", "mlp-out", "residual", "self_attn.q_proj:output",
            "mlp.up_proj:input", "model.norm:output"]
@@ -48,7 +48,7 @@ def random_spec(model, patterns: list[str], seed: int) -> Spec:
             kinds = ["affine", "additive", "projection"]
         maps = [random_map(rng.choice(kinds), info.units, rng, gen) for _ in range(rng.randint(1, 3))]
         sites.append((name, maps))
-    return Spec(sites, method="random")
+    return stamp(Spec(sites, method="random"), model)
 
 
 def probe_ids(vocab: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,7 +131,7 @@ def test_identity_units_leave_weights_untouched(tmp_path, tokenizer):
     zero = Map("affine", 0.0, {"a": 1 + torch.rand(96), "b": torch.rand(96)})  # λ = 0: dropped
     spec = Spec([("model.layers.0.mlp.down_proj:output", [Map("affine", 1.0, {"a": a, "b": b})]),
                  ("model.layers.1.mlp.down_proj:input", [zero])], method="sparse")
-    write(spec, tmp_path / "s.json")
+    write(stamp(spec, model), tmp_path / "s.json")
     res = compile.apply(str(src), [str(tmp_path / "s.json")], tmp_path / "out", max_new_tokens=4, log=lambda *_: None)
     before = load_file(str(src / "model.safetensors"))
     after = load_file(str(tmp_path / "out" / "model.safetensors"))

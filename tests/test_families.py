@@ -13,7 +13,7 @@ from bake import compile
 from bake.errors import BakeError
 from bake.maps import Map
 from bake.spec import Spec, write
-from conftest import make_family, save_model
+from conftest import make_family, save_model, stamp
 from test_differential import assert_baked_equals_hooked, random_spec
 
 CASES = [  # (family, seed, presets, architecture expected after the bake)
@@ -56,7 +56,7 @@ def test_qwen2_relabel_keeps_qkv_biases(tmp_path, tokenizer):
     src = save_model(model, tokenizer, tmp_path / "model")
     v = torch.randn(64)
     spec = Spec([("model.layers.1.self_attn.o_proj:output", [Map("additive", 0.5, {"v": v})])], method="caa")
-    write(spec, tmp_path / "s.json")
+    write(stamp(spec, model), tmp_path / "s.json")
     res = compile.apply(str(src), [str(tmp_path / "s.json")], tmp_path / "out", max_new_tokens=8, log=lambda *_: None)
     assert res.verification["passed"] and res.config_changes["architectures"] == ["LlamaForCausalLM"]
     before, after = load_file(str(src / "model.safetensors")), load_file(str(tmp_path / "out" / "model.safetensors"))
@@ -79,7 +79,7 @@ def test_qwen2_stays_qwen2_when_no_new_bias_is_needed(tmp_path, tokenizer):
                  ("model.layers.1.mlp.down_proj:output",  # scale only
                   [Map("affine", 0.7, {"a": 1 + 0.3 * torch.randn(64, generator=g), "b": torch.zeros(64)})])],
                 method="random")
-    write(spec, tmp_path / "s.json")
+    write(stamp(spec, model), tmp_path / "s.json")
     res = compile.apply(str(src), [str(tmp_path / "s.json")], tmp_path / "out", max_new_tokens=8, log=lambda *_: None)
     assert res.verification["passed"] and not res.config_changes
     assert type(AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"))).__name__ == "Qwen2ForCausalLM"
@@ -89,7 +89,7 @@ def test_mistral_sliding_window_is_reported(tmp_path, tokenizer):
     model = make_family("mistral", 6, sliding_window=64)
     src = save_model(model, tokenizer, tmp_path / "model")
     spec = Spec([("model.layers.1:output", [Map("additive", 1.0, {"v": torch.randn(64)})])], method="caa")
-    write(spec, tmp_path / "s.json")
+    write(stamp(spec, model), tmp_path / "s.json")
     res = compile.apply(str(src), [str(tmp_path / "s.json")], tmp_path / "out", max_new_tokens=8, log=lambda *_: None)
     assert res.verification["passed"] and res.config_changes["mlp_bias"] is True
     note = [w for _, _, w in res.report if "relabelled" in w][0]

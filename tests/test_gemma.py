@@ -13,7 +13,7 @@ from bake.errors import BakeError
 from bake.maps import Map
 from bake.models import adapter_for
 from bake.spec import Spec, write
-from conftest import save_model
+from conftest import save_model, stamp
 from test_differential import random_map
 
 
@@ -50,7 +50,7 @@ def gemma_spec(model, seed: int) -> Spec:
         else:
             kinds = ["scale", "projection"]  # MLP: no bias slot, so no shift
         sites.append((name, [random_map(rng.choice(kinds), info.units, rng, gen) for _ in range(rng.randint(1, 2))]))
-    return Spec(sites, method="random")
+    return stamp(Spec(sites, method="random"), model)
 
 
 @pytest.mark.parametrize("kind,seed", [("gemma3", 0), ("gemma3", 1), ("gemma2", 2)])
@@ -83,7 +83,7 @@ def test_gemma_shifts_without_a_bias_slot_are_refused(tmp_path, tokenizer, site,
     model = make_gemma("gemma3", 3)
     src = save_model(model, tokenizer, tmp_path / "model")
     d = adapter_for(model).sites(model)[site].units
-    write(Spec([(site, [Map("additive", 1.0, {"v": torch.ones(d)})])]), tmp_path / "s.json")
+    write(stamp(Spec([(site, [Map("additive", 1.0, {"v": torch.ones(d)})])]), model), tmp_path / "s.json")
     with pytest.raises(BakeError, match=msg) as e:
         compile.apply(str(src), [str(tmp_path / "s.json")], tmp_path / "out", log=lambda *_: None)
     assert site in str(e.value)

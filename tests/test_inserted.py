@@ -19,7 +19,7 @@ from bake.models import adapter_for
 from bake.ort import load_onnx
 from bake.runtime import steered
 from bake.spec import Spec, write
-from conftest import TEXTS, make_llama, save_model
+from conftest import TEXTS, make_llama, save_model, stamp
 
 
 def _baked(tmp, src, kind: str):
@@ -44,7 +44,7 @@ def _gated_spec(model, seed: int) -> Spec:
                    inner=inners[i % 3])
         maps = [gate] if i % 2 else [Map("additive", 0.7, {"v": 0.1 * torch.randn(d, generator=g)}), gate]
         sites.append((name, maps))
-    return Spec(sites, method="test-gated")
+    return stamp(Spec(sites, method="test-gated"), model)
 
 
 @pytest.fixture(scope="module")

@@ -150,3 +150,29 @@ def test_pooling_leaves_out_the_attention_sink_and_lda_spreads_over_units():
     spec = fit(model, tok, src, tgt, "ablate", direction_layer=15, progress=False)
     u = spec.sites[0][1][0].tensors["U"][:, 0]
     assert spec.params["direction"] == "lda" and float(u.abs().max()) < 0.5
+
+
+def test_dsas_around_linear_act_bakes_exactly_on_the_real_model(tmp_path):
+    """Issue 19.10: DSAS gates around Linear-AcT at all 60 post-norm sites of SmolLM2 (64 ToxiGen toxic vs
+    64 benign texts, control = 64 FLORES sentences). The inserted modules compute the reference's own
+    ops (Map.diagonal_step), so the bake computes what the reference computes."""
+    data = ROOT / "examples" / "data"
+    for name, texts in (("toxic", (data / "toxigen_toxic.txt").read_text().splitlines()[:64]),
+                        ("benign", (data / "toxigen_benign.txt").read_text().splitlines()[:64]),
+                        ("control", (ROOT / "bake" / "data" / "flores.eng.txt").read_text().splitlines()[:64])):
+        (tmp_path / f"{name}.txt").write_text("\n".join(texts) + "\n")
+    bake("fit", "--model", "llama", "--method", "dsas", "--inner", "linear-act", "--source", tmp_path / "toxic.txt",
+         "--target", tmp_path / "benign.txt", "--control", tmp_path / "control.txt", "--out", tmp_path / "g.json")
+    assert json.loads((tmp_path / "g.json").read_text())["params"]["kept_sites"] == 60
+    bake("apply", "--model", "llama", "--spec", tmp_path / "g.json", "--insert-modules", "--out",
+         tmp_path / "steered", "--no-verify")
+    bake("verify", "--model", "llama", "--spec", tmp_path / "g.json", "--baked", tmp_path / "steered",
+         "--trust-remote-code", "--max-new-tokens", "8", "--report", tmp_path / "v.json")
+    v = json.loads((tmp_path / "v.json").read_text())
+    assert v["passed"] and v["greedy_same"] == v["prompts"], v
+    # the same ops as the reference: left only ulp-level differences (BLAS reductions depend on memory
+    # alignment), which this steered network amplifies to about 1e-5 (the formula (a x + b) − x gave
+    # 1.7e-4 to 2.9e-4), and where they cross 1e-5 the baked model is as far from float64 as the hooked one
+    assert v["max_rel"] <= 3e-5, v
+    if "exact_ref" in v:
+        assert v["baked_vs_fp64_max_abs"] <= 1.1 * v["hooked_fp32_vs_fp64_max_abs"], v

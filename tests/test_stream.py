@@ -21,7 +21,7 @@ from bake.cli import main
 from bake.errors import BakeError
 from bake.exporters.shards import INDEX, Checkpoint
 from bake.spec import write
-from conftest import make_family, make_llama
+from conftest import make_family, make_llama, stamp
 from test_differential import random_spec
 
 
@@ -76,7 +76,7 @@ def test_untouched_shards_are_copied_or_linked(tmp_path, tokenizer):
     d = model.config.hidden_size
     spec = Spec([("model.layers.2.mlp.down_proj:output", [Map("affine", 1.0, {"a": 1 + torch.rand(d),
                                                                              "b": torch.zeros(d)})])], method="t")
-    write(spec, tmp_path / "s.json")
+    write(stamp(spec, model), tmp_path / "s.json")
     rc = main(["apply", "--model", str(src), "--spec", str(tmp_path / "s.json"), "--out", str(tmp_path / "out"),
                "--link", "--no-verify"])
     assert rc == 0
@@ -104,7 +104,7 @@ def test_plan_reads_only_touched_tensors(tmp_path, tokenizer, monkeypatch, shift
     b = torch.rand(d) if shift else torch.zeros(d)
     spec = Spec([("model.layers.1.post_attention_layernorm:output",
                   [Map("affine", 1.0, {"a": 1 + torch.rand(d), "b": b})])], method="t")
-    write(spec, tmp_path / "s.json")
+    write(stamp(spec, model), tmp_path / "s.json")
     read = []
     orig = Checkpoint.tensor
 

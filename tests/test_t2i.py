@@ -19,6 +19,7 @@ from bake.models.diffusion import PipelineAdapter, load_pipeline, run_pipeline
 from bake.models.tiny_pipelines import save_tiny_pipeline
 from bake.runtime import steered
 from bake.spec import Spec, write
+from conftest import stamp
 
 AD = PipelineAdapter()
 
@@ -39,7 +40,7 @@ def random_spec(root, patterns: list[str], seed: int, scale_only: tuple[str, ...
         b = torch.zeros(u) if name.startswith(scale_only) else 0.3 * torch.randn(u, generator=g)
         sites.append((name, [Map("affine", 0.5 + torch.rand((), generator=g).item(),
                                  {"a": 1 + 0.3 * torch.randn(u, generator=g), "b": b})]))
-    return Spec(sites, method="random")
+    return stamp(Spec(sites, method="random"), root)
 
 
 def digests(folder: Path) -> dict[str, str]:

@@ -12,6 +12,10 @@ from typing import Callable
 from ..errors import BakeError
 
 SCORERS = {"profanity": "alt-profanity-check", "hatesonar": "hatesonar"}
+# what loading each scorer runs: bake never unpickles, but alt-profanity-check does, on import
+PICKLES = {"profanity": "alt-profanity-check unpickles its model (joblib.load) when imported; "
+                        "--scorer hatesonar ships ONNX and loads no pickle",
+           "hatesonar": None}
 
 
 def _missing(name: str) -> BakeError:

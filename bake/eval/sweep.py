@@ -16,7 +16,7 @@ from ..models import load, pick_device
 from ..runtime import steered
 from ..spec import Spec
 from . import EvalConfig, write_json_atomic
-from .scorers import load_scorers
+from .scorers import PICKLES, load_scorers
 from .tasks import perplexity, toxicity
 
 
@@ -40,7 +40,10 @@ def run(model_name: str, cfg: EvalConfig, out: Path, specs: list[Spec] | None = 
                                "seeds": cfg.seeds, "max_new_tokens": cfg.max_new_tokens,
                                "temperature": cfg.temperature, "top_p": cfg.top_p,
                                "repetition_penalty": cfg.repetition_penalty, "scorer": cfg.scorer,
-                               "threshold": cfg.threshold}, "points": []}
+                               "threshold": cfg.threshold},
+           "scorer_loads_pickle": {n: PICKLES[n] for n in score or {} if PICKLES.get(n)}, "points": []}
+    for note in doc["scorer_loads_pickle"].values():
+        log(f"note: {note}")
     if out.is_file():
         try:
             old = json.loads(out.read_text(encoding="utf-8"))

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from ..passes import check_finite
 from ..plan import Plan
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -16,6 +17,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def export(plan: Plan, tokenizer, out: Path, dtype: str = "float32") -> None:
     model = plan.model
     model.to(DTYPES[dtype])
+    check_finite(model.state_dict().items(), "the weights to write", dtype)
     model.config.dtype = dtype
     if plan.inserted:  # generated code builds the modules: from_pretrained(out, trust_remote_code=True)
         model.config.bake_inserted = plan.inserted

@@ -105,6 +105,22 @@ class Checkpoint:
                     raise BakeError(f"--model: {e.file.name} ends before tensor {name}")
         return out
 
+    def rows(self, name: str, idx: list[int]) -> torch.Tensor:
+        """Some rows (indices along the first axis) of one tensor, read without reading the rest."""
+        e = self.entries[name]
+        if len(e.shape) < 1:
+            return self.tensor(name)
+        row = torch.empty(e.shape[1:], dtype=DTYPES[e.dtype])
+        size = row.numel() * row.element_size()
+        out = torch.empty((len(idx), *e.shape[1:]), dtype=row.dtype)
+        with open(e.file, "rb") as f:
+            for k, i in enumerate(idx):
+                f.seek(e.start + i * size)
+                view = memoryview(out[k].reshape(-1).view(torch.uint8).numpy())
+                if size and f.readinto(view) != size:
+                    raise BakeError(f"--model: {e.file.name} ends before tensor {name}")
+        return out
+
     def dtype(self, name: str) -> torch.dtype:
         return DTYPES[self.entries[name].dtype]
 

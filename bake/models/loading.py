@@ -86,8 +86,9 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
     try:
         print(f"bake: converting {gguf.name} to float32 safetensors (once) in {out}", flush=True)
         try:
-            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32,
+                                                         trust_remote_code=False)
+            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, trust_remote_code=False)
         except Exception as e:  # transformers raises many kinds for a bad file
             raise BakeError(f"--model: cannot read GGUF file {str(gguf)!r}: {str(e).splitlines()[0]}") from None
         # a GGUF-loaded model refuses save_pretrained until its quantizer is dropped
@@ -144,6 +145,21 @@ def _cached_pipeline(repo: str) -> Path | None:
     return Path(found).parent if isinstance(found, str) else None
 
 
+PICKLED = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
+def refuse_pickles(path: Path, name: str) -> None:
+    """bake never unpickles: a directory whose weights are only pickles (pytorch_model.bin) is refused
+    with the way to convert it (which unpickles it once, on the user's own decision)."""
+    if any(path.rglob("*.safetensors")) or any(path.glob("*.gguf")):
+        return
+    pickles = sorted(p.name for pat in PICKLED for p in path.glob(pat))
+    if pickles:
+        raise BakeError(f"--model: {name!r} holds only pickled weights ({pickles[0]}); bake never unpickles. If you "
+                        f"trust the file, convert it once: python -c \"from transformers import AutoModelForCausalLM "
+                        f"as M; M.from_pretrained('{path}').save_pretrained('{path}-safetensors')\"")
+
+
 DEVICES = ("cpu", "cuda", "auto")
 
 
@@ -171,12 +187,14 @@ def load(name: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool 
     source = resolve(name)
     from .diffusion import is_pipeline_dir, load_pipeline
 
+    if isinstance(source, Path):
+        refuse_pickles(source, name)
     if isinstance(source, Path) and is_pipeline_dir(source):
         return Loaded(load_pipeline(source, dtype, device=str(dev)), None, source, name)
     try:
         extra = {"device_map": device_map} if device_map else {}
         model = AutoModelForCausalLM.from_pretrained(str(source), dtype=dtype, trust_remote_code=trust_remote_code,
-                                                     **extra)
+                                                     use_safetensors=True, **extra)
         tok = AutoTokenizer.from_pretrained(str(source), trust_remote_code=trust_remote_code)
     except BakeError:
         raise

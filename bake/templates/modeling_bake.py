@@ -66,7 +66,8 @@ class SteerOps(torch.nn.Module):
                                                              self.t(i, "c", x).reshape(1)))
                 x = torch.addcmul(x, g, torch.addcmul(self.t(i, "b", x), x, self.t(i, "d", x)), value=s)
             elif kind == "gated":
-                g = torch.sigmoid(x @ self.t(i, "w", x) + self.t(i, "c", x).reshape(())).unsqueeze(-1)
+                g = torch.sigmoid(torch.nn.functional.linear(x, self.t(i, "w", x).unsqueeze(0),
+                                                             self.t(i, "c", x).reshape(1)))
                 x = x + s * g * (getattr(self, f"inner{i}")(x) - x)
             else:
                 raise ValueError(f"bake: unknown op {kind!r}")
