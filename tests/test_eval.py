@@ -76,6 +76,7 @@ def test_sweep_resumes_and_baked_matches_hooked(setup):
     assert abs(pts["baked"]["perplexity"]["perplexity"] / pts["λ=1"]["perplexity"]["perplexity"] - 1) < 1e-5
     assert pts["original"]["perplexity"]["perplexity"] != pts["λ=1"]["perplexity"]["perplexity"]
     assert (tmp / "eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "joblib.load" in doc["scorer_loads_pickle"]["profanity"]  # the report says the scorer unpickles
     # resume: a rerun with one more strength computes only that point
     seen = []
     doc2 = run(str(src), cfg, out, specs, [0.5, 1.0, 1.5], str(tmp / "baked"), None, log=seen.append)
