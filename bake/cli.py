@@ -80,6 +80,8 @@ def _p_apply(sub):
     p.add_argument("--dtype", default=None, help="float32 (default) | bfloat16 | float16 (folding is done in fp32); "
                    "a streaming bake keeps each tensor's stored dtype")
     p.add_argument("--format", default="safetensors", help="safetensors | onnx | safetensors,onnx (both in --out)")
+    p.add_argument("--onnx-layout", default="root", help="root: model.onnx beside config.json (Optimum, "
+                   "onnxruntime-genai) | onnx: onnx/model.onnx (transformers.js)")
     p.add_argument("--stream", action="store_true", help="never load the whole model: rewrite only the tensors the "
                    "plan touches, shard by shard (the default for a sharded checkpoint with an index json)")
     p.add_argument("--link", action="store_true", help="streaming: hard-link untouched shards instead of copying "
@@ -312,7 +314,8 @@ def cmd_apply(a) -> int:
         return 0
     res = apply(a.model, a.spec, a.out, dtype=a.dtype or "float32", force=a.force, strength=a.strength, run_verify=a.verify,
                 prompts=prompts, check_model=not a.ignore_fingerprint, formats=formats,
-                insert_modules=a.insert_modules, approximate=a.approximate, inputs=(a.prompts,))
+                insert_modules=a.insert_modules, approximate=a.approximate, inputs=(a.prompts,),
+                onnx_layout=a.onnx_layout)
     if res.verification:
         print(_verification_line(res.verification))
     inserted = sum(p_ == "insert-modules" for p_, _, _ in res.report)

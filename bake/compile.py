@@ -11,7 +11,7 @@ import torch
 
 from . import exporters, passes, verify as verify_mod
 from .errors import BakeError, CheckFailed
-from .exporters import card
+from .exporters import card, portable
 from .exporters import safetensors as st_exporter
 from .models import load
 from .plan import bind
@@ -68,7 +68,7 @@ def apply(model_name: str, spec_paths: list[str], out: str | Path, dtype: str = 
           strength: float | None = None, run_verify: bool = True, prompts: list[str] | None = None,
           check_model: bool = True, max_new_tokens: int = 32, log=print,
           formats: list[str] | None = None, insert_modules: bool = False,
-          approximate: bool = False, inputs: tuple = ()) -> ApplyResult:
+          approximate: bool = False, inputs: tuple = (), onnx_layout: str = "root") -> ApplyResult:
     """Bake `spec_paths` into `model_name` and write `out`. `inputs`: more files the run reads (prompts)
     that `out` must not touch."""
     t0 = time.perf_counter()
@@ -79,6 +79,9 @@ def apply(model_name: str, spec_paths: list[str], out: str | Path, dtype: str = 
     if "onnx" in formats and dtype == "bfloat16":
         raise BakeError("--dtype bfloat16: not with --format onnx (ONNX Runtime's CPU kernels lack bfloat16; "
                         "use float32 or float16)")
+    if onnx_layout not in ("root", "onnx"):
+        raise BakeError(f"--onnx-layout: root (model.onnx beside config.json) or onnx (onnx/model.onnx, as "
+                        f"transformers.js expects), got {onnx_layout!r}")
     specs = read_specs(spec_paths, strength)  # validated before any model is loaded
     reads = input_paths(specs, model_name, inputs)
     exporters.check_out(out, force, reads)
@@ -103,13 +106,16 @@ def apply(model_name: str, spec_paths: list[str], out: str | Path, dtype: str = 
     infos = [spec_info(s) for s in specs]
     with exporters.staged(out, force, log) as tmp:
         if "onnx" in formats:
-            onnx_exporter.export(plan.model, loaded.tokenizer, tmp, dtype, log=log)
+            onnx_exporter.export(plan.model, loaded.tokenizer, tmp, dtype, log=log, layout=onnx_layout)
         if "safetensors" in formats:
             st_exporter.export(plan, loaded.tokenizer, tmp, dtype)
             if plan.inserted:
                 from .modules import write_code
 
                 write_code(tmp, type(plan.model).__name__)
+        for what in portable.make_portable(tmp):  # older transformers and other runtimes read the same model
+            plan.note("portable", "files", what)
+            log(f"  {'portable':22s} files: {what}")
         del loaded  # verify reloads both models; never hold two copies while it runs
         plan.model = None
         gc.collect()

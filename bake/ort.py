@@ -17,14 +17,14 @@ import numpy as np
 import torch
 
 from .errors import BakeError
-from .exporters.onnx import GRAPH, io_names
+from .exporters.onnx import GRAPH, LAYOUTS, io_names
 
 NP_DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
 def is_onnx_dir(path: str | Path) -> bool:
     p = Path(path)
-    return (p / "onnx_info.json").is_file() or (p / GRAPH).is_file()
+    return (p / "onnx_info.json").is_file() or (p / GRAPH).is_file() or (p / "onnx" / GRAPH).is_file()
 
 
 def pick_providers(want: str = "auto") -> list[str]:
@@ -56,14 +56,20 @@ class OrtCausalLM:
         from transformers import AutoConfig
 
         path = Path(path)
-        graph = path / GRAPH
-        if not graph.is_file():
-            raise BakeError(f"--steered/--baked: {str(path)!r} holds no {GRAPH}")
         try:
             info = json.loads((path / "onnx_info.json").read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError):
+            info = None
+        rel = info.get("graph", GRAPH) if isinstance(info, dict) else GRAPH
+        if rel not in LAYOUTS.values():  # a name from the file: never a path out of the directory
+            raise BakeError(f"{str(path)!r}: onnx_info.json names the graph {rel!r} (expected one of "
+                            f"{', '.join(LAYOUTS.values())})")
+        graph = path / rel
+        if not graph.is_file():
+            raise BakeError(f"--steered/--baked: {str(path)!r} holds no {rel}")
+        if info is None:
             raise BakeError(f"{str(path)!r}: onnx_info.json is missing or unreadable (export with bake apply "
-                            f"--format onnx)") from None
+                            f"--format onnx)")
         try:
             self.config = AutoConfig.from_pretrained(str(path), trust_remote_code=False)  # never prompt
         except Exception as e:  # remote code asked for, or an unreadable config

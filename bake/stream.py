@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from . import exporters, passes
 from .compile import ApplyResult, input_paths, read_specs, spec_info
 from .errors import BakeError, CheckFailed
-from .exporters import card
+from .exporters import card, portable
 from .exporters.shards import INDEX, SINGLE, Checkpoint, Entry, patch, place, spill, write_shard
 from .models import resolve
 from .plan import Plan, bind
@@ -270,10 +270,12 @@ def apply_streaming(model_name: str, spec_paths: list[str], out: str | Path, for
             if f.is_file() and f.name not in WEIGHT_FILES and f.name not in ckpt.files and not (tmp / f.name).exists():
                 shutil.copyfile(f, tmp / f.name)
         model.config.save_pretrained(str(tmp))
+        for what in portable.make_portable(tmp):
+            plan.note("portable", "files", what)
         plan.note("stream", "shards", f"{how['rewritten']} rewritten, {how['copied']} copied, {how['linked']} "
                                       f"hard-linked; {len(new_names)} new tensor(s) in {EXTRA if new_names else '-'}")
         for p_, s_, w_ in plan.report:
-            if p_ in ("architecture-rewrite", "stream"):
+            if p_ in ("architecture-rewrite", "stream", "portable"):
                 log(f"  {p_:22s} {s_}: {w_}")
         verification = None
         if run_verify:

@@ -1,7 +1,9 @@
 """verify: a baked model, loaded from disk as a user would, against the hooked reference.
 
 On every probe prompt: greedy continuation from each model, then logits of both models over the
-prompt plus the reference continuation (prefill and decode positions alike). float32 passes when
+prompt plus the reference continuation (prefill and decode positions alike). PyTorch models run the
+probes in left-padded batches of `BATCH` (attention mask, explicit position ids), reference and
+candidate alike; an ONNX candidate runs them one at a time through its KV-cache loop. float32 passes when
 every greedy continuation is identical and the relative logit error (max |Δ| / max |reference
 logit|) is ≤ 1e-5. Models with a wide dynamic range (Gemma) carry more float32 rounding noise than
 that; there verify also runs the hooked reference in float64 and passes when the baked model is as
@@ -68,13 +70,55 @@ def logits(model, ids: torch.Tensor) -> torch.Tensor:
     return model(ids[None].to(model.device)).logits[0].double().cpu()
 
 
+BATCH = 8  # probes per padded batch
+
+
+def _left_pad(seqs: list[torch.Tensor], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s):], mask[i, width - len(s):] = s, 1
+    return ids, mask
+
+
+@torch.no_grad()
+def greedy_batch(model, tok, prompts: list[str], n: int) -> list[torch.Tensor]:
+    """Prompt ids followed by n greedy tokens, for a left-padded batch of prompts (EOS not allowed to stop
+    early). One decode loop for the batch: decoding is memory-bound, so a batch of 8 costs about one."""
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    enc = [tok(p, return_tensors="pt").input_ids[0] for p in prompts]
+    ids, mask = _left_pad(enc, pad)
+    out = model.generate(ids.to(model.device), attention_mask=mask.to(model.device), max_new_tokens=n,
+                         min_new_tokens=n, do_sample=False, temperature=None, top_p=None, top_k=None,
+                         pad_token_id=pad)
+    return [torch.cat([e, out[i, ids.shape[1]:].cpu()]) for i, e in enumerate(enc)]
+
+
+@torch.no_grad()
+def logits_batch(model, seqs: list[torch.Tensor], pad: int) -> list[torch.Tensor]:
+    """Teacher-forced logits over each sequence, in one left-padded forward (explicit position ids, so
+    that every real token sits where it sits alone)."""
+    ids, mask = _left_pad(seqs, pad)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    dev = model.device
+    out = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev)).logits.double().cpu()
+    return [out[i, ids.shape[1] - len(s):] for i, s in enumerate(seqs)]
+
+
+def _batches(items: list, size: int = BATCH):
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
 def run_reference(model, tok, specs: list[Spec], prompts: list[str], n: int, check_model: bool = True,
                   desc: str = "reference") -> list[dict]:
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     with steered(model, specs, check_model=check_model):
         out = []
-        for p in tqdm(prompts, desc=desc, leave=False):
-            seq = greedy(model, tok, p, n)
-            out.append({"prompt": p, "n_prompt": len(seq) - n, "seq": seq, "logits": logits(model, seq)})
+        for chunk in tqdm(_batches(prompts), desc=desc, leave=False):
+            seqs = greedy_batch(model, tok, chunk, n)
+            for p, seq, lg in zip(chunk, seqs, logits_batch(model, seqs, pad)):
+                out.append({"prompt": p, "n_prompt": len(seq) - n, "seq": seq, "logits": lg})
     bad = nonfinite(out)
     if bad:
         raise BakeError(f"--strength/spec: the hooked reference itself gives NaN or Inf logits on {bad}/{len(out)} "
@@ -83,6 +127,13 @@ def run_reference(model, tok, specs: list[Spec], prompts: list[str], n: int, che
 
 
 def run_candidate(model, tok, ref: list[dict], n: int, desc: str) -> list[dict]:
+    if not hasattr(model, "prefill_then_decode_logits"):  # a PyTorch model: batched like the reference
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        out = []
+        for chunk in tqdm(_batches(ref), desc=desc, leave=False):
+            seqs = greedy_batch(model, tok, [r["prompt"] for r in chunk], n)
+            out += [{"seq": s, "logits": lg} for s, lg in zip(seqs, logits_batch(model, [r["seq"] for r in chunk], pad))]
+        return out
     out = []
     for r in tqdm(ref, desc=desc, leave=False):
         seq = greedy(model, tok, r["prompt"], n)
@@ -235,5 +286,7 @@ def run_candidate_hooked(model, tok, specs, ref, n, logits_only: bool = False) -
     # the fingerprint was checked at float32 above; the cast model's bytes differ by design
     with steered(model, specs, check_model=False):
         if logits_only:
-            return [{"logits": logits(model, r["seq"])} for r in tqdm(ref, desc="hooked, float64", leave=False)]
+            pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+            return [{"logits": lg} for chunk in tqdm(_batches(ref), desc="hooked, float64", leave=False)
+                    for lg in logits_batch(model, [r["seq"] for r in chunk], pad)]
         return run_candidate(model, tok, ref, n, desc="hooked, other precision")

@@ -27,6 +27,9 @@ from ..errors import BakeError
 OPSET = 17
 SUPPORTED = ("llama", "qwen2", "mistral", "gpt2")
 GRAPH = "model.onnx"
+LAYOUTS = {"root": GRAPH, "onnx": f"onnx/{GRAPH}"}  # onnx/: the layout transformers.js expects
+# model types onnxruntime-genai 0.18 runs (its genai_config "type")
+GENAI_TYPES = ("llama", "mistral", "qwen2", "gpt2")
 PROTOBUF_LIMIT = 2 * 1024**3 - 64 * 1024**2  # leave room for the graph itself
 
 
@@ -85,9 +88,11 @@ def check_supported(model: torch.nn.Module) -> None:
                         f"(supported: {', '.join(SUPPORTED)}; safetensors works)")
 
 
-def export(model: torch.nn.Module, tokenizer, out: Path, dtype: str = "float32", log=print) -> dict:
-    """Write out/model.onnx (+ model.onnx.data when large), the tokenizer, config.json and
-    onnx_info.json (names, dtype, opset, sizes). Returns onnx_info."""
+def export(model: torch.nn.Module, tokenizer, out: Path, dtype: str = "float32", log=print,
+           layout: str = "root") -> dict:
+    """Write out/model.onnx (or out/onnx/model.onnx for `layout` "onnx"; + model.onnx.data when
+    large), the tokenizer, config.json, onnx_info.json (names, dtype, opset, sizes) and
+    genai_config.json for onnxruntime-genai. Returns onnx_info."""
     import onnx
 
     check_supported(model)
@@ -118,7 +123,9 @@ def export(model: torch.nn.Module, tokenizer, out: Path, dtype: str = "float32",
     for n in outs[1:]:
         dyn[n] = {0: "batch_size", 2: "total_sequence_length"}
     wrapper = WithPast(model)
-    path = out / GRAPH
+    rel = LAYOUTS[layout]
+    path = out / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
     attn = getattr(cfg, "_attn_implementation", None)
     try:
         cfg._attn_implementation = "eager"  # plain MatMul/Softmax ops: runs on every ORT provider
@@ -132,13 +139,49 @@ def export(model: torch.nn.Module, tokenizer, out: Path, dtype: str = "float32",
     size = sum(t.ByteSize() for t in proto.graph.initializer)
     external = size > PROTOBUF_LIMIT
     onnx.save_model(proto, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
-                    location=GRAPH + ".data" if external else None)
+                    location=path.name + ".data" if external else None)
     tokenizer.save_pretrained(str(out))
     cfg.save_pretrained(str(out))
-    info = {"format": "onnx", "graph": GRAPH, "external_data": external, "opset": OPSET, "dtype": dtype,
+    info = {"format": "onnx", "graph": rel, "external_data": external, "opset": OPSET, "dtype": dtype,
             "num_layers": n_layers, "kv_heads": heads, "head_dim": head_dim, "inputs": ins, "outputs": outs,
             "export_seconds": round(time.perf_counter() - t0, 1),
-            "bytes": sum(f.stat().st_size for f in out.iterdir() if f.name.startswith(GRAPH))}
+            "bytes": sum(f.stat().st_size for f in path.parent.iterdir() if f.name.startswith(GRAPH))}
     (out / "onnx_info.json").write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
+    genai = genai_config(cfg, info)
+    if genai:
+        (out / "genai_config.json").write_text(json.dumps(genai, indent=1) + "\n", encoding="utf-8")
     log(f"  onnx: {GRAPH} ({info['bytes'] / 1e6:.0f} MB, opset {OPSET}) in {info['export_seconds']} s")
     return info
+
+
+def genai_config(cfg, info: dict) -> dict | None:
+    """onnxruntime-genai's genai_config.json for this graph (None for a model type it does not run).
+    The graph concatenates past and new keys (present = past + new), so the KV buffers cannot be
+    shared: `past_present_share_buffer` is false (with true, genai's output diverges)."""
+    if cfg.model_type not in GENAI_TYPES:
+        return None
+    ids = {k: getattr(cfg, f"{k}_token_id", None) for k in ("bos", "eos", "pad")}
+    eos = ids["eos"] if ids["eos"] is not None else 0
+    heads = cfg.num_attention_heads
+    return {
+        "model": {
+            "bos_token_id": ids["bos"] if ids["bos"] is not None else eos, "eos_token_id": eos,
+            "pad_token_id": ids["pad"] if ids["pad"] is not None else eos,
+            "context_length": int(getattr(cfg, "max_position_embeddings", 2048) or 2048),
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "filename": info["graph"], "head_size": info["head_dim"],
+                "hidden_size": cfg.hidden_size, "num_attention_heads": heads,
+                "num_hidden_layers": info["num_layers"], "num_key_value_heads": info["kv_heads"],
+                "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
+                           "position_ids": "position_ids", "past_key_names": "past_key_values.%d.key",
+                           "past_value_names": "past_key_values.%d.value"},
+                "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
+                            "present_value_names": "present.%d.value"},
+            },
+            "type": cfg.model_type, "vocab_size": cfg.vocab_size,
+        },
+        "search": {"do_sample": False, "max_length": int(getattr(cfg, "max_position_embeddings", 2048) or 2048),
+                   "min_length": 0, "num_beams": 1, "num_return_sequences": 1, "past_present_share_buffer": False,
+                   "repetition_penalty": 1.0, "temperature": 1.0, "top_k": 1, "top_p": 1.0},
+    }
