@@ -508,13 +508,27 @@ def _on_sigterm(signum, frame):
     raise Terminated()
 
 
+def _redeliver(hook):
+    """sys.unraisablehook: a Terminated raised while Python ran a __del__ is swallowed there ("Exception
+    ignored in ..."); deliver the signal again, so that it lands in ordinary code."""
+    def unraisable(info):
+        if isinstance(info.exc_value, Terminated):
+            signal.raise_signal(signal.SIGTERM)
+        else:
+            hook(info)
+    return unraisable
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
     main_thread = threading.current_thread() is threading.main_thread()
     prev = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
+    hook = sys.unraisablehook
+    sys.unraisablehook = _redeliver(hook)
     try:
         return _run(a)
     finally:
+        sys.unraisablehook = hook
         if main_thread:
             signal.signal(signal.SIGTERM, prev)
 
