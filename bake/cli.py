@@ -13,6 +13,9 @@ from . import __version__
 from .errors import BakeError, CheckFailed
 
 
+LARGE_SLOPE = 10.0  # fit warns above this per-unit slope
+
+
 def _p_fit(sub):
     p = sub.add_parser("fit", help="estimate a spec from source and target texts")
     p.add_argument("--model", required=True, help="model directory, .gguf file, hub id or alias (llama)")
@@ -53,7 +56,9 @@ def _p_fit(sub):
     g.add_argument("--l1", type=float, default=0.0, help="per-unit L1 on a − 1 and b (proximal). With Adam a unit "
                    "moves about lr per step, so --l1 acts between 0 and 1 (≥ 1 leaves every unit identity); on "
                    "SmolLM2 post-norms 0.9 kept 22 %% of the units, 0.97 under 1 %%")
-    g.add_argument("--group", type=float, default=0.0, help="per-site L2 group penalty, weighted by √d (proximal)")
+    g.add_argument("--group", type=float, default=0.0, help="per-site L2 group penalty, weighted by √d (proximal). "
+                   "The loss averages over the L sites where the LinEAS paper sums, so --l1 and --group are the "
+                   "paper's weights divided by L (paper λ = L × these); the spec records it")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--accumulate", type=int, default=1, help="micro-batches per step and process (gradient "
                    "accumulation; under torchrun each process runs its own, so N processes = N × the batch)")
@@ -237,6 +242,10 @@ def cmd_fit(a) -> int:
         if big["weight"] > 0.5:
             print(f"ablate: warning: the direction is mostly unit {big['unit']} (an outlier unit removes more than a "
                   f"concept{'; try --direction lda' if spec.params['direction'] == 'mean' else ''})")
+    slope = spec.params.get("largest_slope")
+    if slope and slope["a"] > LARGE_SLOPE:
+        print(f"{a.method}: warning: slopes up to |a| = {slope['a']:g} ({slope['site']}, unit {slope['unit']}) amplify "
+              f"that unit's noise; consider --support source-range or mean-act")
     if a.method == "dsas" and not a.joint:
         acc = spec.params["detector_accuracy"]
         print(f"dsas: kept {spec.params['kept_sites']}/{spec.params['candidate_sites']} sites (held-out detector "

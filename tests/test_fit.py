@@ -148,3 +148,39 @@ def test_spec_with_shared_tensors_writes(tmp_path):
     write(Spec([("a:output", [Map("projection", 1.0, {"U": u})]), ("b:output", [Map("projection", 1.0, {"U": u})])]),
           tmp_path / "s.json")
     assert len(read(tmp_path / "s.json").sites) == 2
+
+
+def test_linear_act_near_constant_unit_gets_no_slope():
+    """Issue 20: σs ≈ 1e-5 used to give a ≈ 1e5 (0.21 → 966); the scale-relative guard gives a shift."""
+    g = torch.Generator().manual_seed(0)
+    src = torch.cat([0.23 + 1e-5 * torch.randn(64, 1, generator=g), torch.randn(64, 1, generator=g)], 1)
+    tgt = torch.cat([0.5 + 0.3 * torch.randn(64, 1, generator=g), 2 * torch.randn(64, 1, generator=g)], 1)
+    t = estimators.linear_act(src, tgt)
+    assert t["a"][0].item() == 1.0 and abs(t["b"][0].item() - (tgt[:, 0].mean() - src[:, 0].mean()).item()) < 1e-5
+    assert 1.5 < t["a"][1].item() < 2.5  # a unit that spreads keeps its fitted slope
+    from bake.maps import Map
+
+    sites = [("s0", [Map("affine", 1.0, {"a": torch.tensor([1.0, -3.0]), "b": torch.zeros(2)})]),
+             ("s1", [Map("additive", 1.0, {"v": torch.ones(2)})])]
+    assert estimators.largest_slope(sites) == {"site": "s0", "unit": 1, "a": 3.0}
+
+
+def test_aura_reference_sites_preset(tmp_path, tiny_dir, capsys):
+    """ml-aura's sites (every MLP Linear's output) as the preset `mlp-linears`; they bake exactly."""
+    from bake.cli import main
+    from bake.models import adapter_for
+    from conftest import TEXTS, make_family
+
+    for family, want in (("llama", ["gate_proj", "up_proj", "down_proj"]), ("gpt2", ["c_fc", "c_proj"])):
+        model = make_family(family)
+        names = adapter_for(model).resolve(model, ["mlp-linears"])
+        assert sorted({n.split(".")[-1].split(":")[0] for n in names}) == sorted(want)
+        assert all(n.endswith(":output") for n in names)
+    (tmp_path / "s.txt").write_text("\n".join(TEXTS[3::2]) + "\n")
+    (tmp_path / "t.txt").write_text("\n".join(TEXTS[0::2]) + "\n")
+    assert main(["fit", "--model", str(tiny_dir), "--source", str(tmp_path / "s.txt"), "--target",
+                 str(tmp_path / "t.txt"), "--method", "aura", "--sites", "mlp-linears", "--out",
+                 str(tmp_path / "a.json")]) == 0
+    assert main(["apply", "--model", str(tiny_dir), "--spec", str(tmp_path / "a.json"), "--out",
+                 str(tmp_path / "o")]) == 0
+    assert "verify: PASS" in capsys.readouterr().out

@@ -74,6 +74,7 @@ def test_joint_training_beats_local_fits_downstream(setup):
     assert joint < 0.5 * before and joint < loc, (before, joint, loc)
     run = spec.params["run"]
     assert run["loss_last"] < run["loss_first"] and run["steps_run"] == 150
+    assert "paper sums over sites" in spec.params["loss"]  # the l1/group conversion is recorded
 
 
 def test_seeded_runs_reproduce_and_seeds_differ(setup):

@@ -160,7 +160,8 @@ def fit(model, tok, source: list[str], target: list[str], method: str, sites: li
             spec.sites.append((info.name, [Map("affine", float(strength), t)]))
         spec.params.update({"steps": cfg.steps, "lr": cfg.lr, "optimizer": cfg.optimizer, "batch_size": cfg.batch_size,
                             "accumulate": cfg.accumulate, "l1": cfg.l1, "group": cfg.group, "seed": cfg.seed, "max_minutes": cfg.max_minutes,
-                            "run": summary})
+                            "loss": "mean over sites of the per-unit W2 sums (the LinEAS paper sums over sites: its "
+                                    "l1/group weights = the number of sites × these)", "run": summary})
         return spec
     if method == "ablate":
         return _fit_ablate(model, tok, source, target, spec, infos, catalog, strength, batch_size, direction_layer,
@@ -200,6 +201,8 @@ def fit(model, tok, source: list[str], target: list[str], method: str, sites: li
             tensors.update(estimators.source_range(s))
         _check_finite(tensors, info.name)
         spec.sites.append((info.name, [Map(meth.kind, float(strength), tensors)]))
+    if meth.kind == "affine":
+        spec.params["largest_slope"] = estimators.largest_slope(spec.sites)
     return spec
 
 

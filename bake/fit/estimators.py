@@ -19,16 +19,35 @@ def quantiles(x: torch.Tensor, n: int) -> torch.Tensor:
     return xs[lo] * (1 - w) + xs[hi] * w
 
 
-def linear_act(src: torch.Tensor, tgt: torch.Tensor, min_std: float = 1e-6) -> dict[str, torch.Tensor]:
-    """Least-squares line through matched sorted samples (1-D OT map, linear fit) per unit."""
+def linear_act(src: torch.Tensor, tgt: torch.Tensor, min_std: float = 1e-4) -> dict[str, torch.Tensor]:
+    """Least-squares line through matched sorted samples (1-D OT map, linear fit) per unit.
+
+    A unit whose source samples barely spread, σs < min_std · max(1, |μs|) (the threshold
+    Gaussian-AcT uses, relative to the unit's scale), gets no slope: a = 1 and b = μt − μs, the
+    Mean-AcT shift. A slope fitted through nearly equal points is noise: with the old absolute 1e-6
+    guard a SmolLM2 unit with σs ≈ 1e-5 got a ≈ 1e5 and mapped tokens at 0.21 and 0.25 to 966 and 4828."""
     n = min(src.shape[0], tgt.shape[0])
     s, t = quantiles(src, n), quantiles(tgt, n)
     ms, mt = s.mean(0), t.mean(0)
     var = ((s - ms) ** 2).mean(0)
     cov = ((s - ms) * (t - mt)).mean(0)
-    a = torch.where(var > min_std ** 2, cov / var.clamp_min(min_std ** 2), torch.ones_like(var))
+    ok = var.sqrt() >= min_std * ms.abs().clamp_min(1.0)
+    a = torch.where(ok, cov / var.clamp_min(1e-300), torch.ones_like(var))
     b = mt - a * ms
     return {"a": a.float(), "b": b.float()}
+
+
+def largest_slope(sites: list) -> dict | None:
+    """The affine map with the largest |a| over (site, maps) pairs: where a spec amplifies most."""
+    best = None
+    for name, maps in sites:
+        for m in maps:
+            if m.kind == "affine":
+                a = m.tensors["a"].abs()
+                unit = int(a.argmax())
+                if best is None or float(a[unit]) > best["a"]:
+                    best = {"site": name, "unit": unit, "a": round(float(a[unit]), 4)}
+    return best
 
 
 def mean_act(src: torch.Tensor, tgt: torch.Tensor) -> dict[str, torch.Tensor]:

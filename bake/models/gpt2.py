@@ -26,6 +26,7 @@ class GPT2Adapter(Adapter):
                 "mlp-in": ("transformer.h.*.mlp.c_proj:input",),
                 "attn-out": ("transformer.h.*.attn.c_proj:output",),
                 "mlp-out": ("transformer.h.*.mlp.c_proj:output",),
+                "mlp-linears": ("transformer.h.*.mlp.c_fc:output", "transformer.h.*.mlp.c_proj:output"),  # ml-aura's
                 "residual": ("transformer.h.*:output",),
             },
             final_norm="transformer.ln_f",

@@ -28,6 +28,9 @@ class LlamaAdapter(Adapter):
                 "mlp-in": ("model.layers.*.mlp.down_proj:input",),
                 "attn-out": ("model.layers.*.self_attn.o_proj:output",),
                 "mlp-out": ("model.layers.*.mlp.down_proj:output",),
+                # ml-aura's AurA sites: the outputs of every MLP Linear
+                "mlp-linears": ("model.layers.*.mlp.gate_proj:output", "model.layers.*.mlp.up_proj:output",
+                                "model.layers.*.mlp.down_proj:output"),
                 "residual": ("model.layers.*:output",),
             },
             bias_groups=(BiasGroup("attention_bias", ATTN), BiasGroup("mlp_bias", MLP)),
