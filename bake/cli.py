@@ -26,7 +26,9 @@ def _p_fit(sub):
                    "monotone-pwl | ablate")
     p.add_argument("--sites", default=None, help="comma-separated presets or globs (post-norms, mlp-in, attn-out, "
                    "mlp-out, residual, 'mlp.down_proj:input', ...); default: the method's usual sites")
-    p.add_argument("--pooling", default=None, help="mean | last | max over each text's tokens (default: the method's)")
+    p.add_argument("--pooling", default=None, help="mean | last | max over each text's tokens (default: the method's); mean and max "
+                   "leave the first token out where it is a BOS or attention sink (decided on the model), "
+                   "mean+first / max+first always pool it")
     p.add_argument("--knots", type=int, default=16, help="monotone-pwl: matched quantiles per unit")
     p.add_argument("--direction-layer", type=int, default=None,
                    help="ablate: layer whose residual stream gives the direction (default: the middle one)")

@@ -93,9 +93,10 @@ def test_causal_estimation_sees_earlier_maps(tokenizer):
     # at the last site, so refitting there gives a zero shift
     from bake.runtime import steered
     info = adapter_for(model).sites(model)[causal.sites[-1][0]]
+    pooling = "mean" if causal.params["first_token"].startswith("left out") else "mean+first"  # as the fit pooled
     with steered(model, causal):
-        s = collect(model, tokenizer, source, [info])[info.name]
-    t = collect(model, tokenizer, target, [info])[info.name]
+        s = collect(model, tokenizer, source, [info], pooling=pooling)[info.name]
+    t = collect(model, tokenizer, target, [info], pooling=pooling)[info.name]
     assert (s.mean(0) - t.mean(0)).abs().max() < 1e-4
 
 
@@ -129,10 +130,11 @@ def test_layer_replay_equals_full_forward_causal(tokenizer):
     ad = adapter_for(model)
     cat = ad.sites(model)
     slow = Spec([])
-    tgt = collect(model, tokenizer, target, [cat[n] for n in ad.resolve(model, patterns)])
+    pooling = "mean" if fast.params["first_token"].startswith("left out") else "mean+first"  # as the fit pooled
+    tgt = collect(model, tokenizer, target, [cat[n] for n in ad.resolve(model, patterns)], pooling=pooling)
     for name in ad.resolve(model, patterns):
         with steered(model, slow, check_model=False):
-            s = collect(model, tokenizer, source, [cat[name]], batch_size=3)[name]
+            s = collect(model, tokenizer, source, [cat[name]], batch_size=3, pooling=pooling)[name]
         slow.sites.append((name, [Map("affine", 0.9, estimators.linear_act(s, tgt[name]))]))
     assert fast.site_names == slow.site_names
     for (_, [mf]), (_, [ms]) in zip(fast.sites, slow.sites):
@@ -184,3 +186,23 @@ def test_aura_reference_sites_preset(tmp_path, tiny_dir, capsys):
     assert main(["apply", "--model", str(tiny_dir), "--spec", str(tmp_path / "a.json"), "--out",
                  str(tmp_path / "o")]) == 0
     assert "verify: PASS" in capsys.readouterr().out
+
+
+def test_first_token_is_pooled_unless_bos_or_sink(tiny_dir):
+    """Issue 20: mean/max pooling leave the first token out only where it is a BOS or an attention sink
+    (decided on the model and recorded in the spec); a random tiny Llama with no BOS has neither."""
+    from bake.fit import fit
+    from bake.fit.collect import first_token, pool_tokens
+    from bake.models import load
+    from conftest import TEXTS
+
+    x = torch.tensor([[[100.0], [1.0], [3.0]]])
+    mask = torch.ones(1, 3, dtype=torch.long)
+    assert pool_tokens(x, mask, "mean").item() == 2.0 and abs(pool_tokens(x, mask, "mean+first").item() - 104 / 3) < 1e-5
+    assert pool_tokens(x, mask, "max").item() == 3.0 and pool_tokens(x, mask, "max+first").item() == 100.0
+    loaded = load(str(tiny_dir))
+    decision = first_token(loaded.model, loaded.tokenizer, TEXTS)
+    assert decision["drop"] is False and "no sink" in decision["why"]
+    assert first_token(loaded.model, loaded.tokenizer, TEXTS, ratio=0.0)["drop"] is True  # any first token "sinks"
+    spec = fit(loaded.model, loaded.tokenizer, TEXTS[1::2], TEXTS[0::2], "mean-act", ["post-norms"], progress=False)
+    assert spec.params["first_token"].startswith("pooled: ") and spec.params["pooling"] == "mean"

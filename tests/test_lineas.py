@@ -42,10 +42,12 @@ def test_w2_per_unit_closed_form():
 
 
 def _w2_after(model, tok, spec, infos, src, tgt) -> float:
-    """Total W2 between steered source and clean target pooled activations, all sites."""
-    t = collect(model, tok, tgt, infos, 16, progress=False)
+    """Total W2 between steered source and clean target pooled activations, all sites (pooled as the
+    fit pooled: the first token too where the model has no BOS or sink)."""
+    pooling = "mean" if spec.params.get("first_token", "left out").startswith("left out") else "mean+first"
+    t = collect(model, tok, tgt, infos, 16, progress=False, pooling=pooling)
     with steered(model, spec):
-        s = collect(model, tok, src, infos, 16, progress=False)
+        s = collect(model, tok, src, infos, 16, progress=False, pooling=pooling)
     n = min(len(src), len(tgt))
     return sum(float(w2_per_unit(s[i.name][:n], t[i.name][:n]).sum()) for i in infos)
 

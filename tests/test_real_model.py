@@ -150,6 +150,8 @@ def test_pooling_leaves_out_the_attention_sink_and_lda_spreads_over_units():
     spec = fit(model, tok, src, tgt, "ablate", direction_layer=15, progress=False)
     u = spec.sites[0][1][0].tensors["U"][:, 0]
     assert spec.params["direction"] == "lda" and float(u.abs().max()) < 0.5
+    # the fit decided to leave the first token out, and says why (a sink, or SmolLM2's BOS)
+    assert spec.params["first_token"].startswith("left out: ")
 
 
 def test_dsas_around_linear_act_bakes_exactly_on_the_real_model(tmp_path):

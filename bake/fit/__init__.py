@@ -17,7 +17,7 @@ from ..models import adapter_for, fingerprint
 from ..runtime import steered
 from ..spec import Spec, file_digest
 from . import estimators
-from .collect import POOLINGS, LayerReplay, collect
+from .collect import KEEP_FIRST, POOLINGS, LayerReplay, collect, first_token
 
 SUPPORTS = ("none", "source-range")
 REFERENCES = ("zero", "target")  # ablate: where the removed component goes
@@ -102,8 +102,9 @@ def fit(model, tok, source: list[str], target: list[str], method: str, sites: li
     if direction not in DIRECTIONS:
         raise BakeError(f"--direction: unknown direction {direction!r} (known: {', '.join(DIRECTIONS)})")
     pooling = pooling or meth.pooling
-    if pooling not in POOLINGS:
-        raise BakeError(f"--pooling: unknown pooling {pooling!r} (known: {', '.join(POOLINGS)})")
+    if pooling.removesuffix(KEEP_FIRST) not in POOLINGS or pooling == "last" + KEEP_FIRST:
+        raise BakeError(f"--pooling: unknown pooling {pooling!r} (known: {', '.join(POOLINGS)}; mean{KEEP_FIRST} "
+                        f"and max{KEEP_FIRST} pool the first token too)")
     if method == "monotone-pwl" and not 2 <= knots <= min(len(source), len(target)):
         raise BakeError(f"--knots: {knots} quantiles need 2 ≤ knots ≤ the smaller text count "
                         f"({min(len(source), len(target))})")
@@ -124,6 +125,10 @@ def fit(model, tok, source: list[str], target: list[str], method: str, sites: li
     infos = [catalog[n] for n in names]
     fp = fingerprint(model, infos)
     params = {"sites": sites, "support": support, "causal": causal, "pooling": pooling}
+    if not pipeline and pooling in ("mean", "max"):  # leave the first token out only where it is a BOS or sink
+        first = first_token(model, tok, list(source) + list(target))
+        params["first_token"] = ("left out: " if first["drop"] else "pooled: ") + first["why"]
+        pooling = pooling if first["drop"] else pooling + KEEP_FIRST
     if method == "monotone-pwl":
         params["knots"] = knots
     spec = Spec([], method=method, params=params, provenance=dict(provenance or {}), model=fp)

@@ -1,5 +1,5 @@
-"""Activation collection: per text, the mean over its non-pad tokens (the first, an attention sink,
-left out) of each site's activation.
+"""Activation collection: per text, the mean over its non-pad tokens of each site's activation (the
+first token left out where it is a BOS or an attention sink: `first_token`).
 
 Memory is bounded by texts × units per site (never by sequence length × layers), batches show a
 progress bar, and a forward pass stops as soon as the last site it needs has been seen.
@@ -21,15 +21,41 @@ class _Enough(Exception):
 POOLINGS = ("mean", "last", "max")
 
 
-def content_mask(mask: torch.Tensor) -> torch.Tensor:
-    """The tokens that mean and max pooling read (right padding): the non-pad tokens without the
-    first one, wherever a text has more than one. The first position is an attention sink in most
-    causal LMs, with activations orders of magnitude larger than any other token's (SmolLM2-135M
-    after layer 15: 22,900 in unit 507 against about 100), so in a mean it weighs 1/length and a
-    source-target difference in text length becomes a "direction" in the sink's units."""
+KEEP_FIRST = "+first"  # a pooling name ending so ("mean+first") pools the first token too
+SINK_RATIO = 10.0
+
+
+def content_mask(mask: torch.Tensor, drop_first: bool = True) -> torch.Tensor:
+    """The tokens that mean and max pooling read (right padding): the non-pad tokens, without the
+    first one (wherever a text has more than one) when `drop_first`. The first position is an
+    attention sink in most causal LMs, with activations orders of magnitude larger than any other
+    token's (SmolLM2-135M after layer 15: 22,900 in unit 507 against about 100), so in a mean it
+    weighs 1/length and a source-target difference in text length becomes a "direction" in the
+    sink's units; in a model without a BOS or a sink it is content like any other token."""
     keep = mask.bool().clone()
-    keep[:, 0] &= mask.sum(1) < 2
+    if drop_first:
+        keep[:, 0] &= mask.sum(1) < 2
     return keep
+
+
+@torch.no_grad()
+def first_token(model, tok, texts: list[str], ratio: float = SINK_RATIO) -> dict:
+    """Should mean/max pooling leave the first token out? Yes where the tokenizer puts its BOS there,
+    or where the first token is an attention sink: its hidden-state norm at the middle layer is over
+    `ratio` × the median norm of the text's other tokens (median over up to 8 texts of ≥ 3 tokens)."""
+    texts = [t for t in texts if t.strip()][:8]
+    encs = [tok(t, return_tensors="pt").input_ids[:, :64] for t in texts]
+    bos = tok.bos_token_id
+    if encs and bos is not None and all(int(e[0, 0]) == bos for e in encs):
+        return {"drop": True, "why": f"BOS token {bos} first"}
+    ratios = []
+    for ids in (e for e in encs if e.shape[1] >= 3):
+        hs = model(ids.to(model.device), output_hidden_states=True).hidden_states
+        norms = hs[len(hs) // 2][0].float().norm(dim=-1)
+        ratios.append(float(norms[0] / norms[1:].median().clamp_min(1e-12)))
+    r = float(torch.tensor(ratios).median()) if ratios else 0.0
+    return {"drop": r > ratio, "why": f"first-token norm {r:.1f}x the others' at the middle layer "
+                                      f"({'a sink' if r > ratio else 'no sink'}; threshold {ratio:g}x)"}
 
 
 def pool_tokens(x: torch.Tensor, mask: torch.Tensor, how: str = "mean") -> torch.Tensor:
@@ -37,15 +63,18 @@ def pool_tokens(x: torch.Tensor, mask: torch.Tensor, how: str = "mean") -> torch
     [B, d], on x's device and in its dtype.
 
     mean: average of the tokens after the first (see content_mask); last: the last token;
-    max: per-unit maximum over the tokens after the first.
+    max: per-unit maximum over the tokens after the first. With the suffix `KEEP_FIRST` ("mean+first",
+    "max+first") the first token counts too.
     """
+    drop = not how.endswith(KEEP_FIRST)
+    how = how if drop else how[:-len(KEEP_FIRST)]
     if how == "mean":
-        m = content_mask(mask).to(x.dtype)[..., None]
+        m = content_mask(mask, drop).to(x.dtype)[..., None]
         return (x * m).sum(1) / m.sum(1)
     if how == "last":
         return x[torch.arange(x.shape[0], device=x.device), mask.sum(1) - 1]
     if how == "max":
-        return x.masked_fill(~content_mask(mask)[..., None], float("-inf")).max(1).values
+        return x.masked_fill(~content_mask(mask, drop)[..., None], float("-inf")).max(1).values
     raise ValueError(how)
 
 
