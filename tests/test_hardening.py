@@ -386,7 +386,6 @@ def test_remote_code_never_runs_without_the_flag(fitted, tiny_dir, tokenizer, tm
 
     marker = tmp_path_factory.mktemp("marker") / "ran.txt"
     # 1. verify --baked whose tokenizer asks for remote code
-    code, out_, err = 0, "", ""
     baked = fitted / "baked"
     assert main(["apply", "--model", str(tiny_dir), "--spec", str(fitted / "spec.json"), "--out", str(baked),
                  "--no-verify"]) == 0
