@@ -2,7 +2,7 @@
 
 A spec (JSON manifest + one safetensors file) says which maps apply at which activation sites.
 The hooked reference runtime (`bake.runtime`) defines what a spec means; the compiler
-(`bake.compile`) folds the maps into the weights and exports a stock checkpoint, and
+(`bake.compiler`) folds the maps into the weights and exports a stock checkpoint, and
 `bake.verify` checks the export against the reference.
 """
 

@@ -1,4 +1,4 @@
-"""Command line: argument parsing and printing only; the work is in bake.compile, bake.fit, ..."""
+"""Command line: argument parsing and printing only; the work is in bake.compiler, bake.fit, ..."""
 
 from __future__ import annotations
 
@@ -11,9 +11,6 @@ from pathlib import Path
 
 from . import __version__
 from .errors import BakeError, CheckFailed
-
-
-LARGE_SLOPE = 10.0  # fit warns above this per-unit slope
 
 
 def _p_fit(sub):
@@ -189,98 +186,21 @@ def parser() -> argparse.ArgumentParser:
 
 
 def cmd_fit(a) -> int:
-    from .fit import describe_file, fit, read_texts
-    from .models import load
-    from .spec import write
+    """parse → FitConfig → run_fit (reads, checks, loads, fits, distributed under torchrun, writes) → print."""
+    from .fit import FitConfig, LineasConfig, run_fit
 
-    out = Path(a.out)
-    if out.suffix != ".json":
-        raise BakeError(f"--out: a spec manifest ends in .json, got {a.out!r}")
-    spec_inner = a.method == "dsas" and not a.joint and a.inner is not None and a.inner.endswith(".json")
-    if a.target is None and not spec_inner:
-        raise BakeError("--target: required (texts to steer towards, one per line)")
-    src = read_texts(a.source, "--source")
-    tgt = read_texts(a.target, "--target") if a.target is not None else []
-    sites = [s.strip() for s in a.sites.split(",") if s.strip()] if a.sites else None
-    prov = {"model": a.model, "source": describe_file(a.source, len(src))}
-    if a.target is not None:
-        prov["target"] = describe_file(a.target, len(tgt))
     lineas = None
-    trains = a.method == "lineas" or (a.method == "dsas" and a.joint)  # end-to-end: a per-step batch
-    bs = a.batch_size if a.batch_size is not None else (8 if trains else 16)
-    if bs < 1:
-        raise BakeError(f"--batch-size: must be at least 1, got {bs}")
-    if trains:
-        from .fit.lineas import LineasConfig
-
-        if a.method == "dsas" and not (a.retain >= 0 and a.retain == a.retain):
-            raise BakeError(f"--retain: must be a number ≥ 0, got {a.retain}")
-        lineas = LineasConfig(steps=a.steps, lr=a.lr, batch_size=bs, optimizer=a.optimizer, l1=a.l1, group=a.group,
-                              seed=a.seed, max_minutes=a.max_minutes, retain=a.retain, accumulate=a.accumulate)
-        lineas.check(len(src), len(tgt))  # before the model is loaded
-    control = read_texts(a.control, "--control") if a.control else None
-    if a.method == "dsas" and control is None:
-        raise BakeError("--control: DSAS needs a neutral control set (one text per line)")
-    if a.pca is not None and a.pca < 1:
-        raise BakeError(f"--pca: must be at least 1, got {a.pca}")
-    from .fit import distributed as dist
-
-    if dist.init_from_env(a.device):  # launched by torchrun / accelerate launch: every rank runs this
-        try:
-            return _fit_distributed(a, out, src, tgt, sites, bs, prov, lineas, control)
-        finally:
-            dist.finish()
-    loaded = load(a.model, device=a.device, device_map=a.device_map)
-    spec = fit(loaded.model, loaded.tokenizer, src, tgt, a.method, sites, a.strength, a.support, a.causal,
-               bs, prov, pooling=a.pooling, knots=a.knots, direction_layer=a.direction_layer,
-               reference=a.reference, direction=a.direction, lineas=lineas,
-               control=control, inner=a.inner, min_accuracy=a.min_accuracy, pca=a.pca, seed=a.seed, joint=a.joint)
-    write(spec, out)
-    print(f"wrote {out} ({len(spec.sites)} sites, method {a.method}, λ={a.strength:g})")
-    if a.method == "ablate":
-        big = spec.params["largest_unit"]
-        print(f"ablate: {spec.params['direction']} direction from {spec.params['direction_site']}; largest unit weight "
-              f"{big['weight']:.2f} (unit {big['unit']})")
-        if big["weight"] > 0.5:
-            print(f"ablate: warning: the direction is mostly unit {big['unit']} (an outlier unit removes more than a "
-                  f"concept{'; try --direction lda' if spec.params['direction'] == 'mean' else ''})")
-    slope = spec.params.get("largest_slope")
-    if slope and slope["a"] > LARGE_SLOPE:
-        print(f"{a.method}: warning: slopes up to |a| = {slope['a']:g} ({slope['site']}, unit {slope['unit']}) amplify "
-              f"that unit's noise; consider --support source-range or mean-act")
-    if a.method == "dsas" and not a.joint:
-        acc = spec.params["detector_accuracy"]
-        print(f"dsas: kept {spec.params['kept_sites']}/{spec.params['candidate_sites']} sites (held-out detector "
-              f"accuracy ≥ {a.min_accuracy:g}; range {min(acc.values()):.2f}–{max(acc.values()):.2f})")
-    if a.method == "lineas" or (a.method == "dsas" and a.joint):
-        r = spec.params["run"]
-        print(f"lineas: {r['steps_run']} steps in {r['seconds']} s ({r['stopped_by']}), loss {r['loss_first']:.4g} → "
-              f"{r['loss_last']:.4g}; active units {r['active_units']}/{r['units']}, "
-              f"active sites {r['active_sites']}/{r['sites']}")
-        if r["active_units"] == 0:
-            print("lineas: warning: every unit is the identity, so the spec does nothing; lower --l1/--group")
-    return 0
-
-
-def _fit_distributed(a, out, src, tgt, sites, bs, prov, lineas, control) -> int:
-    """One rank of a distributed fit: its shard of the texts, all rows gathered, rank 0 writes."""
-    from .fit import distributed as dist
-    from .fit import fit
-    from .models import load
-    from .spec import write
-
-    loaded = load(a.model, device=dist.local_device(a.device), device_map=a.device_map)
-    spec = fit(loaded.model, loaded.tokenizer, src, tgt, a.method, sites, a.strength, a.support, a.causal,
-               bs, prov, pooling=a.pooling, knots=a.knots, direction_layer=a.direction_layer,
-               reference=a.reference, direction=a.direction, lineas=lineas,
-               control=control, inner=a.inner, min_accuracy=a.min_accuracy, pca=a.pca, seed=a.seed, joint=a.joint,
-               progress=dist.rank() == 0)
-    spec.provenance["world_size"] = int(__import__("os").environ.get("WORLD_SIZE", "1"))
-    if dist.rank() == 0:
-        write(spec, out)
-        print(f"wrote {out} ({len(spec.sites)} sites, method {a.method}, λ={a.strength:g}; "
-              f"{spec.provenance['world_size']} processes)")
-    dist.barrier()
+    if a.method == "lineas" or a.joint:  # the end-to-end training options (LinEAS, DSAS --joint)
+        lineas = LineasConfig(steps=a.steps, lr=a.lr, optimizer=a.optimizer, l1=a.l1, group=a.group, seed=a.seed,
+                              max_minutes=a.max_minutes, retain=a.retain, accumulate=a.accumulate)
+    config = FitConfig(a.method, a.sites, a.strength, a.support, a.causal, a.batch_size, pooling=a.pooling,
+                       knots=a.knots, direction_layer=a.direction_layer, reference=a.reference,
+                       direction=a.direction, lineas=lineas, inner=a.inner, min_accuracy=a.min_accuracy,
+                       pca=a.pca, seed=a.seed, joint=a.joint)
+    result = run_fit(a.model, config, a.out, a.source, a.target, a.control, device=a.device,
+                     device_map=a.device_map)
+    for line in result.lines:
+        print(line)
     return 0
 
 
@@ -298,76 +218,36 @@ def _verification_line(v: dict) -> str:
 
 
 def cmd_apply(a) -> int:
-    from .compile import apply
+    from .compiler import BakeOptions, apply, parse_formats
     from .verify import read_prompts
 
-    prompts = read_prompts(a.prompts)
-    from .compile import parse_formats
-
-    formats = parse_formats(a.format)
-    from .models import resolve
-    from .stream import apply_streaming, is_sharded
-
-    simple = a.dtype is None and formats == ["safetensors"] and not a.insert_modules
-    if a.stream and not simple:
-        raise BakeError("--stream: writes safetensors in the stored dtypes only (drop --dtype, --format onnx and "
-                        "--insert-modules)")
-    if a.link and not (a.stream or (simple and is_sharded(resolve(a.model)))):
-        raise BakeError("--link: only for a streaming bake (--stream, or a sharded checkpoint)")
-    if a.stream or (simple and is_sharded(resolve(a.model))):
-        res = apply_streaming(a.model, a.spec, a.out, force=a.force, strength=a.strength, run_verify=a.verify,
-                              prompts=prompts, check_model=not a.ignore_fingerprint, link=a.link,
-                              approximate=a.approximate, inputs=(a.prompts,))
-        if res.verification:
-            print(_verification_line(res.verification))
-        print(f"wrote {res.out} in {res.seconds:.1f} s (streamed; stock from_pretrained; config changes: "
-              f"{res.config_changes or 'none'})")
-        return 0
-    res = apply(a.model, a.spec, a.out, dtype=a.dtype or "float32", force=a.force, strength=a.strength, run_verify=a.verify,
-                prompts=prompts, check_model=not a.ignore_fingerprint, formats=formats,
-                insert_modules=a.insert_modules, approximate=a.approximate, inputs=(a.prompts,),
-                onnx_layout=a.onnx_layout)
+    opts = BakeOptions(dtype=a.dtype, formats=parse_formats(a.format), onnx_layout=a.onnx_layout,
+                       strength=a.strength, force=a.force, run_verify=a.verify,
+                       prompts=tuple(read_prompts(a.prompts) or ()) or None, check_model=not a.ignore_fingerprint,
+                       insert_modules=a.insert_modules, approximate=a.approximate, stream=a.stream or None,
+                       link=a.link, inputs=(a.prompts,) if a.prompts else ())
+    res = apply(a.model, a.spec, a.out, opts)
     if res.verification:
         print(_verification_line(res.verification))
     inserted = sum(p_ == "insert-modules" for p_, _, _ in res.report)
     loads = (f"from_pretrained(trust_remote_code=True): generated modeling_bake.py, {inserted} inserted module(s)"
              if inserted else "stock from_pretrained")
-    how = " + ".join({"safetensors": loads, "onnx": "model.onnx for ONNX Runtime"}[f] for f in formats)
+    how = " + ".join({"safetensors": loads, "onnx": "model.onnx for ONNX Runtime"}[f] for f in opts.formats)
+    how = f"streamed; {how}" if res.streamed else how
     print(f"wrote {res.out} in {res.seconds:.1f} s ({how}; config changes: {res.config_changes or 'none'})")
     return 0
 
 
 def cmd_verify(a) -> int:
-    from .compile import read_specs
-    from .models import load
-    from .verify import read_prompts, verify
+    """bake verify: the baked directory's modality (causal LM or pipeline) decides how it is checked."""
+    from .compiler import read_specs
+    from .modality import VerifyOptions, verify_baked
+    from .verify import read_prompts
 
     specs = read_specs(a.spec, a.strength)
-    prompts = read_prompts(a.prompts)
-    baked = Path(a.baked)
-    if (baked / "model_index.json").is_file():  # a steered diffusers pipeline
-        from .models import resolve
-        from .models.diffusion import is_pipeline_dir, load_pipeline
-        from .verify_pipeline import verify_pipeline
-
-        source = resolve(a.model)
-        if not is_pipeline_dir(source):
-            raise BakeError(f"--model: {a.model!r} is not a diffusers pipeline, but --baked is one")
-        report = verify_pipeline(lambda dt: load_pipeline(source, dt), specs, baked, prompts,
-                                 check_model=not a.ignore_fingerprint)
-        if a.report:
-            Path(a.report).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
-        print(_verification_line(report))
-        return 0 if report["passed"] else 1
-    if not (baked / "config.json").is_file():
-        raise BakeError(f"--baked: {a.baked!r} is not a model directory (no config.json)")
-
-    def fresh():
-        loaded = load(a.model)
-        return loaded.model, loaded.tokenizer
-
-    report = verify(fresh, specs, baked, prompts, a.max_new_tokens, check_model=not a.ignore_fingerprint,
-                    provider=a.provider, trust_code=a.trust_remote_code)
+    opts = VerifyOptions(prompts=tuple(read_prompts(a.prompts)), max_new_tokens=a.max_new_tokens,
+                         check_model=not a.ignore_fingerprint, provider=a.provider, trust_code=a.trust_remote_code)
+    report = verify_baked(a.model, specs, a.baked, opts)
     if a.report:
         Path(a.report).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     print(_verification_line(report))
@@ -375,9 +255,11 @@ def cmd_verify(a) -> int:
 
 
 def cmd_eval(a) -> int:
-    from .compile import read_specs
-    from .eval import TASKS, EvalConfig, flores, rtp_prompts
-    from .eval.sweep import run, summary_line
+    """bake eval: parse the tasks, strengths, seeds and texts into an EvalConfig; one sweep; print it."""
+    from .compiler import read_specs
+    from .evaluation import TASKS, EvalConfig, flores, rtp_prompts
+    from .evaluation.sweep import run, summary_line
+    from .modality import CAUSAL_LM
     from .verify import read_prompts
 
     tasks = [t.strip() for t in a.task.split(",") if t.strip()]
@@ -389,8 +271,8 @@ def cmd_eval(a) -> int:
     if a.max_new_tokens < 1 or a.batch_size < 1:
         raise BakeError("--max-new-tokens/--batch-size: must be at least 1")
     specs = read_specs(a.spec) if a.spec else None
-    if a.baked and not (Path(a.baked) / "config.json").is_file():
-        raise BakeError(f"--baked: {a.baked!r} is not a model directory (no config.json)")
+    if a.baked:
+        CAUSAL_LM.check_dir(a.baked, "--baked")  # before any work: the sweep opens it last
     prompts = read_prompts(a.prompts) if a.prompts else rtp_prompts(a.split)
     if a.n_sentences < 1:
         raise BakeError(f"--n-sentences: must be at least 1, got {a.n_sentences}")
@@ -412,43 +294,18 @@ def cmd_eval(a) -> int:
 
 
 def cmd_diff(a) -> int:
-    from . import diff_report
-    from .diff import check_thresholds, compare, default_prompts, gate, load_steered
-    from .eval import write_json_atomic
-    from .models import load
-    from .verify import read_prompts
+    """bake diff: one gated comparison (bake.diff.run); exit 1 when a threshold is crossed."""
+    from .diff import DiffOptions, run
 
-    check_thresholds(a.max_kl, a.min_top1)
-    if a.max_new_tokens < 1:
-        raise BakeError("--max-new-tokens: must be at least 1")
-    for field, path in (("--report", a.report), ("--json", a.json)):
-        if path and Path(path).is_dir():
-            raise BakeError(f"{field}: {path!r} is a directory")
-    prompts = read_prompts(a.prompts) if a.prompts else default_prompts()
-    steered, _, fmt = load_steered(a.steered, a.format, a.provider, a.trust_remote_code)
-    original = load(a.model)
-    if original.tokenizer is None:
-        raise BakeError(f"--model: {a.model!r} is a diffusers pipeline; bake diff compares causal LMs "
-                        f"(for a pipeline, `bake verify` compares latents and pixels)")
-    for key in ("model_type", "vocab_size"):
-        x, y = getattr(original.model.config, key, None), getattr(steered.config, key, None)
-        if x != y:
-            raise BakeError(f"--steered: {key} {y!r} differs from the original model's {x!r} (another model?)")
-    result = compare(original.model, steered, original.tokenizer, prompts, a.max_new_tokens)
-    failed = gate(result, a.max_kl, a.min_top1)
-    meta = {"original": a.model, "steered": a.steered, "format": fmt,
-            "runtime": getattr(steered, "provider", "PyTorch"), "max_kl": a.max_kl, "min_top1": a.min_top1}
-    doc = {**meta, "passed": not failed, "failed": failed, **result}
-    if a.json:
-        write_json_atomic(Path(a.json), doc)
-    if a.report:
-        diff_report.write(Path(a.report), result, meta, failed)
-    s = result["summary"]
+    doc = run(DiffOptions(model=a.model, steered=a.steered, fmt=a.format, provider=a.provider, prompts=a.prompts,
+                          trust_code=a.trust_remote_code, max_kl=a.max_kl, min_top1=a.min_top1,
+                          max_new_tokens=a.max_new_tokens, report=a.report, json=a.json))
+    s = doc["summary"]
     print(f"diff: {s['prompts']} prompts, {s['positions']} positions: mean KL {s['kl_mean']:.4g} (max {s['kl_max']:.4g}), "
-          f"top-1 agreement {s['top1_agreement']:.4f}, greedy identical {s['greedy_same']}/{s['prompts']} [{fmt}]")
-    for f in failed:
+          f"top-1 agreement {s['top1_agreement']:.4f}, greedy identical {s['greedy_same']}/{s['prompts']} [{doc['format']}]")
+    for f in doc["failed"]:
         print(f"bake diff: FAIL: {f}", file=sys.stderr)
-    return 1 if failed else 0
+    return 1 if doc["failed"] else 0
 
 
 def cmd_compose(a) -> int:
@@ -479,7 +336,7 @@ def cmd_invert(a) -> int:
 
 
 def cmd_inspect(a) -> int:
-    from .inspect import summary
+    from .spec_summary import summary
     from .spec import read
 
     print("\n".join(summary(read(a.spec))))
@@ -489,7 +346,7 @@ def cmd_inspect(a) -> int:
 def cmd_families(a) -> int:
     import json
 
-    from .families import ALWAYS_INSERTED, KINDS, table
+    from .support_table import ALWAYS_INSERTED, KINDS, table
 
     rows = table(a.family)
     if a.json:

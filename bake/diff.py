@@ -4,75 +4,126 @@ Per prompt, teacher-forced over every position: the next-token KL divergence KL(
 and whether both models' top-1 tokens agree; then greedy continuations of both, side by side.
 The gate fails (exit 1) when the mean KL over all positions exceeds `max_kl` or the top-1
 agreement falls below `min_top1`, and always when either model gives a NaN or Inf logit.
+`run(DiffOptions)` is the whole of `bake diff`: validate, open both models (`bake/artifacts.py`),
+compare, gate, write the reports.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from .artifacts import Artifact
 from .errors import BakeError
-from .verify import PROBES, greedy
+from .modality import CAUSAL_LM, of_loaded
+from .verify import greedy
 
 DEFAULT_FLORES = 24  # held-out FLORES sentences added to the probes by default
+ONNX_HINT = " (or use its ONNX export: --format onnx)"  # how to diff a checkpoint with generated code unrun
+CONFIG_KEYS = ("model_type", "vocab_size")  # what must agree for the two models to be the same model
+
+
+@dataclass(frozen=True)
+class DiffOptions:
+    """One `bake diff`: the two models, which format of `steered`, prompts (a file; None: the default
+    probes), the gate's thresholds and where the reports go."""
+
+    model: str
+    steered: str
+    fmt: str = "auto"
+    provider: str = "auto"
+    prompts: str | None = None
+    trust_code: bool = False
+    max_kl: float | None = None
+    min_top1: float | None = None
+    max_new_tokens: int = 32
+    report: str | None = None
+    json: str | None = None
 
 
 def default_prompts() -> list[str]:
-    from .eval import flores
+    """The causal LMs' probe prompts plus held-out FLORES sentences."""
+    from .evaluation import flores
 
-    return PROBES + flores(DEFAULT_FLORES, "heldout")
+    return CAUSAL_LM.probes() + flores(DEFAULT_FLORES, "heldout")
 
 
 def check_thresholds(max_kl: float | None, min_top1: float | None) -> None:
+    """The gate's thresholds: a finite KL ≥ 0, a top-1 agreement in [0, 1]."""
     if max_kl is not None and not (math.isfinite(max_kl) and max_kl >= 0):
         raise BakeError(f"--max-kl: must be a finite number ≥ 0, got {max_kl}")
     if min_top1 is not None and not (math.isfinite(min_top1) and 0 <= min_top1 <= 1):
         raise BakeError(f"--min-top1: must be between 0 and 1, got {min_top1}")
 
 
-def load_steered(path: str | Path, fmt: str = "auto", provider: str = "auto", trust_code: bool = False):
-    """(model, tokenizer, format) for a steered directory: safetensors (stock from_pretrained) or ONNX."""
-    from .ort import is_onnx_dir, load_onnx
+def check_options(o: DiffOptions) -> None:
+    """Bad options fail before any model is loaded."""
+    check_thresholds(o.max_kl, o.min_top1)
+    if o.max_new_tokens < 1:
+        raise BakeError("--max-new-tokens: must be at least 1")
+    for field, path in (("--report", o.report), ("--json", o.json)):
+        if path and Path(path).is_dir():
+            raise BakeError(f"{field}: {path!r} is a directory")
 
-    p = Path(path)
-    if not p.is_dir():
-        raise BakeError(f"--steered: {str(path)!r} is not a directory")
-    has_st = (p / "config.json").is_file() and any(p.glob("*.safetensors"))
-    has_onnx = is_onnx_dir(p)
-    if fmt == "auto":
-        fmt = "safetensors" if has_st else "onnx" if has_onnx else ""
-    if fmt not in ("safetensors", "onnx"):
-        raise BakeError(f"--steered: {str(path)!r} is not a model directory (no safetensors weights with "
-                        f"config.json, no model.onnx)" if not fmt else f"--format: unknown format {fmt!r}")
-    if fmt == "onnx":
-        if not has_onnx:
-            raise BakeError(f"--steered: {str(path)!r} holds no model.onnx")
-        model, tok = load_onnx(p, provider)
-        return model, tok, "onnx"
-    if not has_st:
-        raise BakeError(f"--steered: {str(path)!r} holds no safetensors checkpoint")
+
+def open_pair(o: DiffOptions):
+    """(original `Loaded`, steered `Artifact`): the steered directory first, then the original, which must
+    be a causal LM of the same kind."""
     from .models import load
-    from .modules import CODE, needs_code
 
-    if needs_code(p) and not trust_code:
-        # a stock loader would silently drop the inserted modules: refuse instead
-        raise BakeError(f"--steered: {str(path)!r} carries generated code ({CODE}, for inserted modules); read it, "
-                        f"then pass --trust-remote-code (or use its ONNX export: --format onnx)")
-    loaded = load(str(p), trust_remote_code=trust_code and needs_code(p))
-    return loaded.model, loaded.tokenizer, "safetensors"
+    steered = CAUSAL_LM.open(o.steered, o.fmt, provider=o.provider, trust_code=o.trust_code, hint=ONNX_HINT)
+    original = load(o.model)
+    of_loaded(original).require_causal(o.model, "bake diff compares causal LMs (for a pipeline, `bake verify` "
+                                                "compares latents and pixels)")
+    check_same_model(original.model, steered)
+    return original, steered
+
+
+def check_same_model(original, steered: Artifact) -> None:
+    """The steered model must be the original's kind (same model type and vocabulary)."""
+    for key in CONFIG_KEYS:
+        x, y = getattr(original.config, key, None), getattr(steered.model.config, key, None)
+        if x != y:
+            raise BakeError(f"--steered: {key} {y!r} differs from the original model's {x!r} (another model?)")
+
+
+def run(o: DiffOptions) -> dict:
+    """`bake diff`: the JSON document (options, `passed`, `failed` lines, `summary`, `rows`), also written
+    to `o.json` and as an HTML page to `o.report` when given."""
+    from . import diff_report
+    from .evaluation import write_json_atomic
+    from .verify import read_prompts
+
+    check_options(o)
+    prompts = read_prompts(o.prompts) if o.prompts else default_prompts()
+    original, steered = open_pair(o)
+    result = compare(original.model, steered.model, original.tokenizer, prompts, o.max_new_tokens)
+    failed = gate(result, o.max_kl, o.min_top1)
+    meta = {"original": o.model, "steered": o.steered, "format": steered.format, "runtime": steered.runtime,
+            "max_kl": o.max_kl, "min_top1": o.min_top1}
+    doc = {**meta, "passed": not failed, "failed": failed, **result}
+    if o.json:
+        write_json_atomic(Path(o.json), doc)
+    if o.report:
+        diff_report.write(Path(o.report), result, meta, failed)
+    return doc
 
 
 @torch.no_grad()
 def _logits(model, ids: torch.Tensor) -> torch.Tensor:
+    """Teacher-forced logits of one unpadded sequence, float64 on the CPU."""
     out = model(input_ids=ids[None], attention_mask=torch.ones_like(ids)[None])
     return out.logits[0].double().cpu()
 
 
 def compare(original, steered, tok, prompts: list[str], max_new_tokens: int = 32) -> dict:
+    """Per prompt: next-token KL and top-1 agreement at every position, then both greedy continuations;
+    `summary` pools the positions of all prompts."""
     rows = []
     t0 = time.perf_counter()
     for p in tqdm(prompts, desc="diff", unit="prompt"):

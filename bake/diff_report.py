@@ -57,6 +57,6 @@ def render(result: dict, meta: dict, failed: list[str]) -> str:
 
 
 def write(path: Path, result: dict, meta: dict, failed: list[str]) -> None:
-    from .eval import write_text_atomic
+    from .evaluation import write_text_atomic
 
     write_text_atomic(path, render(result, meta, failed))

@@ -11,6 +11,12 @@ A map acts on the unit axis of an activation (the last axis of a [batch, seq, un
 | monotone-pwl   | (1−λ)x + λ·f(x), f per unit piecewise-linear through knots (xs, ys) |
 | gated          | x + λ·g(x)·(T(x) − x), g(x) = σ(w·x + c), T the inner map at λ = 1  |
 
+Each kind is one `MapKind` subclass, registered by name in `MAP_KINDS` (`register_kind`): it owns
+its tensor names, its checks, its torch semantics, its fold (foldable kinds only), why it does not
+fold, its op in the inserted module (templates/modeling_bake.py) and a probe example. `Map` is the
+data (kind name, λ, tensors, inner map) and delegates to its kind; `KINDS` and `FOLDABLE` are read
+off the registry.
+
 `LinearMap` is the canonical form of the kinds that fold into weights: y = M x + b, with M either
 diagonal (a vector) or dense.
 """
@@ -18,21 +24,89 @@ diagonal (a vector) or dense.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from .errors import BakeError
 
-# tensors each kind needs, and the optional ones
-KINDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "affine": (("a", "b"), ("lo", "hi")),
-    "additive": (("v",), ()),
-    "projection": (("U",), ()),
-    "monotone-pwl": (("xs", "ys"), ()),
-    "gated": (("w", "c"), ()),
-}
-FOLDABLE = ("affine", "additive", "projection")
+FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+Tensors = dict[str, torch.Tensor]
+OpConverter = Callable[..., tuple[dict, Tensors]]  # (segment, strength) → (op dict, tensors)
+
+
+class MapKind:
+    """One kind of map. Subclasses set the class attributes and override what their kind has;
+    the base itself stands for an unknown name (it accepts nothing and folds nothing).
+
+    need / optional: tensor names; unit_tensor: the one whose first axis is the unit count d;
+    scalars: tensors that may be 0-d; takes_inner: whether the map wraps an inner map."""
+
+    name = ""
+    need: tuple[str, ...] = ()
+    optional: tuple[str, ...] = ()
+    unit_tensor = ""
+    scalars: tuple[str, ...] = ()
+    foldable = False
+    takes_inner = False
+    why = ""  # why a map of this kind does not fold ("" if it does)
+
+    def units(self, m: Map) -> int:
+        """d = the unit tensor's first axis."""
+        if not self.unit_tensor:
+            raise KeyError(m.kind)
+        return int(m.tensors[self.unit_tensor].shape[0])
+
+    def has_support(self, m: Map) -> bool:
+        return False
+
+    def why_not_foldable(self, m: Map) -> str:
+        return self.why
+
+    def check(self, m: Map, where: str, d: int) -> None:
+        """Kind-specific checks, after the generic ones (names, dtypes, finiteness) passed."""
+
+    def apply(self, m: Map, x: torch.Tensor, t: Tensors) -> torch.Tensor:
+        """y = map(x), units last; t = the map's tensors in x's dtype and device."""
+        raise AssertionError(m.kind)
+
+    def to_linear(self, m: Map, t: Tensors) -> LinearMap:
+        """The fold y = M x + b of a foldable map; t = its tensors in float64."""
+        raise AssertionError(m.kind)
+
+    def diagonal_step(self, m: Map) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return None
+
+    def gate(self, m: Map, x: torch.Tensor) -> torch.Tensor:
+        raise ValueError(f"{m.kind} map has no gate")
+
+    def to_op(self, m: Map, strength: float | None, convert: OpConverter) -> tuple[dict, Tensors]:
+        """The inserted module's op dict (without "tensors") and its tensors; `convert` turns an
+        inner segment into its own op (bake.modules._op)."""
+        raise ValueError(m.kind)
+
+    def example(self, units: int, gen: torch.Generator) -> Map:
+        """A valid map of this kind with `units` units, drawn from gen (bake families' probes)."""
+        raise NotImplementedError(self.name)
+
+
+MAP_KINDS: dict[str, MapKind] = {}  # name → kind, in registration order
+# tensors each kind needs, and the optional ones (read off MAP_KINDS)
+KINDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {}
+FOLDABLE: tuple[str, ...] = ()
+_UNKNOWN = MapKind()
+
+
+def register_kind(cls: type[MapKind]) -> type[MapKind]:
+    """Class decorator: register one instance of cls under cls.name; KINDS and FOLDABLE follow."""
+    global FOLDABLE
+    if not cls.name or cls.name in MAP_KINDS:
+        raise ValueError(f"map kind {cls.name!r} is unnamed or already registered")
+    MAP_KINDS[cls.name] = cls()
+    KINDS[cls.name] = (cls.need, cls.optional)
+    FOLDABLE = tuple(n for n, k in MAP_KINDS.items() if k.foldable)
+    return cls
 
 
 @dataclass
@@ -45,95 +119,55 @@ class Map:
     inner: Map | None = None
 
     @property
+    def impl(self) -> MapKind:
+        """The registered kind of this map (a placeholder that accepts nothing if unknown)."""
+        return MAP_KINDS.get(self.kind, _UNKNOWN)
+
+    @property
     def units(self) -> int:
-        t = self.tensors
-        key = {"affine": "a", "additive": "v", "projection": "U", "monotone-pwl": "xs", "gated": "w"}[self.kind]
-        return int(t[key].shape[0])
+        return self.impl.units(self)
 
     @property
     def has_support(self) -> bool:
-        return self.kind == "affine" and "lo" in self.tensors
+        return self.impl.has_support(self)
 
     @property
     def foldable(self) -> bool:
         """Exactly foldable into linear weights (input-independent linear map)."""
-        return self.kind in FOLDABLE and not self.has_support
+        return self.impl.foldable and not self.has_support
 
     def why_not_foldable(self) -> str:
-        if self.has_support:
-            return "an affine map with a support acts only inside [lo, hi], which depends on the input"
-        return {
-            "monotone-pwl": "a piecewise-linear map is not linear",
-            "gated": "a gated map scales its step by g(x), which depends on the input",
-        }.get(self.kind, "")
+        return self.impl.why_not_foldable(self)
 
     def validate(self, where: str) -> None:
         """Check tensor presence, shapes, finiteness and kind-specific constraints."""
-        if self.kind not in KINDS:
-            raise BakeError(f"{where}.kind: unknown map kind {self.kind!r} (known: {', '.join(KINDS)})")
+        kind = MAP_KINDS.get(self.kind)
+        if kind is None:
+            raise BakeError(f"{where}.kind: unknown map kind {self.kind!r} (known: {', '.join(MAP_KINDS)})")
         if (not isinstance(self.strength, (int, float)) or isinstance(self.strength, bool)
                 or not math.isfinite(float(self.strength))):
             raise BakeError(f"{where}.strength: must be a finite number, got {self.strength!r}")
-        need, opt = KINDS[self.kind]
-        for name in need:
+        self._check_tensors(kind, where)
+        kind.check(self, where, self.units)
+        if not kind.takes_inner and self.inner is not None:
+            raise BakeError(f"{where}.inner: only gated maps have an inner map")
+
+    def _check_tensors(self, kind: MapKind, where: str) -> None:
+        """Names (kind.need present, nothing beyond need + optional), float dtype, finite, a unit axis."""
+        for name in kind.need:
             if name not in self.tensors:
                 raise BakeError(f"{where}.tensors: missing tensor {name!r} for a {self.kind} map")
-        extra = set(self.tensors) - set(need) - set(opt)
+        extra = set(self.tensors) - set(kind.need) - set(kind.optional)
         if extra:
             raise BakeError(f"{where}.tensors: unexpected tensor(s) {sorted(extra)} for a {self.kind} map")
         for name, t in self.tensors.items():
-            if t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            if t.dtype not in FLOATS:
                 raise BakeError(f"{where}.tensors.{name}: must be float16, bfloat16, float32 or float64, got "
                                 f"{str(t.dtype).replace('torch.', '')}")
             if not torch.isfinite(t).all():
                 raise BakeError(f"{where}.tensors.{name}: contains NaN or Inf")
-            if name != "c" and t.dim() == 0:
+            if name not in kind.scalars and t.dim() == 0:
                 raise BakeError(f"{where}.tensors.{name}: must have a unit axis, got a 0-d tensor (one number)")
-        t = self.tensors
-        d = self.units
-        vec = lambda n: t[n].dim() == 1 and t[n].shape[0] == d  # noqa: E731
-        if self.kind == "affine":
-            if t["a"].dim() != 1:
-                raise BakeError(f"{where}.tensors.a: must be 1-D [units], got shape {list(t['a'].shape)}")
-            for n in t:
-                if not vec(n):
-                    raise BakeError(f"{where}.tensors.{n}: shape {list(t[n].shape)} != [{d}]")
-            if ("lo" in t) != ("hi" in t):
-                raise BakeError(f"{where}.tensors: support needs both 'lo' and 'hi'")
-            if "lo" in t and not (t["lo"] <= t["hi"]).all():
-                raise BakeError(f"{where}.tensors.lo: support lower bound above upper bound")
-        elif self.kind == "additive":
-            if t["v"].dim() != 1:
-                raise BakeError(f"{where}.tensors.v: must be 1-D [units], got shape {list(t['v'].shape)}")
-        elif self.kind == "projection":
-            U = t["U"]
-            if U.dim() != 2 or U.shape[1] < 1 or U.shape[1] > U.shape[0]:
-                raise BakeError(f"{where}.tensors.U: must be [units, rank] with 1 ≤ rank ≤ units, got {list(U.shape)}")
-            gram = U.double().T @ U.double()
-            if (gram - torch.eye(U.shape[1], dtype=torch.float64)).abs().max() > 1e-4:
-                raise BakeError(f"{where}.tensors.U: columns are not orthonormal (UᵀU ≠ I)")
-        elif self.kind == "monotone-pwl":
-            xs, ys = t["xs"], t["ys"]
-            if xs.dim() != 2 or xs.shape != ys.shape or xs.shape[1] < 2:
-                raise BakeError(f"{where}.tensors.xs: xs and ys must both be [units, knots≥2], got {list(xs.shape)} and {list(ys.shape)}")
-            if not (xs[:, 1:] > xs[:, :-1]).all():
-                raise BakeError(f"{where}.tensors.xs: knots must increase strictly along each unit")
-            if not (ys[:, 1:] >= ys[:, :-1]).all():
-                raise BakeError(f"{where}.tensors.ys: values must not decrease (the map is monotone)")
-        elif self.kind == "gated":
-            if t["w"].dim() != 1:
-                raise BakeError(f"{where}.tensors.w: must be 1-D [units], got shape {list(t['w'].shape)}")
-            if t["c"].numel() != 1:
-                raise BakeError(f"{where}.tensors.c: must hold one number, got shape {list(t['c'].shape)}")
-            if self.inner is None:
-                raise BakeError(f"{where}.inner: a gated map needs an inner map")
-            if self.inner.kind == "gated":
-                raise BakeError(f"{where}.inner.kind: a gated map cannot gate another gated map")
-            self.inner.validate(f"{where}.inner")
-            if self.inner.units != d:
-                raise BakeError(f"{where}.inner: inner map has {self.inner.units} units, gate has {d}")
-        if self.kind != "gated" and self.inner is not None:
-            raise BakeError(f"{where}.inner: only gated maps have an inner map")
 
     def with_strength(self, strength: float) -> Map:
         return Map(self.kind, float(strength), self.tensors, self.inner)
@@ -142,67 +176,244 @@ class Map:
     def __call__(self, x: torch.Tensor, unit_dim: int = -1) -> torch.Tensor:
         if unit_dim not in (-1, x.dim() - 1):
             return self(x.movedim(unit_dim, -1)).movedim(-1, unit_dim)
-        lam = self.strength
         t = {k: v.to(device=x.device, dtype=x.dtype) for k, v in self.tensors.items()}
-        if self.kind == "affine":
-            y = (1 - lam) * x + lam * (t["a"] * x + t["b"])
-            if "lo" in t:
-                y = torch.where((x > t["lo"]) & (x < t["hi"]), y, x)
-            return y
-        if self.kind == "additive":
-            return x + lam * t["v"]
-        if self.kind == "projection":
-            U = t["U"]
-            return x - lam * ((x @ U) @ U.T)
-        if self.kind == "monotone-pwl":
-            return (1 - lam) * x + lam * pwl(x, t["xs"], t["ys"])
-        if self.kind == "gated":
-            g = self._gate(x)
-            step = self.diagonal_step()
-            if step is not None:  # T(x) − x = d⊙x + b, in the inserted module's ops (see diagonal_step)
-                d, b = (t.to(device=x.device, dtype=x.dtype) for t in step)
-                return torch.addcmul(x, g, torch.addcmul(b, x, d), value=lam)
-            return x + lam * g * (self.inner.with_strength(1.0)(x) - x)
-        raise AssertionError(self.kind)
-
-    def _gate(self, x: torch.Tensor) -> torch.Tensor:
-        w, c = (self.tensors[k].to(device=x.device, dtype=x.dtype) for k in ("w", "c"))
-        return torch.sigmoid(torch.nn.functional.linear(x, w.unsqueeze(0), c.reshape(1)))
+        return self.impl.apply(self, x, t)
 
     def gate(self, x: torch.Tensor) -> torch.Tensor:
         """A gated map's opening σ(w·x + c) at every position of x (units last): shape x.shape[:-1]."""
-        if self.kind != "gated":
-            raise ValueError(f"{self.kind} map has no gate")
-        return self._gate(x).squeeze(-1)
+        return self.impl.gate(self, x)
 
     def diagonal_step(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """For a gated map whose inner map T folds to a diagonal (affine without support, additive): the
-        step T(x) − x = d⊙x + b as (d, b), computed once in float64 (d = a' − 1, b = b' of T at λ = 1)
-        and stored in float32. The reference and the inserted module (`gated_diag` in
-        templates/modeling_bake.py) both apply x + λ·g·(d⊙x + b) with the same fused ops: a steered
-        network amplifies float32 rounding ~100× (SmolLM2 with 60 gated Linear-AcT sites: 1.7e-4
-        relative vs float64), so the same function rounded another way, (a x + b) − x, misses the 1e-5
-        bar although both are equally exact."""
-        if self.kind != "gated" or not self.inner.foldable:
-            return None
-        lin = self.inner.with_strength(1.0).to_linear()
-        if not lin.is_diagonal:
-            return None
-        return (lin.diag - 1).float(), lin.bias.float()
+        """For a gated map whose inner map T folds to a diagonal: the step T(x) − x = d⊙x + b as
+        (d, b); None otherwise (see Gated.diagonal_step)."""
+        return self.impl.diagonal_step(self)
 
     def to_linear(self) -> LinearMap:
         """Canonical form (a' = 1 + λ(a − 1), b' = λb) of a foldable map."""
         if not self.foldable:
             raise ValueError(f"{self.kind} map is not foldable")
-        lam = self.strength
-        t = {k: v.double() for k, v in self.tensors.items()}
-        if self.kind == "affine":
-            return LinearMap(diag=1 + lam * (t["a"] - 1), bias=lam * t["b"])
-        if self.kind == "additive":
-            return LinearMap(diag=torch.ones_like(t["v"]), bias=lam * t["v"])
+        return self.impl.to_linear(self, {k: v.double() for k, v in self.tensors.items()})
+
+
+def _strength(m: Map, strength: float | None) -> float:
+    return m.strength if strength is None else strength
+
+
+def _probe_ab(units: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The probes' first draws, a = 1 + 0.5·u₁ and b = 0.1 + u₂ (u uniform on [0, 1)^d): every
+    example draws them, so the generator's sequence does not depend on the kind."""
+    return 1 + 0.5 * torch.rand(units, generator=gen), 0.1 + torch.rand(units, generator=gen)
+
+
+@register_kind
+class Affine(MapKind):
+    """y = (1−λ)x + λ(a⊙x + b); with a support [lo, hi], that only where lo < x < hi, else x.
+    Folds (without a support) to a' = 1 + λ(a − 1), b' = λb."""
+
+    name, need, optional, unit_tensor, foldable = "affine", ("a", "b"), ("lo", "hi"), "a", True
+
+    def has_support(self, m: Map) -> bool:
+        return "lo" in m.tensors
+
+    def why_not_foldable(self, m: Map) -> str:
+        if self.has_support(m):
+            return "an affine map with a support acts only inside [lo, hi], which depends on the input"
+        return ""
+
+    def check(self, m: Map, where: str, d: int) -> None:
+        """a, b (and lo, hi) all [d]; lo and hi together, lo ≤ hi."""
+        t = m.tensors
+        if t["a"].dim() != 1:
+            raise BakeError(f"{where}.tensors.a: must be 1-D [units], got shape {list(t['a'].shape)}")
+        for n in t:
+            if not (t[n].dim() == 1 and t[n].shape[0] == d):
+                raise BakeError(f"{where}.tensors.{n}: shape {list(t[n].shape)} != [{d}]")
+        if ("lo" in t) != ("hi" in t):
+            raise BakeError(f"{where}.tensors: support needs both 'lo' and 'hi'")
+        if "lo" in t and not (t["lo"] <= t["hi"]).all():
+            raise BakeError(f"{where}.tensors.lo: support lower bound above upper bound")
+
+    def apply(self, m: Map, x: torch.Tensor, t: Tensors) -> torch.Tensor:
+        lam = m.strength
+        y = (1 - lam) * x + lam * (t["a"] * x + t["b"])
+        if "lo" in t:
+            y = torch.where((x > t["lo"]) & (x < t["hi"]), y, x)
+        return y
+
+    def to_linear(self, m: Map, t: Tensors) -> LinearMap:
+        lam = m.strength
+        return LinearMap(diag=1 + lam * (t["a"] - 1), bias=lam * t["b"])
+
+    def to_op(self, m: Map, strength: float | None, convert: OpConverter) -> tuple[dict, Tensors]:
+        """op `affine` (support-masked; a foldable affine map reaches the module as a LinearMap)."""
+        t = {k: m.tensors[k] for k in ("a", "b", "lo", "hi")}
+        return {"op": "affine", "strength": _strength(m, strength)}, t
+
+    def example(self, units: int, gen: torch.Generator) -> Map:
+        a, b = _probe_ab(units, gen)
+        return Map(self.name, 1.0, {"a": a, "b": b})
+
+
+@register_kind
+class Additive(MapKind):
+    """y = x + λv; folds to a' = 1, b' = λv."""
+
+    name, need, unit_tensor, foldable = "additive", ("v",), "v", True
+
+    def check(self, m: Map, where: str, d: int) -> None:
+        v = m.tensors["v"]
+        if v.dim() != 1:
+            raise BakeError(f"{where}.tensors.v: must be 1-D [units], got shape {list(v.shape)}")
+
+    def apply(self, m: Map, x: torch.Tensor, t: Tensors) -> torch.Tensor:
+        return x + m.strength * t["v"]
+
+    def to_linear(self, m: Map, t: Tensors) -> LinearMap:
+        return LinearMap(diag=torch.ones_like(t["v"]), bias=m.strength * t["v"])
+
+    def example(self, units: int, gen: torch.Generator) -> Map:
+        _, b = _probe_ab(units, gen)
+        return Map(self.name, 1.0, {"v": b})
+
+
+@register_kind
+class Projection(MapKind):
+    """y = x − λ·U(Uᵀx), U [d, r] orthonormal (UᵀU = I); folds to M = I − λUUᵀ, b = 0."""
+
+    name, need, unit_tensor, foldable = "projection", ("U",), "U", True
+
+    def check(self, m: Map, where: str, d: int) -> None:
+        U = m.tensors["U"]
+        if U.dim() != 2 or U.shape[1] < 1 or U.shape[1] > U.shape[0]:
+            raise BakeError(f"{where}.tensors.U: must be [units, rank] with 1 ≤ rank ≤ units, got {list(U.shape)}")
+        gram = U.double().T @ U.double()
+        if (gram - torch.eye(U.shape[1], dtype=torch.float64)).abs().max() > 1e-4:
+            raise BakeError(f"{where}.tensors.U: columns are not orthonormal (UᵀU ≠ I)")
+
+    def apply(self, m: Map, x: torch.Tensor, t: Tensors) -> torch.Tensor:
+        U = t["U"]
+        return x - m.strength * ((x @ U) @ U.T)
+
+    def to_linear(self, m: Map, t: Tensors) -> LinearMap:
         U = t["U"]
         d = U.shape[0]
-        return LinearMap(mat=torch.eye(d, dtype=torch.float64) - lam * (U @ U.T), bias=torch.zeros(d, dtype=torch.float64))
+        return LinearMap(mat=torch.eye(d, dtype=torch.float64) - m.strength * (U @ U.T),
+                         bias=torch.zeros(d, dtype=torch.float64))
+
+    def example(self, units: int, gen: torch.Generator) -> Map:
+        _probe_ab(units, gen)  # drawn and dropped: the same generator sequence as the other probes
+        U, _ = torch.linalg.qr(torch.randn(units, 1, generator=gen))
+        return Map(self.name, 1.0, {"U": U})
+
+
+@register_kind
+class MonotonePwl(MapKind):
+    """y = (1−λ)x + λ·f(x), f per unit piecewise-linear through knots xs[u] → ys[u] ([d, K], K ≥ 2,
+    xs strictly increasing, ys non-decreasing), extended linearly past both ends (see `pwl`)."""
+
+    name, need, unit_tensor = "monotone-pwl", ("xs", "ys"), "xs"
+    why = "a piecewise-linear map is not linear"
+
+    def check(self, m: Map, where: str, d: int) -> None:
+        xs, ys = m.tensors["xs"], m.tensors["ys"]
+        if xs.dim() != 2 or xs.shape != ys.shape or xs.shape[1] < 2:
+            raise BakeError(f"{where}.tensors.xs: xs and ys must both be [units, knots≥2], got {list(xs.shape)} "
+                            f"and {list(ys.shape)}")
+        if not (xs[:, 1:] > xs[:, :-1]).all():
+            raise BakeError(f"{where}.tensors.xs: knots must increase strictly along each unit")
+        if not (ys[:, 1:] >= ys[:, :-1]).all():
+            raise BakeError(f"{where}.tensors.ys: values must not decrease (the map is monotone)")
+
+    def apply(self, m: Map, x: torch.Tensor, t: Tensors) -> torch.Tensor:
+        lam = m.strength
+        return (1 - lam) * x + lam * pwl(x, t["xs"], t["ys"])
+
+    def to_op(self, m: Map, strength: float | None, convert: OpConverter) -> tuple[dict, Tensors]:
+        """op `pwl`."""
+        return {"op": "pwl", "strength": _strength(m, strength)}, {"xs": m.tensors["xs"], "ys": m.tensors["ys"]}
+
+    def example(self, units: int, gen: torch.Generator) -> Map:
+        """Four knots per unit: xs = cumsum(0.1 + u) − 1, ys = cumsum(u′) − 1 (u, u′ uniform)."""
+        xs = torch.cumsum(0.1 + torch.rand(units, 4, generator=gen), 1) - 1
+        ys = torch.cumsum(torch.rand(units, 4, generator=gen), 1) - 1
+        return Map(self.name, 1.0, {"xs": xs, "ys": ys})
+
+
+@register_kind
+class Gated(MapKind):
+    """y = x + λ·g(x)·(T(x) − x), g(x) = σ(w·x + c) one number per token, T = the inner map at λ = 1
+    (any kind but gated, same units)."""
+
+    name, need, unit_tensor, scalars, takes_inner = "gated", ("w", "c"), "w", ("c",), True
+    why = "a gated map scales its step by g(x), which depends on the input"
+
+    def check(self, m: Map, where: str, d: int) -> None:
+        """w [d], c one number, an inner map of another kind and d units (validated itself)."""
+        t = m.tensors
+        if t["w"].dim() != 1:
+            raise BakeError(f"{where}.tensors.w: must be 1-D [units], got shape {list(t['w'].shape)}")
+        if t["c"].numel() != 1:
+            raise BakeError(f"{where}.tensors.c: must hold one number, got shape {list(t['c'].shape)}")
+        if m.inner is None:
+            raise BakeError(f"{where}.inner: a gated map needs an inner map")
+        if m.inner.kind == self.name:
+            raise BakeError(f"{where}.inner.kind: a gated map cannot gate another gated map")
+        m.inner.validate(f"{where}.inner")
+        if m.inner.units != d:
+            raise BakeError(f"{where}.inner: inner map has {m.inner.units} units, gate has {d}")
+
+    def opening(self, m: Map, x: torch.Tensor) -> torch.Tensor:
+        """g = σ(x·w + c), shape [..., 1] (one linear, as in the inserted module)."""
+        w, c = (m.tensors[k].to(device=x.device, dtype=x.dtype) for k in ("w", "c"))
+        return torch.sigmoid(torch.nn.functional.linear(x, w.unsqueeze(0), c.reshape(1)))
+
+    def gate(self, m: Map, x: torch.Tensor) -> torch.Tensor:
+        return self.opening(m, x).squeeze(-1)
+
+    def apply(self, m: Map, x: torch.Tensor, t: Tensors) -> torch.Tensor:
+        """x + λ·g·(d⊙x + b) by two fused multiply-adds when T folds to a diagonal (diagonal_step),
+        else x + λ·g·(T(x) − x)."""
+        lam = m.strength
+        g = self.opening(m, x)
+        step = self.diagonal_step(m)
+        if step is not None:  # T(x) − x = d⊙x + b, in the inserted module's ops (see diagonal_step)
+            d, b = (s.to(device=x.device, dtype=x.dtype) for s in step)
+            return torch.addcmul(x, g, torch.addcmul(b, x, d), value=lam)
+        return x + lam * g * (m.inner.with_strength(1.0)(x) - x)
+
+    def diagonal_step(self, m: Map) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """For an inner map T that folds to a diagonal (affine without support, additive): the step
+        T(x) − x = d⊙x + b as (d, b), computed once in float64 (d = a' − 1, b = b' of T at λ = 1) and
+        stored in float32. The reference and the inserted module (`gated_diag` in
+        templates/modeling_bake.py) both apply x + λ·g·(d⊙x + b) with the same fused ops: a steered
+        network amplifies float32 rounding ~100× (SmolLM2 with 60 gated Linear-AcT sites: 1.7e-4
+        relative vs float64), so the same function rounded another way, (a x + b) − x, misses the 1e-5
+        bar although both are equally exact."""
+        if not m.inner.foldable:
+            return None
+        lin = m.inner.with_strength(1.0).to_linear()
+        if not lin.is_diagonal:
+            return None
+        return (lin.diag - 1).float(), lin.bias.float()
+
+    def to_op(self, m: Map, strength: float | None, convert: OpConverter) -> tuple[dict, Tensors]:
+        """op `gated_diag` (w, c, d, b) when the step is diagonal, else op `gated` with the inner
+        op (T folded to a LinearMap where it folds) at λ = 1. Both keep the map's own λ."""
+        step = self.diagonal_step(m)
+        t = {"w": m.tensors["w"], "c": m.tensors["c"].reshape(1)}
+        if step is not None:
+            d, b = step  # T(x) − x = d⊙x + b: the reference's own ops (diagonal_step)
+            return {"op": "gated_diag", "strength": m.strength}, {**t, "d": d, "b": b}
+        inner = m.inner.with_strength(1.0).to_linear() if m.inner.foldable else m.inner
+        iop, it = convert(inner, 1.0)
+        t.update({f"inner.{k}": v for k, v in it.items()})
+        return {"op": "gated", "strength": m.strength, "inner": [iop]}, t
+
+    def example(self, units: int, gen: torch.Generator) -> Map:
+        """w = u/√d with u standard normal, c = 0, around the affine probe."""
+        inner = MAP_KINDS["affine"].example(units, gen)
+        w = torch.randn(units, generator=gen) / math.sqrt(units)
+        return Map(self.name, 1.0, {"w": w, "c": torch.zeros(1)}, inner)
 
 
 def pwl(x: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:

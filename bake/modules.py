@@ -15,33 +15,20 @@ from .templates import modeling_bake as tpl
 CODE = "modeling_bake.py"
 
 
+def _linear_op(seg: LinearMap) -> tuple[dict, dict[str, torch.Tensor]]:
+    """op `diag` (y = a⊙x + b) or `dense` (y = M x + b) for a folded segment."""
+    if seg.is_diagonal:
+        return {"op": "diag"}, {"a": seg.diag, "b": seg.bias}
+    return {"op": "dense"}, {"M": seg.dense(), "b": seg.bias}
+
+
 def _op(seg: Map | LinearMap, strength: float | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
-    """One op dict (with tensor shapes) and its tensors, for a pending segment."""
+    """One op dict (with tensor shapes) and its tensors (float32, on the CPU), for a pending segment:
+    a LinearMap is `diag` or `dense`; a Map becomes what its kind says (MapKind.to_op)."""
     if isinstance(seg, LinearMap):
-        if seg.is_diagonal:
-            t = {"a": seg.diag, "b": seg.bias}
-            op = {"op": "diag"}
-        else:
-            t = {"M": seg.dense(), "b": seg.bias}
-            op = {"op": "dense"}
-    elif seg.kind == "affine":
-        t = {k: seg.tensors[k] for k in ("a", "b", "lo", "hi")}
-        op = {"op": "affine", "strength": seg.strength if strength is None else strength}
-    elif seg.kind == "monotone-pwl":
-        t = {"xs": seg.tensors["xs"], "ys": seg.tensors["ys"]}
-        op = {"op": "pwl", "strength": seg.strength if strength is None else strength}
-    elif seg.kind == "gated" and seg.diagonal_step() is not None:
-        d, b = seg.diagonal_step()  # T(x) − x = d⊙x + b: the reference's own ops (Map.diagonal_step)
-        t = {"w": seg.tensors["w"], "c": seg.tensors["c"].reshape(1), "d": d, "b": b}
-        op = {"op": "gated_diag", "strength": seg.strength}
-    elif seg.kind == "gated":
-        inner = seg.inner.with_strength(1.0).to_linear() if seg.inner.foldable else seg.inner
-        iop, it = _op(inner, 1.0)
-        t = {"w": seg.tensors["w"], "c": seg.tensors["c"].reshape(1)}
-        op = {"op": "gated", "strength": seg.strength, "inner": [iop]}
-        t.update({f"inner.{k}": v for k, v in it.items()})
+        op, t = _linear_op(seg)
     else:
-        raise ValueError(seg.kind)
+        op, t = seg.impl.to_op(seg, strength, _op)
     tensors = {k: v.detach().to(torch.float32).cpu() for k, v in t.items()}
     op["tensors"] = {k: list(v.shape) for k, v in tensors.items() if not k.startswith("inner.")}
     return op, tensors

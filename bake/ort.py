@@ -17,28 +17,16 @@ import numpy as np
 import torch
 
 from .errors import BakeError
-from .exporters.onnx import GRAPH, LAYOUTS, io_names
+from .exporters.onnx_lm import GRAPH, LAYOUTS, io_names
+from .ort_session import open_session
 
 NP_DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
 def is_onnx_dir(path: str | Path) -> bool:
+    """Does the directory hold an ONNX export (onnx_info.json or the graph, at the root or under onnx/)?"""
     p = Path(path)
     return (p / "onnx_info.json").is_file() or (p / GRAPH).is_file() or (p / "onnx" / GRAPH).is_file()
-
-
-def pick_providers(want: str = "auto") -> list[str]:
-    import onnxruntime as ort
-
-    have = ort.get_available_providers()
-    if want == "cpu":
-        return ["CPUExecutionProvider"]
-    if want == "cuda" and "CUDAExecutionProvider" not in have:
-        raise BakeError("--provider cuda: onnxruntime has no CUDAExecutionProvider here "
-                        "(pip install 'bake-steering[gpu]' on a machine with an NVIDIA GPU)")
-    if "CUDAExecutionProvider" in have and want in ("auto", "cuda"):
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    return ["CPUExecutionProvider"]
 
 
 @dataclass
@@ -52,7 +40,6 @@ class OrtCausalLM:
 
     def __init__(self, path: str | Path, provider: str = "auto", threads: int | None = None,
                  spin: bool = True):
-        import onnxruntime as ort
         from transformers import AutoConfig
 
         path = Path(path)
@@ -75,18 +62,7 @@ class OrtCausalLM:
         except Exception as e:  # remote code asked for, or an unreadable config
             raise BakeError(f"{str(path)!r}: cannot read config.json without running its code: "
                             f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
-        opts.log_severity_level = 3
-        if not spin:  # idle threads block at once instead of spinning (fair timing of several sessions)
-            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        try:
-            self.session = ort.InferenceSession(str(graph), opts, providers=pick_providers(provider))
-        except BakeError:
-            raise
-        except Exception as e:
-            raise BakeError(f"{str(graph)!r}: ONNX Runtime cannot load it: {str(e).splitlines()[0]}") from None
+        self.session = open_session(graph, provider, threads, spin)
         self.provider = self.session.get_providers()[0]
         self.n_layers, self.heads, self.head_dim = info["num_layers"], info["kv_heads"], info["head_dim"]
         self.dtype = NP_DTYPES[info["dtype"]]

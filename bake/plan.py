@@ -12,8 +12,10 @@ import torch
 
 from .errors import BakeError
 from .maps import LinearMap, Map
-from .models import Adapter, SiteInfo, adapter_for, fingerprint
+from .families import Adapter, SiteInfo, adapter_for
+from .models import fingerprint
 from .spec import Spec
+from .store import ModuleStore, TensorStore
 
 
 @dataclass
@@ -29,10 +31,11 @@ class SitePlan:
 
 @dataclass
 class Plan:
-    model: torch.nn.Module
+    model: torch.nn.Module  # the skeleton: module types and shapes (on the meta device for a checkpoint)
     adapter: Adapter
     sites: list[SitePlan]
     specs: list[Spec]
+    store: TensorStore  # the tensors, read and written by name
     biased: set[str] = field(default_factory=set)  # Linear modules that gained a bias
     report: list[tuple[str, str, str]] = field(default_factory=list)  # (pass, site, what it did)
     config_changes: dict[str, object] = field(default_factory=dict)
@@ -41,16 +44,13 @@ class Plan:
     inserted: list[dict] = field(default_factory=list)  # config entries of the inserted modules
     fold_dtype: torch.dtype = torch.float64  # weight products; float32 when the output is bf16 / fp16
     norm_flags: dict = field(default_factory=dict)  # component → (flag, norms it controls) turned on by folds
-    # Linear modules whose tensors sit in their stored (half) dtype until a fold writes them: a streaming
-    # bake reads W only for W b, a block at a time; a write first turns the tensor into float32
-    lazy: set[str] = field(default_factory=set)
 
     def note(self, pass_name: str, site: str, what: str) -> None:
         self.report.append((pass_name, site, what))
 
 
-def check_fingerprint(spec: Spec, model: torch.nn.Module, infos: list[SiteInfo], where: str, tensor_of=None,
-                      rows_of=None) -> None:
+def check_fingerprint(spec: Spec, model: torch.nn.Module, infos: list[SiteInfo], where: str,
+                      store: TensorStore) -> None:
     """The model is the one the spec was fitted on: same architecture and shapes, and the same weights by
     `weights_digest` (the whole model, sampled), or, for specs written before it, by the hash of the
     sites' anchor tensors. A spec with no model block proves nothing and is refused."""
@@ -58,7 +58,7 @@ def check_fingerprint(spec: Spec, model: torch.nn.Module, infos: list[SiteInfo],
     if not want:
         raise BakeError(f"{where}.model: the spec has no model block (fingerprint), so nothing shows it was fitted "
                         f"on this model; pass --ignore-fingerprint to apply it anyway")
-    have = fingerprint(model, infos, tensor_of, rows_of)
+    have = fingerprint(model, infos, store.get, store.rows)
     for key in ("architecture", "model_type"):
         if key in want and want[key] != have[key]:
             raise BakeError(f"{where}.model.{key}: spec was fitted on {want[key]!r}, this model is {have[key]!r}")
@@ -75,7 +75,10 @@ def check_fingerprint(spec: Spec, model: torch.nn.Module, infos: list[SiteInfo],
                         f"sites (pass --ignore-fingerprint to apply it anyway)")
 
 
-def bind(specs: list[Spec], model: torch.nn.Module, check_model: bool = True, tensor_of=None, rows_of=None) -> Plan:
+def bind(specs: list[Spec], model: torch.nn.Module, check_model: bool = True,
+         store: TensorStore | None = None) -> Plan:
+    """Bind specs to a model: `model` gives the structure, `store` the tensors (default: the model's own)."""
+    store = store if store is not None else ModuleStore(model)
     adapter = adapter_for(model)
     catalog = adapter.sites(model)
     by_site: dict[str, list[Map]] = {}
@@ -93,6 +96,6 @@ def bind(specs: list[Spec], model: torch.nn.Module, check_model: bool = True, te
             infos.append(info)
             by_site.setdefault(site, []).extend(maps)
         if check_model:
-            check_fingerprint(spec, model, infos, where, tensor_of, rows_of)
+            check_fingerprint(spec, model, infos, where, store)
     sites = [SitePlan(info, by_site[name]) for name, info in catalog.items() if name in by_site]
-    return Plan(model, adapter, sites, list(specs))
+    return Plan(model, adapter, sites, list(specs), store)

@@ -9,7 +9,9 @@ logit|) is ≤ 1e-5. Models with a wide dynamic range (Gemma) carry more float32
 that; there verify also runs the hooked reference in float64 and passes when the baked model is as
 exact as the hooked float32 model itself: its error vs float64 at most `NOISE_FACTOR` times the
 hooked float32 model's. Lower precisions are judged the same way against the hooked model's own
-error at that precision (cast to that dtype) vs the float32 reference.
+error at that precision (cast to that dtype) vs the float32 reference. The float64 fallback and
+`NOISE_FACTOR` are `bake/yardstick.py`'s, shared with verify_pipeline; candidates are opened by
+`bake/artifacts.py`, as diff and eval open theirs.
 """
 
 from __future__ import annotations
@@ -21,9 +23,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .artifacts import formats_in, open_artifact
 from .errors import BakeError
 from .runtime import steered
 from .spec import Spec
+from .yardstick import NOISE_FACTOR, float64_verdict, fresh_run, within_noise
 
 PROBES = [
     "The capital of France is",
@@ -36,10 +40,11 @@ PROBES = [
     "Photosynthesis converts light into",
 ]
 REL_TOL = 1e-5
-NOISE_FACTOR = 1.5
+__all__ = ["NOISE_FACTOR", "PROBES", "REL_TOL", "formats_in", "read_prompts", "verify"]
 
 
 def read_prompts(path: str | Path | None) -> list[str]:
+    """Prompts from a UTF-8 file, one per non-empty line ([] without a file); a bad file is one error."""
     if path is None:
         return []
     p = Path(path)
@@ -67,6 +72,7 @@ def greedy(model, tok, prompt: str, n: int) -> torch.Tensor:
 
 @torch.no_grad()
 def logits(model, ids: torch.Tensor) -> torch.Tensor:
+    """Teacher-forced logits of one unpadded sequence, float64 on the CPU."""
     return model(ids[None].to(model.device)).logits[0].double().cpu()
 
 
@@ -74,6 +80,7 @@ BATCH = 8  # probes per padded batch
 
 
 def _left_pad(seqs: list[torch.Tensor], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids and their attention mask."""
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -107,11 +114,14 @@ def logits_batch(model, seqs: list[torch.Tensor], pad: int) -> list[torch.Tensor
 
 
 def _batches(items: list, size: int = BATCH):
+    """`items` in consecutive chunks of `size`."""
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
 def run_reference(model, tok, specs: list[Spec], prompts: list[str], n: int, check_model: bool = True,
                   desc: str = "reference") -> list[dict]:
+    """The hooked reference on every prompt: greedy continuation, then logits over prompt + continuation;
+    a spec that breaks the model (NaN or Inf logits) is a BakeError."""
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     with steered(model, specs, check_model=check_model):
         out = []
@@ -127,22 +137,19 @@ def run_reference(model, tok, specs: list[Spec], prompts: list[str], n: int, che
 
 
 def run_candidate(model, tok, ref: list[dict], n: int, desc: str) -> list[dict]:
-    if not hasattr(model, "prefill_then_decode_logits"):  # a PyTorch model: batched like the reference
+    """Greedy continuations and teacher-forced logits of a candidate over the reference's sequences: a
+    PyTorch model in left-padded batches like the reference, an ONNX one prompt by prompt (the prompt
+    at once, then decode steps with its KV cache)."""
+    if not hasattr(model, "prefill_then_decode_logits"):
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         out = []
         for chunk in tqdm(_batches(ref), desc=desc, leave=False):
             seqs = greedy_batch(model, tok, [r["prompt"] for r in chunk], n)
             out += [{"seq": s, "logits": lg} for s, lg in zip(seqs, logits_batch(model, [r["seq"] for r in chunk], pad))]
         return out
-    out = []
-    for r in tqdm(ref, desc=desc, leave=False):
-        seq = greedy(model, tok, r["prompt"], n)
-        if hasattr(model, "prefill_then_decode_logits"):  # ONNX: the prompt at once, then decode steps
-            lg = model.prefill_then_decode_logits(r["seq"], r["n_prompt"])
-        else:
-            lg = logits(model, r["seq"])
-        out.append({"seq": seq, "logits": lg})
-    return out
+    return [{"seq": greedy(model, tok, r["prompt"], n),
+             "logits": model.prefill_then_decode_logits(r["seq"], r["n_prompt"])}
+            for r in tqdm(ref, desc=desc, leave=False)]
 
 
 def errors(ref: list[dict], got: list[dict]) -> tuple[float, float, list[float]]:
@@ -164,46 +171,6 @@ def nonfinite(runs: list[dict]) -> int:
     return sum(not bool(torch.isfinite(r["logits"]).all()) for r in runs)
 
 
-def formats_in(baked_dir: Path) -> list[str]:
-    """What a bake output directory holds: safetensors weights and/or an ONNX graph."""
-    from .ort import is_onnx_dir
-
-    found = []
-    if any(baked_dir.glob("*.safetensors")):
-        found.append("safetensors")
-    if is_onnx_dir(baked_dir):
-        found.append("onnx")
-    if not found:
-        raise BakeError(f"--baked: {str(baked_dir)!r} holds neither safetensors weights nor model.onnx")
-    return found
-
-
-def _load_candidate(fmt: str, baked_dir: Path, provider: str = "auto", trust_code: bool = False):
-    if fmt == "onnx":
-        from .ort import load_onnx
-
-        model, tok = load_onnx(baked_dir, provider)
-        return model, tok, str(model.dtype.__name__)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .modules import CODE, needs_code
-
-    if needs_code(baked_dir) and not trust_code:
-        raise BakeError(f"--baked: {str(baked_dir)!r} carries generated code ({CODE}, for inserted modules); "
-                        f"read it, then pass --trust-remote-code to run it")
-    try:
-        baked = AutoModelForCausalLM.from_pretrained(str(baked_dir), dtype="auto", trust_remote_code=trust_code,
-                                                     use_safetensors=True)
-        tok = AutoTokenizer.from_pretrained(str(baked_dir), trust_remote_code=False)
-    except Exception as e:
-        raise BakeError(f"--baked: cannot load {str(baked_dir)!r} with stock from_pretrained: "
-                        f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
-    baked.eval()
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return baked, tok, str(baked.dtype).replace("torch.", "")
-
-
 def verify(load_original, specs: list[Spec], baked_dir: Path, prompts: list[str] | None = None,
            max_new_tokens: int = 32, check_model: bool = True, formats: list[str] | None = None,
            provider: str = "auto", trust_code: bool = False) -> dict:
@@ -217,12 +184,13 @@ def verify(load_original, specs: list[Spec], baked_dir: Path, prompts: list[str]
     ref = run_reference(model, tok, specs, prompts, max_new_tokens, check_model)
     del model
     gc.collect()
+    load_at = _at_dtype(load_original)
     reports, shared = {}, {}  # shared: the yardstick runs, computed once for all formats
     for fmt in formats:
-        cand, cand_tok, dtype = _load_candidate(fmt, baked_dir, provider, trust_code)
-        reports[fmt] = _check(load_original, specs, ref, cand, cand_tok, dtype, prompts, max_new_tokens, fmt, shared)
+        cand = open_artifact(baked_dir, fmt, provider=provider, trust_code=trust_code, dtype="auto", flag="--baked")
+        reports[fmt] = _check(load_at, specs, ref, cand, prompts, max_new_tokens, shared)
         if fmt == "onnx":
-            reports[fmt]["provider"] = cand.provider
+            reports[fmt]["provider"] = cand.runtime
         del cand
         gc.collect()
     report = dict(reports[formats[0]])
@@ -233,57 +201,68 @@ def verify(load_original, specs: list[Spec], baked_dir: Path, prompts: list[str]
     return report
 
 
-def _check(load_original, specs, ref, cand, cand_tok, dtype: str, prompts, max_new_tokens: int, fmt: str,
-           shared: dict) -> dict:
-    noise = None
-    if dtype != "float32":
-        # the hooked model's own error at this dtype: the yardstick for the baked one
-        if ("noise", dtype) not in shared:
-            model, tok = load_original()
-            model.to(getattr(torch, dtype))
-            shared[("noise", dtype)] = errors(ref, run_candidate_hooked(model, tok, specs, ref, max_new_tokens))
-            del model
-            gc.collect()
-        noise = shared[("noise", dtype)]
-    got = run_candidate(cand, cand_tok, ref, max_new_tokens, desc=f"baked ({fmt})")
+def _at_dtype(load_original):
+    """`load_original` in the yardstick's loader contract: `load_at(dtype)` → a fresh (model, tokenizer)."""
+    def load_at(dtype: torch.dtype):
+        model, tok = load_original()
+        return model.to(dtype), tok
+
+    return load_at
+
+
+def _check(load_at, specs, ref, cand, prompts, max_new_tokens: int, shared: dict) -> dict:
+    """One candidate (an `Artifact`) against the reference: float32 by `REL_TOL` (or the float64 yardstick),
+    another dtype by the hooked model's own error at that dtype; never a pass with a NaN or Inf logit."""
+    noise = None if cand.dtype == "float32" else _own_noise(load_at, specs, ref, max_new_tokens, cand.dtype, shared)
+    got = run_candidate(cand.model, cand.tokenizer, ref, max_new_tokens, desc=f"baked ({cand.format})")
     max_abs, max_rel, per = errors(ref, got)
     same = [bool(torch.equal(r["seq"], g["seq"])) for r, g in zip(ref, got)]
     report = {
-        "prompts": len(prompts), "max_new_tokens": max_new_tokens, "dtype": dtype,
+        "prompts": len(prompts), "max_new_tokens": max_new_tokens, "dtype": cand.dtype,
         "max_abs": max_abs, "max_rel": max_rel, "greedy_same": sum(same), "nonfinite": nonfinite(got),
         "per_prompt": [{"prompt": r["prompt"], "max_abs": e, "greedy_same": s} for r, e, s in zip(ref, per, same)],
     }
     if noise is None:
-        report["criterion"] = f"relative logit error <= {REL_TOL:g} and identical greedy continuations"
-        report["passed"] = max_rel <= REL_TOL and all(same)
-        if all(same) and max_rel > REL_TOL:
-            # is it the model's own float32 noise? compare both with the exact (float64) answer
-            if "exact" not in shared:
-                model, tok = load_original()
-                shared["exact"] = run_candidate_hooked(model.double(), tok, specs, ref, max_new_tokens, logits_only=True)
-                del model
-                gc.collect()
-            exact = shared["exact"]
-            own = errors(exact, ref)
-            baked_err = errors(exact, got)
-            report.update({"exact_ref": "hooked float64", "hooked_fp32_vs_fp64_max_abs": own[0],
-                           "baked_vs_fp64_max_abs": baked_err[0]})
-            report["criterion"] = (f"identical greedy continuations and error vs the float64 reference <= "
-                                   f"{NOISE_FACTOR:g} x the hooked float32 model's own ({own[0]:.3g})")
-            report["passed"] = baked_err[0] <= NOISE_FACTOR * own[0]
+        report.update(_judge_fp32(load_at, specs, ref, got, max_rel, all(same), max_new_tokens, shared))
     else:
         report["hooked_noise_max_abs"], report["hooked_noise_max_rel"] = noise[0], noise[1]
         report["criterion"] = (f"max abs logit error <= {NOISE_FACTOR:g} x the hooked model's own error at "
                                f"{report['dtype']} ({noise[0]:.3g})")
-        report["passed"] = max_abs <= NOISE_FACTOR * noise[0]
+        report["passed"] = within_noise(max_abs, noise[0])
     if report["nonfinite"]:  # never a pass, whatever the yardstick said
         report["passed"] = False
         report["criterion"] = f"the baked model gives NaN or Inf logits on {report['nonfinite']} prompt(s)"
     return report
 
 
+def _own_noise(load_at, specs, ref, n: int, dtype: str, shared: dict) -> tuple[float, float, list[float]]:
+    """The hooked model's own error at `dtype` vs the float32 reference (once per dtype): the yardstick
+    for a baked model stored at that dtype."""
+    if ("noise", dtype) not in shared:
+        run = lambda m: errors(ref, run_candidate_hooked(m[0], m[1], specs, ref, n))  # noqa: E731
+        shared[("noise", dtype)] = fresh_run(load_at, getattr(torch, dtype), run)
+    return shared[("noise", dtype)]
+
+
+def _judge_fp32(load_at, specs, ref, got, max_rel: float, same: bool, n: int, shared: dict) -> dict:
+    """float32: relative error within `REL_TOL` and identical greedy continuations; above `REL_TOL` with
+    identical continuations, is it the model's own float32 noise? Both are compared with the exact
+    (float64) answer (the yardstick's fallback)."""
+    out = {"criterion": f"relative logit error <= {REL_TOL:g} and identical greedy continuations",
+           "passed": max_rel <= REL_TOL and same}
+    if same and max_rel > REL_TOL:
+        exact = lambda m: run_candidate_hooked(m[0], m[1], specs, ref, n, logits_only=True)  # noqa: E731
+        verdict = float64_verdict(load_at, exact, lambda e, x: errors(e, x)[0], ref, got, "max_abs", shared)
+        out.update(verdict)
+        out["criterion"] = (f"identical greedy continuations and error vs the float64 reference <= "
+                            f"{NOISE_FACTOR:g} x the hooked float32 model's own "
+                            f"({verdict['hooked_fp32_vs_fp64_max_abs']:.3g})")
+    return out
+
+
 def run_candidate_hooked(model, tok, specs, ref, n, logits_only: bool = False) -> list[dict]:
-    # the fingerprint was checked at float32 above; the cast model's bytes differ by design
+    """The hooked model (cast to another precision) run like a candidate; logits only for the float64 run.
+    The fingerprint was checked at float32 above; the cast model's bytes differ by design."""
     with steered(model, specs, check_model=False):
         if logits_only:
             pad = tok.pad_token_id if tok.pad_token_id is not None else 0

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from bake.eval import flores, rtp_prompts
+from bake.evaluation import flores, rtp_prompts
 from bake.fit import METHODS, fit, read_texts
 from bake.models import load
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
-from bake import compile
+from bake import compiler
 from bake.fit import fit, read_texts
 from bake.models import load
 from bake.ort import OrtCausalLM
@@ -53,9 +53,9 @@ def main() -> None:
         del loaded
         write(spec, tmp / "gated.json")
         outs = {"ungated": tmp / "ungated", "gated": tmp / "gated"}
-        compile.apply(a.model, [a.inner], outs["ungated"], formats=["safetensors", "onnx"], run_verify=False,
+        compiler.apply(a.model, [a.inner], outs["ungated"], formats=["safetensors", "onnx"], run_verify=False,
                       log=lambda *_: None)
-        compile.apply(a.model, [str(tmp / "gated.json")], outs["gated"], formats=["safetensors", "onnx"],
+        compiler.apply(a.model, [str(tmp / "gated.json")], outs["gated"], formats=["safetensors", "onnx"],
                       run_verify=False, insert_modules=True, log=lambda *_: None)
         g = torch.Generator().manual_seed(0)
         ids = torch.randint(0, 49152, (1, 64), generator=g)

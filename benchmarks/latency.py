@@ -22,11 +22,12 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from bake import compile
-from bake.compile import read_specs
+from bake import compiler
+from bake.compiler import read_specs
 from bake.fit import fit, read_texts
 from bake.maps import Map
-from bake.models import adapter_for, load
+from bake.families import adapter_for
+from bake.models import load
 from bake.runtime import steered
 from bake.spec import Spec, write
 
@@ -75,14 +76,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         proj = projection_spec(load(a.model).model, Path(tmp) / "ablate.json")
         t = time.perf_counter()
-        compile.apply(a.model, [a.spec], Path(tmp) / "nv", run_verify=False, log=lambda *_: None)
+        compiler.apply(a.model, [a.spec], Path(tmp) / "nv", run_verify=False, log=lambda *_: None)
         results["apply_no_verify_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        res = compile.apply(a.model, [a.spec], Path(tmp) / "baked", log=lambda *_: None)
+        res = compiler.apply(a.model, [a.spec], Path(tmp) / "baked", log=lambda *_: None)
         results["apply_with_verify_s"] = time.perf_counter() - t
         results["verify_max_rel"] = res.verification["max_rel"]
 
-        compile.apply(a.model, [str(proj)], Path(tmp) / "baked_proj", run_verify=False, log=lambda *_: None)
+        compiler.apply(a.model, [str(proj)], Path(tmp) / "baked_proj", run_verify=False, log=lambda *_: None)
 
         original = load(a.model).model
         hooked = load(a.model).model

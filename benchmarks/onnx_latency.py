@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
-from bake import compile
+from bake import compiler
 from bake.ort import OrtCausalLM
 from timing import by_runtime, interleaved_medians_ms
 
@@ -42,7 +42,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "baked"
         t = time.perf_counter()
-        r = compile.apply(a.model, [a.spec], out, formats=["safetensors", "onnx"], run_verify=False,
+        r = compiler.apply(a.model, [a.spec], out, formats=["safetensors", "onnx"], run_verify=False,
                           log=lambda *_: None)
         res["apply_both_formats_s"] = round(time.perf_counter() - t, 1)
         info = json.loads((out / "onnx_info.json").read_text())

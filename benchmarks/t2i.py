@@ -20,10 +20,11 @@ from pathlib import Path
 
 import torch
 
-from bake import compile
+from bake import compiler
 from bake.exporters.onnx_denoiser import as_kwargs, capture, flatten
 from bake.maps import Map
-from bake.models.diffusion import PipelineAdapter, load_pipeline
+from bake.families.pipelines import PipelineAdapter
+from bake.models.diffusion import load_pipeline
 from bake.models.tiny_pipelines import save_tiny_pipeline
 from bake.runtime import steered
 from bake.spec import Spec, write
@@ -58,11 +59,11 @@ def main() -> None:
         shutil.copytree(src, work / "copy")
         copy_s = time.perf_counter() - t
         t = time.perf_counter()
-        res = compile.apply(str(src), [str(work / "s.json")], work / "out", formats=["safetensors", "onnx"],
+        res = compiler.apply(str(src), [str(work / "s.json")], work / "out", formats=["safetensors", "onnx"],
                             log=lambda *_: None)
         apply_s = time.perf_counter() - t
         t = time.perf_counter()
-        compile.apply(str(src), [str(work / "s.json")], work / "out2", run_verify=False, log=lambda *_: None)
+        compiler.apply(str(src), [str(work / "s.json")], work / "out2", run_verify=False, log=lambda *_: None)
         apply_nv_s = time.perf_counter() - t
 
         baked = load_pipeline(work / "out")

@@ -55,7 +55,7 @@ def _rough_norms(model, around: float = 1.0):
 
 
 def make_family(family: str, seed: int = 0, layers: int = 2, **extra):
-    """A small random causal LM of `family` (llama, qwen2, mistral, gpt2) with a 400-token vocabulary."""
+    """A small random causal LM of `family` (llama, qwen2, mistral, gpt2, qwen3) with a 400-token vocabulary."""
     import transformers as tf
 
     if family == "llama":
@@ -76,6 +76,13 @@ def make_family(family: str, seed: int = 0, layers: int = 2, **extra):
         return _rough_norms(model)
     if family == "mistral":
         return _rough_norms(tf.MistralForCausalLM(tf.MistralConfig(**common, **{"sliding_window": None, **extra})))
+    if family == "qwen3":  # per-head q/k norms that matter
+        model = tf.Qwen3ForCausalLM(tf.Qwen3Config(**common, **{"head_dim": 16, **extra}))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith(("q_norm.weight", "k_norm.weight")):
+                    p.copy_(1 + 0.5 * torch.randn_like(p))
+        return _rough_norms(model)
     raise ValueError(family)
 
 
@@ -98,7 +105,8 @@ def tiny_dir(tmp_path_factory, tokenizer) -> Path:
 def stamp(spec, model):
     """The spec with the fingerprint of the model it was written for, as `bake fit` records it (a spec
     with no model block is refused without --ignore-fingerprint)."""
-    from bake.models import adapter_for, fingerprint
+    from bake.families import adapter_for
+    from bake.models import fingerprint
 
     cat = adapter_for(model).sites(model)
     spec.model = fingerprint(model, [cat[s] for s, _ in spec.sites if s in cat])

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bake import compile as compile_mod
+from bake import verify as verify_mod
 from bake.cli import main
 from bake.errors import BakeError
 from bake.maps import Map
@@ -120,7 +120,7 @@ def test_existing_out_needs_force_and_failure_keeps_it(env, tiny_dir, capsys, mo
     # a run that fails after export started leaves --out as it was
     def boom(*a, **k):
         raise RuntimeError("disk on fire")
-    monkeypatch.setattr(compile_mod.verify_mod, "verify", boom)
+    monkeypatch.setattr(verify_mod, "verify", boom)
     with pytest.raises(RuntimeError):
         main(["apply", "--model", str(tiny_dir), "--spec", str(env / "spec.json"), "--out", str(out), "--force"])
     assert files(out) == {"keep.txt"}

@@ -9,9 +9,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from bake import compile
+from bake import compiler
 from bake.maps import Map
-from bake.models import adapter_for
+from bake.families import adapter_for
 from bake.runtime import steered
 from bake.spec import Spec, write
 from conftest import make_llama, save_model, stamp
@@ -90,7 +90,7 @@ def test_baked_equals_hooked_fp32(tmp_path, tokenizer, seed, kw, patterns):
     src = save_model(model, tokenizer, tmp_path / "model")
     spec = random_spec(model, patterns, seed)
     write(spec, tmp_path / "spec.json")
-    res = compile.apply(str(src), [str(tmp_path / "spec.json")], tmp_path / "out", max_new_tokens=12,
+    res = compiler.apply(str(src), [str(tmp_path / "spec.json")], tmp_path / "out", max_new_tokens=12,
                         log=lambda *_: None)
     v = res.verification
     assert v["passed"] and v["max_rel"] <= 1e-5 and v["greedy_same"] == v["prompts"]
@@ -107,7 +107,7 @@ def test_multiple_specs_compose_in_order(tmp_path, tokenizer):
     a, b = random_spec(model, ["post-norms", "mlp-out"], 10), random_spec(model, ["post-norms", "residual"], 11)
     write(a, tmp_path / "a.json")
     write(b, tmp_path / "b.json")
-    res = compile.apply(str(src), [str(tmp_path / "a.json"), str(tmp_path / "b.json")], tmp_path / "out",
+    res = compiler.apply(str(src), [str(tmp_path / "a.json"), str(tmp_path / "b.json")], tmp_path / "out",
                         max_new_tokens=8, log=lambda *_: None)
     assert res.verification["passed"] and res.verification["max_rel"] <= 1e-5
     # order matters: (a then b) differs from (b then a) at shared sites, and the reference follows it
@@ -132,7 +132,7 @@ def test_identity_units_leave_weights_untouched(tmp_path, tokenizer):
     spec = Spec([("model.layers.0.mlp.down_proj:output", [Map("affine", 1.0, {"a": a, "b": b})]),
                  ("model.layers.1.mlp.down_proj:input", [zero])], method="sparse")
     write(stamp(spec, model), tmp_path / "s.json")
-    res = compile.apply(str(src), [str(tmp_path / "s.json")], tmp_path / "out", max_new_tokens=4, log=lambda *_: None)
+    res = compiler.apply(str(src), [str(tmp_path / "s.json")], tmp_path / "out", max_new_tokens=4, log=lambda *_: None)
     before = load_file(str(src / "model.safetensors"))
     after = load_file(str(tmp_path / "out" / "model.safetensors"))
     W0, W1 = before["model.layers.0.mlp.down_proj.weight"], after["model.layers.0.mlp.down_proj.weight"]
@@ -152,7 +152,7 @@ def test_low_precision_error_is_the_dtypes_own(tmp_path, tokenizer, dtype):
     model = make_llama(seed=7)
     src = save_model(model, tokenizer, tmp_path / "model")
     write(random_spec(model, ["post-norms", "mlp-out", "residual"], 7), tmp_path / "s.json")
-    res = compile.apply(str(src), [str(tmp_path / "s.json")], tmp_path / "out", dtype=dtype, max_new_tokens=8,
+    res = compiler.apply(str(src), [str(tmp_path / "s.json")], tmp_path / "out", dtype=dtype, max_new_tokens=8,
                         log=lambda *_: None)
     v = res.verification
     assert v["dtype"] == dtype
@@ -172,7 +172,7 @@ def test_fp32_beyond_tolerance_is_judged_against_float64(tmp_path, tokenizer, mo
     src = save_model(model, tokenizer, tmp_path / "model")
     spec = random_spec(model, ["post-norms", "attn-out", "residual"], 8)
     write(spec, tmp_path / "s.json")
-    res = compile.apply(str(src), [str(tmp_path / "s.json")], tmp_path / "out", max_new_tokens=6, log=lambda *_: None)
+    res = compiler.apply(str(src), [str(tmp_path / "s.json")], tmp_path / "out", max_new_tokens=6, log=lambda *_: None)
     v = res.verification
     assert v["exact_ref"] == "hooked float64" and v["passed"]
     assert 0 < v["baked_vs_fp64_max_abs"] <= 1.5 * v["hooked_fp32_vs_fp64_max_abs"]
@@ -183,7 +183,7 @@ def test_fp32_beyond_tolerance_is_judged_against_float64(tmp_path, tokenizer, mo
 
 
 def test_site_globs_and_presets(tokenizer):
-    from bake.models import adapter_for
+    from bake.families import adapter_for
 
     model = make_llama(seed=0, layers=3)
     ad = adapter_for(model)

@@ -117,9 +117,9 @@ def test_a_dead_rank_does_not_hang_the_other(tiny_dir, tmp_path):
         "import os, sys\n"
         "import bake.fit.distributed as d\n"
         "if os.environ['RANK'] == '1':\n"
-        "    d.gather_rows = lambda x: os._exit(3)\n"
+        "    d.gather_rows = lambda *a, **k: os._exit(3)\n"
         "    import bake.fit.collect as c\n"
-        "    c.gather_texts = lambda x, n: os._exit(3)\n"
+        "    c.gather_texts = lambda *a, **k: os._exit(3)\n"
         "from bake.cli import main\n"
         "sys.exit(main(sys.argv[1:]))\n")
     port = str(free_port())
@@ -141,12 +141,12 @@ def test_a_dead_rank_does_not_hang_the_other(tiny_dir, tmp_path):
 
 def test_device_map_auto_fit_equals_plain(tiny_dir):
     """`--device-map auto` loads through accelerate (here: all on the CPU); the hooks and the fit are the same."""
-    from bake.fit import fit
+    from bake.fit import FitConfig, fit
     from bake.models import load
 
     plain, mapped = load(str(tiny_dir)), load(str(tiny_dir), device_map="auto")
     assert all(p.device.type == "cpu" for p in mapped.model.parameters())  # no GPU here: accelerate keeps it on CPU
-    a = fit(plain.model, plain.tokenizer, TOXIC, KIND, "mean-act", progress=False)
-    b = fit(mapped.model, mapped.tokenizer, TOXIC, KIND, "mean-act", progress=False)
+    a = fit(plain.model, plain.tokenizer, TOXIC, KIND, FitConfig("mean-act"), progress=False)
+    b = fit(mapped.model, mapped.tokenizer, TOXIC, KIND, FitConfig("mean-act"), progress=False)
     for (_, ma), (_, mb) in zip(a.sites, b.sites):
         assert torch.allclose(ma[0].tensors["b"], mb[0].tensors["b"], atol=1e-6)

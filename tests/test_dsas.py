@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bake import compile
+from bake import compiler
 from bake.cli import main
-from bake.fit import estimators, fit
+from bake.fit import FitConfig, estimators, fit
 from bake.spec import Spec, read, write
 from conftest import TEXTS, make_llama, save_model
 
@@ -44,36 +44,36 @@ def setup(tmp_path, tokenizer):
 
 def test_dsas_fits_gates_and_bakes_them_as_modules(setup):
     tmp, src, model, tok = setup
-    spec = fit(model, tok, TEXTS[1::2], TEXTS[0::2], "dsas", ["post-norms"], strength=0.9,
-               control=TEXTS[0::2], inner="mean-act", min_accuracy=0.5)
+    spec = fit(model, tok, TEXTS[1::2], TEXTS[0::2],
+               FitConfig("dsas", ["post-norms"], strength=0.9, inner="mean-act", min_accuracy=0.5), control=TEXTS[0::2])
     assert spec.sites and all(m.kind == "gated" and m.inner.kind == "affine" for _, ms in spec.sites for m in ms)
     acc = spec.params["detector_accuracy"]
     assert len(acc) == spec.params["candidate_sites"] == 4
     assert all(v >= 0.5 for n, v in acc.items() if n in dict(spec.sites))
     write(spec, tmp / "g.json")
-    res = compile.apply(str(src), [str(tmp / "g.json")], tmp / "out", formats=["safetensors", "onnx"],
+    res = compiler.apply(str(src), [str(tmp / "g.json")], tmp / "out", formats=["safetensors", "onnx"],
                         insert_modules=True, log=lambda *_: None)
     assert res.verification["passed"] and res.verification["onnx"]["passed"]
     # the threshold keeps exactly the sites whose held-out accuracy reaches it (same seed, same split);
     # above every detector's accuracy it is a clear error
     best = max(acc.values())
-    strict = fit(model, tok, TEXTS[1::2], TEXTS[0::2], "dsas", ["post-norms"], control=TEXTS[0::2],
-                 inner="mean-act", min_accuracy=max(best, 0.5))
+    strict = fit(model, tok, TEXTS[1::2], TEXTS[0::2], FitConfig("dsas", ["post-norms"], inner="mean-act",
+                 min_accuracy=max(best, 0.5)), control=TEXTS[0::2])
     assert set(dict(strict.sites)) == {n for n, v in acc.items() if v >= max(best, 0.5)}
     if best < 1.0:
         from bake.errors import BakeError
 
         with pytest.raises(BakeError, match="no site's detector"):
-            fit(model, tok, TEXTS[1::2], TEXTS[0::2], "dsas", ["post-norms"], control=TEXTS[0::2],
-                inner="mean-act", min_accuracy=min(1.0, best + 0.01))
+            fit(model, tok, TEXTS[1::2], TEXTS[0::2], FitConfig("dsas", ["post-norms"], inner="mean-act",
+                min_accuracy=min(1.0, best + 0.01)), control=TEXTS[0::2])
 
 
 def test_dsas_gates_a_given_spec_with_its_strength_folded_in(setup):
     tmp, src, model, tok = setup
-    inner = fit(model, tok, TEXTS[1::2], TEXTS[0::2], "mean-act", ["post-norms"], strength=0.5)
+    inner = fit(model, tok, TEXTS[1::2], TEXTS[0::2], FitConfig("mean-act", ["post-norms"], strength=0.5))
     write(inner, tmp / "inner.json")
-    spec = fit(model, tok, TEXTS[1::2], TEXTS[0::2], "dsas", control=TEXTS[0::2], inner=str(tmp / "inner.json"),
-               min_accuracy=0.5)
+    spec = fit(model, tok, TEXTS[1::2], TEXTS[0::2], FitConfig("dsas", inner=str(tmp / "inner.json"),
+               min_accuracy=0.5), control=TEXTS[0::2])
     name, maps = spec.sites[0]
     b_inner = dict(inner.sites)[name][0].tensors["b"]
     assert torch.allclose(maps[0].inner.tensors["b"], 0.5 * b_inner) and maps[0].inner.strength == 1.0
@@ -111,7 +111,7 @@ def test_joint_gates_keep_control_texts_in_place(setup):
     less than the same maps trained ungated, while still moving the source towards the target."""
     from bake.fit.collect import collect
     from bake.fit.lineas import LineasConfig, w2_per_unit
-    from bake.models import adapter_for
+    from bake.families import adapter_for
     from bake.runtime import steered
 
     tmp, src, model, tok = setup
@@ -120,9 +120,9 @@ def test_joint_gates_keep_control_texts_in_place(setup):
                "The library opens at nine.", "Water boils at one hundred degrees.", "He painted the fence blue.",
                "The museum has a new exhibit.", "Our meeting moved to Tuesday."]
     kw = dict(steps=120, lr=5e-2, batch_size=8, seed=0)
-    joint = fit(model, tok, source, target, "dsas", ["post-norms"], control=control, joint=True,
-                lineas=LineasConfig(retain=5.0, **kw), progress=False)
-    plain = fit(model, tok, source, target, "lineas", ["post-norms"], lineas=LineasConfig(**kw), progress=False)
+    joint = fit(model, tok, source, target, FitConfig("dsas", ["post-norms"], joint=True,
+                lineas=LineasConfig(retain=5.0, **kw)), control=control, progress=False)
+    plain = fit(model, tok, source, target, FitConfig("lineas", ["post-norms"], lineas=LineasConfig(**kw)), progress=False)
     assert all(m.kind == "gated" and m.inner.kind == "affine" for _, ms in joint.sites for m in ms)
     infos = [adapter_for(model).sites(model)[n] for n, _ in joint.sites]
 
@@ -140,7 +140,7 @@ def test_joint_gates_keep_control_texts_in_place(setup):
     w2 = lambda a: sum(float(w2_per_unit(a[i.name], t[i.name]).sum()) for i in infos)  # noqa: E731
     assert w2(s) < w2(s0)
     write(joint, tmp / "joint.json")
-    res = compile.apply(str(src), [str(tmp / "joint.json")], tmp / "jout", insert_modules=True, log=lambda *_: None)
+    res = compiler.apply(str(src), [str(tmp / "joint.json")], tmp / "jout", insert_modules=True, log=lambda *_: None)
     assert res.verification["passed"]
 
 

@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from bake import compile
+from bake import compiler
 from bake.cli import main
-from bake.eval import EvalConfig, flores, rtp_prompts
-from bake.eval.sweep import run
-from bake.fit import fit
+from bake.evaluation import EvalConfig, flores, rtp_prompts
+from bake.evaluation.sweep import run
+from bake.fit import FitConfig, fit
 from bake.spec import read, write
 from conftest import TEXTS, make_llama, save_model
 
@@ -26,7 +26,7 @@ def test_vendored_data_splits():
 
 
 def test_perplexity_batching_does_not_change_it(tokenizer):
-    from bake.eval.tasks import perplexity
+    from bake.evaluation.tasks import perplexity
 
     model = make_llama(seed=5)
     sents = flores(12, "tune")
@@ -36,7 +36,7 @@ def test_perplexity_batching_does_not_change_it(tokenizer):
 
 
 def test_scorers_rank_offensive_text_above_benign_text():
-    from bake.eval.scorers import load_scorers
+    from bake.evaluation.scorers import load_scorers
 
     texts = ["you are a stupid fucking idiot", "I walked the dog in the park this morning and it was lovely"]
     scorers = load_scorers("profanity,hatesonar")
@@ -51,9 +51,9 @@ def test_scorers_rank_offensive_text_above_benign_text():
 def setup(tmp_path, tokenizer):
     model = make_llama(seed=21)
     src = save_model(model, tokenizer, tmp_path / "model")
-    spec = fit(model, tokenizer, TEXTS[1::2], TEXTS[0::2], "mean-act", ["post-norms"], strength=1.0)
+    spec = fit(model, tokenizer, TEXTS[1::2], TEXTS[0::2], FitConfig("mean-act", ["post-norms"], strength=1.0))
     write(spec, tmp_path / "s.json")
-    compile.apply(str(src), [str(tmp_path / "s.json")], tmp_path / "baked", run_verify=False, log=lambda *_: None)
+    compiler.apply(str(src), [str(tmp_path / "s.json")], tmp_path / "baked", run_verify=False, log=lambda *_: None)
     cfg = EvalConfig(tasks=["toxicity", "perplexity"], prompts=TEXTS[:5], sentences=TEXTS[5:9], seeds=[0, 1],
                      max_new_tokens=6, batch_size=3)
     return tmp_path, src, cfg
@@ -101,7 +101,7 @@ def test_eval_cli_and_bad_input(setup, capsys):
                  "--sentences", str(tmp / "p.txt"), "--strengths", "1", "--spec", str(tmp / "s.json")])
     own = json.loads((tmp / "own.json").read_text())["points"][0]["perplexity"]
     assert code == 0 and own["tokens"] != ppl_flores["tokens"]  # the user's texts, not FLORES
-    from bake.eval.tasks import perplexity
+    from bake.evaluation.tasks import perplexity
     from bake.models import load
 
     loaded = load(str(src))
@@ -141,7 +141,7 @@ def test_missing_scorer_names_the_install(monkeypatch):
     import builtins
 
     from bake.errors import BakeError
-    from bake.eval.scorers import load_scorer
+    from bake.evaluation.scorers import load_scorer
 
     real = builtins.__import__
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bake import compile
+from bake import compiler
 from bake.errors import BakeError
-from bake.fit import estimators, fit
+from bake.fit import FitConfig, estimators, fit
 from bake.fit.collect import collect
-from bake.models import adapter_for
+from bake.families import adapter_for
 from bake.spec import read, write
 from conftest import TEXTS, make_llama, save_model
 
@@ -69,11 +69,11 @@ def test_fit_then_apply_exactly(tmp_path, tokenizer):
     model = make_llama(seed=2)
     src_dir = save_model(model, tokenizer, tmp_path / "model")
     source, target = TEXTS[3::2], TEXTS[0::2]
-    spec = fit(model, tokenizer, source, target, "linear-act", ["post-norms", "mlp-out"], strength=0.8)
+    spec = fit(model, tokenizer, source, target, FitConfig("linear-act", ["post-norms", "mlp-out"], strength=0.8))
     assert len(spec.sites) == 3 * model.config.num_hidden_layers
     assert spec.model["weights_sha256"] and spec.params["causal"] is True
     write(spec, tmp_path / "s.json")
-    res = compile.apply(str(src_dir), [str(tmp_path / "s.json")], tmp_path / "out", max_new_tokens=8,
+    res = compiler.apply(str(src_dir), [str(tmp_path / "s.json")], tmp_path / "out", max_new_tokens=8,
                         log=lambda *_: None)
     assert res.verification["passed"] and res.verification["max_rel"] <= 1e-5
     back = read(tmp_path / "s.json")
@@ -83,8 +83,8 @@ def test_fit_then_apply_exactly(tmp_path, tokenizer):
 def test_causal_estimation_sees_earlier_maps(tokenizer):
     model = make_llama(seed=3)
     source, target = TEXTS[3::2], TEXTS[0::2]
-    causal = fit(model, tokenizer, source, target, "mean-act", ["post-norms"], causal=True)
-    at_once = fit(model, tokenizer, source, target, "mean-act", ["post-norms"], causal=False)
+    causal = fit(model, tokenizer, source, target, FitConfig("mean-act", ["post-norms"], causal=True))
+    at_once = fit(model, tokenizer, source, target, FitConfig("mean-act", ["post-norms"], causal=False))
     first_c, first_o = causal.sites[0][1][0].tensors["b"], at_once.sites[0][1][0].tensors["b"]
     assert torch.allclose(first_c, first_o, atol=1e-6)  # nothing upstream of the first site
     last_c, last_o = causal.sites[-1][1][0].tensors["b"], at_once.sites[-1][1][0].tensors["b"]
@@ -102,8 +102,8 @@ def test_causal_estimation_sees_earlier_maps(tokenizer):
 
 def test_fit_support_source_range(tokenizer):
     model = make_llama(seed=4)
-    spec = fit(model, tokenizer, TEXTS[:6], TEXTS[6:], "linear-act", ["mlp-in"], support="source-range",
-               causal=False)
+    spec = fit(model, tokenizer, TEXTS[:6], TEXTS[6:], FitConfig("linear-act", ["mlp-in"], support="source-range",
+               causal=False))
     m = spec.sites[0][1][0]
     assert m.has_support and not m.foldable and (m.tensors["lo"] <= m.tensors["hi"]).all()
 
@@ -114,7 +114,7 @@ def test_fit_bad_arguments(tokenizer, kw, msg):
     model = make_llama(seed=0)
     args = {"method": "mean-act", "sites": ["post-norms"], **kw}
     with pytest.raises(BakeError, match=msg):
-        fit(model, tokenizer, TEXTS[:3], TEXTS[3:6], args["method"], args["sites"], support=kw.get("support", "none"))
+        fit(model, tokenizer, TEXTS[:3], TEXTS[3:6], FitConfig(args["method"], args["sites"], support=kw.get("support", "none")))
 
 
 def test_layer_replay_equals_full_forward_causal(tokenizer):
@@ -126,7 +126,7 @@ def test_layer_replay_equals_full_forward_causal(tokenizer):
     model = make_llama(seed=5, layers=3)
     source, target = TEXTS[1::2], TEXTS[0::2]
     patterns = ["post-norms", "mlp-in", "residual", "model.norm:output"]
-    fast = fit(model, tokenizer, source, target, "linear-act", patterns, strength=0.9, batch_size=4)
+    fast = fit(model, tokenizer, source, target, FitConfig("linear-act", patterns, strength=0.9, batch_size=4))
     ad = adapter_for(model)
     cat = ad.sites(model)
     slow = Spec([])
@@ -170,7 +170,7 @@ def test_linear_act_near_constant_unit_gets_no_slope():
 def test_aura_reference_sites_preset(tmp_path, tiny_dir, capsys):
     """ml-aura's sites (every MLP Linear's output) as the preset `mlp-linears`; they bake exactly."""
     from bake.cli import main
-    from bake.models import adapter_for
+    from bake.families import adapter_for
     from conftest import TEXTS, make_family
 
     for family, want in (("llama", ["gate_proj", "up_proj", "down_proj"]), ("gpt2", ["c_fc", "c_proj"])):
@@ -191,7 +191,7 @@ def test_aura_reference_sites_preset(tmp_path, tiny_dir, capsys):
 def test_first_token_is_pooled_unless_bos_or_sink(tiny_dir):
     """Issue 20: mean/max pooling leave the first token out only where it is a BOS or an attention sink
     (decided on the model and recorded in the spec); a random tiny Llama with no BOS has neither."""
-    from bake.fit import fit
+    from bake.fit import FitConfig, fit
     from bake.fit.collect import first_token, pool_tokens
     from bake.models import load
     from conftest import TEXTS
@@ -204,5 +204,5 @@ def test_first_token_is_pooled_unless_bos_or_sink(tiny_dir):
     decision = first_token(loaded.model, loaded.tokenizer, TEXTS)
     assert decision["drop"] is False and "no sink" in decision["why"]
     assert first_token(loaded.model, loaded.tokenizer, TEXTS, ratio=0.0)["drop"] is True  # any first token "sinks"
-    spec = fit(loaded.model, loaded.tokenizer, TEXTS[1::2], TEXTS[0::2], "mean-act", ["post-norms"], progress=False)
+    spec = fit(loaded.model, loaded.tokenizer, TEXTS[1::2], TEXTS[0::2], FitConfig("mean-act", ["post-norms"]), progress=False)
     assert spec.params["first_token"].startswith("pooled: ") and spec.params["pooling"] == "mean"

@@ -8,10 +8,10 @@ import random
 import pytest
 import torch
 
-from bake import compile
+from bake import compiler
 from bake.errors import BakeError
 from bake.maps import Map
-from bake.models import adapter_for
+from bake.families import adapter_for
 from bake.spec import Spec, write
 from conftest import save_model, stamp
 from test_differential import random_map
@@ -59,7 +59,7 @@ def test_gemma_baked_equals_hooked(tmp_path, tokenizer, kind, seed):
     src = save_model(model, tokenizer, tmp_path / "model")
     spec = gemma_spec(model, seed)
     write(spec, tmp_path / "s.json")
-    res = compile.apply(str(src), [str(tmp_path / "s.json")], tmp_path / "out", max_new_tokens=8, log=lambda *_: None)
+    res = compiler.apply(str(src), [str(tmp_path / "s.json")], tmp_path / "out", max_new_tokens=8, log=lambda *_: None)
     v = res.verification
     assert v["passed"] and v["max_rel"] <= 1e-5 and v["greedy_same"] == v["prompts"], v
     assert set(res.config_changes) <= {"attention_bias"}
@@ -85,7 +85,7 @@ def test_gemma_shifts_without_a_bias_slot_are_refused(tmp_path, tokenizer, site,
     d = adapter_for(model).sites(model)[site].units
     write(stamp(Spec([(site, [Map("additive", 1.0, {"v": torch.ones(d)})])]), model), tmp_path / "s.json")
     with pytest.raises(BakeError, match=msg) as e:
-        compile.apply(str(src), [str(tmp_path / "s.json")], tmp_path / "out", log=lambda *_: None)
+        compiler.apply(str(src), [str(tmp_path / "s.json")], tmp_path / "out", log=lambda *_: None)
     assert site in str(e.value)
     assert not (tmp_path / "out").exists()
 

@@ -52,7 +52,7 @@ def fitted(tmp_path, tiny_dir):
     from bake.models import fingerprint, load
 
     loaded = load(str(tiny_dir))
-    from bake.models import adapter_for
+    from bake.families import adapter_for
 
     info = adapter_for(loaded.model).sites(loaded.model)[SITE]
     spec = Spec([(SITE, [Map("additive", 0.5, {"v": torch.randn(D)})])], method="caa",
@@ -223,7 +223,8 @@ def test_force_never_deletes_inputs(fitted, tiny_dir, tokenizer, capsys, tmp_pat
     root = tmp_path_factory.mktemp("force")
     model_dir = save_model(make_llama(), tokenizer, root / "models" / "m")
     (root / "models" / "sibling.txt").write_text("keep")
-    from bake.models import adapter_for, fingerprint, load
+    from bake.families import adapter_for
+    from bake.models import fingerprint, load
 
     loaded = load(str(model_dir))
     info = adapter_for(loaded.model).sites(loaded.model)[SITE]
@@ -262,7 +263,7 @@ def test_bad_out_paths(out, fitted, tiny_dir, capsys, monkeypatch):
 def test_full_disk_is_one_line(fitted, tiny_dir, capsys, monkeypatch):
     import errno
 
-    from bake.exporters import safetensors as st
+    from bake.exporters import checkpoint as st
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -311,7 +312,8 @@ def test_no_model_block_needs_ignore_fingerprint(fitted, tiny_dir, capsys):
 @pytest.mark.parametrize("how", ["lora-merge", "default-norms"])
 def test_fingerprint_sees_more_than_norms(how, tmp_path, tokenizer, capsys):
     """Two models whose anchors (norm weights) are equal but whose other weights differ."""
-    from bake.models import adapter_for, fingerprint
+    from bake.families import adapter_for
+    from bake.models import fingerprint
 
     site = "model.layers.1.post_attention_layernorm:output"  # anchored on the norm weight
     a = make_llama(seed=1)

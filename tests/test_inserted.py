@@ -11,11 +11,11 @@ import sys
 import pytest
 import torch
 
-from bake import compile
+from bake import compiler
 from bake.cli import main
-from bake.fit import fit
+from bake.fit import FitConfig, fit
 from bake.maps import Map
-from bake.models import adapter_for
+from bake.families import adapter_for
 from bake.ort import load_onnx
 from bake.runtime import steered
 from bake.spec import Spec, write
@@ -26,7 +26,7 @@ def _baked(tmp, src, kind: str):
     """The `kind` spec baked with inserted modules (reused across tests when present)."""
     out = tmp / f"out_{kind}"
     if not out.is_dir():
-        compile.apply(str(src), [str(tmp / f"{kind}.json")], out, insert_modules=True, run_verify=False,
+        compiler.apply(str(src), [str(tmp / f"{kind}.json")], out, insert_modules=True, run_verify=False,
                       log=lambda *_: None)
     return out
 
@@ -56,9 +56,9 @@ def model_dir(tmp_path_factory):
     model = make_llama(seed=17, layers=3)
     src = save_model(model, tok, tmp / "model")
     specs = {
-        "pwl": fit(model, tok, TEXTS[1::2], TEXTS[0::2], "monotone-pwl", ["post-norms"], strength=0.8, knots=6),
-        "support": fit(model, tok, TEXTS[1::2], TEXTS[0::2], "linear-act", ["post-norms", "attn-out"],
-                       strength=0.9, support="source-range"),
+        "pwl": fit(model, tok, TEXTS[1::2], TEXTS[0::2], FitConfig("monotone-pwl", ["post-norms"], strength=0.8, knots=6)),
+        "support": fit(model, tok, TEXTS[1::2], TEXTS[0::2], FitConfig("linear-act", ["post-norms", "attn-out"],
+                       strength=0.9, support="source-range")),
         "gated": _gated_spec(model, 3),
     }
     for k, s in specs.items():
@@ -69,7 +69,7 @@ def model_dir(tmp_path_factory):
 @pytest.mark.parametrize("kind", ["pwl", "support", "gated"])
 def test_inserted_modules_match_the_reference_in_pytorch_and_onnx(model_dir, kind):
     tmp, src, _, _ = model_dir
-    res = compile.apply(str(src), [str(tmp / f"{kind}.json")], tmp / f"out_{kind}", formats=["safetensors", "onnx"],
+    res = compiler.apply(str(src), [str(tmp / f"{kind}.json")], tmp / f"out_{kind}", formats=["safetensors", "onnx"],
                         insert_modules=True, log=lambda *_: None)
     v = res.verification
     assert v["passed"] and v["max_rel"] <= 1e-5 and v["greedy_same"] == v["prompts"], v
@@ -113,7 +113,7 @@ def test_gates_are_batch_independent_and_ignore_padding(model_dir):
 
     tmp, src, _, tok = model_dir
     out = tmp / "out_gb"
-    compile.apply(str(src), [str(tmp / "gated.json")], out, formats=["safetensors", "onnx"], insert_modules=True,
+    compiler.apply(str(src), [str(tmp / "gated.json")], out, formats=["safetensors", "onnx"], insert_modules=True,
                   run_verify=False, log=lambda *_: None)
     pt = AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=True).eval()
     onnx_model, _ = load_onnx(out, "cpu")
@@ -137,8 +137,8 @@ def test_refused_without_the_flag_and_no_code_when_everything_folds(model_dir, t
                  "--insert-modules", "--no-verify"])
     said = capsys.readouterr().out.splitlines()[-1]  # the summary line says how the checkpoint loads
     assert code == 0 and "trust_remote_code=True" in said and "stock" not in said, said
-    write(fit(model, tok, TEXTS[1::2], TEXTS[0::2], "mean-act", ["post-norms"]), tmp_path / "m.json")
-    res = compile.apply(str(src), [str(tmp_path / "m.json")], tmp_path / "folded", insert_modules=True,
+    write(fit(model, tok, TEXTS[1::2], TEXTS[0::2], FitConfig("mean-act", ["post-norms"])), tmp_path / "m.json")
+    res = compiler.apply(str(src), [str(tmp_path / "m.json")], tmp_path / "folded", insert_modules=True,
                         log=lambda *_: None)
     assert res.verification["passed"] and not (tmp_path / "folded" / "modeling_bake.py").exists()
     assert "auto_map" not in json.loads((tmp_path / "folded" / "config.json").read_text())
@@ -174,8 +174,8 @@ def test_diff_refuses_generated_code_unless_trusted(model_dir, capsys):
 
 
 def test_eval_of_a_checkpoint_with_inserted_modules_matches_the_hooked_spec(model_dir, tmp_path):
-    from bake.eval import EvalConfig
-    from bake.eval.sweep import run
+    from bake.evaluation import EvalConfig
+    from bake.evaluation.sweep import run
     from bake.spec import read
 
     tmp, src, _, _ = model_dir

@@ -5,15 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bake import compile
+from bake import compiler
 from bake.algebra import compose, invert
 from bake.cli import main
 from bake.errors import BakeError
-from bake.fit import fit
+from bake.fit import FitConfig, fit
 from bake.fit.collect import collect
 from bake.fit.lineas import LineasConfig, prox, w2_per_unit
 from bake.maps import Map
-from bake.models import adapter_for
+from bake.families import adapter_for
 from bake.runtime import steered
 from bake.spec import Spec, read, write
 from conftest import TEXTS, make_llama, save_model
@@ -67,8 +67,8 @@ def test_joint_training_beats_local_fits_downstream(setup):
     steering every site's distribution is closer to the target."""
     model, tok, src, tgt = setup
     cfg = LineasConfig(steps=150, lr=5e-2, batch_size=16, seed=0)
-    spec = fit(model, tok, src, tgt, "lineas", ["post-norms"], lineas=cfg, progress=False)
-    local = fit(model, tok, src, tgt, "linear-act", ["post-norms"], causal=False)
+    spec = fit(model, tok, src, tgt, FitConfig("lineas", ["post-norms"], lineas=cfg), progress=False)
+    local = fit(model, tok, src, tgt, FitConfig("linear-act", ["post-norms"], causal=False))
     infos = [adapter_for(model).sites(model)[n] for n, _ in spec.sites]
     before = _w2_after(model, tok, spec.with_strength(0.0), infos, src, tgt)
     joint = _w2_after(model, tok, spec, infos, src, tgt)
@@ -81,8 +81,8 @@ def test_joint_training_beats_local_fits_downstream(setup):
 
 def test_seeded_runs_reproduce_and_seeds_differ(setup):
     model, tok, src, tgt = setup
-    specs = [fit(model, tok, src, tgt, "lineas", ["post-norms"], progress=False,
-                 lineas=LineasConfig(steps=20, batch_size=4, seed=s)) for s in (1, 1, 2)]
+    specs = [fit(model, tok, src, tgt, FitConfig("lineas", ["post-norms"],
+                 lineas=LineasConfig(steps=20, batch_size=4, seed=s)), progress=False) for s in (1, 1, 2)]
     t = [[m.tensors["a"] for _, maps in sp.sites for m in maps] for sp in specs]
     assert all(torch.equal(x, y) for x, y in zip(t[0], t[1]))
     assert not all(torch.equal(x, y) for x, y in zip(t[0], t[2]))
@@ -91,7 +91,7 @@ def test_seeded_runs_reproduce_and_seeds_differ(setup):
 def test_sparse_spec_bakes_identity_units_to_the_original_weights(setup, tmp_path):
     model, tok, src, tgt = setup
     cfg = LineasConfig(steps=80, lr=5e-2, batch_size=8, l1=0.5, group=0.2, seed=0)
-    spec = fit(model, tok, src, tgt, "lineas", ["post-norms"], lineas=cfg, progress=False)
+    spec = fit(model, tok, src, tgt, FitConfig("lineas", ["post-norms"], lineas=cfg), progress=False)
     run = spec.params["run"]
     assert run["active_units"] < run["units"]  # the penalties made units exactly the identity
     ident = [(s, m) for s, maps in spec.sites for m in maps]
@@ -99,7 +99,7 @@ def test_sparse_spec_bakes_identity_units_to_the_original_weights(setup, tmp_pat
     assert n_id == run["units"] - run["active_units"]
     write(spec, tmp_path / "sparse.json")
     src_dir = save_model(model, tok, tmp_path / "model")
-    res = compile.apply(str(src_dir), [str(tmp_path / "sparse.json")], tmp_path / "baked", log=lambda *_: None)
+    res = compiler.apply(str(src_dir), [str(tmp_path / "sparse.json")], tmp_path / "baked", log=lambda *_: None)
     assert res.verification["passed"]
     from transformers import AutoModelForCausalLM
 
@@ -114,8 +114,8 @@ def test_sparse_spec_bakes_identity_units_to_the_original_weights(setup, tmp_pat
 
 def test_max_minutes_stops_cleanly_and_keeps_the_best(setup, tmp_path):
     model, tok, src, tgt = setup
-    spec = fit(model, tok, src, tgt, "lineas", ["post-norms"], progress=False,
-               lineas=LineasConfig(steps=100000, batch_size=4, max_minutes=0.002))
+    spec = fit(model, tok, src, tgt, FitConfig("lineas", ["post-norms"],
+               lineas=LineasConfig(steps=100000, batch_size=4, max_minutes=0.002)), progress=False)
     run = spec.params["run"]
     assert run["stopped_by"] == "max-minutes" and 0 < run["steps_run"] < 100000
     assert all(torch.isfinite(m.tensors["a"]).all() for _, maps in spec.sites for m in maps)
@@ -202,8 +202,8 @@ def test_invert_undoes_every_invertible_kind():
 def test_compose_and_invert_cli_bake_exactly(tmp_path, tokenizer, capsys):
     model = make_llama(seed=8)
     src = save_model(model, tokenizer, tmp_path / "m")
-    a = fit(model, tokenizer, TEXTS[1::2], TEXTS[0::2], "mean-act", ["post-norms"], strength=0.8)
-    b = fit(model, tokenizer, TEXTS[1::2], TEXTS[0::2], "gaussian-act", ["post-norms"], strength=0.5)
+    a = fit(model, tokenizer, TEXTS[1::2], TEXTS[0::2], FitConfig("mean-act", ["post-norms"], strength=0.8))
+    b = fit(model, tokenizer, TEXTS[1::2], TEXTS[0::2], FitConfig("gaussian-act", ["post-norms"], strength=0.5))
     write(a, tmp_path / "a.json")
     write(b, tmp_path / "b.json")
     assert main(["compose", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "-o", str(tmp_path / "ab.json")]) == 0
@@ -214,7 +214,7 @@ def test_compose_and_invert_cli_bake_exactly(tmp_path, tokenizer, capsys):
     ids = torch.tensor([[3, 14, 15, 92, 65]])
     outs = []
     for specs, name in (([tmp_path / "a.json", tmp_path / "b.json"], "two"), ([tmp_path / "ab.json"], "one")):
-        compile.apply(str(src), [str(p) for p in specs], tmp_path / name, log=lambda *_: None)
+        compiler.apply(str(src), [str(p) for p in specs], tmp_path / name, log=lambda *_: None)
         from transformers import AutoModelForCausalLM
 
         with torch.no_grad():

@@ -112,3 +112,42 @@ def test_validation_names_the_field(kind, tensors, inner, msg):
     with pytest.raises(BakeError, match=msg) as e:
         Map(kind, 1.0, tensors, inner).validate("spec.sites[0].maps[0]")
     assert str(e.value).startswith("spec.sites[0].maps[0]")
+
+
+def test_every_registered_kind_round_trips():
+    """Each kind's example validates; a foldable one's fold y = M x + b, applied by hand in float64,
+    is the map itself; the others say why not and become an op of the inserted module."""
+    from bake import modules
+    from bake.maps import FOLDABLE, KINDS, MAP_KINDS
+    from bake.templates import modeling_bake as tpl
+
+    assert list(KINDS) == list(MAP_KINDS) == ["affine", "additive", "projection", "monotone-pwl", "gated"]
+    assert FOLDABLE == ("affine", "additive", "projection")
+    x = rnd(4, 3, D)
+    for name, kind in MAP_KINDS.items():
+        m = kind.example(D, torch.Generator().manual_seed(1))
+        assert m.kind == name and m.impl is kind and KINDS[name] == (kind.need, kind.optional)
+        m.validate(f"example[{name}]")
+        assert m.units == D and m(x).shape == x.shape and torch.isfinite(m(x)).all()
+        assert m.foldable == (name in FOLDABLE) and (m.why_not_foldable() == "") == m.foldable
+        if m.foldable:
+            lin = m.to_linear()
+            assert torch.allclose(x @ lin.dense().T + lin.bias, m(x), rtol=0, atol=1e-12)
+        else:
+            with pytest.raises(ValueError, match="not foldable"):
+                m.to_linear()
+            op, _ = modules._op(m)
+            assert op["op"] in tpl.OPS
+
+
+def test_unknown_kind_keeps_its_error():
+    m = Map("bogus", 1.0, {})
+    with pytest.raises(BakeError) as e:
+        m.validate("spec.sites[0].maps[0]")
+    assert str(e.value) == ("spec.sites[0].maps[0].kind: unknown map kind 'bogus' "
+                            "(known: affine, additive, projection, monotone-pwl, gated)")
+    assert not m.foldable and not m.has_support and m.why_not_foldable() == "" and m.diagonal_step() is None
+    with pytest.raises(ValueError, match="bogus map is not foldable"):
+        m.to_linear()
+    with pytest.raises(ValueError, match="bogus map has no gate"):
+        m.gate(rnd(2, D))

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bake import compile
+from bake import compiler
 from bake.errors import BakeError
-from bake.fit import METHODS, estimators, fit
+from bake.fit import METHODS, FitConfig, estimators, fit
 from bake.fit.collect import _pool
 from bake.maps import Map, pwl
 from bake.spec import write
@@ -73,8 +73,8 @@ def test_lda_direction_weighs_units_by_how_well_they_separate():
 
 def test_ablate_directions(tokenizer):
     model = make_llama(seed=14)
-    lda = fit(model, tokenizer, TEXTS[1::2], TEXTS[0::2], "ablate", progress=False)
-    mean = fit(model, tokenizer, TEXTS[1::2], TEXTS[0::2], "ablate", direction="mean", progress=False)
+    lda = fit(model, tokenizer, TEXTS[1::2], TEXTS[0::2], FitConfig("ablate"), progress=False)
+    mean = fit(model, tokenizer, TEXTS[1::2], TEXTS[0::2], FitConfig("ablate", direction="mean"), progress=False)
     assert lda.params["direction"] == "lda" and mean.params["direction"] == "mean"
     big = lda.params["largest_unit"]  # recorded for the CLI's warning about outlier-unit directions
     U = lda.sites[0][1][0].tensors["U"][:, 0]
@@ -132,10 +132,10 @@ FOLDABLE = ["linear-act", "mean-act", "gaussian-act", "aura", "caa", "iti-c", "a
 def test_every_foldable_method_fits_and_bakes_exactly(tmp_path, tokenizer, method):
     model = make_llama(seed=11)
     src_dir = save_model(model, tokenizer, tmp_path / "model")
-    spec = fit(model, tokenizer, TEXTS[1::2], TEXTS[0::2], method, strength=0.9)
+    spec = fit(model, tokenizer, TEXTS[1::2], TEXTS[0::2], FitConfig(method, strength=0.9))
     assert spec.sites and all(m.kind == METHODS[method].kind for _, maps in spec.sites for m in maps)
     write(spec, tmp_path / "s.json")
-    res = compile.apply(str(src_dir), [str(tmp_path / "s.json")], tmp_path / "out", max_new_tokens=6,
+    res = compiler.apply(str(src_dir), [str(tmp_path / "s.json")], tmp_path / "out", max_new_tokens=6,
                         log=lambda *_: None)
     assert res.verification["passed"] and res.verification["max_rel"] <= 1e-5
 
@@ -143,7 +143,7 @@ def test_every_foldable_method_fits_and_bakes_exactly(tmp_path, tokenizer, metho
 def test_affine_ablation_fits_and_bakes_exactly(tmp_path, tokenizer):
     model = make_llama(seed=13)
     src_dir = save_model(model, tokenizer, tmp_path / "model")
-    spec = fit(model, tokenizer, TEXTS[1::2], TEXTS[0::2], "ablate", strength=0.7, reference="target")
+    spec = fit(model, tokenizer, TEXTS[1::2], TEXTS[0::2], FitConfig("ablate", strength=0.7, reference="target"))
     assert spec.params["reference"] == "target"
     for _, maps in spec.sites:  # a projection, then the shift back to the target's mean along u
         assert [m.kind for m in maps] == ["projection", "additive"]
@@ -151,7 +151,7 @@ def test_affine_ablation_fits_and_bakes_exactly(tmp_path, tokenizer):
         assert torch.allclose(v, U[:, 0] * (U[:, 0] @ v), atol=1e-6)  # v lies along u
     assert len({float(m[1].tensors["v"].norm()) for _, m in spec.sites}) > 1  # each write has its own mean
     write(spec, tmp_path / "s.json")
-    res = compile.apply(str(src_dir), [str(tmp_path / "s.json")], tmp_path / "out", max_new_tokens=6,
+    res = compiler.apply(str(src_dir), [str(tmp_path / "s.json")], tmp_path / "out", max_new_tokens=6,
                         log=lambda *_: None)
     assert res.verification["passed"] and res.verification["max_rel"] <= 1e-5
 
@@ -159,11 +159,11 @@ def test_affine_ablation_fits_and_bakes_exactly(tmp_path, tokenizer):
 def test_monotone_pwl_fits_but_does_not_fold_yet(tmp_path, tokenizer):
     model = make_llama(seed=12)
     src_dir = save_model(model, tokenizer, tmp_path / "model")
-    spec = fit(model, tokenizer, TEXTS[:6], TEXTS[6:], "monotone-pwl", ["mlp-in"], knots=4)
+    spec = fit(model, tokenizer, TEXTS[:6], TEXTS[6:], FitConfig("monotone-pwl", ["mlp-in"], knots=4))
     assert spec.sites[0][1][0].tensors["xs"].shape[1] == 4
     write(spec, tmp_path / "s.json")
     with pytest.raises(BakeError, match="piecewise-linear"):
-        compile.apply(str(src_dir), [str(tmp_path / "s.json")], tmp_path / "out", log=lambda *_: None)
+        compiler.apply(str(src_dir), [str(tmp_path / "s.json")], tmp_path / "out", log=lambda *_: None)
 
 
 @pytest.mark.parametrize("kw,msg", [({"method": "caa", "support": "source-range"}, "--support"),
@@ -179,4 +179,4 @@ def test_monotone_pwl_fits_but_does_not_fold_yet(tmp_path, tokenizer):
 def test_method_options_are_checked(tokenizer, kw, msg):
     model = make_llama(seed=0)
     with pytest.raises(BakeError, match=msg):
-        fit(model, tokenizer, TEXTS[:6], TEXTS[6:], **kw)
+        fit(model, tokenizer, TEXTS[:6], TEXTS[6:], FitConfig(**kw))

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from bake import compile
+from bake import compiler
 from bake.cli import main
-from bake.exporters.onnx import io_names
-from bake.fit import fit
+from bake.exporters.onnx_lm import io_names
+from bake.fit import FitConfig, fit
 from bake.ort import OrtCausalLM, load_onnx
 from bake.spec import write
 from conftest import TEXTS, make_llama, save_model
@@ -28,9 +28,9 @@ def baked(tmp_path_factory):
     tok = make_tokenizer()
     model = make_llama(seed=11, layers=3)
     src = save_model(model, tok, tmp / "model")
-    spec = fit(model, tok, TEXTS[1::2], TEXTS[0::2], "mean-act", ["post-norms"], strength=1.5)
+    spec = fit(model, tok, TEXTS[1::2], TEXTS[0::2], FitConfig("mean-act", ["post-norms"], strength=1.5))
     write(spec, tmp / "s.json")
-    res = compile.apply(str(src), [str(tmp / "s.json")], tmp / "out", formats=["safetensors", "onnx"],
+    res = compiler.apply(str(src), [str(tmp / "s.json")], tmp / "out", formats=["safetensors", "onnx"],
                         log=lambda *_: None)
     return tmp, src, res
 
@@ -94,7 +94,7 @@ def test_ort_matches_pytorch_on_padded_batches_and_decode_steps(baked):
 
 def test_float16_onnx_is_judged_against_the_models_own_fp16_noise(baked, tmp_path):
     tmp, src, _ = baked
-    res = compile.apply(str(src), [str(tmp / "s.json")], tmp_path / "f16", formats=["onnx"], dtype="float16",
+    res = compiler.apply(str(src), [str(tmp / "s.json")], tmp_path / "f16", formats=["onnx"], dtype="float16",
                         log=lambda *_: None)
     v = res.verification
     assert v["format"] == "onnx" and v["dtype"] == "float16" and v["passed"]
@@ -145,7 +145,7 @@ def test_diff_gate_reports_and_exit_codes(baked, tmp_path, capsys):
     (tmp_path / "p.txt").write_text("\n".join(TEXTS[:4]))
     common = ["diff", "--model", str(src), "--prompts", str(tmp_path / "p.txt"), "--max-new-tokens", "8"]
     # the original against itself (a λ = 0 bake): nothing moves
-    compile.apply(str(src), [str(tmp / "s.json")], tmp_path / "same", strength=0.0, run_verify=False,
+    compiler.apply(str(src), [str(tmp / "s.json")], tmp_path / "same", strength=0.0, run_verify=False,
                   log=lambda *_: None)
     assert main(common + ["--steered", str(tmp_path / "same"), "--max-kl", "1e-9", "--min-top1", "1",
                           "--json", str(tmp_path / "same.json")]) == 0
@@ -188,8 +188,8 @@ def test_diff_gate_reports_and_exit_codes(baked, tmp_path, capsys):
 
 
 def test_eval_runs_an_onnx_directory(baked, tmp_path):
-    from bake.eval import EvalConfig
-    from bake.eval.sweep import run
+    from bake.evaluation import EvalConfig
+    from bake.evaluation.sweep import run
     from bake.spec import read
 
     tmp, src, _ = baked
@@ -223,7 +223,7 @@ def test_provider_choice_says_which(baked):
 
 def test_large_models_go_to_external_data(monkeypatch, tmp_path, tokenizer):
     """Over protobuf's 2 GB limit the weights go to model.onnx.data; shown with the limit lowered."""
-    from bake.exporters import onnx as onnx_exporter
+    from bake.exporters import onnx_lm as onnx_exporter
 
     monkeypatch.setattr(onnx_exporter, "PROTOBUF_LIMIT", 0)
     model = make_llama(seed=2)
@@ -239,7 +239,7 @@ def test_large_models_go_to_external_data(monkeypatch, tmp_path, tokenizer):
 
 def test_onnx_refuses_gemma_with_the_reason(tmp_path, tokenizer):
     from bake.errors import BakeError
-    from bake.exporters import onnx as onnx_exporter
+    from bake.exporters import onnx_lm as onnx_exporter
     from test_gemma import make_gemma
 
     with pytest.raises(BakeError, match="sliding-window"):

@@ -39,14 +39,29 @@ def bake(*args, check=True):
     return r
 
 
+# sha256 of model.safetensors from `bake apply --model llama --spec <spec>` at main 0000f0b (before the
+# tensor store and the one pipeline), torch 2.13.0 on an AVX2 CPU: the redesign must write the same bytes
+BEFORE_STORE = {"examples/detox.json": "18423c08e7e42644fe8efbb376ebf0d73c40144209e53f6dc4a62b0f3e97d31d",
+                "examples/detox_mean_act.json": "9cac85b124b03b0d8c47d713516bc81bbff500a2b4d2e39d2590cbd0e879981b"}
+RECORDED_ON = ("2.13.0+cpu", "AVX2")
+
+
 @pytest.mark.parametrize("spec,biases", [("examples/detox.json", False), ("examples/detox_mean_act.json", True)])
 def test_example_detox_spec_bakes_and_reloads(tmp_path, spec, biases):
     """detox.json (a rank-1 projection at every residual write) bakes into the same graph with new
-    weights; detox_mean_act.json (shifts) needs the bias flags turned on."""
+    weights; detox_mean_act.json (shifts) needs the bias flags turned on. Both write the bytes main wrote
+    before the tensor store (where float64 BLAS rounds as it did when they were recorded)."""
+    import hashlib
+
+    import torch
+
     from bake.models import resolve
 
     r = bake("apply", "--model", "llama", "--spec", spec, "--out", tmp_path / "steered")
     assert "verify: PASS" in r.stdout
+    if (torch.__version__, torch.backends.cpu.get_cpu_capability()) == RECORDED_ON:
+        digest = hashlib.sha256((tmp_path / "steered" / "model.safetensors").read_bytes()).hexdigest()
+        assert digest == BEFORE_STORE[spec]
     v = json.loads((tmp_path / "steered" / "bake_report.json").read_text())["verification"]
     assert v["max_rel"] <= 1e-5 and v["greedy_same"] == v["prompts"]
     r = subprocess.run([sys.executable, "-c", RELOAD, str(tmp_path / "steered"), str(resolve("llama"))],
@@ -82,9 +97,9 @@ def test_fit_apply_verify_real(tmp_path):
 def test_gemma3_real_fit_apply_verify(tmp_path):
     """Gemma-3-270M: AurA (MLP unit scales) and ablation (projections at residual writes) fold and
     verify; Mean-AcT at AcT's Gemma sites (shifts after the sandwich norms) is refused with why."""
-    from bake import compile
+    from bake import compiler
     from bake.errors import BakeError
-    from bake.fit import fit
+    from bake.fit import FitConfig, fit
     from bake.models import load
     from bake.spec import write
 
@@ -94,14 +109,14 @@ def test_gemma3_real_fit_apply_verify(tmp_path):
     loaded = load("gemma3")
     assert loaded.model.config.model_type == "gemma3_text"
     for method in ("aura", "ablate", "mean-act"):
-        write(fit(loaded.model, loaded.tokenizer, src, tgt, method, strength=0.8), tmp_path / f"{method}.json")
+        write(fit(loaded.model, loaded.tokenizer, src, tgt, FitConfig(method, strength=0.8)), tmp_path / f"{method}.json")
     del loaded
-    res = compile.apply("gemma3", [str(tmp_path / "aura.json"), str(tmp_path / "ablate.json")], tmp_path / "out",
+    res = compiler.apply("gemma3", [str(tmp_path / "aura.json"), str(tmp_path / "ablate.json")], tmp_path / "out",
                         max_new_tokens=12, log=lambda *_: None)
     v = res.verification
     assert v["passed"] and v["greedy_same"] == v["prompts"], v
     with pytest.raises(BakeError, match="post_attention_layernorm:output: cannot fold exactly"):
-        compile.apply("gemma3", [str(tmp_path / "mean-act.json")], tmp_path / "out2", log=lambda *_: None)
+        compiler.apply("gemma3", [str(tmp_path / "mean-act.json")], tmp_path / "out2", log=lambda *_: None)
 
 
 def test_real_onnx_export_verify_and_diff(tmp_path):
@@ -129,9 +144,10 @@ def test_pooling_leaves_out_the_attention_sink_and_lda_spreads_over_units():
     vendored detox fitting sets."""
     import torch
 
-    from bake.fit import fit, read_texts
+    from bake.fit import FitConfig, fit, read_texts
     from bake.fit.collect import collect
-    from bake.models import adapter_for, load
+    from bake.families import adapter_for
+    from bake.models import load
 
     loaded = load("llama")
     model, tok = loaded.model, loaded.tokenizer
@@ -147,7 +163,7 @@ def test_pooling_leaves_out_the_attention_sink_and_lda_spreads_over_units():
     data = ROOT / "examples" / "data"
     src = read_texts(data / "detox_fit_toxic.txt", "src")[:96]
     tgt = read_texts(data / "detox_fit_benign.txt", "tgt")[:96]
-    spec = fit(model, tok, src, tgt, "ablate", direction_layer=15, progress=False)
+    spec = fit(model, tok, src, tgt, FitConfig("ablate", direction_layer=15), progress=False)
     u = spec.sites[0][1][0].tensors["U"][:, 0]
     assert spec.params["direction"] == "lda" and float(u.abs().max()) < 0.5
     # the fit decided to leave the first token out, and says why (a sink, or SmolLM2's BOS)

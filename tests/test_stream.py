@@ -16,9 +16,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from bake import compile, stream
+from bake import compiler
 from bake.cli import main
 from bake.errors import BakeError
+from bake.exporters import shards
 from bake.exporters.shards import INDEX, Checkpoint
 from bake.spec import write
 from conftest import make_family, make_llama, stamp
@@ -43,9 +44,9 @@ def test_stream_equals_in_memory_bit_for_bit(tmp_path, tokenizer, dtype):
     assert len(json.loads((src / INDEX).read_text())["weight_map"]) > 0
     spec = random_spec(model, ["post-norms", "attn-out", "mlp-in", "residual"], 20)
     write(spec, tmp_path / "s.json")
-    mem = compile.apply(str(src), [str(tmp_path / "s.json")], tmp_path / "mem", log=lambda *_: None,
+    mem = compiler.apply(str(src), [str(tmp_path / "s.json")], tmp_path / "mem", log=lambda *_: None,
                         dtype="float32" if dtype == torch.float32 else "bfloat16", run_verify=False)
-    res = stream.apply_streaming(str(src), [str(tmp_path / "s.json")], tmp_path / "st", log=lambda *_: None,
+    res = compiler.apply(str(src), [str(tmp_path / "s.json")], tmp_path / "st", stream=True, log=lambda *_: None,
                                  max_new_tokens=8, run_verify=dtype == torch.float32)
     if dtype == torch.float32:  # bf16: equal bit for bit to the in-memory bf16 export (below) is the claim
         v = res.verification
@@ -113,7 +114,7 @@ def test_plan_reads_only_touched_tensors(tmp_path, tokenizer, monkeypatch, shift
         return orig(self, name)
 
     monkeypatch.setattr(Checkpoint, "tensor", spy)
-    stream.apply_streaming(str(src), [str(tmp_path / "s.json")], tmp_path / "out", run_verify=False, log=lambda *_: None)
+    compiler.apply(str(src), [str(tmp_path / "s.json")], tmp_path / "out", run_verify=False, stream=True, log=lambda *_: None)
     layer = "model.layers.1."
     allowed = {f"{layer}post_attention_layernorm.weight"}
     if shift:
@@ -125,7 +126,7 @@ def test_qwen2_relabel_streams(tmp_path, tokenizer):
     model = make_family("qwen2", 23)
     src = save_sharded(model, tokenizer, tmp_path / "model")
     write(random_spec(model, ["attn-out", "residual"], 23), tmp_path / "s.json")
-    res = stream.apply_streaming(str(src), [str(tmp_path / "s.json")], tmp_path / "out", log=lambda *_: None,
+    res = compiler.apply(str(src), [str(tmp_path / "s.json")], tmp_path / "out", stream=True, log=lambda *_: None,
                                  max_new_tokens=8)
     assert res.verification["passed"] and res.config_changes["architectures"] == ["LlamaForCausalLM"]
     assert type(AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"))).__name__ == "LlamaForCausalLM"
@@ -136,8 +137,8 @@ def test_single_file_checkpoint_gains_biases_in_place(tmp_path, tokenizer):
     model.save_pretrained(str(tmp_path / "model"))
     tokenizer.save_pretrained(str(tmp_path / "model"))
     write(random_spec(model, ["mlp-out"], 24), tmp_path / "s.json")
-    res = stream.apply_streaming(str(tmp_path / "model"), [str(tmp_path / "s.json")], tmp_path / "out",
-                                 log=lambda *_: None, max_new_tokens=8)
+    res = compiler.apply(str(tmp_path / "model"), [str(tmp_path / "s.json")], tmp_path / "out",
+                                 log=lambda *_: None, max_new_tokens=8, stream=True)
     assert res.verification["passed"]
     assert not (tmp_path / "out" / INDEX).exists()
     assert "model.layers.0.mlp.gate_proj.bias" in load_file(str(tmp_path / "out" / "model.safetensors"))
@@ -153,9 +154,9 @@ def test_disk_full_is_one_clear_error(tmp_path, tokenizer, monkeypatch, where):
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(stream, where, full)
+    monkeypatch.setattr(shards, where, full)
     with pytest.raises(BakeError, match="no space left on the device"):
-        stream.apply_streaming(str(src), [str(tmp_path / "s.json")], tmp_path / "out", log=lambda *_: None)
+        compiler.apply(str(src), [str(tmp_path / "s.json")], tmp_path / "out", stream=True, log=lambda *_: None)
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
 

@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from bake import compile
+from bake import compiler
 from bake.cli import main
 from bake.errors import BakeError
 from bake.maps import Map
-from bake.models.diffusion import PipelineAdapter, load_pipeline, run_pipeline
+from bake.families.pipelines import PipelineAdapter
+from bake.models.diffusion import load_pipeline, run_pipeline
 from bake.models.tiny_pipelines import save_tiny_pipeline
 from bake.runtime import steered
 from bake.spec import Spec, write
@@ -70,7 +71,7 @@ def test_pipeline_baked_equals_hooked(tmp_path, pipes, kind, patterns, scale_onl
         spec.sites[i] = (spec.sites[i][0], [Map("additive", 1.0, {"v": 0.5 * torch.randn(32)})])
     write(spec, tmp_path / "s.json")
     formats = ["safetensors", "onnx"] if kind == "sdxl" else ["safetensors"]  # SDXL: added_cond_kwargs inputs
-    res = compile.apply(str(src), [str(tmp_path / "s.json")], tmp_path / "out", formats=formats, log=lambda *_: None)
+    res = compiler.apply(str(src), [str(tmp_path / "s.json")], tmp_path / "out", formats=formats, log=lambda *_: None)
     v = res.verification
     assert v["passed"], v
     if kind == "sdxl":
@@ -109,7 +110,7 @@ def test_pixart_norm_flag_is_turned_on(tmp_path, pipes):
     root = load_pipeline(src)
     spec = random_spec(root, ["transformer.transformer_blocks.0.norm1:output"], seed=3)
     write(spec, tmp_path / "s.json")
-    res = compile.apply(str(src), [str(tmp_path / "s.json")], tmp_path / "out", log=lambda *_: None)
+    res = compiler.apply(str(src), [str(tmp_path / "s.json")], tmp_path / "out", log=lambda *_: None)
     assert res.verification["passed"] and res.config_changes["transformer.norm_elementwise_affine"] is True
     tr = PixArtTransformer2DModel.from_pretrained(str(tmp_path / "out" / "transformer"))
     assert tr.config.norm_elementwise_affine is True
@@ -140,7 +141,7 @@ def test_onnx_denoiser(tmp_path, pipes):
     src = pipes["sd"]
     root = load_pipeline(src)
     write(random_spec(root, ["norms"], seed=4), tmp_path / "s.json")
-    res = compile.apply(str(src), [str(tmp_path / "s.json")], tmp_path / "out", formats=["safetensors", "onnx"],
+    res = compiler.apply(str(src), [str(tmp_path / "s.json")], tmp_path / "out", formats=["safetensors", "onnx"],
                         log=lambda *_: None)
     v = res.verification
     assert v["passed"] and v["onnx_denoiser_rel"] <= 1e-4 and v["latent_rel"] <= 1e-5
@@ -208,7 +209,7 @@ def test_bad_input(tmp_path, pipes, capsys):
     pix = load_pipeline(pipes["pixart"])
     write(random_spec(pix, ["text_encoder.encoder.block.0.layer.0.layer_norm:output"], seed=7), tmp_path / "t5.json")
     with pytest.raises(BakeError, match="needs a bias on text_encoder.encoder.block.0.layer.0.SelfAttention.q"):
-        compile.apply(str(pipes["pixart"]), [str(tmp_path / "t5.json")], tmp_path / "o3", log=lambda *_: None)
+        compiler.apply(str(pipes["pixart"]), [str(tmp_path / "t5.json")], tmp_path / "o3", log=lambda *_: None)
     for o in ("o1", "o2", "o3"):
         assert not (tmp_path / o).exists()
     # not a pipeline and not a model

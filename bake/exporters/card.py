@@ -25,7 +25,7 @@ def write_card(out: Path, plan: Plan, specs_info: list[dict], model_name: str, d
         "verification": verification,
     }
     (out / "bake_report.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
-    if plan.adapter.family == "diffusers":
+    if plan.adapter.modality == "text-to-image":
         return _pipeline_card(out, plan, specs_info, model_name, verification, formats or ["safetensors"])
     lines = [
         "---", "library_name: transformers", "tags: [bake, activation-steering]", "---", "",

@@ -18,7 +18,7 @@ import torch
 from ..errors import BakeError
 
 OPSET = 17
-SUPPORTED = ("UNet2DConditionModel",)
+from ..families.pipelines import ONNX_DENOISERS as SUPPORTED  # noqa: E402
 WHY_NOT = {
     "FluxTransformer2DModel": "the traced graph freezes the rotary-embedding shapes of the traced batch, and the "
                               "TorchScript exporter has no aten::rms_norm",
@@ -121,7 +121,7 @@ def run_onnx_denoiser(path: Path, den, args: list, kwargs: dict,
                       provider: str | None = None) -> np.ndarray:
     import onnxruntime as ort
 
-    from ..ort import pick_providers
+    from ..ort_session import pick_providers
 
     names, values, _ = flatten(as_kwargs(den, args, kwargs))
     sess = ort.InferenceSession(str(path), providers=pick_providers(provider or "auto"))

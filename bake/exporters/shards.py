@@ -13,8 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from ..errors import BakeError
+from ..store import TensorStore, check_finite
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -209,3 +211,146 @@ def place(src: Path, dst: Path, link: bool) -> str:
             pass
     shutil.copyfile(src, dst)
     return "copied"
+
+
+class CheckpointStore(TensorStore):
+    """The tensors of a checkpoint on disk for the passes (`bake.store`): read on demand, as stored, or
+    from what `prefetch` read ahead on a reader thread (one group ahead); writes are held until `flush`,
+    which rounds them to the stored dtype (a new bias: its weight's), refuses NaN / Inf, drops those equal
+    to the stored bytes, and spills the others to a small file under `spill_dir`. Peak memory: about
+    two groups' touched modules."""
+
+    def __init__(self, ckpt: Checkpoint, spill_dir: Path, reader):
+        self.ckpt, self.spill_dir, self.reader = ckpt, spill_dir, reader
+        self.pending: dict[str, torch.Tensor] = {}
+        self.spilled: dict[str, Entry] = {}
+        self.ahead: list = []  # futures of prefetched groups, current first
+        self.flushes = 0
+
+    def has(self, name: str) -> bool:
+        return name in self.pending or name in self.spilled or name in self.ckpt.entries
+
+    def get(self, name: str) -> torch.Tensor:
+        if name in self.pending:
+            return self.pending[name]
+        if name in self.spilled:
+            return _read_entry(self.spilled[name])
+        if self.ahead:
+            cached = self.ahead[0].result()
+            if name in cached:
+                return cached[name]
+        if name not in self.ckpt.entries:
+            raise BakeError(f"--model: tensor {name} is missing from the checkpoint")
+        return self.ckpt.tensor(name)
+
+    def rows(self, name: str, idx: list[int]) -> torch.Tensor:
+        return self.ckpt.rows(name, idx)
+
+    def set(self, name: str, value: torch.Tensor) -> None:
+        self.pending[name] = value
+
+    def out_dtype(self, name: str) -> torch.dtype:
+        return torch.float32
+
+    def stored_dtype(self, name: str) -> torch.dtype:
+        if name in self.ckpt.entries:
+            return self.ckpt.dtype(name)
+        return self.ckpt.dtype(name.rsplit(".", 1)[0] + ".weight")
+
+    def prefetch(self, names: list[str]) -> None:
+        self.ahead.append(self.reader.submit(_read_all, self, names))
+
+    def flush(self) -> None:
+        cached = self.ahead.pop(0).result() if self.ahead else {}
+        changed = {}
+        for name, t in self.pending.items():
+            t = t.detach().to(self.stored_dtype(name)).contiguous()
+            check_finite([(name, t)], "the folded weights", "the stored dtype")
+            if name in self.ckpt.entries:
+                orig = cached[name] if name in cached else self.ckpt.tensor(name)
+                if torch.equal(t, orig):
+                    continue  # the fold left it as stored
+            changed[name] = t
+        self.pending = {}
+        if changed:
+            self.spilled.update(spill(changed, self.spill_dir / f"{self.flushes:05d}.safetensors"))
+            self.flushes += 1
+
+    def new_names(self) -> list[str]:
+        return sorted(n for n in self.spilled if n not in self.ckpt.entries)
+
+
+def _read_all(store: CheckpointStore, names: list[str]) -> dict[str, torch.Tensor]:
+    out = {}
+    for name in names:
+        if name not in store.ckpt.entries:
+            raise BakeError(f"--model: tensor {name} is missing from the checkpoint")
+        out[name] = store.ckpt.tensor(name)
+    return out
+
+
+def _read_entry(e: Entry) -> torch.Tensor:
+    out = torch.empty(e.shape, dtype=DTYPES[e.dtype])
+    if out.numel():
+        with open(e.file, "rb") as f:
+            f.seek(e.start)
+            f.readinto(memoryview(out.reshape(-1).view(torch.uint8).numpy()))
+    return out
+
+
+EXTRA = "model-bake-extra.safetensors"
+WEIGHT_FILES = (INDEX, SINGLE, "config.json", "README.md", "bake_report.json")
+
+
+def start_copies(ckpt: Checkpoint, tmp: Path, copier, link: bool) -> dict:
+    """Without --link every shard of a sharded checkpoint is copied whole, starting now, on the copier
+    thread (a shard that changes is patched in place afterwards); with --link, or for one file, the
+    shards are placed once the writes are known (`write_checkpoint`)."""
+    if ckpt.index is None or link:
+        return {}
+    return {f: copier.submit(place, ckpt.folder / f, tmp / f, False) for f in ckpt.files}
+
+
+def write_checkpoint(store: CheckpointStore, tmp: Path, placed: dict, link: bool) -> str:
+    """The output's weight files from the store's spilled writes: a changed shard is patched in place (a
+    single file rewritten, new tensors joining it), an unchanged one copied or hard-linked, new tensors of
+    a sharded checkpoint go to one extra shard, and the index is rewritten. Returns what was done."""
+    ckpt, single = store.ckpt, store.ckpt.index is None
+    new_names, spilled = store.new_names(), store.spilled
+    weight_map, total, how = {}, 0, {"rewritten": 0, "copied": 0, "linked": 0}
+    done = {f: fut.result() for f, fut in placed.items()}
+    for file in tqdm(ckpt.files, desc="write shards", unit="shard", leave=False):
+        names = ckpt.names_in(file) + (new_names if single else [])
+        changed = [n for n in names if n in spilled]
+        if single and changed:
+            total += write_shard(tmp / file, names, {n: spilled.get(n) or ckpt.entries[n] for n in names})
+        elif changed:
+            if file not in done:
+                place(ckpt.folder / file, tmp / file, False)
+            for n in changed:
+                patch(tmp / file, ckpt.entries[n].start, spilled[n], n)
+            total += sum(ckpt.entries[n].end - ckpt.entries[n].start for n in names)
+        else:
+            if file not in done:
+                done[file] = place(ckpt.folder / file, tmp / file, link)
+            how[done[file]] += 1
+            total += sum(ckpt.entries[n].end - ckpt.entries[n].start for n in names)
+        how["rewritten"] += bool(changed)
+        weight_map.update({n: file for n in names})
+    if new_names and not single:
+        total += write_shard(tmp / EXTRA, new_names, spilled)
+        weight_map.update({n: EXTRA for n in new_names})
+    if not single:
+        meta = dict((ckpt.index or {}).get("metadata", {}))
+        meta["total_size"] = total
+        (tmp / INDEX).write_text(json.dumps({"metadata": meta, "weight_map": dict(sorted(weight_map.items()))},
+                                            indent=2) + "\n", encoding="utf-8")
+    return (f"{how['rewritten']} rewritten, {how['copied']} copied, {how['linked']} hard-linked; "
+            f"{len(new_names)} new tensor(s) in {EXTRA if new_names else '-'}")
+
+
+def copy_side_files(source: Path, tmp: Path, ckpt: Checkpoint) -> None:
+    """Tokenizer, generation config, …: as they are."""
+    for f in source.iterdir():
+        if f.is_file() and f.name not in WEIGHT_FILES and f.name not in ckpt.files and not (tmp / f.name).exists():
+            shutil.copyfile(f, tmp / f.name)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from ..models import SiteInfo
+from ..families import SiteInfo
 from .distributed import gather_texts, rank, shard
 
 

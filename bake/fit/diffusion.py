@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import BakeError
-from ..models.adapter import SiteInfo
+from ..families.table import SiteInfo
 from ..models.diffusion import DENOISERS, PipelineModel, run_pipeline
 
 

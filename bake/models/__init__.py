@@ -1,4 +1,4 @@
-"""Loading models and the family adapters that describe their graphs."""
+"""Loading models (local directories, GGUF, hub ids, diffusers pipelines) and their fingerprint."""
 
 from __future__ import annotations
 
@@ -6,28 +6,9 @@ import hashlib
 
 import torch
 
-from ..errors import BakeError
-from .adapter import Adapter, SiteInfo
-from .diffusion import PipelineAdapter
-from .gemma import GemmaAdapter
-from .gpt2 import GPT2Adapter
-from .llama import LlamaAdapter
-from .qwen2 import MistralAdapter, Qwen2Adapter
 from .loading import ALIASES, DEVICES, Loaded, load, pick_device, resolve
 
-ADAPTERS: tuple[Adapter, ...] = (LlamaAdapter(), Qwen2Adapter(), MistralAdapter(), GemmaAdapter(), GPT2Adapter(),
-                                 PipelineAdapter())
-
-__all__ = ["ADAPTERS", "ALIASES", "Adapter", "Loaded", "SiteInfo", "adapter_for", "fingerprint", "load", "pick_device", "resolve", "DEVICES"]
-
-
-def adapter_for(model: torch.nn.Module) -> Adapter:
-    for a in ADAPTERS:
-        if a.matches(model):
-            return a
-    mt = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
-    raise BakeError(f"--model: unsupported model family {mt!r} (supported: "
-                    f"{', '.join(t for a in ADAPTERS for t in a.model_types)})")
+__all__ = ["ALIASES", "Loaded", "fingerprint", "load", "pick_device", "resolve", "DEVICES"]
 
 
 SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -60,7 +41,7 @@ def weights_digest(model: torch.nn.Module, rows_of=None) -> str:
     return DIGEST + h.hexdigest()
 
 
-def fingerprint(model: torch.nn.Module, sites: list[SiteInfo], tensor_of=None, rows_of=None) -> dict:
+def fingerprint(model: torch.nn.Module, sites: list, tensor_of=None, rows_of=None) -> dict:
     """Architecture, shapes, a hash of the weights at the given sites (in float32; kept for specs written
     before the digest) and `weights_digest` over the whole model, which is what binding checks.
     `tensor_of(name)` / `rows_of(name, idx)` read from elsewhere (a checkpoint on disk, for a model built

@@ -207,3 +207,20 @@ def load(name: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool 
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return Loaded(model, tok, source, name)
+
+
+def meta_model(source: Path):
+    """The model class built from config.json on the meta device: shapes, no weights (never remote code)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(str(source), trust_remote_code=False)  # never prompt
+    except Exception as e:
+        raise BakeError(f"--model: cannot read {source / 'config.json'}: {str(e).splitlines()[0]}") from None
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=False)
+    except ValueError as e:  # a model type transformers does not ship (its code would have to run)
+        raise BakeError(f"--model: cannot build {config.model_type!r} from its config without running the "
+                        f"checkpoint's own code: {str(e).splitlines()[0]}") from None
+    return model.eval()

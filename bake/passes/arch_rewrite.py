@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..models.adapter import linear_dims
+from ..families.table import linear_dims
 from ..plan import Plan
 
 NAME = "architecture-rewrite"
@@ -28,6 +28,7 @@ def run(plan: Plan) -> None:
         model, notes = plan.adapter.relabel(plan.model, {flag: True for flag in groups})
         before = type(plan.model).__name__
         plan.model = model
+        plan.store.rebind(model)
         plan.config_changes["architectures"] = [type(model).__name__]
         plan.config_changes["model_type"] = model.config.model_type
         for g in plan.adapter.bias_groups:  # flags the relabel turned on to keep existing biases
@@ -43,10 +44,10 @@ def run(plan: Plan) -> None:
         added = 0
         for layer_idx in range(len(model.get_submodule(prefix))):
             for rel in g.members:
-                lin = model.get_submodule(f"{prefix}.{layer_idx}.{rel}")
-                if lin.bias is None:
-                    lin.bias = torch.nn.Parameter(torch.zeros(linear_dims(lin)[1], dtype=lin.weight.dtype,
-                                                              device=lin.weight.device))
+                path = f"{prefix}.{layer_idx}.{rel}"
+                if not plan.store.has(f"{path}.bias"):
+                    out = linear_dims(model.get_submodule(path))[1]
+                    plan.store.set(f"{path}.bias", torch.zeros(out, dtype=plan.store.out_dtype(f"{path}.weight")))
                     added += 1
         plan.note(NAME, "config", f"{flag} = true; {added} zero companion bias(es) written")
 

@@ -9,8 +9,8 @@ from .weights import describe
 NAME = "canonicalize"
 
 
-def run(plan: Plan) -> None:
-    for sp in plan.sites:
+def run(plan: Plan, sites=None) -> None:
+    for sp in plan.sites if sites is None else sites:
         segments: list[Map | LinearMap] = []
         for m in sp.maps:
             if m.strength == 0:

@@ -9,8 +9,8 @@ from .weights import can_bias, describe, fold_input
 NAME = "fold-into-consumers"
 
 
-def run(plan: Plan) -> None:
-    for sp in plan.sites:
+def run(plan: Plan, sites=None) -> None:
+    for sp in plan.sites if sites is None else sites:
         if (sp.info.role != "linear" or sp.info.side != "input" or len(sp.pending) != 1
                 or not isinstance(sp.pending[0], LinearMap)):
             continue

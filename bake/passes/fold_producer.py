@@ -16,9 +16,9 @@ from .weights import can_bias, describe, fold_output
 NAME = "fold-into-producer"
 
 
-def run(plan: Plan) -> None:
+def run(plan: Plan, sites=None) -> None:
     off = plan.adapter.norm_weight_offset
-    for sp in plan.sites:
+    for sp in plan.sites if sites is None else sites:
         if len(sp.pending) != 1 or not isinstance(sp.pending[0], LinearMap) or sp.info.side != "output":
             continue
         m = sp.pending[0]
@@ -27,41 +27,43 @@ def run(plan: Plan) -> None:
                 fold_output(plan, sp.info.module, m)
                 sp.pending = []
                 plan.note(NAME, sp.name, f"{describe(m)} → {sp.info.module}.weight/bias")
-        elif sp.info.role == "norm" and m.is_diagonal and _norm_takes(_with_weight(plan, sp.info.module), m):
-            norm = plan.model.get_submodule(sp.info.module)
-            with torch.no_grad():
-                g = norm.weight.detach().double()
-                norm.weight.copy_((m.diag * (off + g) - off).to(norm.weight.dtype))
-                done = f"scale of {int((m.diag != 1).sum())}/{m.units} units → {sp.info.module}.weight"
-                if getattr(norm, "bias", None) is not None:
-                    norm.bias.copy_((m.diag * norm.bias.detach().double() + m.bias).to(norm.bias.dtype))
-                    sp.pending = []
-                    done += " and .bias"
-                else:
-                    sp.pending = [] if m.shift_is_zero else [LinearMap(bias=m.bias, diag=torch.ones_like(m.diag))]
-            plan.note(NAME, sp.name, done)
+        elif sp.info.role == "norm" and m.is_diagonal and _norm_takes(plan, _with_weight(plan, sp.info.module), m):
+            plan.note(NAME, sp.name, fold_norm(plan, sp, m, off))
 
 
-def _norm_takes(norm: torch.nn.Module, m: LinearMap) -> bool:
-    """A norm with a weight takes a scale; one with a bias too takes the shift as well. (A weight left on
-    the meta device by a streaming bake was not read: no fold into it.)"""
-    if getattr(norm, "weight", None) is None or norm.weight.is_meta:
+def fold_norm(plan: Plan, sp, m: LinearMap, off: float) -> str:
+    """g' = a⊙(off + g) − off, and β' = a⊙β + b for a norm with a bias (else the shift stays pending)."""
+    path, store = sp.info.module, plan.store
+    g = store.get(f"{path}.weight").double()
+    store.set(f"{path}.weight", (m.diag * (off + g) - off).to(store.out_dtype(f"{path}.weight")))
+    done = f"scale of {int((m.diag != 1).sum())}/{m.units} units → {path}.weight"
+    if store.has(f"{path}.bias"):
+        beta = store.get(f"{path}.bias").double()
+        store.set(f"{path}.bias", (m.diag * beta + m.bias).to(store.out_dtype(f"{path}.bias")))
+        sp.pending = []
+        return done + " and .bias"
+    sp.pending = [] if m.shift_is_zero else [LinearMap(bias=m.bias, diag=torch.ones_like(m.diag))]
+    return done
+
+
+def _norm_takes(plan: Plan, path: str, m: LinearMap) -> bool:
+    """A norm with a weight takes a scale; one with a bias too takes the shift as well."""
+    if not plan.store.has(f"{path}.weight"):
         return False
-    return not m.scale_is_identity or getattr(norm, "bias", None) is not None
+    return not m.scale_is_identity or plan.store.has(f"{path}.bias")
 
 
-def _with_weight(plan: Plan, path: str) -> torch.nn.Module:
+def _with_weight(plan: Plan, path: str) -> str:
     """The norm at `path`; one built without a weight because of a config flag (PixArt's
     norm_elementwise_affine) gets weight 1 and bias 0 here, and the architecture-rewrite pass turns the
     flag on for the component."""
-    norm = plan.model.get_submodule(path)
-    if getattr(norm, "weight", None) is None:
+    if not plan.store.has(f"{path}.weight"):
         flag = plan.adapter.norm_flag(plan.model, path)
         if flag is not None:
             comp, name, controlled = flag
-            enable_affine(norm)
+            enable_affine(plan.model.get_submodule(path))
             plan.norm_flags[comp] = (name, controlled)
-    return norm
+    return path
 
 
 def enable_affine(norm: torch.nn.Module) -> None:

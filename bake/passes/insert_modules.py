@@ -48,7 +48,7 @@ def run(plan: Plan) -> None:
     if left:
         sp = left[0]
         more = f" (and {len(left) - 1} more site(s))" if len(left) > 1 else ""
-        if plan.adapter.family == "diffusers":
+        if plan.adapter.modality == "text-to-image":
             raise BakeError(f"site {sp.name}: cannot fold exactly: {reason(plan, sp)}{more}; for a pipeline use "
                             f"a scale-only map there (e.g. gaussian-act with the shift dropped) or another site")
         raise BakeError(f"site {sp.name}: cannot fold exactly: {reason(plan, sp)}{more}; pass --insert-modules "

@@ -10,8 +10,8 @@ from .weights import add_bias, can_bias
 NAME = "residual-additive"
 
 
-def run(plan: Plan) -> None:
-    for sp in plan.sites:
+def run(plan: Plan, sites=None) -> None:
+    for sp in plan.sites if sites is None else sites:
         if (sp.info.role != "residual" or len(sp.pending) != 1 or not isinstance(sp.pending[0], LinearMap)
                 or not sp.pending[0].scale_is_identity or sp.info.writer is None
                 or not can_bias(plan, sp.info.writer)):

@@ -33,6 +33,40 @@ def _pwl(x, xs, ys):
     return (y0 + (flat - x0) * (y1 - y0) / (x1 - x0)).T.reshape(x.shape)
 
 
+# One function per op: (module, op index, x, strength s) -> y, reading the op's tensors as module.t(i, role, x).
+def _diag(m, i, x, s):
+    return x * m.t(i, "a", x) + m.t(i, "b", x)
+
+
+def _dense(m, i, x, s):
+    return x @ m.t(i, "M", x).T + m.t(i, "b", x)
+
+
+def _affine(m, i, x, s):
+    y = (1 - s) * x + s * (m.t(i, "a", x) * x + m.t(i, "b", x))
+    return torch.where((x > m.t(i, "lo", x)) & (x < m.t(i, "hi", x)), y, x)
+
+
+def _pwl_op(m, i, x, s):
+    return (1 - s) * x + s * _pwl(x, m.t(i, "xs", x), m.t(i, "ys", x))
+
+
+def _gate(m, i, x):
+    return torch.sigmoid(torch.nn.functional.linear(x, m.t(i, "w", x).unsqueeze(0), m.t(i, "c", x).reshape(1)))
+
+
+def _gated_diag(m, i, x, s):
+    return torch.addcmul(x, _gate(m, i, x), torch.addcmul(m.t(i, "b", x), x, m.t(i, "d", x)), value=s)
+
+
+def _gated(m, i, x, s):
+    return x + s * _gate(m, i, x) * (getattr(m, f"inner{i}")(x) - x)
+
+
+OPS = {"diag": _diag, "dense": _dense, "affine": _affine, "pwl": _pwl_op, "gated_diag": _gated_diag,
+       "gated": _gated}
+
+
 class SteerOps(torch.nn.Module):
     """A list of ops (see above) with their tensors as buffers named t{i}_{role}."""
 
@@ -52,25 +86,9 @@ class SteerOps(torch.nn.Module):
     def forward(self, x):
         for i, op in enumerate(self.ops):
             kind, s = op["op"], op.get("strength", 1.0)
-            if kind == "diag":
-                x = x * self.t(i, "a", x) + self.t(i, "b", x)
-            elif kind == "dense":
-                x = x @ self.t(i, "M", x).T + self.t(i, "b", x)
-            elif kind == "affine":
-                y = (1 - s) * x + s * (self.t(i, "a", x) * x + self.t(i, "b", x))
-                x = torch.where((x > self.t(i, "lo", x)) & (x < self.t(i, "hi", x)), y, x)
-            elif kind == "pwl":
-                x = (1 - s) * x + s * _pwl(x, self.t(i, "xs", x), self.t(i, "ys", x))
-            elif kind == "gated_diag":
-                g = torch.sigmoid(torch.nn.functional.linear(x, self.t(i, "w", x).unsqueeze(0),
-                                                             self.t(i, "c", x).reshape(1)))
-                x = torch.addcmul(x, g, torch.addcmul(self.t(i, "b", x), x, self.t(i, "d", x)), value=s)
-            elif kind == "gated":
-                g = torch.sigmoid(torch.nn.functional.linear(x, self.t(i, "w", x).unsqueeze(0),
-                                                             self.t(i, "c", x).reshape(1)))
-                x = x + s * g * (getattr(self, f"inner{i}")(x) - x)
-            else:
+            if kind not in OPS:
                 raise ValueError(f"bake: unknown op {kind!r}")
+            x = OPS[kind](self, i, x, s)
         return x
 
 

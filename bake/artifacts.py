@@ -1,0 +1,154 @@
+"""Opening a baked (or any model) directory as a runnable model, as a user would: the one opener
+that verify, diff and eval share.
+
+Formats:
+- `safetensors`: config.json + *.safetensors, loaded with stock `from_pretrained`; when the directory
+  carries generated code (`modeling_bake.py`, for inserted modules) only with an explicit
+  `trust_code`, and `trust_remote_code=True` is passed only then.
+- `onnx`: an ONNX export (`model.onnx`, `onnx_info.json`), run with ONNX Runtime (`bake/ort.py`).
+- `pipeline`: a diffusers pipeline directory (`model_index.json`), from safetensors only.
+
+Below verify, diff, eval and cli: it imports only models, modules and ort.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import BakeError
+
+CAUSAL_FORMATS = ("safetensors", "onnx")
+FORMATS = (*CAUSAL_FORMATS, "pipeline")
+TO_RUN = " to run it"  # the default tail of the refusal to run generated code
+
+
+@dataclass
+class Artifact:
+    """A runnable model opened from a directory: `tokenizer` is None for a pipeline."""
+
+    model: object
+    tokenizer: object
+    format: str
+    dtype: str
+    path: Path
+
+    @property
+    def runtime(self) -> str:
+        """Which runtime runs it: the ONNX Runtime execution provider, or PyTorch."""
+        return getattr(self.model, "provider", "PyTorch")
+
+
+def _first_line(e: Exception) -> str:
+    """The first line of an exception's message (or its type), for one-line errors."""
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def has_checkpoint(path: str | Path) -> bool:
+    """A transformers checkpoint: config.json and safetensors weights."""
+    p = Path(path)
+    return (p / "config.json").is_file() and any(p.glob("*.safetensors"))
+
+
+def check_dir(path: str | Path, flag: str = "--baked", marker: str = "config.json") -> None:
+    """Fail before any work when `path` is not a model directory (it lacks `marker`)."""
+    if not (Path(path) / marker).is_file():
+        raise BakeError(f"{flag}: {str(path)!r} is not a model directory (no {marker})")
+
+
+def formats_in(path: str | Path, flag: str = "--baked") -> list[str]:
+    """What a causal-LM bake output directory holds: safetensors weights and/or an ONNX graph."""
+    from .ort import is_onnx_dir
+
+    p = Path(path)
+    found = [f for f, ok in (("safetensors", any(p.glob("*.safetensors"))), ("onnx", is_onnx_dir(p))) if ok]
+    if not found:
+        raise BakeError(f"{flag}: {str(path)!r} holds neither safetensors weights nor model.onnx")
+    return found
+
+
+def pipeline_formats(path: str | Path, denoiser: str) -> list[str]:
+    """What a pipeline bake output holds: the steered pipeline (`safetensors`) and/or the ONNX denoiser."""
+    p = Path(path)
+    return [f for f, ok in (("safetensors", (p / "model_index.json").is_file()),
+                            ("onnx", denoiser_graph(p, denoiser).is_file())) if ok]
+
+
+def denoiser_graph(path: str | Path, denoiser: str) -> Path:
+    """Where a pipeline bake writes its ONNX denoiser."""
+    return Path(path) / denoiser / "model.onnx"
+
+
+def _resolve_format(p: Path, name: str, fmt: str, flag: str, allowed: tuple[str, ...]) -> str:
+    """`auto`: safetensors when there is a checkpoint, else ONNX; an explicit format must be allowed and there."""
+    from .ort import is_onnx_dir
+
+    if not p.is_dir():
+        raise BakeError(f"{flag}: {name!r} is not a directory")
+    has = {"safetensors": has_checkpoint(p), "onnx": is_onnx_dir(p), "pipeline": (p / "model_index.json").is_file()}
+    if fmt == "auto":
+        fmt = next((f for f in CAUSAL_FORMATS if has[f]), "")
+        if not fmt:
+            raise BakeError(f"{flag}: {name!r} is not a model directory (no safetensors weights with "
+                            f"config.json, no model.onnx)")
+    if fmt not in allowed:
+        raise BakeError(f"--format: unknown format {fmt!r}")
+    if not has[fmt]:
+        what = {"safetensors": "safetensors checkpoint", "onnx": "model.onnx", "pipeline": "model_index.json"}[fmt]
+        raise BakeError(f"{flag}: {name!r} holds no {what}")
+    return fmt
+
+
+def open_artifact(path: str | Path, fmt: str = "auto", *, provider: str = "auto", trust_code: bool = False,
+                  dtype: str = "float32", flag: str = "--steered", hint: str = TO_RUN,
+                  allowed: tuple[str, ...] = CAUSAL_FORMATS) -> Artifact:
+    """Open `path` as `fmt`, one of `allowed` (`auto`: a causal-LM checkpoint, else its ONNX export).
+    `dtype` for safetensors: `float32`, or `auto` for the stored dtype; `provider` for ONNX Runtime;
+    `flag` names the option in messages; `hint` ends the refusal to run generated code without
+    `trust_code`."""
+    p = Path(path)
+    fmt = _resolve_format(p, str(path), fmt, flag, allowed)
+    if fmt == "onnx":
+        return _open_onnx(p, provider)
+    if fmt == "pipeline":
+        return open_pipeline(p)
+    return _open_safetensors(p, str(path), trust_code, dtype, flag, hint)
+
+
+def _open_onnx(p: Path, provider: str) -> Artifact:
+    """An ONNX export with its tokenizer, on the ONNX Runtime provider asked for."""
+    from .ort import load_onnx
+
+    model, tok = load_onnx(p, provider)
+    return Artifact(model, tok, "onnx", model.dtype.__name__, p)
+
+
+def open_pipeline(p: Path) -> Artifact:
+    """A diffusers pipeline directory, float32, as one `PipelineModel` (no tokenizer of its own)."""
+    from .models.diffusion import load_pipeline
+
+    return Artifact(load_pipeline(p), None, "pipeline", "float32", p)
+
+
+def _open_safetensors(p: Path, name: str, trust_code: bool, dtype: str, flag: str, hint: str) -> Artifact:
+    """A checkpoint with `from_pretrained`: stock, or its generated code when it has some and `trust_code`."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .modules import CODE, needs_code
+
+    code = needs_code(p)
+    if code and not trust_code:  # a stock loader would silently drop the inserted modules: refuse instead
+        raise BakeError(f"{flag}: {name!r} carries generated code ({CODE}, for inserted modules); read it, "
+                        f"then pass --trust-remote-code{hint}")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(p), dtype=dtype if dtype == "auto" else getattr(torch, dtype),
+                                                     trust_remote_code=code, use_safetensors=True)
+        tok = AutoTokenizer.from_pretrained(str(p), trust_remote_code=False)
+    except Exception as e:
+        how = "from_pretrained(trust_remote_code=True)" if code else "stock from_pretrained"
+        raise BakeError(f"{flag}: cannot load {name!r} with {how}: {_first_line(e)}") from None
+    model.eval()
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return Artifact(model, tok, "safetensors", str(model.dtype).replace("torch.", ""), p)

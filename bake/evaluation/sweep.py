@@ -1,0 +1,104 @@
+"""A sweep: the original model, then a spec at each strength (hooked) and/or a baked directory.
+
+The JSON is rewritten after every finished point; a rerun with the same settings, model and specs
+keeps the finished points and computes only the missing ones.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from ..errors import BakeError
+from ..models import load, pick_device
+from ..runtime import steered
+from ..spec import Spec
+from . import EvalConfig, write_json_atomic
+from .scorers import PICKLES, load_scorers
+from .tasks import perplexity, toxicity
+
+
+def measure(model, tok, cfg: EvalConfig, score) -> dict:
+    out = {}
+    if "toxicity" in cfg.tasks:
+        out["toxicity"] = toxicity(model, tok, cfg, score)
+    if "perplexity" in cfg.tasks:
+        out["perplexity"] = perplexity(model, tok, cfg)
+    return out
+
+
+def run(model_name: str, cfg: EvalConfig, out: Path, specs: list[Spec] | None = None,
+        strengths: list[float] | None = None, baked: str | None = None, plot_path: Path | None = None,
+        log=print, device: str = "cpu", trust_code: bool = False) -> dict:
+    score = load_scorers(cfg.scorer) if "toxicity" in cfg.tasks else None
+    ident = {"model": model_name, "specs": [s.sha256() if s.path else s.method for s in specs or []],
+             "baked": str(baked) if baked else None, "config_key": cfg.key(),
+             "device": str(pick_device(device))}
+    doc = {**ident, "config": {"tasks": cfg.tasks, "prompts": len(cfg.prompts), "sentences": len(cfg.sentences),
+                               "seeds": cfg.seeds, "max_new_tokens": cfg.max_new_tokens,
+                               "temperature": cfg.temperature, "top_p": cfg.top_p,
+                               "repetition_penalty": cfg.repetition_penalty, "scorer": cfg.scorer,
+                               "threshold": cfg.threshold},
+           "scorer_loads_pickle": {n: PICKLES[n] for n in score or {} if PICKLES.get(n)}, "points": []}
+    for note in doc["scorer_loads_pickle"].values():
+        log(f"note: {note}")
+    if out.is_file():
+        try:
+            old = json.loads(out.read_text(encoding="utf-8"))
+            if all(old.get(k) == v for k, v in ident.items()):
+                doc["points"] = old.get("points", [])
+                log(f"resuming {out}: {len(doc['points'])} point(s) already done")
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            pass
+    done = {p["label"] for p in doc["points"]}
+    todo: list[tuple[str, float | None]] = [("original", None)]
+    todo += [(f"λ={lam:g}", lam) for lam in (strengths or []) if specs]
+    if baked:
+        todo.append(("baked", None))
+    loaded = None
+    for label, lam in tqdm(todo, desc="eval points", unit="point"):
+        if label in done:
+            continue
+        if label == "baked":
+            from ..artifacts import open_artifact
+
+            art = open_artifact(baked, trust_code=trust_code, flag="--baked")
+            bm, btok, fmt = art.model, art.tokenizer, art.format
+            if fmt == "safetensors" and str(pick_device(device)) != "cpu":
+                bm.to(pick_device(device))
+            point = measure(bm, btok, cfg, score)
+            point["format"] = fmt
+            del bm
+        else:
+            loaded = loaded or load(model_name, device=device)
+            if loaded.tokenizer is None:
+                raise BakeError(f"--model: {model_name!r} is a diffusers pipeline; bake eval measures causal LMs")
+            if lam is None:
+                point = measure(loaded.model, loaded.tokenizer, cfg, score)
+            else:
+                with steered(loaded.model, [s.with_strength(lam) for s in specs]):
+                    point = measure(loaded.model, loaded.tokenizer, cfg, score)
+        doc["points"].append({"label": label, "strength": lam, **point})
+        write_json_atomic(out, doc)
+        log(summary_line(doc["points"][-1]))
+    order = {label: i for i, (label, _) in enumerate(todo)}
+    doc["points"].sort(key=lambda p: order.get(p["label"], len(order)))
+    write_json_atomic(out, doc)
+    if plot_path is not None:
+        from .plot import plot
+
+        plot(doc, plot_path)
+    return doc
+
+
+def summary_line(p: dict) -> str:
+    parts = [f"{p['label']:>10}"]
+    if "toxicity" in p:
+        t = p["toxicity"]
+        parts.append(f"toxic {100 * t['toxic_rate']:.1f}% ({t['toxic']}/{t['continuations']}), "
+                     f"mean score {t['mean_score']:.3f}, {t['gen_tokens_per_s']:.0f} tok/s")
+    if "perplexity" in p:
+        parts.append(f"perplexity {p['perplexity']['perplexity']:.2f}")
+    return "  ".join(parts)

@@ -1,0 +1,211 @@
+"""A family as data: the table (`Adapter`) that says what the sites of a model are and how
+activations flow between its modules. Passes ask the table, never class names.
+
+A decoder family is declared, not coded: its layer prefix, each layer's `graph` (norms with the
+Linear modules that alone read them, and Linear modules, in graph order), the residual stream's last
+writer, its bias groups (which config flag turns on which biases, and the family to relabel to where
+the class hard-codes them off), the norm convention (weight w or 1 + w), presets and capabilities
+(ONNX, onnxruntime-genai, modality). Only what a table cannot say is code (a relabel, the
+diffusers adapter's site discovery). A site is one activation tensor named
+`module.path:input` or `module.path:output`; its `role` says how maps there can fold:
+
+- `linear`  : input or output of an nn.Linear (fold into its weight / bias)
+- `norm`    : output of a normalisation layer (scale into the norm weight, the rest into `consumers`)
+- `residual`: the residual stream after a decoder layer (an additive map folds into `writer`'s bias)
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import BakeError
+
+
+@dataclass(frozen=True)
+class SiteInfo:
+    name: str
+    module: str
+    side: str
+    role: str
+    units: int
+    consumers: tuple[str, ...] = ()  # Linear modules that read this tensor and nothing else does
+    writer: str | None = None  # residual: the Linear whose output is added last to the stream
+    anchor: str = ""  # parameter whose bytes identify the model at this site (fingerprint)
+    unit_dim: int = -1  # the tensor dimension that holds the units (1: channels of a 4-D conv feature map)
+
+
+@dataclass
+class BiasGroup:
+    """A config flag that turns on the biases of several Linear modules in every layer.
+
+    `relabel` names the family whose class has the flag when this family's class hard-codes
+    `bias=False` (Qwen2, Mistral → Llama: the same math with bias flags)."""
+
+    flag: str
+    members: tuple[str, ...]  # module names relative to a layer
+    relabel: str | None = None
+
+
+def linear_dims(mod: torch.nn.Module) -> tuple[int, int]:
+    """(in, out) of an nn.Linear or of a GPT-2 style Conv1D (weight stored [in, out])."""
+    if isinstance(mod, torch.nn.Linear):
+        return mod.in_features, mod.out_features
+    return mod.weight.shape[0], mod.weight.shape[1]
+
+
+def linear_weight(mod: torch.nn.Module) -> torch.Tensor:
+    """The weight as [out, in] (a transposed view for Conv1D)."""
+    return mod.weight if isinstance(mod, torch.nn.Linear) else mod.weight.t()
+
+
+@dataclass(frozen=True)
+class Norm:
+    """A norm of a layer and the Linear modules that alone read its output (relative to the layer);
+    none: it writes the residual stream (or feeds a head without a bias slot)."""
+
+    path: str
+    consumers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Tiny:
+    """A two-layer random model of the family: transformers config and model class names, config keys."""
+
+    config: str
+    model: str
+    kwargs: tuple[tuple[str, object], ...] = ()
+
+
+@dataclass
+class Adapter:
+    family: str
+    model_types: tuple[str, ...]
+    presets: dict[str, tuple[str, ...]]
+    bias_groups: tuple[BiasGroup, ...] = field(default_factory=tuple)
+    norm_weight_offset: float = 0.0  # Gemma-style norms scale by (offset + weight)
+    final_norm: str = "model.norm"
+    about: str = ""
+    modality: str = "causal-lm"  # or "text-to-image" (a diffusers pipeline)
+    layers: str = "model.layers"  # the decoder layers' ModuleList
+    graph: tuple[Norm | str, ...] = ()  # per layer, in graph order: norms and Linear modules
+    residual_writer: str | None = None  # the Linear whose output is added last to the stream (None: a norm)
+    residual_anchor: str | None = None  # the parameter identifying a layer output site (default: the writer's)
+    relabel_to: str | None = None  # the family whose class has the bias flags this one hard-codes off
+    tiny_model: Tiny | None = None
+    onnx: str | None = None  # None: exports to ONNX; else why not
+    onnx_genai: bool = False  # onnxruntime-genai runs this model type
+
+    def matches(self, model: torch.nn.Module) -> bool:
+        return getattr(model.config, "model_type", None) in self.model_types
+
+    def sites(self, model: torch.nn.Module) -> dict[str, SiteInfo]:
+        """Every site in graph order: each decoder layer's, then the final norm's."""
+        h = model.config.hidden_size
+        infos: list[SiteInfo] = []
+        for i in range(model.config.num_hidden_layers):
+            infos += self.layer_sites(model, f"{self.layers_prefix()}.{i}", h)
+        infos.append(self.norm_site(self.final_norm, h))  # feeds lm_head (no bias): scale only
+        return {s.name: s for s in infos}
+
+    def layer_sites(self, model: torch.nn.Module, p: str, h: int) -> list[SiteInfo]:
+        """The sites of the layer at `p`, from the table's graph, then the layer output (residual)."""
+        infos: list[SiteInfo] = []
+        for item in self.graph:
+            if isinstance(item, Norm):
+                infos.append(self.norm_site(f"{p}.{item.path}", h, tuple(f"{p}.{c}" for c in item.consumers)))
+            else:
+                infos += self.linear_sites(model, f"{p}.{item}")
+        w = self.residual_writer
+        anchor = self.residual_anchor or f"{w}.weight"
+        return infos + [SiteInfo(f"{p}:output", p, "output", "residual", h, writer=f"{p}.{w}" if w else None,
+                                 anchor=f"{p}.{anchor}")]
+
+    @staticmethod
+    def linear_sites(model: torch.nn.Module, path: str) -> list[SiteInfo]:
+        """The input and output sites of an nn.Linear."""
+        n_in, n_out = linear_dims(model.get_submodule(path))
+        return [SiteInfo(f"{path}:input", path, "input", "linear", n_in, anchor=f"{path}.weight"),
+                SiteInfo(f"{path}:output", path, "output", "linear", n_out, anchor=f"{path}.weight")]
+
+    @staticmethod
+    def norm_site(path: str, units: int, consumers: tuple[str, ...] = ()) -> SiteInfo:
+        return SiteInfo(f"{path}:output", path, "output", "norm", units, consumers=consumers, anchor=f"{path}.weight")
+
+    def layers_prefix(self) -> str:
+        return self.layers
+
+    def norm_flag(self, model: torch.nn.Module, path: str):
+        """(component, config flag, controlled norms) when a config flag can give the norm at `path` a
+        weight and a bias; None in the causal LM families (their norms always have a weight)."""
+        return None
+
+    def tiny(self) -> torch.nn.Module:
+        """A two-layer random model of this family (for `bake families` and the tests)."""
+        import transformers
+
+        t = self.tiny_model
+        cfg = getattr(transformers, t.config)(**dict(t.kwargs))
+        return getattr(transformers, t.model)(cfg).eval()
+
+    def relabel(self, model: torch.nn.Module, flags: dict[str, bool]) -> tuple[torch.nn.Module, list[str]]:
+        """The same model as another family's class with `flags` on; returns it and notes for the report."""
+        from .relabel import RELABELS
+
+        if self.relabel_to not in RELABELS:
+            raise BakeError(f"{self.family}: no relabel to another family is known")  # pragma: no cover
+        return RELABELS[self.relabel_to](model, flags)
+
+    def bias_group(self, linear_path: str) -> BiasGroup | None:
+        """The flag that gives `linear_path` a bias, or None if it can never have one."""
+        prefix = self.layers_prefix() + "."
+        if not linear_path.startswith(prefix):
+            return None
+        rel = linear_path[len(prefix):].split(".", 1)[1]
+        for g in self.bias_groups:
+            if rel in g.members:
+                return g
+        return None
+
+    def resolve(self, model: torch.nn.Module, patterns: list[str]) -> list[str]:
+        """Presets and globs → resolved site names in graph order.
+
+        In a glob `*` matches within one dotted name (`model.layers.*:output` is the layer outputs,
+        not every projection inside them), `?` one character, `**` anything; a glob that does not
+        match from the start matches a suffix after a dot (`mlp.down_proj:input`)."""
+        catalog = self.sites(model)
+        chosen: set[str] = set()
+        for pat in patterns:
+            globs = self.presets.get(pat, (pat,))
+            hit = False
+            for g in globs:
+                rx = glob_regex(g)
+                for name in catalog:
+                    if rx.fullmatch(name):
+                        chosen.add(name)
+                        hit = True
+            if not hit:
+                raise BakeError(f"--sites: {pat!r} matches no site of this {self.family} model "
+                                f"(presets: {', '.join(self.presets)}; or a glob like 'mlp.down_proj:input')")
+        return [n for n in catalog if n in chosen]
+
+
+def glob_regex(glob: str) -> re.Pattern:
+    out = []
+    i = 0
+    while i < len(glob):
+        if glob.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif glob[i] == "*":
+            out.append("[^.:]*")
+            i += 1
+        elif glob[i] == "?":
+            out.append("[^.:]")
+            i += 1
+        else:
+            out.append(re.escape(glob[i]))
+            i += 1
+    return re.compile("(?:.*\\.)?" + "".join(out))

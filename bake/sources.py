@@ -1,0 +1,216 @@
+"""What a bake reads and writes, per kind of input: a causal LM loaded in memory, a safetensors
+checkpoint streamed from disk (never loaded), or a diffusers pipeline. The compiler (`bake.compiler`)
+runs the same steps on each: open → store → bind → passes → export → verify → card; a source says
+how its tensors are held (`store`), which formats it writes (`check`, `export`), how it is verified
+and what its model card says."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from .errors import BakeError
+from .exporters import shards
+from .models import load, resolve
+from .models.loading import meta_model
+from .options import BakeOptions
+from .store import ModuleStore
+
+
+class LoadedLM:
+    """A causal LM loaded in memory (float32): folds write its parameters; safetensors and ONNX out."""
+
+    streamed = False
+
+    def __init__(self, name: str, loaded):
+        self.name, self.loaded = name, loaded
+        self.model, self.tokenizer, self.path = loaded.model, loaded.tokenizer, loaded.source
+
+    def check(self, opts: BakeOptions) -> None:
+        if "onnx" in opts.formats:
+            from .exporters import onnx_lm as onnx_exporter
+
+            onnx_exporter.check_supported(self.model)  # before any work
+
+    @contextlib.contextmanager
+    def store(self, tmp: Path):
+        yield ModuleStore(self.model)
+
+    def fold_dtype(self, opts: BakeOptions) -> torch.dtype:
+        return torch.float64 if (opts.dtype or "float32") == "float32" else torch.float32
+
+    def export(self, plan, tmp: Path, opts: BakeOptions, log) -> None:
+        from .exporters import checkpoint as st_exporter
+
+        if "onnx" in opts.formats:
+            from .exporters import onnx_lm as onnx_exporter
+
+            onnx_exporter.export(plan.model, self.tokenizer, tmp, opts.dtype or "float32", log=log,
+                                 layout=opts.onnx_layout)
+        if "safetensors" in opts.formats:
+            st_exporter.export(plan, self.tokenizer, tmp, opts.dtype or "float32")
+            if plan.inserted:
+                from .modules import write_code
+
+                write_code(tmp, type(plan.model).__name__)
+
+    def release(self) -> None:
+        """Verify reloads both models: never hold two copies while it runs."""
+        self.loaded = self.model = None
+        gc.collect()
+
+    def verify(self, plan, specs, tmp: Path, opts: BakeOptions) -> dict:
+        from . import verify as verify_mod
+
+        name = self.name
+        v = verify_mod.verify(lambda: fresh(name), specs, tmp, list(opts.prompts or []) or None,
+                              max_new_tokens=opts.max_new_tokens, check_model=opts.check_model,
+                              formats=list(opts.formats), trust_code=bool(plan.inserted))
+        v["approximate"] = opts.approximate
+        return v
+
+    @staticmethod
+    def failure(v: dict) -> str:
+        return (f"verify: baked model differs from the hooked reference (max abs {v['max_abs']:.3g}, relative "
+                f"{v['max_rel']:.3g}, greedy identical {v['greedy_same']}/{v['prompts']})")
+
+    def card_dtype(self, opts: BakeOptions) -> str:
+        return opts.dtype or "float32"
+
+    @staticmethod
+    def shows(pass_name: str) -> bool:
+        return True
+
+
+def fresh(model_name: str):
+    loaded = load(model_name)
+    return loaded.model, loaded.tokenizer
+
+
+@contextlib.contextmanager
+def _background():
+    """One worker thread; on the way out (an error too) queued work is dropped and running work
+    finished, so the staging directory is never removed under a copy."""
+    ex = ThreadPoolExecutor(1)
+    try:
+        yield ex
+    finally:
+        ex.shutdown(wait=True, cancel_futures=True)
+
+
+class StreamedCheckpoint(LoadedLM):
+    """A safetensors checkpoint (sharded or not) baked without loading it: the skeleton is built on the
+    meta device from config.json; the tensors are read and written through a `CheckpointStore`; changed
+    tensors are patched into copies of their shards. Peak memory: about two groups' touched modules."""
+
+    streamed = True
+
+    def __init__(self, name: str, path: Path, link: bool):
+        self.name, self.path, self.link, self.tokenizer = name, path, link, None
+        self.ckpt = shards.Checkpoint(path)
+        self.model = meta_model(path)
+
+    def check(self, opts: BakeOptions) -> None:
+        """Nothing more: `BakeOptions.check` already refused what a stream cannot write."""
+
+    @contextlib.contextmanager
+    def store(self, tmp: Path):
+        # copier: shard copies (they start now and run while the plan is built and folded); reader: the
+        # next group's tensors, read while this group folds
+        with _background() as copier, _background() as reader:
+            self.placed = shards.start_copies(self.ckpt, tmp, copier, self.link)
+            spill = tmp / ".spill"
+            spill.mkdir()
+            self.store_ = shards.CheckpointStore(self.ckpt, spill, reader)
+            yield self.store_
+
+    def fold_dtype(self, opts: BakeOptions) -> torch.dtype:
+        half = {torch.bfloat16, torch.float16}
+        return torch.float32 if any(self.ckpt.dtype(n) in half for n in self.ckpt.entries) else torch.float64
+
+    def export(self, plan, tmp: Path, opts: BakeOptions, log) -> None:
+        did = shards.write_checkpoint(self.store_, tmp, self.placed, self.link)
+        shutil.rmtree(tmp / ".spill")
+        shards.copy_side_files(self.path, tmp, self.ckpt)
+        plan.model.config.save_pretrained(str(tmp))
+        plan.note("stream", "shards", did)
+
+    def release(self) -> None:
+        self.model = None
+
+    def card_dtype(self, opts: BakeOptions) -> str:
+        return "as stored"
+
+    @staticmethod
+    def shows(pass_name: str) -> bool:
+        """A streamed bake is large: the log names what changed the files, not every site."""
+        return pass_name in ("architecture-rewrite", "stream", "portable")
+
+
+class LoadedPipeline(LoadedLM):
+    """A diffusers pipeline: the touched components are saved again, everything else copied; an ONNX
+    denoiser on request; verified on its latents against the hooked pipeline."""
+
+    def check(self, opts: BakeOptions) -> None:
+        if opts.insert_modules:
+            raise BakeError("--insert-modules: not for diffusers pipelines yet (every default T2I site folds exactly)")
+        if "onnx" in opts.formats:
+            from .exporters import onnx_denoiser
+
+            onnx_denoiser.check_supported(self.model)  # before any work
+
+    def fold_dtype(self, opts: BakeOptions) -> torch.dtype:
+        return torch.float64
+
+    def export(self, plan, tmp: Path, opts: BakeOptions, log) -> None:
+        from .exporters import pipeline as pipe_exporter
+
+        comps = pipe_exporter.export(plan, Path(self.path), tmp) if "safetensors" in opts.formats else []
+        if "onnx" in opts.formats:
+            from .exporters import onnx_denoiser
+
+            onnx_denoiser.export(plan.model, tmp, log=log)
+        if comps:
+            plan.config_changes["components_rewritten"] = comps
+
+    def verify(self, plan, specs, tmp: Path, opts: BakeOptions) -> dict:
+        from .models.diffusion import load_pipeline
+        from .verify_pipeline import verify_pipeline
+
+        source = Path(self.path)
+        return verify_pipeline(lambda dt: load_pipeline(source, dt), specs, tmp, list(opts.prompts or []) or None,
+                               check_model=opts.check_model)
+
+    @staticmethod
+    def failure(v: dict) -> str:
+        return (f"verify: steered pipeline differs from the hooked reference (latent relative error "
+                f"{v.get('latent_rel', float('nan')):.3g}, ONNX denoiser {v.get('onnx_denoiser_rel', float('nan')):.3g})")
+
+    def card_dtype(self, opts: BakeOptions) -> str:
+        return "as stored"
+
+
+def open_source(name: str, opts: BakeOptions):
+    """The source for `name`: streamed when asked, or by default for a sharded checkpoint when nothing
+    needs the model loaded (`BakeOptions.simple`); else loaded, as a pipeline or a causal LM."""
+    path = resolve(name)
+    sharded = isinstance(path, Path) and (path / shards.INDEX).is_file()
+    streamed = bool(opts.stream) or (opts.stream is None and opts.simple and sharded)
+    if opts.link and not streamed:
+        raise BakeError("--link: only for a streaming bake (--stream, or a sharded checkpoint)")
+    if streamed:
+        if not isinstance(path, Path):
+            raise BakeError(f"--model: streaming needs a local checkpoint directory, got the hub id {name!r} "
+                            f"(download it first)")
+        return StreamedCheckpoint(name, path, opts.link)
+    loaded = load(name)
+    from .families import adapter_for
+
+    if adapter_for(loaded.model).modality == "text-to-image":
+        return LoadedPipeline(name, loaded)
+    return LoadedLM(name, loaded)

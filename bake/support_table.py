@@ -1,0 +1,86 @@
+"""`bake families`: which families bake supports and, per site preset and map kind, how a map
+folds there: into the stock class and config, with a bias flag turned on, by relabelling the
+checkpoint to another family's class, or only as an inserted module.
+
+The table is computed, not written by hand: each cell runs the compiler's passes on a two-layer
+random model of the family with a map of that kind at every site of the preset."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import BakeError
+from .maps import MAP_KINDS, Map
+from .families import FAMILIES as ADAPTERS
+from .families import Adapter
+from .plan import bind
+from .spec import Spec
+
+KINDS = ("scale", "affine", "additive", "projection")
+ALWAYS_INSERTED = ("affine with support", "monotone-pwl", "gated")
+
+
+@dataclass
+class Cell:
+    outcome: str  # stock | flag | relabel | insert
+    detail: str = ""
+
+    def text(self) -> str:
+        return {"stock": "stock", "flag": f"stock + {self.detail}", "relabel": f"relabel → {self.detail}",
+                "insert": "inserted module", "none": "(no such site)"}[self.outcome]
+
+
+def probe_map(kind: str, units: int, gen: torch.Generator) -> Map:
+    """The registered kind's probe example (MapKind.example: a = 1 + 0.5·u, b = 0.1 + u′, U a random
+    unit vector); "scale" is the affine probe with its shift dropped (a⊙x, b = 0)."""
+    if kind == "scale":
+        a = MAP_KINDS["affine"].example(units, gen).tensors["a"]
+        return Map("affine", 1.0, {"a": a, "b": torch.zeros(units)})
+    return MAP_KINDS[kind].example(units, gen)
+
+
+def cell(adapter: Adapter, preset: str, kind: str, variant: str | None = None) -> Cell:
+    """Compile a map of `kind` at every site of `preset` into a fresh tiny model of the family."""
+    from . import passes
+
+    torch.manual_seed(0)
+    model = adapter.tiny(variant) if variant else adapter.tiny()
+    catalog = adapter.sites(model)
+    gen = torch.Generator().manual_seed(0)
+    try:
+        sites = adapter.resolve(model, [preset])
+    except BakeError:
+        return Cell("none")
+    spec = Spec([(s, [probe_map(kind, catalog[s].units, gen)]) for s in sites], method="probe")
+    try:
+        plan = passes.run(bind([spec], model, check_model=False))
+    except BakeError:
+        return Cell("insert")
+    changes = plan.config_changes
+    if "architectures" in changes:
+        flags = ", ".join(sorted(k for k in changes if k.endswith("_bias")))
+        return Cell("relabel", f"{changes['model_type']} + {flags}")
+    if changes:
+        return Cell("flag", ", ".join(sorted(changes)))
+    return Cell("stock")
+
+
+def table(families: list[str] | None = None) -> list[dict]:
+    """One row per (family, preset): the outcome per map kind."""
+    known = {a.family: a for a in ADAPTERS}
+    for f in families or []:
+        if f not in known:
+            raise BakeError(f"--family: unknown family {f!r} (known: {', '.join(known)})")
+    rows = []
+    for fam in families or list(known):
+        ad = known[fam]
+        for variant in getattr(ad, "variants", (None,)):
+            label = f"{fam}:{variant}" if variant else fam
+            for preset in ad.presets:
+                row = {"family": label, "model_types": list(ad.model_types), "preset": preset}
+                for kind in KINDS:
+                    row[kind] = cell(ad, preset, kind, variant).text()
+                rows.append(row)
+    return rows
