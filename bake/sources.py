@@ -113,7 +113,7 @@ class StreamedCheckpoint(LoadedLM):
     def __init__(self, name: str, path: Path, link: bool):
         self.name, self.path, self.link, self.tokenizer = name, path, link, None
         self.ckpt = shards.Checkpoint(path)
-        self.model = meta_model(path)
+        self.model = None  # the skeleton: built once the shard copies have started (`store`)
 
     def check(self, opts: BakeOptions) -> None:
         """Nothing more: `BakeOptions.check` already refused what a stream cannot write."""
@@ -124,6 +124,7 @@ class StreamedCheckpoint(LoadedLM):
         # next group's tensors, read while this group folds
         with _background() as copier, _background() as reader:
             self.placed = shards.start_copies(self.ckpt, tmp, copier, self.link)
+            self.model = meta_model(self.path)  # importing transformers' model code takes seconds: overlap it
             spill = tmp / ".spill"
             spill.mkdir()
             self.store_ = shards.CheckpointStore(self.ckpt, spill, reader)
