@@ -255,36 +255,17 @@ def cmd_verify(a) -> int:
 
 
 def cmd_eval(a) -> int:
-    """bake eval: parse the tasks, strengths, seeds and texts into an EvalConfig; one sweep; print it."""
+    """bake eval: parse → EvalConfig (checked by bake.evaluation.prepare) → one sweep → print."""
     from .compiler import read_specs
-    from .evaluation import TASKS, EvalConfig, flores, rtp_prompts
+    from .evaluation import prepare
     from .evaluation.sweep import run, summary_line
-    from .modality import CAUSAL_LM
     from .verify import read_prompts
 
-    tasks = [t.strip() for t in a.task.split(",") if t.strip()]
-    bad = [t for t in tasks if t not in TASKS]
-    if not tasks or bad:
-        raise BakeError(f"--task: unknown task(s) {bad or a.task!r} (known: {', '.join(TASKS)})")
     strengths = _numbers(a.strengths, "--strengths")
     seeds = _numbers(a.seeds, "--seeds", int)
-    if a.max_new_tokens < 1 or a.batch_size < 1:
-        raise BakeError("--max-new-tokens/--batch-size: must be at least 1")
     specs = read_specs(a.spec) if a.spec else None
-    if a.baked:
-        CAUSAL_LM.check_dir(a.baked, "--baked")  # before any work: the sweep opens it last
-    prompts = read_prompts(a.prompts) if a.prompts else rtp_prompts(a.split)
-    if a.n_sentences < 1:
-        raise BakeError(f"--n-sentences: must be at least 1, got {a.n_sentences}")
-    if a.sentences:
-        from .fit import read_texts
-
-        sentences = read_texts(a.sentences, "--sentences")[:a.n_sentences]
-    else:
-        sentences = flores(a.n_sentences, a.split)
-    cfg = EvalConfig(tasks=tasks, prompts=prompts if "toxicity" in tasks else [],
-                     sentences=sentences if "perplexity" in tasks else [], seeds=seeds,
-                     max_new_tokens=a.max_new_tokens, scorer=a.scorer, batch_size=a.batch_size)
+    cfg = prepare(a.task, seeds, read_prompts(a.prompts) if a.prompts else None, a.split, a.n_sentences,
+                  a.sentences, a.max_new_tokens, a.scorer, a.batch_size, baked=a.baked)
     out = Path(a.out)
     plot = Path(a.plot) if a.plot else out.with_suffix(".png")
     doc = run(a.model, cfg, out, specs, strengths, a.baked, plot, device=a.device, trust_code=a.trust_remote_code)

@@ -84,3 +84,33 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 def write_json_atomic(path: Path, obj) -> None:
     write_text_atomic(path, json.dumps(obj, indent=1) + "\n")
+
+
+def prepare(task: str, seeds: list[int], prompts: list[str] | None, split: str, n_sentences: int,
+            sentences_file: str | None, max_new_tokens: int, scorer: str, batch_size: int,
+            baked: str | None = None) -> EvalConfig:
+    """The EvalConfig of a `bake eval` run, every option checked before any work: tasks (comma-separated),
+    lengths, the prompts (RealToxicityPrompts of `split` unless given), the perplexity sentences (FLORES of
+    `split`, or `sentences_file`), and that a `baked` directory is a causal LM checkpoint (opened last)."""
+    tasks = [t.strip() for t in task.split(",") if t.strip()]
+    bad = [t for t in tasks if t not in TASKS]
+    if not tasks or bad:
+        raise BakeError(f"--task: unknown task(s) {bad or task!r} (known: {', '.join(TASKS)})")
+    if max_new_tokens < 1 or batch_size < 1:
+        raise BakeError("--max-new-tokens/--batch-size: must be at least 1")
+    if baked:
+        from ..modality import CAUSAL_LM
+
+        CAUSAL_LM.check_dir(baked, "--baked")
+    prompts = prompts or rtp_prompts(split)
+    if n_sentences < 1:
+        raise BakeError(f"--n-sentences: must be at least 1, got {n_sentences}")
+    if sentences_file:
+        from ..fit import read_texts
+
+        sentences = read_texts(sentences_file, "--sentences")[:n_sentences]
+    else:
+        sentences = flores(n_sentences, split)
+    return EvalConfig(tasks=tasks, prompts=prompts if "toxicity" in tasks else [],
+                      sentences=sentences if "perplexity" in tasks else [], seeds=seeds,
+                      max_new_tokens=max_new_tokens, scorer=scorer, batch_size=batch_size)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ..errors import BakeError
+from ..modality import of_loaded
 from ..models import load, pick_device
 from ..runtime import steered
 from ..spec import Spec
@@ -73,8 +73,7 @@ def run(model_name: str, cfg: EvalConfig, out: Path, specs: list[Spec] | None = 
             del bm
         else:
             loaded = loaded or load(model_name, device=device)
-            if loaded.tokenizer is None:
-                raise BakeError(f"--model: {model_name!r} is a diffusers pipeline; bake eval measures causal LMs")
+            of_loaded(loaded).require_causal(model_name, "bake eval measures causal LMs")
             if lam is None:
                 point = measure(loaded.model, loaded.tokenizer, cfg, score)
             else:

@@ -18,13 +18,19 @@ __all__ = ["FAMILIES", "Adapter", "BiasGroup", "Norm", "SiteInfo", "Tiny", "adap
 
 
 def adapter_for(model: torch.nn.Module) -> Adapter:
-    """The family of a loaded (or meta-device) model, by its config's model_type."""
+    """The family of a loaded (or meta-device) model: its table, by the config's model_type, or else the
+    table bake's probe derives from one forward pass of the model (`probe.derive`)."""
     for a in FAMILIES:
         if a.matches(model):
             return a
-    mt = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+    cfg = getattr(model, "config", None)
+    mt = getattr(cfg, "model_type", type(model).__name__)
+    if hasattr(cfg, "num_hidden_layers") and hasattr(model, "get_input_embeddings"):
+        from .probe import derive
+
+        return derive(model)
     raise BakeError(f"--model: unsupported model family {mt!r} (supported: "
-                    f"{', '.join(t for a in FAMILIES for t in a.model_types)})")
+                    f"{', '.join(t for a in FAMILIES for t in a.model_types)}, and decoders bake's probe can read)")
 
 
 def by_name(name: str) -> Adapter:

@@ -86,7 +86,7 @@ class Adapter:
     presets: dict[str, tuple[str, ...]]
     bias_groups: tuple[BiasGroup, ...] = field(default_factory=tuple)
     norm_weight_offset: float = 0.0  # Gemma-style norms scale by (offset + weight)
-    final_norm: str = "model.norm"
+    final_norm: str | None = "model.norm"  # None: no norm (with a weight) after the layers
     about: str = ""
     modality: str = "causal-lm"  # or "text-to-image" (a diffusers pipeline)
     layers: str = "model.layers"  # the decoder layers' ModuleList
@@ -107,7 +107,8 @@ class Adapter:
         infos: list[SiteInfo] = []
         for i in range(model.config.num_hidden_layers):
             infos += self.layer_sites(model, f"{self.layers_prefix()}.{i}", h)
-        infos.append(self.norm_site(self.final_norm, h))  # feeds lm_head (no bias): scale only
+        if self.final_norm:  # feeds lm_head (no bias): scale only
+            infos.append(self.norm_site(self.final_norm, h))
         return {s.name: s for s in infos}
 
     def layer_sites(self, model: torch.nn.Module, p: str, h: int) -> list[SiteInfo]:

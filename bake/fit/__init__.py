@@ -83,18 +83,17 @@ def _legacy_config(method, args: tuple, options: dict, provenance) -> tuple[FitC
 
 def _prepare(model, tok, source, target, control, config: FitConfig, provenance, progress) -> Job:
     """Resolve the sites on the model, fingerprint it, and start the spec (method, params, provenance)."""
-    from ..models.diffusion import PipelineModel
     from .distributed import active as distributed
 
     meth, c = METHODS[config.method], config
-    pipeline = isinstance(model, PipelineModel)
+    adapter = adapter_for(model)
+    pipeline = adapter.modality == "text-to-image"
     if distributed() and pipeline:
         raise BakeError("distributed fit: not available for diffusers pipelines yet (run it in one process)")
     if pipeline and (meth.estimate is None or c.support != "none"):
         raise BakeError(f"--method: {c.method}{' with --support' if c.support != 'none' else ''} is not available "
                         f"for diffusers pipelines yet (use {', '.join(PIPELINE_METHODS)})")
     sites = list(c.sites or (["norms"] if pipeline else meth.default_sites.split(",")))
-    adapter = adapter_for(model)
     catalog = adapter.sites(model)
     infos = [catalog[n] for n in adapter.resolve(model, sites)]
     pooling = c.pooling or meth.pooling
