@@ -178,6 +178,8 @@ def _table(model, mt: str, prefix: str, calls: list, x, y, hidden: int) -> Adapt
     for name, mod, inp, _ in calls:
         if isinstance(mod, torch.nn.Linear) and inp is not None:
             reads.setdefault(id(inp), []).append(name)
+    if _routed(calls, x):  # experts read gathered rows of a norm's output, not the tensor: unseen readers
+        reads = {}
     graph, norms = [], []
     for name in order:
         mod = model.get_submodule(f"{prefix}.0.{name}")
@@ -197,6 +199,14 @@ def _table(model, mt: str, prefix: str, calls: list, x, y, hidden: int) -> Adapt
                    final_norm=final_norm(model, prefix, hidden), layers=prefix, graph=tuple(graph),
                    residual_writer=writer, residual_anchor=anchor, onnx="not checked for probed families yet",
                    about="derived by bake's probe (no family table)")
+
+
+def _routed(calls: list, x: torch.Tensor) -> bool:
+    """A mixture of experts: some Linear reads fewer tokens than the layer (a router's pick). Its norm's
+    other readers are then invisible to tensor identity, so no norm gets consumers (scales still fold)."""
+    tokens = x.numel() // x.shape[-1]
+    return any(isinstance(m, torch.nn.Linear) and isinstance(i, torch.Tensor) and i.numel() // i.shape[-1] < tokens
+               for _, m, i, _ in calls)
 
 
 def _presets(prefix: str, graph: list, linear_writers: list[str], writer: str | None) -> dict:
