@@ -101,7 +101,8 @@ def _log(plan: Plan, source, log, after: bool) -> None:
     """What the passes did, once they ran (every line); after the files are written, the portable-files
     lines, and for a streamed bake only what changed the files (it is large)."""
     for p, s, w in plan.report:
-        if (not after and not source.streamed) or (after and source.shows(p) and (source.streamed or p == "portable")):
+        shown = (source.shows(p) if source.streamed else p == "portable") if after else not source.streamed
+        if shown:
             log(f"  {p:22s} {s}: {w}")
 
 

@@ -1,20 +1,6 @@
-"""Text-to-image pipelines (diffusers): loading a pipeline directory as one module (`PipelineModel`);
-its sites are the diffusers family's (bake.families.pipelines).
-
-A pipeline is bound as one `PipelineModel` whose children are the pipeline's torch components, so a
-site is named `component.module.path:side` (`unet.down_blocks.0.resnets.0.norm1:output`,
-`text_encoder.encoder.layers.3.layer_norm2:output`) and every pass works unchanged.
-
-Denoisers (UNet2DConditionModel, Transformer2DModel / PixArt, FluxTransformer2DModel, ...): every
-GroupNorm and LayerNorm with affine parameters is a `norm` site, mapped per channel (dim 1 of a 4-D
-GroupNorm output, the last dim of a token tensor) at every pixel and every denoising step; the scale
-and the shift fold exactly into the norm's weight and bias. Flux's adaLN-Zero outputs feed only the
-attention's q/k/v (and the single blocks' MLP) projections, which have biases: a map there folds
-into them. Linear layers give `linear` sites as in the causal LMs.
-
-Text encoders: CLIP (every Linear and LayerNorm has a bias: everything folds) and T5 (RMS norms and
-bias-free projections: scales fold, shifts need an inserted module).
-"""
+"""Text-to-image pipelines (diffusers): loading a pipeline directory as one module (`PipelineModel`,
+whose children are the pipeline's torch components). Its sites, and why they fold, are the diffusers
+family's: see bake/families/pipelines.py."""
 
 from __future__ import annotations
 

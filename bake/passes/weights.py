@@ -61,9 +61,9 @@ def read_weight(plan: Plan, path: str) -> torch.Tensor:
 def write_weight(plan: Plan, path: str, fill) -> None:
     """`fill(W, out)` writes the new [out, in] weight into `out` (in the store's out dtype)."""
     name = f"{path}.weight"
-    W = read_weight(plan, path)
-    stored = torch.empty(plan.store.get(name).shape, dtype=plan.store.out_dtype(name))
-    fill(W, stored.t() if is_transposed(plan, path) else stored)
+    W, flip = plan.store.get(name), is_transposed(plan, path)
+    stored = torch.empty(W.shape, dtype=plan.store.out_dtype(name))
+    fill(W.t() if flip else W, stored.t() if flip else stored)
     plan.store.set(name, stored)
 
 
