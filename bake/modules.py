@@ -35,7 +35,7 @@ def _op(seg: Map | LinearMap, strength: float | None = None) -> tuple[dict, dict
 
 
 def insert(model: torch.nn.Module, module: str, side: str, pending: list) -> dict:
-    """Install the pending segments as `module.bake_steer`; returns the config entry."""
+    """Install the pending segments as the module's steering child for `side`; returns the config entry."""
     ops, values = [], {}
     for i, seg in enumerate(pending):
         op, t = _op(seg)
@@ -47,7 +47,7 @@ def insert(model: torch.nn.Module, module: str, side: str, pending: list) -> dic
                 values[f"t{i}_{k}"] = v
     entry = {"module": module, "side": side, "ops": ops}
     tpl.install(model, [entry])
-    steer = model.get_submodule(module).bake_steer
+    steer = model.get_submodule(module).get_submodule(tpl.CHILD[side])
     ref = next(model.parameters())
     with torch.no_grad():
         for name, v in values.items():

@@ -47,6 +47,20 @@ def _gated_spec(model, seed: int) -> Spec:
     return stamp(Spec(sites, method="test-gated"), model)
 
 
+def _two_sided_spec(model, seed: int) -> Spec:
+    """Gated maps (never fold) at both the input and the output of each down projection: one module,
+    two inserted modules."""
+    g = torch.Generator().manual_seed(seed)
+    ad = adapter_for(model)
+    cat = ad.sites(model)
+    sites = []
+    for name in ad.resolve(model, ["mlp-in", "mlp-out"]):
+        d = cat[name].units
+        sites.append((name, [Map("gated", 0.8, {"w": torch.randn(d, generator=g) / d ** 0.5, "c": torch.tensor([0.1])},
+                                 inner=Map("additive", 1.0, {"v": 0.5 * torch.randn(d, generator=g)}))]))
+    return stamp(Spec(sites, method="test-two-sided"), model)
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     from conftest import make_tokenizer
@@ -60,13 +74,14 @@ def model_dir(tmp_path_factory):
         "support": fit(model, tok, TEXTS[1::2], TEXTS[0::2], FitConfig("linear-act", ["post-norms", "attn-out"],
                        strength=0.9, support="source-range")),
         "gated": _gated_spec(model, 3),
+        "both": _two_sided_spec(model, 4),
     }
     for k, s in specs.items():
         write(s, tmp / f"{k}.json")
     return tmp, src, model, tok
 
 
-@pytest.mark.parametrize("kind", ["pwl", "support", "gated"])
+@pytest.mark.parametrize("kind", ["pwl", "support", "gated", "both"])
 def test_inserted_modules_match_the_reference_in_pytorch_and_onnx(model_dir, kind):
     tmp, src, _, _ = model_dir
     res = compiler.apply(str(src), [str(tmp / f"{kind}.json")], tmp / f"out_{kind}", formats=["safetensors", "onnx"],
