@@ -12,7 +12,13 @@ On a short input, every module of the first decoder layer records the tensors it
 - the **norm convention**, numerically: a norm with its weight set to 0 that still passes x on
   scales by 1 + w (Gemma), else by w;
 - **bias groups**: each boolean config flag with "bias" in its name, turned on in a copy of the
-  config built on the meta device, gives the Linear modules it adds biases to.
+  config built on the meta device, gives the Linear modules it adds biases to;
+- **blocks** (a mixture of experts): a module that writes the residual stream but is no Linear, whose
+  weights (router, experts' 3-D tensors, shared expert) are sorted numerically into readers of its
+  input (W' = W M along the hidden dimension gives block(M x)) and producers of its output (W' = M W
+  gives M block(x)); a block that passes neither test is left alone (scale-only at its norm);
+- **layer kinds**: layers built differently (dense then MoE, attention and state-space layers) are
+  probed one kind at a time (the first layer of each kind) and each layer gets its kind's graph.
 
 Everything else of a table (presets) follows from these. What the probe cannot decide it leaves out:
 a Linear or norm not found to write the residual stream is not a writer, a norm with no consumer
@@ -28,7 +34,9 @@ import weakref
 import torch
 
 from ..errors import BakeError
-from .table import Adapter, BiasGroup, Norm
+import itertools
+
+from .table import Adapter, BiasGroup, Block, Layer, Norm, Slot
 
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -47,17 +55,20 @@ def layers_path(model: torch.nn.Module, n: int) -> str:
 
 
 def record(model: torch.nn.Module, layer: torch.nn.Module, hidden: int) -> tuple[list, torch.Tensor, torch.Tensor]:
-    """One forward pass: [(relative name, module, input, output)] of layer 0's Linear and norm modules in
-    call order, and the layer's input and output hidden states."""
+    """One forward pass: [(relative name, module, input, output)] of the layer's Linear and norm modules and
+    of its direct children whose output no Linear or norm produced (blocks), in call order, and the
+    layer's input and output hidden states."""
     calls, ends = [], {}
     hooks = []
+    first = lambda t: t[0] if isinstance(t, tuple) and t else t  # noqa: E731
     for name, mod in layer.named_modules():
-        if name and (isinstance(mod, torch.nn.Linear) or is_norm(mod, hidden)):
+        leaf = isinstance(mod, torch.nn.Linear) or is_norm(mod, hidden)
+        if name and (leaf or "." not in name):
             hooks.append(mod.register_forward_hook(
-                lambda m, a, o, name=name: calls.append((name, m, a[0] if a else None, o))))
+                lambda m, a, kw, o, name=name: calls.append(
+                    (name, m, a[0] if a else next(iter(kw.values()), None), first(o))), with_kwargs=True))
     hooks.append(layer.register_forward_hook(
-        lambda m, a, kw, o: ends.update(x=a[0] if a else kw.get("hidden_states"), y=o[0] if isinstance(o, tuple)
-                                        else o), with_kwargs=True))
+        lambda m, a, kw, o: ends.update(x=a[0] if a else kw.get("hidden_states"), y=first(o)), with_kwargs=True))
     try:
         with torch.no_grad():
             model(input_ids=torch.tensor([[1, 2, 3, 4, 5, 6]]))
@@ -65,8 +76,15 @@ def record(model: torch.nn.Module, layer: torch.nn.Module, hidden: int) -> tuple
         for h in hooks:
             h.remove()
     if "y" not in ends:
-        raise BakeError(f"--model: {model.config.model_type}: the probe's forward pass never reached layer 0")
-    return calls, ends["x"], ends["y"]
+        raise BakeError(f"--model: {model.config.model_type}: the probe's forward pass never reached this layer")
+    leaves = [c for c in calls if _leaf(c[1], hidden)]
+    blocks = [c for c in calls if not _leaf(c[1], hidden) and not any(c[3] is l[3] for l in leaves)]
+    keep = {id(c) for c in leaves + blocks}
+    return [c for c in calls if id(c) in keep], ends["x"], ends["y"]
+
+
+def _leaf(mod: torch.nn.Module, hidden: int) -> bool:
+    return isinstance(mod, torch.nn.Linear) or is_norm(mod, hidden)
 
 
 def writers(calls: list, x: torch.Tensor, y: torch.Tensor) -> list[tuple[str, bool]]:
@@ -105,8 +123,9 @@ def norm_offset(norms: list[torch.nn.Module], model_type: str) -> float:
     return offsets.pop() if offsets else 0.0
 
 
-def bias_groups(model: torch.nn.Module, prefix: str, linears: list[str]) -> tuple[BiasGroup, ...]:
-    """Each boolean config flag naming a bias, with the layer-0 Linear modules it gives a bias."""
+def bias_groups(model: torch.nn.Module, prefix: str, linears: dict[str, int]) -> tuple[BiasGroup, ...]:
+    """Each boolean config flag naming a bias, with the Linear modules (layer-relative name → a layer
+    that has it) it gives a bias."""
     cfg = model.config
     groups = []
     for flag, value in sorted(cfg.to_dict().items()):
@@ -119,12 +138,18 @@ def bias_groups(model: torch.nn.Module, prefix: str, linears: list[str]) -> tupl
                 twin = type(model)(twin_cfg)
         except Exception:  # noqa: BLE001 - a flag this class does not build with: not a bias group
             continue
-        layer = twin.get_submodule(f"{prefix}.0")
-        gained = tuple(n for n in linears if layer.get_submodule(n).bias is not None
-                       and model.get_submodule(f"{prefix}.0.{n}").bias is None)
+        gained = tuple(n for n, i in linears.items() if _bias_of(twin, f"{prefix}.{i}.{n}") is not None
+                       and model.get_submodule(f"{prefix}.{i}.{n}").bias is None)
         if gained:
             groups.append(BiasGroup(flag, gained))
     return tuple(groups)
+
+
+def _bias_of(model: torch.nn.Module, path: str):
+    try:
+        return model.get_submodule(path).bias
+    except AttributeError:  # the flag builds another layer layout: no bias there
+        return None
 
 
 def final_norm(model: torch.nn.Module, prefix: str, hidden: int) -> str | None:
@@ -154,50 +179,108 @@ def derive(model: torch.nn.Module) -> Adapter:
         raise BakeError(f"--model: {mt} has no family table, and bake's probe runs the model: it cannot stream "
                         f"(drop --stream; the probe needs the model loaded)")
     prefix = layers_path(model, n)
-    layer = model.get_submodule(f"{prefix}.0")
-    calls, x, y = record(model, layer, hidden)
-    _same_layers(model, prefix, n, mt)
-    adapter = _table(model, mt, prefix, calls, x, y, hidden)
+    kinds = layer_kinds(model, prefix, n)
+    probed = {}
+    for first in dict.fromkeys(kinds.values()):
+        calls, x, y = record(model, model.get_submodule(f"{prefix}.{first}"), hidden)
+        probed[first] = _layer(model, f"{prefix}.{first}", calls, x, y, hidden)
+    adapter = _adapter(model, mt, prefix, [probed[kinds[i]] for i in range(n)], hidden)
     _CACHE[model] = adapter
     return adapter
 
 
-def _same_layers(model: torch.nn.Module, prefix: str, n: int, mt: str) -> None:
-    names0 = [k for k, _ in model.get_submodule(f"{prefix}.0").named_parameters()]
-    for i in range(1, n):
-        if [k for k, _ in model.get_submodule(f"{prefix}.{i}").named_parameters()] != names0:
-            raise BakeError(f"--model: {mt}: layer {i} is built unlike layer 0 (a hybrid); bake's probe reads "
-                            f"every layer as layer 0, so it has no table for this model yet")
+def layer_kinds(model: torch.nn.Module, prefix: str, n: int) -> dict[int, int]:
+    """Layer index → the first layer built like it (the same parameter names and shapes)."""
+    seen, out = {}, {}
+    for i in range(n):
+        key = tuple((k, tuple(v.shape)) for k, v in model.get_submodule(f"{prefix}.{i}").named_parameters())
+        out[i] = seen.setdefault(key, i)
+    return out
 
 
-def _table(model, mt: str, prefix: str, calls: list, x, y, hidden: int) -> Adapter:
-    """The Adapter fields from one recorded layer."""
+def _layer(model, p: str, calls: list, x, y, hidden: int) -> tuple[Layer, list, list]:
+    """One layer's graph from its recorded calls; with its Linear names and norm modules."""
     order = list(dict.fromkeys(name for name, *_ in calls))  # call order, each module once
-    linears = [nm for nm in order if isinstance(model.get_submodule(f"{prefix}.0.{nm}"), torch.nn.Linear)]
-    reads = {}
-    for name, mod, inp, _ in calls:
-        if isinstance(mod, torch.nn.Linear) and inp is not None:
-            reads.setdefault(id(inp), []).append(name)
-    if _routed(calls, x):  # experts read gathered rows of a norm's output, not the tensor: unseen readers
-        reads = {}
+    kind = {nm: m for nm, m, *_ in calls}
+    linears = [nm for nm in order if isinstance(kind[nm], torch.nn.Linear)]
+    found = writers(calls, x, y)
+    blocks = {nm: _under(nm, _block_slots(kind[nm], next(i for n_, _, i, _ in calls if n_ == nm), hidden))
+              for nm, _ in found if nm not in linears and not is_norm(kind[nm], hidden)}
+    reads = _reads(calls, x, blocks)
     graph, norms = [], []
     for name in order:
-        mod = model.get_submodule(f"{prefix}.0.{name}")
-        if name in linears:
+        if name in linears and not any(name.startswith(b + ".") for b in blocks):
             graph.append(name)
-        else:
+        elif is_norm(kind[name], hidden):
             out = next(o for nm, _, _, o in calls if nm == name)
-            graph.append(Norm(name, tuple(dict.fromkeys(reads.get(id(out), [])))))
-            norms.append(mod)
-    found = writers(calls, x, y)
+            cons, slots = reads.get(id(out), ([], []))
+            graph.append(Norm(name, tuple(dict.fromkeys(cons)), tuple(slots)))
+            norms.append(kind[name])
+        elif blocks.get(name):
+            graph.append(Block(name, blocks[name][1], blocks[name][2]))
     last = next((nm for nm, is_last in found if is_last), None)
     writer = last if last in linears else None
-    anchor = f"{last}.weight" if last else f"{linears[-1]}.weight"
+    anchor = _anchor(kind, last, blocks, linears)
     linear_writers = [nm for nm, _ in found if nm in linears]
-    return Adapter(family=mt, model_types=(mt,), presets=_presets(prefix, graph, linear_writers, writer),
+    block = last if last in blocks and blocks[last] else None
+    return Layer(tuple(graph), writer, anchor), linears, norms, _presets(p.rsplit(".", 1)[0], graph, linear_writers,
+                                                                       writer, block)
+
+
+def _anchor(kind: dict, last: str | None, blocks: dict, linears: list[str]) -> str:
+    """The parameter identifying the layer's output site: its last writer's weight (a block's first
+    producer, or its first parameter where unresolved); the last Linear's where none was found."""
+    if last is None:
+        return f"{linears[-1]}.weight"
+    if blocks.get(last):
+        return blocks[last][1][0].param
+    first = next(iter(kind[last].named_parameters()), None)
+    return f"{last}.{first[0]}" if last in blocks and first else f"{last}.weight"
+
+
+def _under(name: str, found):
+    """Block-relative (readers, producers, shift folds) → layer-relative."""
+    if found is None:
+        return None
+    readers, producers, once = found
+    return tuple(s.under(name) for s in readers), tuple(s.under(name) for s in producers), once
+
+
+def _reads(calls: list, x: torch.Tensor, blocks: dict) -> dict[int, tuple[list, list]]:
+    """id(tensor) → (Linear modules reading it, slots of the blocks reading it). In a mixture of experts
+    whose block was not resolved, no tensor gets readers (its experts' reads are invisible)."""
+    reads: dict[int, tuple[list, list]] = {}
+    inside = lambda nm: any(nm.startswith(b + ".") for b, v in blocks.items() if v)  # noqa: E731
+    for name, mod, inp, _ in calls:
+        if inp is None:
+            continue
+        if isinstance(mod, torch.nn.Linear) and not inside(name):
+            reads.setdefault(id(inp), ([], []))[0].append(name)
+        elif blocks.get(name):
+            reads.setdefault(id(inp), ([], []))[1].extend(blocks[name][0])
+    if _routed([c for c in calls if not inside(c[0])], x):
+        return {}
+    return reads
+
+
+def _adapter(model, mt: str, prefix: str, layers: list, hidden: int) -> Adapter:
+    """The Adapter from every layer's probed graph (one table when all layers are alike)."""
+    graphs = [g for g, *_ in layers]
+    linears: dict[str, int] = {}
+    for i, (_, lin, _, _) in enumerate(layers):
+        for nm in lin:
+            linears.setdefault(nm, i)
+    norms = [m for _, _, ns, _ in layers for m in ns]
+    one = all(g == graphs[0] for g in graphs)
+    presets: dict[str, tuple] = {}
+    for *_, pre in layers:
+        for k, v in pre.items():
+            presets[k] = tuple(dict.fromkeys(presets.get(k, ()) + v))
+    return Adapter(family=mt, model_types=(mt,), presets=presets,
                    bias_groups=bias_groups(model, prefix, linears), norm_weight_offset=norm_offset(norms, mt),
-                   final_norm=final_norm(model, prefix, hidden), layers=prefix, graph=tuple(graph),
-                   residual_writer=writer, residual_anchor=anchor, onnx="not checked for probed families yet",
+                   final_norm=final_norm(model, prefix, hidden), layers=prefix, graph=graphs[0].graph,
+                   residual_writer=graphs[0].residual_writer, residual_anchor=graphs[0].residual_anchor,
+                   per_layer=() if one else tuple(graphs), onnx="not checked for probed families yet",
                    about="derived by bake's probe (no family table)")
 
 
@@ -209,9 +292,9 @@ def _routed(calls: list, x: torch.Tensor) -> bool:
                for _, m, i, _ in calls)
 
 
-def _presets(prefix: str, graph: list, linear_writers: list[str], writer: str | None) -> dict:
+def _presets(prefix: str, graph: list, linear_writers: list[str], writer: str | None, block: str | None) -> dict:
     at = lambda rel: f"{prefix}.*.{rel}"  # noqa: E731
-    pre = tuple(at(f"{g.path}:output") for g in graph if isinstance(g, Norm) and g.consumers)
+    pre = tuple(at(f"{g.path}:output") for g in graph if isinstance(g, Norm) and (g.consumers or g.slots))
     out = {"post-norms": pre} if pre else {}
     if linear_writers:
         out["attn-out"] = (at(f"{linear_writers[0]}:output"),)
@@ -220,5 +303,110 @@ def _presets(prefix: str, graph: list, linear_writers: list[str], writer: str | 
         start = after.index(linear_writers[0]) + 1 if linear_writers else 0
         out.update({"mlp-in": (at(f"{writer}:input"),), "mlp-out": (at(f"{writer}:output"),),
                     "mlp-linears": tuple(at(f"{g}:output") for g in after[start:])})
+    elif block:
+        out["mlp-out"] = (at(f"{block}:output"),)
     out["residual"] = (f"{prefix}.*:output",)
     return out
+
+
+def _block_slots(block: torch.nn.Module, x, hidden: int):
+    """(readers, producers, shift folds) of a block writing the residual stream (relative to the block),
+    or None if no assignment of its weights passes both tests (see `_passes`)."""
+    if not isinstance(x, torch.Tensor) or x.shape[-1] != hidden:
+        return None
+    params = dict(block.named_parameters())
+    for layout in ("linear", "matmul"):  # 3-D expert weights: [E, out, in] (F.linear) or [E, in, out] (x @ W)
+        options = [_roles(name, w, layout, hidden, params) for name, w in params.items()]
+        options = [o for o in options if o]
+        for pick in itertools.product(*options):
+            readers = tuple(s for role, s in pick if role == "reader")
+            producers = tuple(s for role, s in pick if role == "producer")
+            if producers and _passes(block, x, readers, producers):
+                return readers, producers, _shift_once(block, x, producers)
+    return None
+
+
+def _roles(name: str, w: torch.Tensor, layout: str, hidden: int, params: dict) -> list[tuple[str, Slot]]:
+    """The roles a weight can play: reader on the dimension holding its inputs, producer on its outputs."""
+    if w.dim() not in (2, 3) or name.endswith("bias"):
+        return []
+    out_dim, in_dim = (w.dim() - 2, w.dim() - 1) if w.dim() == 2 or layout == "linear" else (2, 1)
+    stem = name[:-len(".weight")] if name.endswith(".weight") else name
+    bias = next((b for b in (f"{stem}.bias", f"{stem}_bias") if b in params), None)
+    out = []
+    if w.shape[in_dim] == hidden:
+        out.append(("reader", Slot(name, in_dim, bias)))
+    if w.shape[out_dim] == hidden:
+        out.append(("producer", Slot(name, out_dim, bias)))
+    if len(out) == 2:  # square: a reader, a producer, or an inner weight (the tests decide)
+        out.append(("neither", None))
+    return out
+
+
+def _passes(block: torch.nn.Module, x: torch.Tensor, readers, producers) -> bool:
+    """Readers: W' = W M (and bias' = bias + W s where every reader has a bias) gives block(M x + s);
+    producers: W' = M W, bias' = M bias gives M block(x). On the recorded input, in float64 (float32 where
+    the block's kernels take no float64, as grouped expert matmuls)."""
+    for dt, tol in ((torch.float64, 1e-9), (torch.float32, 2e-5)):
+        try:
+            return _passes_in(block, x, readers, producers, dt, tol)
+        except RuntimeError:  # noqa: PERF203 - a kernel without this dtype: the next one
+            continue
+    return False
+
+
+def _passes_in(block, x, readers, producers, dt: torch.dtype, tol: float) -> bool:
+    g = torch.Generator().manual_seed(0)
+    h = x.shape[-1]
+    M = (torch.eye(h, dtype=torch.float64) + 0.3 * torch.randn(h, h, generator=g, dtype=torch.float64) / h ** 0.5).to(dt)
+    s = 0.1 * torch.randn(h, generator=g, dtype=torch.float64).to(dt)
+    if not (readers and all(r.bias for r in readers)):
+        s = 0 * s
+    x = x.detach().to(dt)
+    base = copy.deepcopy(block).to(dt)
+    with torch.no_grad():
+        want_in, want_out = _out(base(x @ M.T + s)), _out(base(x)) @ M.T
+        twin = copy.deepcopy(base)
+        for r in readers:
+            _transform(twin, r, M, s, reader=True)
+        got_in = _out(twin(x))
+        twin = copy.deepcopy(base)
+        for p in producers:
+            _transform(twin, p, M, None, reader=False)
+        got_out = _out(twin(x))
+    close = lambda a, b: float((a - b).abs().max()) <= tol * float(b.abs().max()) + 1e-12  # noqa: E731
+    return close(got_in, want_in) and close(got_out, want_out)
+
+
+def _shift_once(block: torch.nn.Module, x: torch.Tensor, producers) -> bool:
+    """True if adding v to every producer's bias adds v to the block's output (router weights summing to
+    one per token; every producer has a bias)."""
+    if not all(p.bias for p in producers):
+        return False
+    v = 0.5 * torch.randn(x.shape[-1], generator=torch.Generator().manual_seed(1))
+    base = copy.deepcopy(block).float()
+    twin = copy.deepcopy(base)
+    with torch.no_grad():
+        for p in producers:
+            twin.get_parameter(p.bias).data += v
+        want, got = _out(base(x.float())) + v, _out(twin(x.float()))
+    return float((got - want).abs().max()) <= 2e-5 * float(want.abs().max())
+
+
+def _out(o):
+    return o[0] if isinstance(o, tuple) else o
+
+
+def _transform(block: torch.nn.Module, slot: Slot, M: torch.Tensor, s, reader: bool) -> None:
+    W = block.get_parameter(slot.param)
+    if reader:
+        moved = W.data.movedim(slot.dim, -1)
+        if slot.bias and s is not None:
+            b = block.get_parameter(slot.bias)
+            b.data += (moved @ s).reshape(b.shape)
+        W.data = (moved @ M).movedim(-1, slot.dim).contiguous()
+    else:
+        W.data = torch.tensordot(M, W.data.movedim(slot.dim, 0), dims=1).movedim(0, slot.dim).contiguous()
+        if slot.bias:
+            b = block.get_parameter(slot.bias)
+            b.data = b.data @ M.T

@@ -12,6 +12,12 @@ diffusers adapter's site discovery). A site is one activation tensor named
 - `linear`  : input or output of an nn.Linear (fold into its weight / bias)
 - `norm`    : output of a normalisation layer (scale into the norm weight, the rest into `consumers`)
 - `residual`: the residual stream after a decoder layer (an additive map folds into `writer`'s bias)
+- `sum`     : output of a block that sums linear producers, as a mixture of experts sums its experts'
+              down projections weighted by the router: y = Σ_e g_e(x) W_e h_e. A linear map M on y folds
+              into every producer (W_e' = M W_e, biases too), whatever the router's weights are.
+
+Parameters that are not an nn.Linear's (a mixture of experts keeps all its experts in one 3-D tensor)
+are named by a `Slot`: the parameter and the dimension that holds the hidden units.
 """
 
 from __future__ import annotations
@@ -25,6 +31,19 @@ from ..errors import BakeError
 
 
 @dataclass(frozen=True)
+class Slot:
+    """A weight that reads (a consumer) or writes (a producer) the hidden units on dimension `dim`, and
+    its bias over the other outputs (reader) or over the hidden units (producer; last dimension)."""
+
+    param: str
+    dim: int
+    bias: str | None = None
+
+    def under(self, prefix: str) -> "Slot":
+        return Slot(f"{prefix}.{self.param}", self.dim, f"{prefix}.{self.bias}" if self.bias else None)
+
+
+@dataclass(frozen=True)
 class SiteInfo:
     name: str
     module: str
@@ -35,6 +54,8 @@ class SiteInfo:
     writer: str | None = None  # residual: the Linear whose output is added last to the stream
     anchor: str = ""  # parameter whose bytes identify the model at this site (fingerprint)
     unit_dim: int = -1  # the tensor dimension that holds the units (1: channels of a 4-D conv feature map)
+    slots: tuple[Slot, ...] = ()  # norm: readers that are no nn.Linear (experts); sum: the producers
+    shift_slots: tuple[Slot, ...] = ()  # sum / residual: biases a shift goes into (each added once per token)
 
 
 @dataclass
@@ -68,6 +89,25 @@ class Norm:
 
     path: str
     consumers: tuple[str, ...] = ()
+    slots: tuple[Slot, ...] = ()  # readers that are no nn.Linear module (a mixture of experts' weights)
+
+
+@dataclass(frozen=True)
+class Block:
+    """A block (a mixture of experts) whose output is a sum of its `producers`' outputs: a `sum` site."""
+
+    path: str
+    producers: tuple[Slot, ...]
+    shift_folds: bool = False  # a shift added to every producer's bias is added once (router weights sum to 1)
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One decoder layer's graph, where the layers are not all built alike (a hybrid, dense then MoE)."""
+
+    graph: tuple
+    residual_writer: str | None = None
+    residual_anchor: str | None = None
 
 
 @dataclass(frozen=True)
@@ -90,13 +130,14 @@ class Adapter:
     about: str = ""
     modality: str = "causal-lm"  # or "text-to-image" (a diffusers pipeline)
     layers: str = "model.layers"  # the decoder layers' ModuleList
-    graph: tuple[Norm | str, ...] = ()  # per layer, in graph order: norms and Linear modules
+    graph: tuple[Norm | Block | str, ...] = ()  # per layer, in graph order: norms, blocks and Linear modules
     residual_writer: str | None = None  # the Linear whose output is added last to the stream (None: a norm)
     residual_anchor: str | None = None  # the parameter identifying a layer output site (default: the writer's)
     relabel_to: str | None = None  # the family whose class has the bias flags this one hard-codes off
     tiny_model: Tiny | None = None
     onnx: str | None = None  # None: exports to ONNX; else why not
     onnx_genai: bool = False  # onnxruntime-genai runs this model type
+    per_layer: tuple[Layer, ...] = ()  # one per layer where they differ (then graph/residual_* are unused)
 
     def matches(self, model: torch.nn.Module) -> bool:
         return getattr(model.config, "model_type", None) in self.model_types
@@ -106,23 +147,37 @@ class Adapter:
         h = model.config.hidden_size
         infos: list[SiteInfo] = []
         for i in range(model.config.num_hidden_layers):
-            infos += self.layer_sites(model, f"{self.layers_prefix()}.{i}", h)
+            infos += self.layer_sites(model, f"{self.layers_prefix()}.{i}", h, self.layer(i))
         if self.final_norm:  # feeds lm_head (no bias): scale only
             infos.append(self.norm_site(self.final_norm, h))
         return {s.name: s for s in infos}
 
-    def layer_sites(self, model: torch.nn.Module, p: str, h: int) -> list[SiteInfo]:
-        """The sites of the layer at `p`, from the table's graph, then the layer output (residual)."""
+    def layer(self, i: int) -> Layer:
+        """Layer i's graph and residual writer."""
+        if self.per_layer:
+            return self.per_layer[i]
+        return Layer(self.graph, self.residual_writer, self.residual_anchor)
+
+    def layer_sites(self, model: torch.nn.Module, p: str, h: int, layer: Layer) -> list[SiteInfo]:
+        """The sites of the layer at `p`, from its graph, then the layer output (residual)."""
         infos: list[SiteInfo] = []
-        for item in self.graph:
+        shift: tuple[Slot, ...] = ()
+        for item in layer.graph:
             if isinstance(item, Norm):
-                infos.append(self.norm_site(f"{p}.{item.path}", h, tuple(f"{p}.{c}" for c in item.consumers)))
+                infos.append(self.norm_site(f"{p}.{item.path}", h, tuple(f"{p}.{c}" for c in item.consumers),
+                                            tuple(s.under(p) for s in item.slots)))
+            elif isinstance(item, Block):
+                slots = tuple(s.under(p) for s in item.producers)
+                shift = slots if item.shift_folds else ()
+                infos.append(SiteInfo(f"{p}.{item.path}:output", f"{p}.{item.path}", "output", "sum", h,
+                                      anchor=slots[0].param, slots=slots, shift_slots=shift))
             else:
                 infos += self.linear_sites(model, f"{p}.{item}")
-        w = self.residual_writer
-        anchor = self.residual_anchor or f"{w}.weight"
+        w = layer.residual_writer
+        anchor = layer.residual_anchor or f"{w}.weight"
+        last_is_block = bool(layer.graph) and isinstance(layer.graph[-1], Block) and not w
         return infos + [SiteInfo(f"{p}:output", p, "output", "residual", h, writer=f"{p}.{w}" if w else None,
-                                 anchor=f"{p}.{anchor}")]
+                                 anchor=f"{p}.{anchor}", shift_slots=shift if last_is_block else ())]
 
     @staticmethod
     def linear_sites(model: torch.nn.Module, path: str) -> list[SiteInfo]:
@@ -132,8 +187,9 @@ class Adapter:
                 SiteInfo(f"{path}:output", path, "output", "linear", n_out, anchor=f"{path}.weight")]
 
     @staticmethod
-    def norm_site(path: str, units: int, consumers: tuple[str, ...] = ()) -> SiteInfo:
-        return SiteInfo(f"{path}:output", path, "output", "norm", units, consumers=consumers, anchor=f"{path}.weight")
+    def norm_site(path: str, units: int, consumers: tuple[str, ...] = (), slots: tuple[Slot, ...] = ()) -> SiteInfo:
+        return SiteInfo(f"{path}:output", path, "output", "norm", units, consumers=consumers, anchor=f"{path}.weight",
+                        slots=slots)
 
     def layers_prefix(self) -> str:
         return self.layers

@@ -46,7 +46,8 @@ def run(plan: Plan) -> Plan:
 def _modules(sites: list[SitePlan]) -> list[str]:
     out = []
     for sp in sites:
-        out += [sp.info.module, *sp.info.consumers] + ([sp.info.writer] if sp.info.writer else [])
+        out += [sp.info.module, *sp.info.consumers, *(s.param for s in sp.info.slots)]
+        out += [sp.info.writer] if sp.info.writer else []
     return list(dict.fromkeys(out))
 
 
@@ -78,9 +79,12 @@ def writes(sp: SitePlan) -> list[str]:
 
 
 def _tensors(plan: Plan, group: list[SitePlan]) -> list[str]:
-    """The state-dict names of the parameters of every module a group's folds may write."""
+    """The state-dict names of the parameters of every module a group's folds may write, and of the
+    slots (expert weights) they may write."""
     mods = dict.fromkeys(m for sp in group for m in writes(sp))
-    return [f"{m}.{n}" for m in mods for n, _ in plan.model.get_submodule(m).named_parameters(recurse=False)]
+    names = [f"{m}.{n}" for m in mods for n, _ in plan.model.get_submodule(m).named_parameters(recurse=False)]
+    slots = [s for sp in group if sp.info.role in ("norm", "sum") for s in sp.info.slots]
+    return names + [n for s in slots for n in (s.param, s.bias) if n and plan.store.has(n)]
 
 
 def _pass_major(plan: Plan, start: int) -> None:

@@ -45,11 +45,21 @@ def run(plan: Plan) -> None:
         for layer_idx in range(len(model.get_submodule(prefix))):
             for rel in g.members:
                 path = f"{prefix}.{layer_idx}.{rel}"
+                if not _exists(model, path):  # layers built unlike this one (dense then MoE)
+                    continue
                 if not plan.store.has(f"{path}.bias"):
                     out = linear_dims(model.get_submodule(path))[1]
                     plan.store.set(f"{path}.bias", torch.zeros(out, dtype=plan.store.out_dtype(f"{path}.weight")))
                     added += 1
         plan.note(NAME, "config", f"{flag} = true; {added} zero companion bias(es) written")
+
+
+def _exists(model: torch.nn.Module, path: str) -> bool:
+    try:
+        model.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
 
 
 def _norm_flags(plan: Plan) -> None:

@@ -2,7 +2,10 @@
 
 Linear output: W' = M W, bias' = M bias + b. Norm output with a diagonal map: the scale goes into
 the norm weight (g' = a⊙g, or (c + g') = a⊙(c + g) for norms scaling by c + g); a norm with a bias
-takes the shift too (β' = a⊙β + b), otherwise the shift stays for the norm-shift pass.
+takes the shift too (β' = a⊙β + b), otherwise the shift stays for the norm-shift pass. Sum output
+(a mixture of experts, y = Σ_e g_e W_e h_e): M y = Σ_e g_e (M W_e) h_e, so M folds into every
+producer whatever the router picks; a shift goes into every expert's bias only where the router's
+weights sum to one per token (the probe checks; else it would be added once per chosen expert).
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import torch
 
 from ..maps import LinearMap
 from ..plan import Plan
-from .weights import can_bias, describe, fold_output
+from .weights import can_bias, describe, fold_output, fold_slot_output
 
 NAME = "fold-into-producer"
 
@@ -27,6 +30,11 @@ def run(plan: Plan, sites=None) -> None:
                 fold_output(plan, sp.info.module, m)
                 sp.pending = []
                 plan.note(NAME, sp.name, f"{describe(m)} → {sp.info.module}.weight/bias")
+        elif sp.info.role == "sum" and (m.shift_is_zero or sp.info.shift_slots):
+            for slot in sp.info.slots:
+                fold_slot_output(plan, slot, m)
+            sp.pending = []
+            plan.note(NAME, sp.name, f"{describe(m)} → {len(sp.info.slots)} producer weight(s) of {sp.info.module}")
         elif sp.info.role == "norm" and m.is_diagonal and _norm_takes(plan, _with_weight(plan, sp.info.module), m):
             plan.note(NAME, sp.name, fold_norm(plan, sp, m, off))
 

@@ -17,6 +17,10 @@ def reason(plan: Plan, sp) -> str:
         if not isinstance(seg, LinearMap):
             return seg.why_not_foldable()
     m = sp.pending[0]
+    if sp.info.role == "sum" or (sp.info.role == "residual" and sp.info.writer is None and _after_block(plan, sp)):
+        return ("a mixture of experts writes here: its output sums the chosen experts weighted by the router, "
+                "so only a linear map without a shift folds (into every expert); a shift has no bias it is "
+                "added through exactly once")
     if sp.info.role == "residual":
         if sp.info.writer is None:
             return (f"the last write into the residual stream in {plan.adapter.family} is a norm with no bias slot, "
@@ -30,6 +34,11 @@ def reason(plan: Plan, sp) -> str:
     if not m.shift_is_zero:
         return f"the shift needs a bias on {target}, which this architecture cannot have"
     return "no pass handles this site"
+
+
+def _after_block(plan: Plan, sp) -> bool:
+    """The residual site of a layer whose last writer is a mixture-of-experts block."""
+    return any(o.role == "sum" and o.module.startswith(sp.info.module + ".") for o in plan.adapter.sites(plan.model).values())
 
 
 def run(plan: Plan) -> None:

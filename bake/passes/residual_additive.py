@@ -1,21 +1,30 @@
 """Pass 5: an additive map on the residual stream after a layer goes into the bias of the layer's
-last writer (the MLP's down projection): h + mlp(h) + λv = h + (mlp with bias + λv)(h)."""
+last writer (the MLP's down projection): h + mlp(h) + λv = h + (mlp with bias + λv)(h). After a
+mixture of experts whose router weights sum to one per token, into every expert's output bias:
+Σ_e g_e (W_e h_e + b_e + v) = Σ_e g_e (W_e h_e + b_e) + v."""
 
 from __future__ import annotations
 
 from ..maps import LinearMap
 from ..plan import Plan
-from .weights import add_bias, can_bias
+from .weights import add_bias, add_slot_bias, can_bias
 
 NAME = "residual-additive"
 
 
 def run(plan: Plan, sites=None) -> None:
     for sp in plan.sites if sites is None else sites:
-        if (sp.info.role != "residual" or len(sp.pending) != 1 or not isinstance(sp.pending[0], LinearMap)
-                or not sp.pending[0].scale_is_identity or sp.info.writer is None
-                or not can_bias(plan, sp.info.writer)):
+        info = sp.info
+        if (info.role != "residual" or len(sp.pending) != 1 or not isinstance(sp.pending[0], LinearMap)
+                or not sp.pending[0].scale_is_identity):
             continue
-        add_bias(plan, sp.info.writer, sp.pending[0].bias)
+        if info.writer is not None and can_bias(plan, info.writer):
+            add_bias(plan, info.writer, sp.pending[0].bias)
+            plan.note(NAME, sp.name, f"shift → {info.writer}.bias")
+        elif info.shift_slots:
+            for s in info.shift_slots:
+                add_slot_bias(plan, s, sp.pending[0].bias)
+            plan.note(NAME, sp.name, f"shift → every expert's output bias ({len(info.shift_slots)} slot(s))")
+        else:
+            continue
         sp.pending = []
-        plan.note(NAME, sp.name, f"shift → {sp.info.writer}.bias")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..maps import LinearMap
-from ..families.table import linear_dims
+from ..families.table import Slot, linear_dims
 from ..plan import Plan
 
 BLOCK = 2048  # rows (or columns) per float64 block: memory stays O(block × width), not a float64 copy of W
@@ -113,6 +113,67 @@ def fold_input(plan: Plan, path: str, m: LinearMap) -> None:
 
 def add_bias(plan: Plan, path: str, shift: torch.Tensor) -> None:
     set_bias(plan, path, bias64(plan, path) + shift)
+
+
+# -- slots: weights that are no nn.Linear's (3-D expert tensors), by the dimension holding the units --------
+def _as_reader(W: torch.Tensor, dim: int) -> torch.Tensor:
+    """W as [rows, units] ([out, in] of a Linear reading the units)."""
+    return W.movedim(dim, -1).reshape(-1, W.shape[dim])
+
+
+def _as_producer(W: torch.Tensor, dim: int) -> torch.Tensor:
+    """W as [units, cols] ([out, in] of a Linear writing the units)."""
+    return W.movedim(dim, 0).reshape(W.shape[dim], -1)
+
+
+def _write_slot(plan: Plan, slot: Slot, view, fill) -> None:
+    """`fill(V, out)` writes the new 2-D view `view(W)` of the slot's weight; stored back in W's layout."""
+    W = plan.store.get(slot.param)
+    stored = torch.empty(W.shape, dtype=plan.store.out_dtype(slot.param))
+    moved = stored.movedim(slot.dim, -1 if view is _as_reader else 0)  # a view of `stored`, contiguous or not
+    out = torch.empty(view(W, slot.dim).shape, dtype=stored.dtype)
+    fill(view(W, slot.dim), out)
+    moved.copy_(out.reshape(moved.shape))
+    plan.store.set(slot.param, stored)
+
+
+def slot_takes_shift(plan: Plan, slot: Slot) -> bool:
+    return slot.bias is not None and plan.store.has(slot.bias)
+
+
+def fold_slot_input(plan: Plan, slot: Slot, m: LinearMap) -> None:
+    """x ↦ M x + b before a reader: W' = W M along `dim`, bias' = bias + W b (the original W)."""
+    dt = plan.fold_dtype
+    if not m.shift_is_zero:
+        b = plan.store.get(slot.bias)
+        shift = matvec(_as_reader(plan.store.get(slot.param), slot.dim), m.bias, dt).reshape(b.shape)
+        plan.store.set(slot.bias, (b.double() + shift).to(plan.store.out_dtype(slot.bias)))
+    if not m.scale_is_identity:
+        _write_slot(plan, slot, _as_reader, lambda W, out: right_multiply(W, m, out, dt))
+
+
+def fold_slot_output(plan: Plan, slot: Slot, m: LinearMap) -> None:
+    """A producer followed by y ↦ M y + b: W' = M W along `dim`, bias' = M bias + b (units on its last
+    axis; b only where the site's shift_slots say it is added once)."""
+    dt = plan.fold_dtype
+    if m.scale_is_identity:
+        if not m.shift_is_zero:
+            add_slot_bias(plan, slot, m.bias)
+        return
+    if m.is_diagonal:
+        _write_slot(plan, slot, _as_producer, lambda W, out: scale_rows(W, m.diag, out, dt))
+    else:
+        _write_slot(plan, slot, _as_producer, lambda W, out: mix_rows(W, m.mat, out, dt))
+    if slot.bias and plan.store.has(slot.bias):
+        b = plan.store.get(slot.bias)
+        new = m.apply_matrix(b.double().reshape(-1, b.shape[-1]).t()).t() if not m.is_diagonal else b.double() * m.diag
+        plan.store.set(slot.bias, (new.reshape(b.shape) + m.bias).to(plan.store.out_dtype(slot.bias)))
+
+
+def add_slot_bias(plan: Plan, slot: Slot, shift: torch.Tensor) -> None:
+    """A producer's bias (units on its last axis) + shift, for every expert."""
+    b = plan.store.get(slot.bias)
+    plan.store.set(slot.bias, (b.double() + shift).to(plan.store.out_dtype(slot.bias)))
 
 
 def describe(m: LinearMap) -> str:
