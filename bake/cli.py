@@ -181,6 +181,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("spec")
     p = sub.add_parser("families", help="supported model families and, per site preset, how each map kind folds")
     p.add_argument("--family", action="append", help="only this family (repeatable)")
+    p.add_argument("--type", default=None, help="any causal-LM model_type: the table for the family bake's probe "
+                                                "derives from a tiny random model of it")
+    p.add_argument("--all", action="store_true", help="every causal-LM model type of transformers: does it bake "
+                                                      "and verify with ablate, mean-act and caa, or why not "
+                                                      "(the last family sweep, shipped with bake)")
     p.add_argument("--json", action="store_true", help="print the table as JSON")
     return ap
 
@@ -324,12 +329,33 @@ def cmd_inspect(a) -> int:
     return 0
 
 
+def _print_sweep(as_json: bool) -> int:
+    """`bake families --all`: one line per model type from the shipped sweep."""
+    import json
+
+    from .support_table import sweep_verdicts
+
+    version, rows = sweep_verdicts()
+    if as_json:
+        print(json.dumps({"transformers": version, "rows": rows}, indent=1))
+        return 0
+    print(f"every causal-LM model type of transformers {version} (the family sweep; `bake families --type T` "
+          f"probes one on this machine):")
+    width = max(len(r["model_type"]) for r in rows)
+    for r in rows:
+        why = f" ({r['why']})" if r.get("why") else ""
+        print(f"  {r['model_type']:{width}s}  {r.get('family', '-'):8s} {r['status']}{why}")
+    return 0
+
+
 def cmd_families(a) -> int:
     import json
 
-    from .support_table import ALWAYS_INSERTED, KINDS, table
+    from .support_table import ALWAYS_INSERTED, KINDS, probed_table, table
 
-    rows = table(a.family)
+    if a.all:
+        return _print_sweep(a.json)
+    rows = probed_table(a.type) if a.type else table(a.family)
     if a.json:
         print(json.dumps(rows, indent=1))
         return 0

@@ -48,6 +48,12 @@ class Plan:
     def note(self, pass_name: str, site: str, what: str) -> None:
         self.report.append((pass_name, site, what))
 
+    def pending_at(self, module: str, side: str) -> bool:
+        """A map at `module:side` that no fold placed (it stays an inserted module). A fold that would move
+        another map across it (into that module's weight from the other side of the inserted module)
+        must not run: the order of the two maps would change."""
+        return any(sp.pending for sp in self.sites if sp.info.module == module and sp.info.side == side)
+
 
 def check_fingerprint(spec: Spec, model: torch.nn.Module, infos: list[SiteInfo], where: str,
                       store: TensorStore) -> None:

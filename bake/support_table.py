@@ -41,12 +41,13 @@ def probe_map(kind: str, units: int, gen: torch.Generator) -> Map:
     return MAP_KINDS[kind].example(units, gen)
 
 
-def cell(adapter: Adapter, preset: str, kind: str, variant: str | None = None) -> Cell:
-    """Compile a map of `kind` at every site of `preset` into a fresh tiny model of the family."""
+def cell(adapter: Adapter, preset: str, kind: str, variant: str | None = None, make=None) -> Cell:
+    """Compile a map of `kind` at every site of `preset` into a fresh tiny model of the family (`make()`
+    where given: a copy of a tiny model of a probed type)."""
     from . import passes
 
     torch.manual_seed(0)
-    model = adapter.tiny(variant) if variant else adapter.tiny()
+    model = make() if make else adapter.tiny(variant) if variant else adapter.tiny()
     catalog = adapter.sites(model)
     gen = torch.Generator().manual_seed(0)
     try:
@@ -84,3 +85,41 @@ def table(families: list[str] | None = None) -> list[dict]:
                     row[kind] = cell(ad, preset, kind, variant).text()
                 rows.append(row)
     return rows
+
+
+def probed_table(model_type: str) -> list[dict]:
+    """The same rows for any causal-LM model type, on its tiny random model and the family bake's probe
+    derives from it (`bake families --type`); a table family's own table where it has one."""
+    import copy
+
+    from .families import adapter_for
+    from .families.tiny import build
+
+    try:
+        model = build(model_type)
+    except BakeError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the config class or its model does not build small
+        raise BakeError(f"--type: {model_type}: no tiny model builds ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:160]})") from e
+    ad = adapter_for(model)
+    rows = []
+    for preset in ad.presets:
+        row = {"family": f"{model_type} ({'probe' if ad.about.startswith('derived') else ad.family})",
+               "model_types": [model_type], "preset": preset}
+        for kind in KINDS:
+            row[kind] = cell(ad, preset, kind, make=lambda: copy.deepcopy(model)).text()
+        rows.append(row)
+    return rows
+
+
+SWEEP = "families_sweep.json"  # in bake/data: the last sweep over every model type (benchmarks/families_sweep.py)
+
+
+def sweep_verdicts() -> tuple[str, list[dict]]:
+    """(transformers version, rows) of the shipped sweep: per model type, its status and the reason."""
+    import json
+    from importlib import resources
+
+    doc = json.loads(resources.files("bake").joinpath("data", SWEEP).read_text(encoding="utf-8"))
+    return doc["transformers"], doc["rows"]

@@ -4,8 +4,7 @@ family table or by the probe), whether random specs fold into them exactly, and 
 and docs/families-sweep.md.
 
 Per model type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES: build a tiny random config (2 layers, hidden 32,
-few heads, 4 experts; the config class's own defaults otherwise, a few per-type keys in OVERRIDES, 4
-or 8 layers where 2 hold no attention layer) and its ForCausalLM class; run one forward pass; types
+few heads, 4 experts: `bake.families.tiny.build`) and its ForCausalLM class; run one forward pass; types
 whose base model is a masked LM (BERT-likes) or a seq2seq model (BART, Whisper, ...) are out of scope
 and not counted. Then:
 
@@ -48,14 +47,12 @@ from bake import passes  # noqa: E402
 from bake.cli import main as bake  # noqa: E402
 from bake.errors import BakeError  # noqa: E402
 from bake.families import adapter_for  # noqa: E402
+from bake.families.tiny import build  # noqa: E402
 from bake.plan import bind  # noqa: E402
 from bake.runtime import steered  # noqa: E402
 from conftest import TEXTS, make_tokenizer  # noqa: E402
 from test_differential import random_spec  # noqa: E402
 
-SMALL = dict(vocab_size=448, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, head_dim=8, max_position_embeddings=64, pad_token_id=0, bos_token_id=1,
-             eos_token_id=2, num_local_experts=4, num_experts=4, num_experts_per_tok=2, n_routed_experts=4)
 GROUPS = {"post-norms": ["post-norms"], "writers": ["attn-out", "mlp-out", "mlp-in"], "residual": ["residual"],
           "all": ["**"]}
 OUT_OF_SCOPE = set(auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES) | set(auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES)
@@ -67,47 +64,6 @@ def first_line(e: Exception) -> str:
 
 
 SKIP = {"moshi": "its tiny config grew past 12 GB of memory in the forward pass (not investigated)"}
-MAX_PARAMS = 20_000_000  # a config class that ignores the tiny widths builds its full size: skipped
-MLA = dict(q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, qk_head_dim=8,
-           head_dim=4, first_k_dense_replace=1, moe_intermediate_size=16, n_group=1, topk_group=1)
-OVERRIDES = {  # config keys a type needs beyond SMALL to build small (rotary dims, MLA ranks, intervals)
-    "codegen": dict(rotary_dim=4, n_embd=32, n_head=4, n_layer=2, n_positions=64),
-    "gptj": dict(rotary_dim=4, n_embd=32, n_head=4, n_layer=2, n_positions=64),
-    "deepseek_v2": MLA, "deepseek_v3": MLA, "minicpm3": MLA, "glm4_moe_lite": MLA, "sarvam_mla": MLA,
-    "youtu": MLA, "axk1": MLA, "axk2": MLA,
-    "falcon": dict(head_dim=None),
-    "jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1),
-}
-
-
-def build(mt: str):
-    """The tiny model of type `mt`, with non-trivial norm weights; 4 then 8 layers where 2 hold no attention
-    layer (hybrids that attend every 4th layer)."""
-    for layers in (2, 4, 8):
-        try:
-            return _build(mt, layers)
-        except ValueError as e:
-            if "get_seq_length" not in str(e) or layers == 8:
-                raise
-    raise AssertionError("unreachable")
-
-
-def _build(mt: str, layers: int):
-    torch.manual_seed(0)
-    keys = {**SMALL, "num_hidden_layers": layers, **OVERRIDES.get(mt, {})}
-    cfg = tf.AutoConfig.for_model(mt, **{k: v for k, v in keys.items() if v is not None})
-    cls = getattr(tf, auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[mt])
-    with torch.device("meta"):
-        n = sum(p.numel() for p in cls(cfg).parameters())
-    if n > MAX_PARAMS:
-        raise ValueError(f"the tiny config is not honoured: {n / 1e6:.0f} M parameters")
-    model = cls(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1 and "norm" in name:
-                p.copy_(0.5 + torch.rand_like(p))
-        model(input_ids=torch.tensor([[3, 4, 5, 6]]))
-    return model
 
 
 def rel_error(model, spec, insert: bool) -> float:
@@ -176,7 +132,14 @@ def protocol(model) -> dict:
         make_tokenizer().save_pretrained(tmp / "model")
         (tmp / "src.txt").write_text("\n".join(TEXTS[1::2]))
         (tmp / "tgt.txt").write_text("\n".join(TEXTS[0::2]))
-        return {m: one_method(tmp, m, extra) for m, extra in METHODS.items()}
+        have = adapter_for(model).presets
+        return {m: one_method(tmp, m, sites_of(extra, have)) for m, extra in METHODS.items()}
+
+
+def sites_of(extra: list, have: dict) -> list:
+    """The method's presets this model has (ablate at attn-out and mlp-out, or the one that exists)."""
+    kept = [p for p in extra[1].split(",") if p in have] or extra[1].split(",")
+    return [extra[0], ",".join(kept)]
 
 
 def cli(args: list) -> tuple[int, str]:
@@ -187,8 +150,9 @@ def cli(args: list) -> tuple[int, str]:
             code = bake([str(a) for a in args])
         except Exception as e:  # noqa: BLE001 - a crash is a row of the sweep, not the end of it
             return 3, first_line(e)
-    lines = [ln for ln in err.getvalue().splitlines() if ln.strip() and "%|" not in ln]
-    return code, lines[-1] if lines else ""
+    lines = [ln.strip() for ln in err.getvalue().replace("\r", "\n").splitlines() if ln.strip()]
+    said = [ln for ln in lines if ln.startswith("bake: error")] or [ln for ln in lines if "%|" not in ln]
+    return code, said[-1] if said else ""
 
 
 def one_method(tmp: Path, method: str, extra: list) -> dict:
@@ -297,6 +261,19 @@ def markdown(rows: list[dict], seconds: float) -> str:
     return "\n".join(lines) + "\n"
 
 
+def verdict(r: dict) -> dict:
+    """The row `bake families --all` prints: status and a one-line reason."""
+    out = {"model_type": r["model_type"], "family": r.get("family", "-"), "status": r["status"]}
+    why = r.get("why", "")
+    ms = r.get("methods", {})
+    bad = [m for m in ms.values() if m["outcome"] not in ("folded", "inserted")]
+    if bad:
+        why = bad[0].get("why", "")
+    elif ms and any(m["outcome"] == "inserted" for m in ms.values()):
+        why = "inserted modules for " + ", ".join(k for k, m in ms.items() if m["outcome"] == "inserted")
+    return {**out, "why": why.removeprefix("bake: error: ")[:200]} if why else out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--types", default=None, help="comma-separated model types (default: all)")
@@ -318,6 +295,9 @@ def main() -> None:
             json.dumps({"transformers": tf.__version__, "seconds": round(seconds), "rows": rows}, indent=1) + "\n")
     if not a.types:
         (ROOT / "docs" / "families-sweep.md").write_text(markdown(rows, seconds), encoding="utf-8")
+        verdicts = [verdict(r) for r in sorted(rows, key=lambda r: r["model_type"])]
+        (ROOT / "bake" / "data" / "families_sweep.json").write_text(
+            json.dumps({"transformers": tf.__version__, "rows": verdicts}, indent=0) + "\n", encoding="utf-8")
     print(markdown(rows, seconds).splitlines()[4])
 
 

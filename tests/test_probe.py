@@ -72,12 +72,13 @@ def test_probed_family_bakes_exactly(model_type):
 
 
 def test_probe_refuses_what_it_cannot_place():
-    """Cohere runs attention and MLP in parallel off one norm: no single Linear writes the residual
-    stream last, so a shift on the layer output is refused with the reason (an inserted module on request)."""
+    """Cohere runs attention and MLP in parallel off one norm (b = a + o_attn + o_mlp: both write the
+    stream); its class builds no bias for either, so a shift on the layer output is refused with the
+    reason (an inserted module on request)."""
     model = tiny("cohere", seed=5)
     ad = adapter_for(model)
-    assert ad.residual_writer is None
-    with pytest.raises(BakeError, match="cannot fold exactly"):
+    assert ad.residual_writer == "mlp.down_proj" and "attn-out" in ad.presets
+    with pytest.raises(BakeError, match="cannot fold exactly: the shift needs a bias on model.layers.0.mlp.down_proj"):
         folded_vs_hooked(model, ["residual"], 5)
     site = "model.layers.1.input_layernorm:output"  # a scale there folds into the norm weight
     a = 0.5 + torch.rand(32, generator=torch.Generator().manual_seed(6))

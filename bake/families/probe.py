@@ -88,22 +88,36 @@ def _leaf(mod: torch.nn.Module, hidden: int) -> bool:
 
 
 def writers(calls: list, x: torch.Tensor, y: torch.Tensor) -> list[tuple[str, bool]]:
-    """(name, is last) of every module whose output o satisfies b = a + o for hidden states a, b."""
+    """(name, is last) of every module whose output o satisfies b = a + o for hidden states a, b; or, in
+    a parallel block (GPT-J, Cohere, Phi: attention and MLP read one norm), b = a + o1 + o2."""
     states = [x] + [t for _, _, i, o in calls for t in (i, o) if isinstance(t, torch.Tensor)] + [y]
     states = [s for s in states if s.shape == y.shape]
+    outs = [(name, o) for name, _, _, o in calls if isinstance(o, torch.Tensor) and o.shape == y.shape]
     out = []
-    for name, _, _, o in calls:
-        if not isinstance(o, torch.Tensor) or o.shape != y.shape:
-            continue
-        for a in states:
-            for b in states:
-                if a is not o and b is not o and a is not b and torch.allclose(b, a + o, rtol=1e-5, atol=1e-6):
-                    out.append((name, b is y))
-                    break
-            else:
-                continue
+    for name, o in outs:
+        b = _sum_of(states, [o])
+        if b is not None:
+            out.append((name, b is y))
+    found = {n for n, _ in out}
+    for (n1, o1), (n2, o2) in itertools.combinations([(n, o) for n, o in outs if n not in found], 2):
+        b = _sum_of(states, [o1, o2])
+        if b is not None:
+            out += [(n1, b is y), (n2, b is y)]
             break
-    return out
+    inner = {n.rsplit(".", 1)[0] for n, _ in out if "." in n}  # a block whose Linear writer was found
+    return [(n, last) for n, last in out if n not in inner]
+
+
+def _sum_of(befores: list, parts: list, afters: list | None = None):
+    """The state b (of `afters`, default `befores`) with b = a + Σ parts for some other state a; or None."""
+    for a in befores:
+        if any(a is p for p in parts):
+            continue
+        total = a + sum(parts)
+        for b in afters if afters is not None else befores:
+            if b is not a and not any(b is p for p in parts) and torch.allclose(b, total, rtol=1e-5, atol=1e-6):
+                return b
+    return None
 
 
 def norm_offset(norms: list[torch.nn.Module], model_type: str) -> float:
@@ -209,7 +223,7 @@ def _layer(model, p: str, calls: list, x, y, hidden: int) -> tuple[Layer, list, 
     reads = _reads(calls, x, blocks)
     graph, norms = [], []
     for name in order:
-        if name in linears and not any(name.startswith(b + ".") for b in blocks):
+        if name in linears and not any(name.startswith(b + ".") for b, v in blocks.items() if v):
             graph.append(name)
         elif is_norm(kind[name], hidden):
             out = next(o for nm, _, _, o in calls if nm == name)
@@ -218,7 +232,7 @@ def _layer(model, p: str, calls: list, x, y, hidden: int) -> tuple[Layer, list, 
             norms.append(kind[name])
         elif blocks.get(name):
             graph.append(Block(name, blocks[name][1], blocks[name][2]))
-    last = next((nm for nm, is_last in found if is_last), None)
+    last = ([nm for nm, is_last in found if is_last] or [None])[-1]  # a parallel block: the later of the two
     writer = last if last in linears else None
     anchor = _anchor(kind, last, blocks, linears)
     linear_writers = [nm for nm, _ in found if nm in linears]
@@ -296,13 +310,14 @@ def _presets(prefix: str, graph: list, linear_writers: list[str], writer: str | 
     at = lambda rel: f"{prefix}.*.{rel}"  # noqa: E731
     pre = tuple(at(f"{g.path}:output") for g in graph if isinstance(g, Norm) and (g.consumers or g.slots))
     out = {"post-norms": pre} if pre else {}
-    if linear_writers:
+    if linear_writers and linear_writers[0] != writer:
         out["attn-out"] = (at(f"{linear_writers[0]}:output"),)
     if writer:
         after = [g for g in graph if isinstance(g, str)]
         start = after.index(linear_writers[0]) + 1 if linear_writers else 0
-        out.update({"mlp-in": (at(f"{writer}:input"),), "mlp-out": (at(f"{writer}:output"),),
-                    "mlp-linears": tuple(at(f"{g}:output") for g in after[start:])})
+        out.update({"mlp-in": (at(f"{writer}:input"),), "mlp-out": (at(f"{writer}:output"),)})
+        if after[start:]:
+            out["mlp-linears"] = tuple(at(f"{g}:output") for g in after[start:])
     elif block:
         out["mlp-out"] = (at(f"{block}:output"),)
     out["residual"] = (f"{prefix}.*:output",)
@@ -352,6 +367,8 @@ def _passes(block: torch.nn.Module, x: torch.Tensor, readers, producers) -> bool
             return _passes_in(block, x, readers, producers, dt, tol)
         except RuntimeError:  # noqa: PERF203 - a kernel without this dtype: the next one
             continue
+        except Exception:  # noqa: BLE001 - a block that does not run on its input alone: not resolved
+            return False
     return False
 
 
@@ -383,6 +400,17 @@ def _shift_once(block: torch.nn.Module, x: torch.Tensor, producers) -> bool:
     one per token; every producer has a bias)."""
     if not all(p.bias for p in producers):
         return False
+    return _try(lambda: _adds_once(block, x, producers))
+
+
+def _try(f) -> bool:
+    try:
+        return f()
+    except Exception:  # noqa: BLE001 - a block that does not run on its input alone: not resolved
+        return False
+
+
+def _adds_once(block: torch.nn.Module, x: torch.Tensor, producers) -> bool:
     v = 0.5 * torch.randn(x.shape[-1], generator=torch.Generator().manual_seed(1))
     base = copy.deepcopy(block).float()
     twin = copy.deepcopy(base)

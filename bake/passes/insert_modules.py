@@ -25,6 +25,8 @@ def reason(plan: Plan, sp) -> str:
         if sp.info.writer is None:
             return (f"the last write into the residual stream in {plan.adapter.family} is a norm with no bias slot, "
                     f"so no shift folds here")
+        if m.scale_is_identity:
+            return f"the shift needs a bias on {sp.info.writer}, which this architecture cannot have"
         return ("only an additive map folds on the residual stream (a scale or projection there changes what "
                 "every later layer reads); put it on the writers' outputs (attn-out, mlp-out) instead")
     if sp.info.role == "norm" and not sp.info.consumers:

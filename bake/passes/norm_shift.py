@@ -22,6 +22,8 @@ def run(plan: Plan, sites=None) -> None:
                 or not isinstance(sp.pending[0], LinearMap)):
             continue
         m = sp.pending[0]
+        if any(plan.pending_at(c, "input") for c in info.consumers):
+            continue  # an inserted module reads this norm's output before that consumer: the map stays here
         if not (m.shift_is_zero or (all(can_bias(plan, c) for c in info.consumers)
                                     and all(slot_takes_shift(plan, s) for s in info.slots))):
             continue

@@ -18,6 +18,10 @@ def run(plan: Plan, sites=None) -> None:
         if (info.role != "residual" or len(sp.pending) != 1 or not isinstance(sp.pending[0], LinearMap)
                 or not sp.pending[0].scale_is_identity):
             continue
+        writer_out = info.writer or next((o.info.module for o in plan.sites if o.info.role == "sum"
+                                          and o.info.module.startswith(info.module + ".")), None)
+        if writer_out and plan.pending_at(writer_out, "output"):
+            continue  # the writer's output keeps an inserted module: the shift must come after it
         if info.writer is not None and can_bias(plan, info.writer):
             add_bias(plan, info.writer, sp.pending[0].bias)
             plan.note(NAME, sp.name, f"shift → {info.writer}.bias")
