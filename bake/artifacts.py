@@ -6,6 +6,7 @@ Formats:
   carries generated code (`modeling_bake.py`, for inserted modules) only with an explicit
   `trust_code`, and `trust_remote_code=True` is passed only then.
 - `onnx`: an ONNX export (`model.onnx`, `onnx_info.json`), run with ONNX Runtime (`bake/ort.py`).
+- `gguf`: a `model-<TYPE>.gguf` beside the checkpoint, run with llama.cpp (`bake/llamacpp.py`).
 - `pipeline`: a diffusers pipeline directory (`model_index.json`), from safetensors only.
 
 Below verify, diff, eval and cli: it imports only models, modules and ort.
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from .errors import BakeError
 
-CAUSAL_FORMATS = ("safetensors", "onnx")
+CAUSAL_FORMATS = ("safetensors", "onnx", "gguf")
 FORMATS = (*CAUSAL_FORMATS, "pipeline")
 TO_RUN = " to run it"  # the default tail of the refusal to run generated code
 
@@ -61,7 +62,8 @@ def formats_in(path: str | Path, flag: str = "--baked") -> list[str]:
     from .ort import is_onnx_dir
 
     p = Path(path)
-    found = [f for f, ok in (("safetensors", any(p.glob("*.safetensors"))), ("onnx", is_onnx_dir(p))) if ok]
+    found = [f for f, ok in (("safetensors", any(p.glob("*.safetensors"))), ("onnx", is_onnx_dir(p)),
+                             ("gguf", any(p.glob("model-*.gguf")))) if ok]
     if not found:
         raise BakeError(f"{flag}: {str(path)!r} holds neither safetensors weights nor model.onnx")
     return found
@@ -85,7 +87,8 @@ def _resolve_format(p: Path, name: str, fmt: str, flag: str, allowed: tuple[str,
 
     if not p.is_dir():
         raise BakeError(f"{flag}: {name!r} is not a directory")
-    has = {"safetensors": has_checkpoint(p), "onnx": is_onnx_dir(p), "pipeline": (p / "model_index.json").is_file()}
+    has = {"safetensors": has_checkpoint(p), "onnx": is_onnx_dir(p), "pipeline": (p / "model_index.json").is_file(),
+           "gguf": any(p.glob("model-*.gguf"))}
     if fmt == "auto":
         fmt = next((f for f in CAUSAL_FORMATS if has[f]), "")
         if not fmt:
@@ -94,7 +97,8 @@ def _resolve_format(p: Path, name: str, fmt: str, flag: str, allowed: tuple[str,
     if fmt not in allowed:
         raise BakeError(f"--format: unknown format {fmt!r}")
     if not has[fmt]:
-        what = {"safetensors": "safetensors checkpoint", "onnx": "model.onnx", "pipeline": "model_index.json"}[fmt]
+        what = {"safetensors": "safetensors checkpoint", "onnx": "model.onnx", "pipeline": "model_index.json",
+                "gguf": "model-*.gguf"}[fmt]
         raise BakeError(f"{flag}: {name!r} holds no {what}")
     return fmt
 
@@ -112,6 +116,8 @@ def open_artifact(path: str | Path, fmt: str = "auto", *, provider: str = "auto"
         return _open_onnx(p, provider)
     if fmt == "pipeline":
         return open_pipeline(p)
+    if fmt == "gguf":
+        return _open_gguf(p)
     return _open_safetensors(p, str(path), trust_code, dtype, flag, hint)
 
 
@@ -121,6 +127,16 @@ def _open_onnx(p: Path, provider: str) -> Artifact:
 
     model, tok = load_onnx(p, provider)
     return Artifact(model, tok, "onnx", model.dtype.__name__, p)
+
+
+def _open_gguf(p: Path) -> Artifact:
+    """A baked directory's model-<TYPE>.gguf, run in llama.cpp, with the checkpoint's tokenizer beside it."""
+    from transformers import AutoTokenizer
+
+    from .llamacpp import LlamaCppLM
+
+    model = LlamaCppLM(p)
+    return Artifact(model, AutoTokenizer.from_pretrained(str(model.file.parent)), "gguf", model.file.stem, p)
 
 
 def open_pipeline(p: Path) -> Artifact:

@@ -83,7 +83,10 @@ def _p_apply(sub):
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument("--dtype", default=None, help="float32 (default) | bfloat16 | float16 (folding is done in fp32); "
                    "a streaming bake keeps each tensor's stored dtype")
-    p.add_argument("--format", default="safetensors", help="safetensors | onnx | safetensors,onnx (both in --out)")
+    p.add_argument("--format", default="safetensors", help="safetensors | onnx | gguf | comma-separated (all in "
+                   "--out; gguf: model-<TYPE>.gguf for llama.cpp / Ollama beside the checkpoint)")
+    p.add_argument("--gguf-type", default=None, help="f32 | f16 | bf16 | q8_0 | q4_k_m | ... (llama.cpp's quantizer; "
+                   "default: the type of the --model GGUF)")
     p.add_argument("--onnx-layout", default="root", help="root: model.onnx beside config.json (Optimum, "
                    "onnxruntime-genai) | onnx: onnx/model.onnx (transformers.js)")
     p.add_argument("--stream", action="store_true", help="never load the whole model: rewrite only the tensors the "
@@ -217,16 +220,22 @@ def _verification_line(v: dict) -> str:
         if "onnx_denoiser_rel" in v:
             line += f", ONNX denoiser relative error {v['onnx_denoiser_rel']:.3g}"
         return line + f" [{v['criterion']}]"
-    return (f"verify: {'PASS' if v['passed'] else 'FAIL'}: {v['prompts']} prompts, max abs logit error "
+    line = (f"verify: {'PASS' if v['passed'] else 'FAIL'}: {v['prompts']} prompts, max abs logit error "
             f"{v['max_abs']:.3g} (relative {v['max_rel']:.3g}), greedy identical {v['greedy_same']}/{v['prompts']}"
             f" [{v['criterion']}]")
+    g = v.get("gguf")
+    if g:
+        line += (f"\nverify (gguf {g['gguf_type']}, llama.cpp): {'PASS' if g['passed'] else 'FAIL'}: max abs logit "
+                 f"error {g['max_abs']:.3g} (relative {g['max_rel']:.3g}), greedy identical "
+                 f"{g['greedy_same']}/{g['prompts']} [{g['criterion']}]")
+    return line
 
 
 def cmd_apply(a) -> int:
     from .compiler import BakeOptions, apply, parse_formats
     from .verify import read_prompts
 
-    opts = BakeOptions(dtype=a.dtype, formats=parse_formats(a.format), onnx_layout=a.onnx_layout,
+    opts = BakeOptions(dtype=a.dtype, formats=parse_formats(a.format), onnx_layout=a.onnx_layout, gguf_type=a.gguf_type,
                        strength=a.strength, force=a.force, run_verify=a.verify,
                        prompts=tuple(read_prompts(a.prompts) or ()) or None, check_model=not a.ignore_fingerprint,
                        insert_modules=a.insert_modules, approximate=a.approximate, stream=a.stream or None,
@@ -237,7 +246,8 @@ def cmd_apply(a) -> int:
     inserted = sum(p_ == "insert-modules" for p_, _, _ in res.report)
     loads = (f"from_pretrained(trust_remote_code=True): generated modeling_bake.py, {inserted} inserted module(s)"
              if inserted else "stock from_pretrained")
-    how = " + ".join({"safetensors": loads, "onnx": "model.onnx for ONNX Runtime"}[f] for f in opts.formats)
+    how = " + ".join({"safetensors": loads, "onnx": "model.onnx for ONNX Runtime",
+                      "gguf": "model-*.gguf for llama.cpp"}[f] for f in opts.formats)
     how = f"streamed; {how}" if res.streamed else how
     print(f"wrote {res.out} in {res.seconds:.1f} s ({how}; config changes: {res.config_changes or 'none'})")
     return 0

@@ -13,7 +13,7 @@ from .spec import check_strength
 from .typed import build, check_fields, encode
 
 DTYPES = ("float32", "bfloat16", "float16")
-FORMATS = ("safetensors", "onnx")
+FORMATS = ("safetensors", "onnx", "gguf")
 ONNX_LAYOUTS = ("root", "onnx")
 
 
@@ -24,6 +24,7 @@ class BakeOptions:
     dtype: str | None = None  # None: float32 in memory, each tensor's stored dtype when streamed
     formats: tuple[str, ...] = ("safetensors",)
     onnx_layout: str = "root"  # root: model.onnx beside config.json | onnx: onnx/model.onnx
+    gguf_type: str | None = None  # --format gguf: f32, f16, q8_0, q4_k_m, ... (None: the source GGUF's type)
     strength: float | None = None  # overrides every map's strength
     force: bool = False  # replace a non-empty --out
     run_verify: bool = True
@@ -78,13 +79,22 @@ class BakeOptions:
         if self.onnx_layout not in ONNX_LAYOUTS:
             raise BakeError(f"--onnx-layout: root (model.onnx beside config.json) or onnx (onnx/model.onnx, as "
                             f"transformers.js expects), got {self.onnx_layout!r}")
+        if "gguf" in self.formats and self.insert_modules:
+            raise BakeError("--format gguf: not with --insert-modules (llama.cpp runs no generated code: only "
+                            "folded steering reaches a GGUF)")
+        if self.gguf_type is not None and "gguf" not in self.formats:
+            raise BakeError("--gguf-type: only with --format gguf")
         if self.stream and not self.simple:
             raise BakeError("--stream: writes safetensors in the stored dtypes only (drop --dtype, --format onnx "
                             "and --insert-modules)")
 
 
 def parse_formats(text: str) -> tuple[str, ...]:
+    """Comma-separated formats; gguf is written beside the safetensors checkpoint (its tokenizer), so it
+    brings safetensors along."""
     fmts = [f.strip() for f in text.split(",") if f.strip()]
+    if "gguf" in fmts and "safetensors" not in fmts:
+        fmts.insert(0, "safetensors")
     bad = [f for f in fmts if f not in FORMATS]
     if not fmts or bad:
         raise BakeError(f"--format: unknown format {(bad or [text])[0]!r} (known: {', '.join(FORMATS)}; "

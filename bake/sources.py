@@ -36,6 +36,12 @@ class LoadedLM:
             from .exporters import onnx_lm as onnx_exporter
 
             onnx_exporter.check_supported(self.model)  # before any work
+        if "gguf" in opts.formats:
+            from .exporters import gguf_lm
+            from .families import adapter_for
+
+            self.adapter = adapter_for(self.model)
+            self.gguf_type = gguf_lm.check_supported(self.model, self.adapter, self.path, opts.gguf_type)
 
     @contextlib.contextmanager
     def store(self, tmp: Path):
@@ -58,6 +64,10 @@ class LoadedLM:
                 from .modules import write_code
 
                 write_code(tmp, type(plan.model).__name__)
+        if "gguf" in opts.formats:
+            from .exporters import gguf_lm
+
+            gguf_lm.write(tmp, self.path, tmp, self.gguf_type, self.adapter, log=log)
 
     def release(self) -> None:
         """Verify reloads both models: never hold two copies while it runs."""
@@ -68,16 +78,26 @@ class LoadedLM:
         from . import verify as verify_mod
 
         name = self.name
+        gguf = None
+        if "gguf" in opts.formats:
+            from .verify_gguf import verify_gguf
+
+            gguf = lambda ref: verify_gguf(lambda: fresh(name), specs, ref, tmp, self.path, self.adapter,  # noqa: E731
+                                           opts.max_new_tokens)
         v = verify_mod.verify(lambda: fresh(name), specs, tmp, list(opts.prompts or []) or None,
                               max_new_tokens=opts.max_new_tokens, check_model=opts.check_model,
-                              formats=list(opts.formats), trust_code=bool(plan.inserted))
+                              formats=list(opts.formats), trust_code=bool(plan.inserted), gguf=gguf)
         v["approximate"] = opts.approximate
         return v
 
     @staticmethod
     def failure(v: dict) -> str:
-        return (f"verify: baked model differs from the hooked reference (max abs {v['max_abs']:.3g}, relative "
-                f"{v['max_rel']:.3g}, greedy identical {v['greedy_same']}/{v['prompts']})")
+        bad = [(f, r) for f, r in [("", v)] + [(f, v[f]) for f in ("onnx", "gguf") if isinstance(v.get(f), dict)]
+               if not r.get("passed", True) or f == ""]
+        f, r = next(((f, r) for f, r in bad[1:]), bad[0]) if not v.get("passed") and len(bad) > 1 else bad[0]
+        where = f" ({f})" if f else ""
+        return (f"verify{where}: baked model differs from the hooked reference (max abs {r['max_abs']:.3g}, relative "
+                f"{r['max_rel']:.3g}, greedy identical {r['greedy_same']}/{r['prompts']}; {r.get('criterion', '')})")
 
     def card_dtype(self, opts: BakeOptions) -> str:
         return opts.dtype or "float32"

@@ -173,10 +173,11 @@ def nonfinite(runs: list[dict]) -> int:
 
 def verify(load_original, specs: list[Spec], baked_dir: Path, prompts: list[str] | None = None,
            max_new_tokens: int = 32, check_model: bool = True, formats: list[str] | None = None,
-           provider: str = "auto", trust_code: bool = False) -> dict:
+           provider: str = "auto", trust_code: bool = False, gguf=None) -> dict:
     """`load_original()` returns a fresh (model, tokenizer) of the unmodified float32 model. Every
-    format in the directory (safetensors, ONNX) is checked against one hooked reference run; the
-    report is the first format's, with the others under their names, and passes when all do."""
+    format in the directory (safetensors, ONNX, GGUF) is checked against one hooked reference run; the
+    report is the first format's, with the others under their names, and passes when all do. `gguf(ref)`
+    checks a GGUF in llama.cpp (`bake.verify_gguf`)."""
     baked_dir = Path(baked_dir)
     formats = formats or formats_in(baked_dir)
     prompts = PROBES + list(prompts or [])
@@ -187,6 +188,9 @@ def verify(load_original, specs: list[Spec], baked_dir: Path, prompts: list[str]
     load_at = _at_dtype(load_original)
     reports, shared = {}, {}  # shared: the yardstick runs, computed once for all formats
     for fmt in formats:
+        if fmt == "gguf":
+            reports[fmt] = gguf(ref)
+            continue
         cand = open_artifact(baked_dir, fmt, provider=provider, trust_code=trust_code, dtype="auto", flag="--baked")
         reports[fmt] = _check(load_at, specs, ref, cand, prompts, max_new_tokens, shared)
         if fmt == "onnx":

@@ -152,3 +152,18 @@ def test_cli_fit_apply_verify_on_a_mixture_of_experts(tmp_path, capsys):
     assert not (tmp_path / "oc").exists()
     assert main(base + ["--insert-modules"]) == 0
     assert json.loads((tmp_path / "oc" / "bake_report.json").read_text())["verification"]["passed"]
+
+
+def test_families_prints_any_type_and_every_type(capsys):
+    """`bake families --type` probes a tiny model of any causal-LM type; `--all` prints the shipped sweep."""
+    assert main(["families", "--type", "mixtral", "--json"]) == 0
+    rows = {r["preset"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["mlp-out"]["projection"] == "stock" and rows["mlp-out"]["additive"] == "inserted module"
+    assert main(["families", "--all", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    by_type = {r["model_type"]: r for r in doc["rows"]}
+    assert by_type["llama"]["status"] == "all three fold and verify"
+    assert by_type["bert"]["status"].startswith("out of scope")
+    assert all(r["status"] for r in doc["rows"]) and len(doc["rows"]) > 150
+    assert main(["families", "--type", "no_such_type"]) == 2
+    assert "no_such_type" in capsys.readouterr().err

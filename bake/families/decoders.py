@@ -24,6 +24,9 @@ def presets(layers: str, post_norms: tuple[str, ...], down: str, attn_out: str, 
             "residual": (f"{layers}.*:output",)}
 
 
+# llama.cpp's Llama loader (src/models/llama.cpp, create_tensor_qkv) takes these biases as optional tensors
+LLAMA_CPP_BIASES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+
 # Llama (SmolLM2 is one): input_layernorm ─▶ q, k, v ─▶ attention ─▶ o_proj ─▶ (+ residual);
 # post_attention_layernorm ─▶ gate, up ─▶ act(gate)·up ─▶ down_proj ─▶ (+ residual).
 # attention_bias turns on the q, k, v and o biases together; mlp_bias gate, up and down.
@@ -34,7 +37,7 @@ LLAMA = Adapter(
                     "self_attn.o_proj", MLP),
     bias_groups=(BiasGroup("attention_bias", ATTN), BiasGroup("mlp_bias", MLP)),
     graph=LLAMA_GRAPH, residual_writer="mlp.down_proj", tiny_model=Tiny("LlamaConfig", "LlamaForCausalLM", TINY),
-    onnx_genai=True)
+    onnx_genai=True, gguf_arch="llama", gguf_biases=LLAMA_CPP_BIASES)
 
 # Qwen2 and Mistral: Llama's graph in classes that hard-code some biases off (Qwen2 builds q/k/v with a
 # bias and o_proj, gate/up/down without; Mistral has none). A fold that needs a missing bias relabels

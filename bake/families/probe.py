@@ -235,10 +235,27 @@ def _layer(model, p: str, calls: list, x, y, hidden: int) -> tuple[Layer, list, 
     last = ([nm for nm, is_last in found if is_last] or [None])[-1]  # a parallel block: the later of the two
     writer = last if last in linears else None
     anchor = _anchor(kind, last, blocks, linears)
-    linear_writers = [nm for nm, _ in found if nm in linears]
     block = last if last in blocks and blocks[last] else None
-    return Layer(tuple(graph), writer, anchor), linears, norms, _presets(p.rsplit(".", 1)[0], graph, linear_writers,
-                                                                       writer, block)
+    writes = _writes(calls, found, linears)
+    inner = {nm for nm, m, i, _ in calls if is_norm(m, hidden)  # q/k norms over a whole projection (OLMo-2)
+             and any(o is i for n2, _, _, o in calls if n2 in linears and n2 not in writes)}
+    shown = [g for g in graph if not (isinstance(g, Norm) and g.path in inner)]
+    return Layer(tuple(graph), writer, anchor), linears, norms, _presets(p.rsplit(".", 1)[0], shown, writes, block)
+
+
+def _writes(calls: list, found: list, linears: list[str]) -> list[str]:
+    """The Linear modules whose output goes into the stream, directly or through a norm (the sandwich
+    norms of Gemma-2, OLMo-2, EXAONE-4: the write is norm(o_proj(...))), in call order."""
+    out = []
+    for name, _ in found:
+        if name in linears:
+            out.append(name)
+            continue
+        inp = next((i for nm, _, i, _ in calls if nm == name), None)
+        feeder = next((nm for nm, _, _, o in calls if nm in linears and o is inp), None)
+        if feeder:
+            out.append(feeder)
+    return list(dict.fromkeys(out))
 
 
 def _anchor(kind: dict, last: str | None, blocks: dict, linears: list[str]) -> str:
@@ -306,18 +323,22 @@ def _routed(calls: list, x: torch.Tensor) -> bool:
                for _, m, i, _ in calls)
 
 
-def _presets(prefix: str, graph: list, linear_writers: list[str], writer: str | None, block: str | None) -> dict:
+def _presets(prefix: str, graph: list, writes: list[str], block: str | None) -> dict:
+    """post-norms (the norms whose output is read by projections; every norm where none is), attn-out and
+    mlp-out (the first and the last write into the stream), mlp-in, mlp-linears, residual."""
     at = lambda rel: f"{prefix}.*.{rel}"  # noqa: E731
-    pre = tuple(at(f"{g.path}:output") for g in graph if isinstance(g, Norm) and (g.consumers or g.slots))
-    out = {"post-norms": pre} if pre else {}
-    if linear_writers and linear_writers[0] != writer:
-        out["attn-out"] = (at(f"{linear_writers[0]}:output"),)
-    if writer:
-        after = [g for g in graph if isinstance(g, str)]
-        start = after.index(linear_writers[0]) + 1 if linear_writers else 0
-        out.update({"mlp-in": (at(f"{writer}:input"),), "mlp-out": (at(f"{writer}:output"),)})
-        if after[start:]:
-            out["mlp-linears"] = tuple(at(f"{g}:output") for g in after[start:])
+    norms = [g for g in graph if isinstance(g, Norm)]
+    read = [g for g in norms if g.consumers or g.slots] or norms
+    out = {"post-norms": tuple(at(f"{g.path}:output") for g in read)} if read else {}
+    last = None if block else (writes[-1] if writes else None)
+    if writes and writes[0] != last:
+        out["attn-out"] = (at(f"{writes[0]}:output"),)
+    if last:
+        linears = [g for g in graph if isinstance(g, str)]
+        start = linears.index(writes[0]) + 1 if writes[0] != last else 0
+        out.update({"mlp-in": (at(f"{last}:input"),), "mlp-out": (at(f"{last}:output"),)})
+        if linears[start:]:
+            out["mlp-linears"] = tuple(at(f"{g}:output") for g in linears[start:])
     elif block:
         out["mlp-out"] = (at(f"{block}:output"),)
     out["residual"] = (f"{prefix}.*:output",)

@@ -138,6 +138,8 @@ class Adapter:
     onnx: str | None = None  # None: exports to ONNX; else why not
     onnx_genai: bool = False  # onnxruntime-genai runs this model type
     per_layer: tuple[Layer, ...] = ()  # one per layer where they differ (then graph/residual_* are unused)
+    gguf_arch: str | None = None  # llama.cpp's architecture name, where bake writes GGUF for this family
+    gguf_biases: tuple[str, ...] = ()  # the GGUF tensors whose bias llama.cpp's loader for it reads
 
     def matches(self, model: torch.nn.Module) -> bool:
         return getattr(model.config, "model_type", None) in self.model_types

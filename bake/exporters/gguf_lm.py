@@ -1,0 +1,138 @@
+"""GGUF for llama.cpp and Ollama: the baked float checkpoint written in the source GGUF's architecture,
+with the source's metadata carried over (tokenizer, merges, chat template, hyperparameters), then
+quantized by llama.cpp itself (`llama_model_quantize`, through llama-cpp-python) to the requested type.
+
+Tensor names come from the `gguf` package's map for the architecture; Llama's q and k weights (and
+biases) are permuted from transformers' rotary layout to llama.cpp's, as llama.cpp's own converter
+does (transformers' GGUF reader undoes it). A tensor the architecture's llama.cpp loader would not
+read (a bias it has no slot for) is refused before any work: llama.cpp would drop it silently."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import BakeError
+
+# llama.cpp's llama_ftype for each --gguf-type (llama.h); the quantizer accepts these targets
+TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9, "q2_k": 10, "q3_k_s": 11,
+         "q3_k_m": 12, "q3_k_l": 13, "q4_k_s": 14, "q4_k_m": 15, "q5_k_s": 16, "q5_k_m": 17, "q6_k": 18, "bf16": 32}
+NAMES = {v: k for k, v in TYPES.items()}
+
+
+def source_gguf(model_dir: Path) -> Path | None:
+    """The GGUF a converted model directory came from (bake_source.json), if any."""
+    meta = Path(model_dir) / "bake_source.json"
+    if not meta.is_file():
+        return None
+    path = Path(json.loads(meta.read_text())["gguf"])
+    return path if path.is_file() else None
+
+
+def file_type(path: Path) -> str:
+    """The --gguf-type name of a GGUF file's general.file_type."""
+    import gguf
+
+    field = gguf.GGUFReader(str(path)).fields.get("general.file_type")
+    code = int(field.contents()) if field is not None else 0
+    return NAMES.get(code, "f16")
+
+
+def check_supported(model: torch.nn.Module, adapter, model_dir: Path, gguf_type: str | None) -> str:
+    """Refuse before any work what llama.cpp cannot run as written; returns the type to write."""
+    if adapter.gguf_arch is None:
+        raise BakeError(f"--format gguf: not for {adapter.family} yet (bake writes GGUF for: llama)")
+    src = source_gguf(model_dir)
+    if src is None:
+        raise BakeError("--format gguf: needs a GGUF model as --model (its tokenizer and chat template are carried "
+                        "over; writing them from a transformers directory is not done yet)")
+    kind = gguf_type or file_type(src)
+    if kind not in TYPES:
+        raise BakeError(f"--gguf-type: unknown type {kind!r} (known: {', '.join(TYPES)})")
+    if kind != "f32":
+        _llama_cpp()
+    return kind
+
+
+def _llama_cpp():
+    try:
+        import llama_cpp
+    except ImportError as e:
+        raise BakeError("--format gguf: quantizing and verifying run llama.cpp itself: pip install "
+                        "llama-cpp-python (it builds llama.cpp from source)") from e
+    return llama_cpp
+
+
+def permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """transformers' rotary layout → llama.cpp's (convert_hf_to_gguf.LlamaModel.permute), weights or biases."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def gguf_tensors(tensors: dict[str, torch.Tensor], adapter, cfg) -> dict[str, np.ndarray]:
+    """HF names → GGUF names (float32), permuted where the architecture needs it; refused if llama.cpp's
+    loader has no slot for a tensor."""
+    import gguf
+
+    arch = getattr(gguf.MODEL_ARCH, adapter.gguf_arch.upper())
+    tmap = gguf.get_tensor_name_map(arch, cfg.num_hidden_layers)
+    heads = {f".{m}.": n for m, n in (("q_proj", cfg.num_attention_heads), ("k_proj", cfg.num_key_value_heads))}
+    out = {}
+    for name, t in tensors.items():
+        new = tmap.get_name(name, try_suffixes=(".weight", ".bias"))
+        if new is None or (name.endswith(".bias") and new.rsplit(".", 2)[-2] not in adapter.gguf_biases):
+            raise BakeError(f"--format gguf: llama.cpp's {adapter.gguf_arch} loader has no slot for {name}: it would "
+                            f"drop it silently (biases it reads: {', '.join(adapter.gguf_biases)})")
+        a = t.float().numpy()
+        n = next((v for k, v in heads.items() if k in f".{name}"), None)
+        out[new] = permute(a, n) if n else a
+    return out
+
+
+def write(ckpt: Path, model_dir: Path, out: Path, kind: str, adapter, log=print) -> Path:
+    """model-<TYPE>.gguf in `out` from the checkpoint in `ckpt` (safetensors) and the source GGUF's metadata."""
+    import gguf
+    from safetensors import safe_open
+
+    from transformers import AutoConfig
+
+    src = gguf.GGUFReader(str(source_gguf(model_dir)))
+    cfg = AutoConfig.from_pretrained(str(ckpt))
+    tensors = {}
+    for f in sorted(Path(ckpt).glob("*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            tensors.update({k: h.get_tensor(k) for k in h.keys()})
+    arrays = gguf_tensors(tensors, adapter, cfg)
+    target = out / f"model-{kind.upper()}.gguf"
+    f32 = target if kind == "f32" else out / "model-F32.tmp.gguf"
+    arch = src.fields["general.architecture"].contents()
+    w = gguf.GGUFWriter(str(f32), arch)
+    for key, field in src.fields.items():
+        if key.startswith("GGUF.") or key in ("general.architecture", "general.file_type"):
+            continue
+        sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+        w.add_key_value(key, field.contents(), field.types[0], sub_type=sub)
+    w.add_file_type(TYPES["f32"])
+    for name, a in arrays.items():
+        w.add_tensor(name, np.ascontiguousarray(a, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    if kind != "f32":
+        quantize(f32, target, kind)
+        f32.unlink()
+    log(f"  gguf                   {target.name}: {len(arrays)} tensors, {kind} (llama.cpp {arch})")
+    return target
+
+
+def quantize(src: Path, dst: Path, kind: str) -> None:
+    """llama.cpp's own quantizer."""
+    lc = _llama_cpp()
+    params = lc.llama_model_quantize_default_params()
+    params.ftype = TYPES[kind]
+    params.nthread = 0
+    if lc.llama_model_quantize(str(src).encode(), str(dst).encode(), params) != 0:
+        raise BakeError(f"--gguf-type {kind}: llama.cpp's quantizer failed on {src.name}")

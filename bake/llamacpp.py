@@ -1,0 +1,102 @@
+"""A GGUF run by llama.cpp (through llama-cpp-python) behind the small part of the transformers API bake
+uses: `model(input_ids).logits`, `model.generate(...)` (greedy), `prefill_then_decode_logits`,
+`.device`, `.config`. Token ids go in as ids (the checkpoint's tokenizer beside the GGUF encodes the
+prompts), so both runtimes see the very same tokens; llama.cpp's logits come back as float32."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import BakeError
+
+F32 = 0  # GGML_TYPE_F32
+
+
+@dataclass
+class _Out:
+    logits: torch.Tensor
+
+
+def gguf_in(path: Path) -> Path:
+    """The one model-*.gguf in a baked directory (or the file itself)."""
+    path = Path(path)
+    if path.suffix == ".gguf":
+        return path
+    found = sorted(path.glob("model-*.gguf"))
+    if len(found) != 1:
+        raise BakeError(f"--baked/--steered: {str(path)!r} holds {len(found)} model-*.gguf files (expected one)")
+    return found[0]
+
+
+class LlamaCppLM:
+    def __init__(self, path: str | Path, n_ctx: int = 1024, threads: int | None = None):
+        try:
+            from llama_cpp import Llama
+        except ImportError as e:
+            raise BakeError("a GGUF runs in llama.cpp: pip install llama-cpp-python") from e
+        from transformers import AutoConfig
+
+        self.file = gguf_in(Path(path))
+        self.config = AutoConfig.from_pretrained(str(self.file.parent), trust_remote_code=False)
+        # the KV cache in float32 (llama.cpp's default is float16, an error of its own on top of the weights')
+        self.llm = Llama(model_path=str(self.file), n_ctx=n_ctx, logits_all=True, verbose=False, seed=0,
+                         n_threads=threads, n_batch=n_ctx, type_k=F32, type_v=F32)
+        self.device = torch.device("cpu")
+        self.dtype = np.float32
+        self.runtime = "llama.cpp"
+
+    def eval(self):
+        return self
+
+    def logits_of(self, ids: list[int]) -> np.ndarray:
+        """Logits [len(ids), vocab] of one sequence, from an empty cache."""
+        self.llm.reset()
+        self.llm.eval(ids)
+        return np.array(self.llm.scores[:len(ids)], dtype=np.float32)
+
+    def __call__(self, input_ids=None, attention_mask=None, **_) -> _Out:
+        rows = []
+        for i, seq in enumerate(input_ids.tolist()):
+            keep = seq if attention_mask is None else [t for t, m in zip(seq, attention_mask[i].tolist()) if m]
+            lg = self.logits_of(keep)
+            pad = np.zeros((len(seq) - len(keep), lg.shape[1]), np.float32)  # left padding: rows not read
+            rows.append(np.concatenate([pad, lg]))
+        return _Out(torch.from_numpy(np.stack(rows)))
+
+    def prefill_then_decode_logits(self, seq: torch.Tensor, n_prompt: int) -> torch.Tensor:
+        """Logits over `seq` (1-D): the prompt in one batch, then one token per eval, as generation runs."""
+        self.llm.reset()
+        ids = seq.tolist()
+        self.llm.eval(ids[:n_prompt])
+        for t in ids[n_prompt:]:
+            self.llm.eval([t])
+        return torch.from_numpy(np.array(self.llm.scores[:len(ids)], dtype=np.float64))
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 20, min_new_tokens: int = 0,
+                 do_sample: bool = False, **_):
+        """Greedy continuation of each row (left padding dropped); EOS is masked for the first
+        `min_new_tokens` tokens, as transformers' MinNewTokensLengthLogitsProcessor does."""
+        if do_sample:
+            raise BakeError("llama.cpp runs here greedy only (sampling: use llama.cpp's own samplers)")
+        eos = self.config.eos_token_id
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        outs = []
+        for i, seq in enumerate(input_ids.tolist()):
+            keep = seq if attention_mask is None else [t for t, m in zip(seq, attention_mask[i].tolist()) if m]
+            self.llm.reset()
+            self.llm.eval(keep)
+            new = []
+            for step in range(max_new_tokens):
+                row = np.array(self.llm.scores[self.llm.n_tokens - 1], dtype=np.float32)
+                if step < min_new_tokens:
+                    row[eos] = -np.inf
+                tok = int(np.argmax(row))
+                new.append(tok)
+                self.llm.eval([tok])
+            outs.append(seq + new)
+        return torch.tensor(outs)

@@ -1,0 +1,79 @@
+"""Verify a GGUF in llama.cpp itself against the hooked reference.
+
+- f32: relative logit error <= 1e-4 (llama.cpp's kernels round unlike PyTorch's) and identical greedy
+  continuations.
+- any other type (f16, q8_0, q4_k_m, ...): quantization adds its own error, so the yardstick is the
+  unsteered model's own error at that type: the unsteered float checkpoint is written and quantized
+  the same way, and both run on the reference's sequences. Passes when the steered model's max abs
+  logit error vs the hooked reference is at most `FACTOR` x the unsteered model's vs the unsteered
+  float model, and the steering survives: KL(steered-quantized ‖ original-quantized) is at least half
+  of KL(steered ‖ original) in float32 (mean over every position's next-token distribution)."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .verify import errors, logits_batch, run_candidate
+
+FACTOR = 1.5
+F32_TOL = 1e-4
+
+
+def verify_gguf(load_original, specs, ref: list[dict], baked_dir: Path, model_dir: Path, adapter,
+                max_new_tokens: int) -> dict:
+    from .artifacts import open_artifact
+
+    cand = open_artifact(baked_dir, "gguf", flag="--baked")
+    kind = cand.dtype.removeprefix("model-").lower()
+    got = run_candidate(cand.model, cand.tokenizer, ref, max_new_tokens, desc="baked (gguf, llama.cpp)")
+    del cand
+    max_abs, max_rel, _ = errors(ref, got)
+    same = sum(bool(torch.equal(r["seq"], g["seq"])) for r, g in zip(ref, got))
+    report = {"gguf_type": kind, "runtime": "llama.cpp", "prompts": len(ref), "max_abs": max_abs,
+              "max_rel": max_rel, "greedy_same": same}
+    if kind == "f32":
+        report["criterion"] = f"relative logit error <= {F32_TOL:g} and identical greedy continuations"
+        report["passed"] = max_rel <= F32_TOL and same == len(ref)
+        return report
+    report.update(_yardstick(load_original, ref, got, model_dir, adapter, kind, max_new_tokens))
+    report["passed"] = (max_abs <= FACTOR * report["unsteered_max_abs"]
+                        and report["kl_quantized"] >= 0.5 * report["kl_float32"])
+    report["criterion"] = (f"max abs logit error <= {FACTOR:g} x the unsteered model's own at {kind} "
+                           f"({report['unsteered_max_abs']:.3g}), and KL(steered ‖ original) at {kind} >= half "
+                           f"of it in float32 ({report['kl_float32']:.3g})")
+    return report
+
+
+def _yardstick(load_original, ref, got, model_dir: Path, adapter, kind: str, n: int) -> dict:
+    """The unsteered model in float32 (PyTorch) and at `kind` (llama.cpp) on the reference's sequences."""
+    from .exporters import gguf_lm
+    from .llamacpp import LlamaCppLM
+
+    model, tok = load_original()
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    seqs = [r["seq"] for r in ref]
+    plain = [{"logits": lg} for lg in logits_batch(model, seqs, pad)]
+    del model
+    with tempfile.TemporaryDirectory(dir=Path(model_dir).parent) as tmp:
+        gguf_lm.write(Path(model_dir), Path(model_dir), Path(tmp), kind, adapter, log=lambda *_: None)
+        for f in ("config.json",):
+            (Path(tmp) / f).write_bytes((Path(model_dir) / f).read_bytes())
+        orig_q = LlamaCppLM(tmp)
+        plain_q = [{"logits": orig_q.prefill_then_decode_logits(r["seq"], r["n_prompt"])} for r in ref]
+        del orig_q
+    e_abs, e_rel, _ = errors(plain, plain_q)
+    return {"unsteered_max_abs": e_abs, "unsteered_max_rel": e_rel,
+            "kl_float32": _kl(ref, plain), "kl_quantized": _kl(got, plain_q)}
+
+
+def _kl(steered: list[dict], original: list[dict]) -> float:
+    """Mean over positions of KL(p_steered ‖ p_original) of the next-token distributions."""
+    tot, count = 0.0, 0
+    for s, o in zip(steered, original):
+        ls, lo = torch.log_softmax(s["logits"].double(), -1), torch.log_softmax(o["logits"].double(), -1)
+        tot += float((ls.exp() * (ls - lo)).sum(-1).sum())
+        count += ls.shape[0]
+    return tot / max(count, 1)
