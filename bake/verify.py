@@ -180,6 +180,10 @@ def verify(load_original, specs: list[Spec], baked_dir: Path, prompts: list[str]
     checks a GGUF in llama.cpp (`bake.verify_gguf`)."""
     baked_dir = Path(baked_dir)
     formats = formats or formats_in(baked_dir)
+    formats = [f for f in formats if f != "gguf" or gguf is not None]  # a GGUF is checked where bake wrote it
+    if not formats:
+        raise BakeError(f"--baked: {str(baked_dir)!r}: its GGUF is verified by bake apply --format gguf; "
+                        f"bake verify of a GGUF alone is not done yet")
     prompts = PROBES + list(prompts or [])
     model, tok = load_original()
     ref = run_reference(model, tok, specs, prompts, max_new_tokens, check_model)
