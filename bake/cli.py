@@ -382,6 +382,10 @@ def cmd_families(a) -> int:
     print(f"\nstock: folds into the stock class and config; stock + flag: the config turns a bias on; relabel: "
           f"saved as that class (the same math); inserted module: needs --insert-modules (generated code, "
           f"trust_remote_code=True) or ONNX. Always inserted: {', '.join(ALWAYS_INSERTED)}.")
+    from .families import FAMILIES
+
+    gguf = [f"{a.family} (llama.cpp {a.gguf_arch})" for a in FAMILIES if a.gguf_arch]
+    print(f"--format gguf (llama.cpp, Ollama): {', '.join(gguf)}; from a GGUF source.")
     return 0
 
 
