@@ -98,7 +98,7 @@ def probed_table(model_type: str) -> list[dict]:
     try:
         model = build(model_type)
     except BakeError:
-        raise
+        raise  # an unknown type: its own message
     except Exception as e:  # noqa: BLE001 - the config class or its model does not build small
         raise BakeError(f"--type: {model_type}: no tiny model builds ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:160]})") from e

@@ -59,8 +59,7 @@ def _yardstick(load_original, ref, got, model_dir: Path, adapter, kind: str, n: 
     del model
     with tempfile.TemporaryDirectory(dir=Path(model_dir).parent) as tmp:
         gguf_lm.write(Path(model_dir), Path(model_dir), Path(tmp), kind, adapter, log=lambda *_: None)
-        for f in ("config.json",):
-            (Path(tmp) / f).write_bytes((Path(model_dir) / f).read_bytes())
+        (Path(tmp) / "config.json").write_bytes((Path(model_dir) / "config.json").read_bytes())
         orig_q = LlamaCppLM(tmp)
         plain_q = [{"logits": orig_q.prefill_then_decode_logits(r["seq"], r["n_prompt"])} for r in ref]
         del orig_q

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import io
 import json
 import signal
@@ -43,14 +42,12 @@ from transformers.models.auto import modeling_auto as auto
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from bake import passes  # noqa: E402
 from bake.cli import main as bake  # noqa: E402
 from bake.errors import BakeError  # noqa: E402
 from bake.families import adapter_for  # noqa: E402
 from bake.families.tiny import build  # noqa: E402
-from bake.plan import bind  # noqa: E402
-from bake.runtime import steered  # noqa: E402
 from conftest import TEXTS, make_tokenizer  # noqa: E402
+from test_block_structures import compiled_vs_hooked  # noqa: E402
 from test_differential import random_spec  # noqa: E402
 
 GROUPS = {"post-norms": ["post-norms"], "writers": ["attn-out", "mlp-out", "mlp-in"], "residual": ["residual"],
@@ -66,19 +63,6 @@ def first_line(e: Exception) -> str:
 SKIP = {"moshi": "its tiny config grew past 12 GB of memory in the forward pass (not investigated)"}
 
 
-def rel_error(model, spec, insert: bool) -> float:
-    baked = copy.deepcopy(model)
-    plan = bind([spec], baked, check_model=False)
-    plan.insert_modules = insert
-    passes.run(plan)
-    ids = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        with steered(model, [spec], check_model=False):
-            ref = model(ids).logits
-        got = plan.model(ids).logits
-    return float((got - ref).abs().max() / ref.abs().max())
-
-
 def group(model, patterns: list[str], seed: int) -> dict:
     have = adapter_for(model).presets
     patterns = [p for p in patterns if p in have or p == "**"]  # MoE layers have no mlp-in
@@ -89,13 +73,10 @@ def group(model, patterns: list[str], seed: int) -> dict:
     except BakeError:
         return {"outcome": "no such site"}
     try:
-        return {"outcome": "folded", "rel": rel_error(model, spec, False)}
-    except BakeError as e:
-        why = str(e)
-    try:
-        return {"outcome": "inserted", "rel": rel_error(model, spec, True), "why": why}
+        rel, inserted = compiled_vs_hooked(model, spec)
     except Exception as e:  # noqa: BLE001 - reported, not raised: a sweep
         return {"outcome": "refused", "why": first_line(e)}
+    return {"outcome": "inserted" if inserted else "folded", "rel": rel}
 
 
 def one(mt: str) -> dict:
