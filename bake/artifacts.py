@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import BakeError
+from .models.loading import exact_experts
 
 CAUSAL_FORMATS = ("safetensors", "onnx", "gguf")
 FORMATS = (*CAUSAL_FORMATS, "pipeline")
@@ -164,7 +165,7 @@ def _open_safetensors(p: Path, name: str, trust_code: bool, dtype: str, flag: st
     except Exception as e:
         how = "from_pretrained(trust_remote_code=True)" if code else "stock from_pretrained"
         raise BakeError(f"{flag}: cannot load {name!r} with {how}: {_first_line(e)}") from None
-    model.eval()
+    exact_experts(model.eval())
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return Artifact(model, tok, "safetensors", str(model.dtype).replace("torch.", ""), p)

@@ -9,6 +9,9 @@ directory gets, next to what transformers 5 wrote:
 - config.json: the top-level `rope_theta` (and `rope_scaling` for a non-default RoPE) that 4.x reads;
   for per-layer-type RoPE (Gemma-3: full and sliding attention) the global one as `rope_theta` /
   `rope_scaling` and the sliding one as `rope_local_base_freq`;
+  written only where the installed transformers still reads the config as before (Gemma-4's
+  "proportional" RoPE or LFM-3's per-layer-type RoPE would read the legacy fields as a different
+  RoPE, or fail);
 - tokenizer_config.json: the concrete `PreTrainedTokenizerFast` (what `TokenizersBackend` is);
 - generation_config.json, built from the config when the writer left none (ONNX-only output).
 """
@@ -63,6 +66,36 @@ def _config(doc: dict) -> list[str]:
     return [f"config.json: {k} = {v}" for k, v in add.items()]
 
 
+def _config_file(path: Path) -> list[str]:
+    """config.json with the legacy RoPE fields, kept only if transformers reads the same config."""
+    if not path.is_file():
+        return []
+    before = path.read_text(encoding="utf-8")
+    changed = _rewrite_json(path, _config)
+    if changed and not _reads_same(path, before):
+        path.write_text(before, encoding="utf-8")
+        return ["config.json: no legacy RoPE fields (the installed transformers would read them as another RoPE)"]
+    return changed
+
+
+def _reads_same(path: Path, before: str) -> bool:
+    """True if transformers loads `path` to the config it loads from the text `before` (rope included)."""
+    import tempfile
+
+    from transformers import AutoConfig
+
+    added = set(json.loads(path.read_text(encoding="utf-8"))) - set(json.loads(before))
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "config.json").write_text(before, encoding="utf-8")
+        old = AutoConfig.from_pretrained(tmp, trust_remote_code=False).to_dict()
+    try:
+        new = AutoConfig.from_pretrained(str(path.parent), trust_remote_code=False).to_dict()
+    except Exception:  # noqa: BLE001 - a config the legacy fields break: not the same
+        return False
+    skip = added | {"_name_or_path"}
+    return {k: v for k, v in new.items() if k not in skip} == {k: v for k, v in old.items() if k not in skip}
+
+
 def _tokenizer_config(doc: dict) -> list[str]:
     cls = doc.get("tokenizer_class")
     if cls in GENERIC_TOKENIZERS:
@@ -85,5 +118,5 @@ def make_portable(out: Path) -> list[str]:
     """Rewrite a finished output directory's config and tokenizer files in place so that older
     runtimes read the same model; returns what it changed, for the report."""
     out = Path(out)
-    return (_rewrite_json(out / "config.json", _config) + _rewrite_json(out / "tokenizer_config.json", _tokenizer_config)
+    return (_config_file(out / "config.json") + _rewrite_json(out / "tokenizer_config.json", _tokenizer_config)
             + _generation_config(out))

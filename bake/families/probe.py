@@ -71,7 +71,16 @@ def record(model: torch.nn.Module, layer: torch.nn.Module, hidden: int) -> tuple
         lambda m, a, kw, o: ends.update(x=a[0] if a else kw.get("hidden_states"), y=first(o)), with_kwargs=True))
     try:
         with torch.no_grad():
-            model(input_ids=torch.tensor([[1, 2, 3, 4, 5, 6]]))
+            # a second sequence with a padded token (at the end: no query sees no key): a block that zeroes
+            # padded tokens between a norm and its Linear (Mamba's mixer) then shows as a new tensor, so
+            # that Linear is not taken for a plain reader of the norm (a shift folded into its bias would
+            # reach the padded tokens the reference zeroes)
+            ids = torch.tensor([[1, 2, 3, 4, 5, 6], [6, 5, 4, 3, 2, 1]])
+            try:
+                model(input_ids=ids, attention_mask=torch.tensor([[1] * 6, [1] * 5 + [0]]))
+            except Exception:  # noqa: BLE001 - a model whose padded path fails (Dory): one plain sequence
+                calls.clear()
+                model(input_ids=ids[:1])
     finally:
         for h in hooks:
             h.remove()
@@ -87,25 +96,49 @@ def _leaf(mod: torch.nn.Module, hidden: int) -> bool:
     return isinstance(mod, torch.nn.Linear) or is_norm(mod, hidden)
 
 
-def writers(calls: list, x: torch.Tensor, y: torch.Tensor) -> list[tuple[str, bool]]:
-    """(name, is last) of every module whose output o satisfies b = a + o for hidden states a, b; or, in
-    a parallel block (GPT-J, Cohere, Phi: attention and MLP read one norm), b = a + o1 + o2."""
-    states = [x] + [t for _, _, i, o in calls for t in (i, o) if isinstance(t, torch.Tensor)] + [y]
-    states = [s for s in states if s.shape == y.shape]
-    outs = [(name, o) for name, _, _, o in calls if isinstance(o, torch.Tensor) and o.shape == y.shape]
+def writers(calls: list, x: torch.Tensor, y: torch.Tensor) -> list[tuple[str, bool, float]]:
+    """(name, is last, c) of every module whose output o satisfies b = a + c·o for hidden states a, b and
+    a constant c (1, or a depth scale as MiniCPM's 1.4/√L); or, in a parallel block (GPT-J, Cohere, Phi:
+    attention and MLP read one norm), b = a + o1 + o2. States are compared as [tokens, hidden], so a
+    layer that flattens its tokens (OPT's MLP) is read too."""
+    h = y.shape[-1]
+    like = lambda t: isinstance(t, torch.Tensor) and t.shape[-1] == h and t.numel() == y.numel()  # noqa: E731
+    states = [s for s in [x] + [t for _, _, i, o in calls for t in (i, o)] + [y] if like(s)]
+    outs = [(name, o) for name, _, _, o in calls if like(o)]
     out = []
     for name, o in outs:
-        b = _sum_of(states, [o])
+        b, c = _scaled_sum(states, o)
         if b is not None:
-            out.append((name, b is y))
-    found = {n for n, _ in out}
+            out.append((name, b is y, c))
+    found = {n for n, *_ in out}
     for (n1, o1), (n2, o2) in itertools.combinations([(n, o) for n, o in outs if n not in found], 2):
         b = _sum_of(states, [o1, o2])
         if b is not None:
-            out += [(n1, b is y), (n2, b is y)]
+            out += [(n1, b is y, 1.0), (n2, b is y, 1.0)]
             break
-    inner = {n.rsplit(".", 1)[0] for n, _ in out if "." in n}  # a block whose Linear writer was found
-    return [(n, last) for n, last in out if n not in inner]
+    inner = {n.rsplit(".", 1)[0] for n, *_ in out if "." in n}  # a block whose Linear writer was found
+    return [w for w in out if w[0] not in inner]
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, t.shape[-1])
+
+
+def _scaled_sum(states: list, o: torch.Tensor):
+    """(b, c) with b = a + c·o for states a ≠ b (c by least squares, 1.0 when within 1e-5 of it), or
+    (None, None)."""
+    oo = _flat(o).double()
+    norm = float((oo * oo).sum())
+    flat = [(s, _flat(s).double()) for s in states if s is not o]
+    for a, fa in flat if norm else []:
+        for b, fb in flat:
+            if b is a:
+                continue
+            c = float(((fb - fa) * oo).sum()) / norm
+            c = 1.0 if abs(c - 1) < 1e-5 else c
+            if abs(c) > 1e-3 and torch.allclose(fb, fa + c * oo, rtol=1e-5, atol=1e-6):
+                return b, c
+    return None, None
 
 
 def _sum_of(befores: list, parts: list, afters: list | None = None):
@@ -113,9 +146,9 @@ def _sum_of(befores: list, parts: list, afters: list | None = None):
     for a in befores:
         if any(a is p for p in parts):
             continue
-        total = a + sum(parts)
+        total = _flat(a) + sum(_flat(p) for p in parts)
         for b in afters if afters is not None else befores:
-            if b is not a and not any(b is p for p in parts) and torch.allclose(b, total, rtol=1e-5, atol=1e-6):
+            if b is not a and not any(b is p for p in parts) and torch.allclose(_flat(b), total, rtol=1e-5, atol=1e-6):
                 return b
     return None
 
@@ -219,7 +252,7 @@ def _layer(model, p: str, calls: list, x, y, hidden: int) -> tuple[Layer, list, 
     linears = [nm for nm in order if isinstance(kind[nm], torch.nn.Linear)]
     found = writers(calls, x, y)
     blocks = {nm: _under(nm, _block_slots(kind[nm], next(i for n_, _, i, _ in calls if n_ == nm), hidden))
-              for nm, _ in found if nm not in linears and not is_norm(kind[nm], hidden)}
+              for nm, *_ in found if nm not in linears and not is_norm(kind[nm], hidden)}
     reads = _reads(calls, x, blocks)
     graph, norms = [], []
     for name in order:
@@ -232,7 +265,7 @@ def _layer(model, p: str, calls: list, x, y, hidden: int) -> tuple[Layer, list, 
             norms.append(kind[name])
         elif blocks.get(name):
             graph.append(Block(name, blocks[name][1], blocks[name][2]))
-    last = ([nm for nm, is_last in found if is_last] or [None])[-1]  # a parallel block: the later of the two
+    last, scale = ([(nm, c) for nm, is_last, c in found if is_last] or [(None, 1.0)])[-1]  # parallel: the later
     writer = last if last in linears else None
     anchor = _anchor(kind, last, blocks, linears)
     block = last if last in blocks and blocks[last] else None
@@ -240,14 +273,14 @@ def _layer(model, p: str, calls: list, x, y, hidden: int) -> tuple[Layer, list, 
     inner = {nm for nm, m, i, _ in calls if is_norm(m, hidden)  # q/k norms over a whole projection (OLMo-2)
              and any(o is i for n2, _, _, o in calls if n2 in linears and n2 not in writes)}
     shown = [g for g in graph if not (isinstance(g, Norm) and g.path in inner)]
-    return Layer(tuple(graph), writer, anchor), linears, norms, _presets(p.rsplit(".", 1)[0], shown, writes, block)
+    return Layer(tuple(graph), writer, anchor, scale), linears, norms, _presets(p.rsplit(".", 1)[0], shown, writes, block)
 
 
 def _writes(calls: list, found: list, linears: list[str]) -> list[str]:
     """The Linear modules whose output goes into the stream, directly or through a norm (the sandwich
     norms of Gemma-2, OLMo-2, EXAONE-4: the write is norm(o_proj(...))), in call order."""
     out = []
-    for name, _ in found:
+    for name, *_ in found:
         if name in linears:
             out.append(name)
             continue
@@ -281,6 +314,7 @@ def _reads(calls: list, x: torch.Tensor, blocks: dict) -> dict[int, tuple[list, 
     """id(tensor) → (Linear modules reading it, slots of the blocks reading it). In a mixture of experts
     whose block was not resolved, no tensor gets readers (its experts' reads are invisible)."""
     reads: dict[int, tuple[list, list]] = {}
+    opaque = set()  # inputs of a writing block whose weights were not resolved: its reads are invisible
     inside = lambda nm: any(nm.startswith(b + ".") for b, v in blocks.items() if v)  # noqa: E731
     for name, mod, inp, _ in calls:
         if inp is None:
@@ -289,9 +323,11 @@ def _reads(calls: list, x: torch.Tensor, blocks: dict) -> dict[int, tuple[list, 
             reads.setdefault(id(inp), ([], []))[0].append(name)
         elif blocks.get(name):
             reads.setdefault(id(inp), ([], []))[1].extend(blocks[name][0])
+        elif name in blocks:
+            opaque.add(id(inp))
     if _routed([c for c in calls if not inside(c[0])], x):
         return {}
-    return reads
+    return {k: v for k, v in reads.items() if k not in opaque}
 
 
 def _adapter(model, mt: str, prefix: str, layers: list, hidden: int) -> Adapter:
@@ -311,6 +347,7 @@ def _adapter(model, mt: str, prefix: str, layers: list, hidden: int) -> Adapter:
                    bias_groups=bias_groups(model, prefix, linears), norm_weight_offset=norm_offset(norms, mt),
                    final_norm=final_norm(model, prefix, hidden), layers=prefix, graph=graphs[0].graph,
                    residual_writer=graphs[0].residual_writer, residual_anchor=graphs[0].residual_anchor,
+                   residual_scale=graphs[0].residual_scale,
                    per_layer=() if one else tuple(graphs), onnx="not checked for probed families yet",
                    about="derived by bake's probe (no family table)")
 
@@ -382,10 +419,12 @@ def _roles(name: str, w: torch.Tensor, layout: str, hidden: int, params: dict) -
 def _passes(block: torch.nn.Module, x: torch.Tensor, readers, producers) -> bool:
     """Readers: W' = W M (and bias' = bias + W s where every reader has a bias) gives block(M x + s);
     producers: W' = M W, bias' = M bias gives M block(x). On the recorded input, in float64 (float32 where
-    the block's kernels take no float64, as grouped expert matmuls)."""
+    the block's kernels take no float64, as grouped expert matmuls, or that compute in float32 whatever
+    they are given, as Nemotron-H's router: float32's tolerance then; a wrong assignment errs by O(1))."""
     for dt, tol in ((torch.float64, 1e-9), (torch.float32, 2e-5)):
         try:
-            return _passes_in(block, x, readers, producers, dt, tol)
+            if _passes_in(block, x, readers, producers, dt, tol):
+                return True
         except RuntimeError:  # noqa: PERF203 - a kernel without this dtype: the next one
             continue
         except Exception:  # noqa: BLE001 - a block that does not run on its input alone: not resolved

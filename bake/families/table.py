@@ -52,6 +52,7 @@ class SiteInfo:
     units: int
     consumers: tuple[str, ...] = ()  # Linear modules that read this tensor and nothing else does
     writer: str | None = None  # residual: the Linear whose output is added last to the stream
+    writer_scale: float = 1.0  # residual: the stream adds writer_scale × the writer's output
     anchor: str = ""  # parameter whose bytes identify the model at this site (fingerprint)
     unit_dim: int = -1  # the tensor dimension that holds the units (1: channels of a 4-D conv feature map)
     slots: tuple[Slot, ...] = ()  # norm: readers that are no nn.Linear (experts); sum: the producers
@@ -108,6 +109,7 @@ class Layer:
     graph: tuple
     residual_writer: str | None = None
     residual_anchor: str | None = None
+    residual_scale: float = 1.0  # b = a + c·writer(x): c (MiniCPM's depth scale 1.4/√L), 1 elsewhere
 
 
 @dataclass(frozen=True)
@@ -133,6 +135,7 @@ class Adapter:
     graph: tuple[Norm | Block | str, ...] = ()  # per layer, in graph order: norms, blocks and Linear modules
     residual_writer: str | None = None  # the Linear whose output is added last to the stream (None: a norm)
     residual_anchor: str | None = None  # the parameter identifying a layer output site (default: the writer's)
+    residual_scale: float = 1.0  # the last write is c·writer(x) (see Layer)
     relabel_to: str | None = None  # the family whose class has the bias flags this one hard-codes off
     tiny_model: Tiny | None = None
     onnx: str | None = None  # None: exports to ONNX; else why not
@@ -158,7 +161,7 @@ class Adapter:
         """Layer i's graph and residual writer."""
         if self.per_layer:
             return self.per_layer[i]
-        return Layer(self.graph, self.residual_writer, self.residual_anchor)
+        return Layer(self.graph, self.residual_writer, self.residual_anchor, self.residual_scale)
 
     def layer_sites(self, model: torch.nn.Module, p: str, h: int, layer: Layer) -> list[SiteInfo]:
         """The sites of the layer at `p`, from its graph, then the layer output (residual)."""
@@ -179,7 +182,8 @@ class Adapter:
         anchor = layer.residual_anchor or f"{w}.weight"
         last_is_block = bool(layer.graph) and isinstance(layer.graph[-1], Block) and not w
         return infos + [SiteInfo(f"{p}:output", p, "output", "residual", h, writer=f"{p}.{w}" if w else None,
-                                 anchor=f"{p}.{anchor}", shift_slots=shift if last_is_block else ())]
+                                 writer_scale=layer.residual_scale, anchor=f"{p}.{anchor}",
+                                 shift_slots=shift if last_is_block else ())]
 
     @staticmethod
     def linear_sites(model: torch.nn.Module, path: str) -> list[SiteInfo]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import BakeError
+from ..models.loading import exact_experts
 
 SMALL = dict(vocab_size=448, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, head_dim=8, max_position_embeddings=256, pad_token_id=0, bos_token_id=1,
@@ -23,6 +24,8 @@ OVERRIDES = {  # config keys a type needs beyond SMALL to build small; None drop
     "deepseek_v2": MLA, "deepseek_v3": MLA, "minicpm3": MLA, "glm4_moe_lite": MLA, "sarvam_mla": MLA,
     "youtu": MLA, "axk1": MLA, "axk2": MLA,
     "falcon": dict(head_dim=None),
+    "nemotron_h": dict(moe_intermediate_size=16, moe_shared_expert_intermediate_size=16, mamba_num_heads=4,
+                       mamba_head_dim=8, n_groups=1, ssm_state_size=8),
     "jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1),
 }
 MAX_PARAMS = 20_000_000  # a config class that ignores the tiny widths builds its full size: refused
@@ -53,7 +56,7 @@ def _build(model_type: str, layers: int) -> torch.nn.Module:
         n = sum(p.numel() for p in cls(cfg).parameters())
     if n > MAX_PARAMS:
         raise ValueError(f"the tiny config is not honoured: {n / 1e6:.0f} M parameters")
-    model = cls(cfg).eval()
+    model = exact_experts(cls(cfg).eval())
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() == 1 and "norm" in name:

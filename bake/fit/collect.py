@@ -66,6 +66,8 @@ def pool_tokens(x: torch.Tensor, mask: torch.Tensor, how: str = "mean") -> torch
     max: per-unit maximum over the tokens after the first. With the suffix `KEEP_FIRST` ("mean+first",
     "max+first") the first token counts too.
     """
+    if x.dim() == 2 and x.shape[0] == mask.numel():  # a site whose module flattens the tokens (OPT's MLP)
+        x = x.reshape(*mask.shape, x.shape[-1])
     drop = not how.endswith(KEEP_FIRST)
     how = how if drop else how[:-len(KEEP_FIRST)]
     if how == "mean":
@@ -152,26 +154,33 @@ class LayerReplay:
         self.layers = model.get_submodule(layers_prefix)
         self.layer = 0
         self.batches: list[tuple[tuple, dict, torch.Tensor]] = []  # (args, kwargs, mask) entering self.layer
-        box: list = []
+        # each layer's own extra arguments per batch: hybrids give state-space and attention layers
+        # different masks (Jamba, Nemotron-H, Qwen3.5), so layer 0's cannot serve every layer
+        self.extras: list[list[tuple[tuple, dict]]] = [[] for _ in self.layers]
+        for enc in _batches(tok, texts, batch_size):
+            self._grab(enc)
 
-        def grab(module, args, kwargs):
-            box.append((args, kwargs))
-            raise _Enough
+    @torch.no_grad()
+    def _grab(self, enc) -> None:
+        """One batch through the model, recording every layer's arguments (hidden state of layer 0 only)."""
+        box: dict[int, tuple] = {}
 
-        h = self.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+        def grab(i):
+            def hook(module, args, kwargs):
+                box[i] = (args, kwargs)
+            return hook
+
+        hs = [layer.register_forward_pre_hook(grab(i), with_kwargs=True) for i, layer in enumerate(self.layers)]
         try:
-            with torch.no_grad():
-                for enc in _batches(tok, texts, batch_size):
-                    box.clear()
-                    try:
-                        model(input_ids=enc.input_ids.to(model.device),
-                              attention_mask=enc.attention_mask.to(model.device), use_cache=False)
-                    except _Enough:
-                        pass
-                    args, kwargs = box[0]
-                    self.batches.append((args, kwargs, enc.attention_mask.to(model.device)))
+            mask = enc.attention_mask.to(self.model.device)
+            self.model(input_ids=enc.input_ids.to(self.model.device), attention_mask=mask, use_cache=False)
         finally:
-            h.remove()
+            for h in hs:
+                h.remove()
+        for i, (args, kwargs) in box.items():
+            self.extras[i].append((tuple(args[1:]), kwargs))
+        args, kwargs = box[0]
+        self.batches.append((args, kwargs, mask))
 
     def layer_of(self, module_path: str) -> int | None:
         if not module_path.startswith(self.prefix + "."):
@@ -183,11 +192,13 @@ class LayerReplay:
         """Run layers up to `to_layer` (exclusive) with whatever hooks are active now."""
         while self.layer < to_layer:
             layer = self.layers[self.layer]
+            nxt = self.extras[self.layer + 1] if self.layer + 1 < len(self.layers) else None
             new = []
-            for args, kwargs, mask in self.batches:
+            for b, (args, kwargs, mask) in enumerate(self.batches):
                 out = layer(*args, **kwargs)
                 h = out[0] if isinstance(out, tuple) else out
-                new.append(((h,) + tuple(args[1:]), kwargs, mask))
+                rest, kw = nxt[b] if nxt else (tuple(args[1:]), kwargs)
+                new.append(((h,) + rest, kw, mask))
             self.batches = new
             self.layer += 1
 

@@ -201,12 +201,23 @@ def load(name: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool 
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise BakeError(f"--model: cannot load {name!r} as a causal language model: {first}") from None
-    model.eval()
+    exact_experts(model.eval())
     if dev.type != "cpu" and not device_map:
         model.to(dev)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return Loaded(model, tok, source, name)
+
+
+def exact_experts(model):
+    """Run fused mixture-of-experts blocks with transformers' per-expert loop ("eager"), in place.
+
+    The default, `torch.nn.functional.grouped_mm`, has no float64 kernel (bake's fold and its verify
+    reference run in float64) and is taken or not by the alignment of the tensors in memory, so the
+    same model would compute by two paths; the loop is the reference transformers defines."""
+    if getattr(model, "_can_set_experts_implementation", lambda: False)():
+        model.set_experts_implementation("eager")
+    return model
 
 
 def meta_model(source: Path):

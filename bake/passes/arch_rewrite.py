@@ -7,8 +7,11 @@ proves the relabelled checkpoint equal to the hooked original."""
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
+from ..errors import BakeError
 from ..families.table import linear_dims
 from ..plan import Plan
 
@@ -23,6 +26,7 @@ def run(plan: Plan) -> None:
         groups[g.flag] = g
     if not groups:
         return
+    groups = _valid(plan, groups)
     relabel = {g.relabel for g in groups.values()} - {None}
     if relabel:
         model, notes = plan.adapter.relabel(plan.model, {flag: True for flag in groups})
@@ -52,6 +56,30 @@ def run(plan: Plan) -> None:
                     plan.store.set(f"{path}.bias", torch.zeros(out, dtype=plan.store.out_dtype(f"{path}.weight")))
                     added += 1
         plan.note(NAME, "config", f"{flag} = true; {added} zero companion bias(es) written")
+
+
+def _valid(plan: Plan, groups: dict) -> dict:
+    """The bias groups to turn on: `groups`, or every group where the config class accepts the flags only
+    together (InternLM3: attention_bias must equal mlp_bias); zero companions keep the math."""
+    def ok(flags) -> bool:
+        cfg = copy.deepcopy(plan.model.config)
+        for f in flags:
+            setattr(cfg, f, True)
+        try:
+            getattr(cfg, "validate", lambda: None)()
+        except Exception:  # noqa: BLE001 - transformers' strict config validators raise their own types
+            return False
+        return True
+
+    if ok(groups):
+        return groups
+    every = {**groups, **{g.flag: g for g in plan.adapter.bias_groups}}
+    if ok(every):
+        plan.note(NAME, "config", f"{', '.join(sorted(set(every) - set(groups)))} turned on too: "
+                                  f"{type(plan.model.config).__name__} accepts the bias flags only together")
+        return every
+    raise BakeError(f"--model: {type(plan.model.config).__name__} does not accept the bias flag(s) "
+                    f"{', '.join(sorted(groups))} the folds need; pass --insert-modules")
 
 
 def _exists(model: torch.nn.Module, path: str) -> bool:

@@ -30,7 +30,8 @@ def reason(plan: Plan, sp) -> str:
         return ("only an additive map folds on the residual stream (a scale or projection there changes what "
                 "every later layer reads); put it on the writers' outputs (attn-out, mlp-out) instead")
     if sp.info.role == "norm" and not sp.info.consumers:
-        return ("nothing after this norm has a bias slot (it feeds the residual stream or lm_head directly); "
+        return ("no Linear reads this norm's output as it is (it feeds the residual stream, lm_head, or a block "
+                "that changes it first, as Mamba's mixer zeroes padded tokens), so no bias takes its shift; "
                 "only a per-unit scale folds here")
     target = sp.info.module if sp.info.role == "linear" else ", ".join(sp.info.consumers)
     if not m.shift_is_zero:

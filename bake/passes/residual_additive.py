@@ -1,7 +1,8 @@
 """Pass 5: an additive map on the residual stream after a layer goes into the bias of the layer's
 last writer (the MLP's down projection): h + mlp(h) + λv = h + (mlp with bias + λv)(h). After a
 mixture of experts whose router weights sum to one per token, into every expert's output bias:
-Σ_e g_e (W_e h_e + b_e + v) = Σ_e g_e (W_e h_e + b_e) + v."""
+Σ_e g_e (W_e h_e + b_e + v) = Σ_e g_e (W_e h_e + b_e) + v. Where the stream adds c times the
+writer's output (MiniCPM: c = 1.4/√L), the bias takes v / c."""
 
 from __future__ import annotations
 
@@ -22,12 +23,13 @@ def run(plan: Plan, sites=None) -> None:
                                           and o.info.module.startswith(info.module + ".")), None)
         if writer_out and plan.pending_at(writer_out, "output"):
             continue  # the writer's output keeps an inserted module: the shift must come after it
+        shift = sp.pending[0].bias if info.writer_scale == 1.0 else sp.pending[0].bias / info.writer_scale
         if info.writer is not None and can_bias(plan, info.writer):
-            add_bias(plan, info.writer, sp.pending[0].bias)
+            add_bias(plan, info.writer, shift)
             plan.note(NAME, sp.name, f"shift → {info.writer}.bias")
         elif info.shift_slots:
             for s in info.shift_slots:
-                add_slot_bias(plan, s, sp.pending[0].bias)
+                add_slot_bias(plan, s, shift)
             plan.note(NAME, sp.name, f"shift → every expert's output bias ({len(info.shift_slots)} slot(s))")
         else:
             continue
