@@ -176,7 +176,7 @@ class Slow(Exception):
     pass
 
 
-def timed(mt: str, limit: int = 120) -> dict:
+def timed(mt: str, limit: int = 400) -> dict:
     """`one(mt)`, or a row saying it took longer than `limit` seconds."""
     def stop(*_):
         raise Slow(f"over {limit} s")

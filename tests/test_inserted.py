@@ -119,7 +119,7 @@ def test_generated_code_loads_in_a_fresh_process(model_dir):
 
     with torch.no_grad(), steered(model, read(tmp / "gated.json")):
         ref = model(torch.tensor([[5, 17, 33, 8, 91, 4]])).logits[0, -1, :8]
-    assert got["cls"] == "BakeForCausalLM"
+    assert got["cls"] == f"Bake{type(model).__name__}"  # named after the stock class it extends
     assert torch.allclose(torch.tensor(got["logits"]), ref, atol=1e-5)
 
 

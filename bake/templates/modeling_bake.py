@@ -120,11 +120,27 @@ def install(model: torch.nn.Module, inserted: list[dict]) -> None:
         mod.forward = types.MethodType(_steered, mod)
 
 
+def _keep_conversions(model_type: str) -> None:
+    """transformers 5 renames and fuses some checkpoints' weights at load (Sarvam-MoE: word_embeddings,
+    per-expert tensors) but skips that for remote code unless its model type was registered by the user:
+    register the stock mapping again under its model type (before the weights load), so the checkpoint
+    reads as the stock class reads it."""
+    try:
+        from transformers import conversion_mapping as cm
+    except ImportError:  # transformers 4: no conversions
+        return
+    conv = cm.get_checkpoint_conversion_mapping(model_type)
+    if conv and model_type not in cm.USER_REGISTERED_MAPPINGS:  # the same mapping, now also for remote code
+        cm.register_checkpoint_conversion_mapping(model_type, conv, overwrite=True)
+
+
 def make_class(base):
     class BakeForCausalLM(base):
         def __init__(self, config, *args, **kwargs):
             super().__init__(config, *args, **kwargs)
+            _keep_conversions(config.model_type)  # the checkpoint's, not the class's (Sarvam-MoE runs GLM-4-MoE)
             install(self, getattr(config, "bake_inserted", []))
 
-    BakeForCausalLM.__name__ = BakeForCausalLM.__qualname__ = "BakeForCausalLM"
+    # named after the stock class: transformers decides some things by class name (MiniMax's own cache)
+    BakeForCausalLM.__name__ = BakeForCausalLM.__qualname__ = f"Bake{base.__name__}"
     return BakeForCausalLM
