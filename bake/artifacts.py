@@ -7,6 +7,7 @@ Formats:
   `trust_code`, and `trust_remote_code=True` is passed only then.
 - `onnx`: an ONNX export (`model.onnx`, `onnx_info.json`), run with ONNX Runtime (`bake/ort.py`).
 - `gguf`: a `model-<TYPE>.gguf` beside the checkpoint, run with llama.cpp (`bake/llamacpp.py`).
+- `lora`: the PEFT adapter in `lora/`, on the base model it names, with `PeftModel.from_pretrained`.
 - `pipeline`: a diffusers pipeline directory (`model_index.json`), from safetensors only.
 
 Below verify, diff, eval and cli: it imports only models, modules and ort.
@@ -20,7 +21,7 @@ from pathlib import Path
 from .errors import BakeError
 from .models.loading import exact_experts
 
-CAUSAL_FORMATS = ("safetensors", "onnx", "gguf")
+CAUSAL_FORMATS = ("safetensors", "onnx", "gguf", "lora")
 FORMATS = (*CAUSAL_FORMATS, "pipeline")
 TO_RUN = " to run it"  # the default tail of the refusal to run generated code
 
@@ -64,7 +65,7 @@ def formats_in(path: str | Path, flag: str = "--baked") -> list[str]:
 
     p = Path(path)
     found = [f for f, ok in (("safetensors", any(p.glob("*.safetensors"))), ("onnx", is_onnx_dir(p)),
-                             ("gguf", any(p.glob("model-*.gguf")))) if ok]
+                             ("gguf", any(p.glob("model-*.gguf"))), ("lora", _has_lora(p))) if ok]
     if not found:
         raise BakeError(f"{flag}: {str(path)!r} holds neither safetensors weights nor model.onnx")
     return found
@@ -89,7 +90,7 @@ def _resolve_format(p: Path, name: str, fmt: str, flag: str, allowed: tuple[str,
     if not p.is_dir():
         raise BakeError(f"{flag}: {name!r} is not a directory")
     has = {"safetensors": has_checkpoint(p), "onnx": is_onnx_dir(p), "pipeline": (p / "model_index.json").is_file(),
-           "gguf": any(p.glob("model-*.gguf"))}
+           "gguf": any(p.glob("model-*.gguf")), "lora": _has_lora(p)}
     if fmt == "auto":
         fmt = next((f for f in CAUSAL_FORMATS if has[f]), "")
         if not fmt:
@@ -99,7 +100,7 @@ def _resolve_format(p: Path, name: str, fmt: str, flag: str, allowed: tuple[str,
         raise BakeError(f"--format: unknown format {fmt!r}")
     if not has[fmt]:
         what = {"safetensors": "safetensors checkpoint", "onnx": "model.onnx", "pipeline": "model_index.json",
-                "gguf": "model-*.gguf"}[fmt]
+                "gguf": "model-*.gguf", "lora": "lora/adapter_config.json"}[fmt]
         raise BakeError(f"{flag}: {name!r} holds no {what}")
     return fmt
 
@@ -119,6 +120,8 @@ def open_artifact(path: str | Path, fmt: str = "auto", *, provider: str = "auto"
         return open_pipeline(p)
     if fmt == "gguf":
         return _open_gguf(p)
+    if fmt == "lora":
+        return _open_lora(p, flag)
     return _open_safetensors(p, str(path), trust_code, dtype, flag, hint)
 
 
@@ -138,6 +141,26 @@ def _open_gguf(p: Path) -> Artifact:
 
     model = LlamaCppLM(p)
     return Artifact(model, AutoTokenizer.from_pretrained(str(model.file.parent)), "gguf", model.file.stem, p)
+
+
+def _has_lora(p: Path) -> bool:
+    return (p / "lora" / "adapter_config.json").is_file()
+
+
+def _open_lora(p: Path, flag: str) -> Artifact:
+    """The PEFT adapter in `p/lora` on its base model (float32, stock from_pretrained), at scale 1."""
+    import json
+
+    try:
+        from peft import PeftModel
+    except ImportError as e:
+        raise BakeError(f"{flag}: running the LoRA adapter needs peft (pip install peft)") from e
+    base = json.loads((p / "lora" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    if not Path(base).is_dir():
+        raise BakeError(f"{flag}: the LoRA adapter's base model {base!r} is not a local directory")
+    art = _open_safetensors(Path(base), base, False, "float32", flag, TO_RUN)
+    model = PeftModel.from_pretrained(art.model, str(p / "lora")).eval()
+    return Artifact(model, art.tokenizer, "lora", "float32", p)
 
 
 def open_pipeline(p: Path) -> Artifact:

@@ -70,6 +70,7 @@ def apply(model_name: str, spec_paths: list[str], out: str | Path, options: Bake
     source = open_source(model_name, opts)
     exporters.check_out(out, opts.force, [*reads, ("model directory", source.path)])
     source.check(opts)  # formats the source cannot write: refused before any work
+    source.prepare(specs, opts)
     with exporters.staged(out, opts.force, log) as tmp:
         with source.store(tmp) as store:
             plan = _compile(source, specs, store, opts, log)

@@ -33,7 +33,9 @@ def gguf_in(path: Path) -> Path:
 
 
 class LlamaCppLM:
-    def __init__(self, path: str | Path, n_ctx: int = 1024, threads: int | None = None):
+    def __init__(self, path: str | Path, n_ctx: int = 1024, threads: int | None = None,
+                 lora: str | Path | None = None, lora_scale: float = 1.0):
+        """`lora`: a llama.cpp LoRA GGUF applied at `lora_scale` (bake's LoRA export: the strength)."""
         try:
             from llama_cpp import Llama
         except ImportError as e:
@@ -44,7 +46,8 @@ class LlamaCppLM:
         self.config = AutoConfig.from_pretrained(str(self.file.parent), trust_remote_code=False)
         # the KV cache in float32 (llama.cpp's default is float16, an error of its own on top of the weights')
         self.llm = Llama(model_path=str(self.file), n_ctx=n_ctx, logits_all=True, verbose=False, seed=0,
-                         n_threads=threads, n_batch=n_ctx, type_k=F32, type_v=F32)
+                         n_threads=threads, n_batch=n_ctx, type_k=F32, type_v=F32,
+                         lora_path=str(lora) if lora else None, lora_scale=lora_scale)
         self.device = torch.device("cpu")
         self.dtype = np.float32
         self.runtime = "llama.cpp"

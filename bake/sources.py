@@ -43,6 +43,16 @@ class LoadedLM:
             self.adapter = adapter_for(self.model)
             self.gguf_type = gguf_lm.check_supported(self.model, self.adapter, self.path, opts.gguf_type)
 
+    def prepare(self, specs, opts: BakeOptions) -> None:
+        """What needs the original weights and the specs before the folds: a LoRA's deltas (refused here,
+        before any work, where a map is no low-rank delta)."""
+        if "lora" in opts.formats:
+            from .exporters import lora
+            from .families import adapter_for
+
+            self.adapter = adapter_for(self.model)
+            self.lora = lora.deltas(self.model, self.adapter, specs)
+
     @contextlib.contextmanager
     def store(self, tmp: Path):
         yield ModuleStore(self.model)
@@ -68,6 +78,19 @@ class LoadedLM:
             from .exporters import gguf_lm
 
             gguf_lm.write(tmp, self.path, tmp, self.gguf_type, self.adapter, log=log)
+        if "lora" in opts.formats:
+            self._export_lora(plan, tmp, log)
+
+    def _export_lora(self, plan, tmp: Path, log) -> None:
+        from .exporters import lora
+
+        where = lora.write_peft(plan.model, self.lora, tmp, str(Path(self.path).resolve()))
+        ranks = sorted({A.shape[0] for A, _ in self.lora.values()})
+        log(f"  lora                   {lora.DIR}/: PEFT adapter, {len(self.lora)} module(s), rank {ranks}")
+        if self.adapter.gguf_arch:
+            g = lora.write_gguf(self.lora, self.adapter, plan.model.config, tmp)
+            log(f"  lora                   {lora.DIR}/{g.name}: llama.cpp LoRA ({self.adapter.gguf_arch})")
+        plan.note("lora", "files", f"{where.name}/ (PEFT" + (", llama.cpp GGUF)" if self.adapter.gguf_arch else ")"))
 
     def release(self) -> None:
         """Verify reloads both models: never hold two copies while it runs."""
@@ -180,6 +203,8 @@ class LoadedPipeline(LoadedLM):
     def check(self, opts: BakeOptions) -> None:
         if opts.insert_modules:
             raise BakeError("--insert-modules: not for diffusers pipelines yet (every default T2I site folds exactly)")
+        if {"gguf", "lora"} & set(opts.formats):
+            raise BakeError("--format: gguf and lora are for causal LMs (a pipeline writes safetensors and onnx)")
         if "onnx" in opts.formats:
             from .exporters import onnx_denoiser
 

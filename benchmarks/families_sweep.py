@@ -18,7 +18,10 @@ and not counted. Then:
   verify (fp32 relative logit error <= 1e-5 and identical greedy continuations); where a fold is refused,
   `bake apply --insert-modules`. Outcome per method: folded / inserted (both verified), or why not.
 
-    python benchmarks/families_sweep.py [--types llama,granite] [--resume]
+    python benchmarks/families_sweep.py [--types llama,granite] [--resume] [--rerun failing|TYPES]
+
+`--rerun failing` keeps the last run's rows except those of the decoders that build but did not verify
+with all three methods, runs those again, and records which types a rerun covered (`reruns` in the JSON).
 """
 
 from __future__ import annotations
@@ -209,7 +212,7 @@ def random_cell(r: dict) -> str:
     return out + (f", refused: {refused[0]['why'][:50]}" if refused else "")
 
 
-def markdown(rows: list[dict], seconds: float) -> str:
+def markdown(rows: list[dict], seconds: float, reruns: list | None = None) -> str:
     rows = sorted(rows, key=lambda r: r["model_type"])
     for r in rows:
         if "groups" in r:
@@ -233,6 +236,8 @@ def markdown(rows: list[dict], seconds: float) -> str:
              "greedy continuations identical in every verified cell), or where it stopped. Random specs: the "
              "worst relative error of the random affine / additive / projection specs that folded, per site "
              "group (post-norms; writers; residual; every site), and how many groups needed inserted modules.",
+             ""] + [f"Rerun with later code (`--rerun`): {', '.join(f'`{t}`' for t in r['types'])} "
+                    f"(transformers {r['transformers']}); the other rows are from the full run." for r in reruns or []] + [
              "", "| model type | family | ablate | mean-act | caa | random specs | status |", "|---|---|---|---|---|---|---|"]
     for r in scope:
         if "groups" not in r:
@@ -262,23 +267,30 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--types", default=None, help="comma-separated model types (default: all)")
     ap.add_argument("--resume", action="store_true", help="keep the rows of the last run's JSON and go on")
+    ap.add_argument("--rerun", default=None, help="'failing' or comma-separated types: run these rows again")
     a = ap.parse_args()
     warnings.filterwarnings("ignore")
     tf.logging.set_verbosity_error()
     types = a.types.split(",") if a.types else sorted(auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
     t0 = time.perf_counter()
     out = ROOT / "benchmarks" / "results" / "families_sweep.json"
-    last = json.loads(out.read_text()) if a.resume and out.is_file() else {"rows": [], "seconds": 0}
+    last = json.loads(out.read_text()) if (a.resume or a.rerun) and out.is_file() else {"rows": [], "seconds": 0}
+    if a.rerun:
+        again = ({r["model_type"] for r in last["rows"]
+                  if not r["status"].startswith(("all three", "out of scope", "does not build"))}
+                 if a.rerun == "failing" else set(a.rerun.split(",")))
+        last["rows"] = [r for r in last["rows"] if r["model_type"] not in again]
+        last.setdefault("reruns", []).append({"types": sorted(again), "transformers": tf.__version__})
     rows = last["rows"]
     done = {r["model_type"] for r in rows}
     seconds = last["seconds"]
     for mt in tqdm([t for t in types if t not in done], desc="model types"):
         rows.append(timed(mt))
         seconds = last["seconds"] + time.perf_counter() - t0  # written after every type: a crash keeps what was measured
-        out.write_text(
-            json.dumps({"transformers": tf.__version__, "seconds": round(seconds), "rows": rows}, indent=1) + "\n")
+        out.write_text(json.dumps({"transformers": tf.__version__, "seconds": round(seconds), "rows": rows,
+                                   "reruns": last.get("reruns", [])}, indent=1) + "\n")
     if not a.types:
-        (ROOT / "docs" / "families-sweep.md").write_text(markdown(rows, seconds), encoding="utf-8")
+        (ROOT / "docs" / "families-sweep.md").write_text(markdown(rows, seconds, last.get("reruns")), encoding="utf-8")
         verdicts = [verdict(r) for r in sorted(rows, key=lambda r: r["model_type"])]
         (ROOT / "bake" / "data" / "families_sweep.json").write_text(
             json.dumps({"transformers": tf.__version__, "rows": verdicts}, indent=0) + "\n", encoding="utf-8")

@@ -56,3 +56,40 @@ def test_gguf_refusals_write_nothing(tmp_path, capsys):
     assert main(base + ["--model", "llama", "--out", str(tmp_path / "c"), "--gguf-type", "q9_9"]) == 2
     assert "q9_9" in capsys.readouterr().err
     assert not any((tmp_path / d).exists() for d in "abc")
+
+
+def test_llama_cpp_lora_scale_is_the_steering_strength(tmp_path, capsys):
+    """detox.json as a llama.cpp LoRA on the unsteered SmolLM2 (f32 GGUF): at scales 0.5 / 1 / 1.5 the
+    logits equal the hooked reference at strength λ·s (f32 yardstick: relative error <= 1e-4)."""
+    import shutil
+
+    import torch
+
+    from bake.exporters import gguf_lm
+    from bake.families import adapter_for
+    from bake.llamacpp import LlamaCppLM
+    from bake.models import load
+    from bake.runtime import steered
+    from bake.spec import read
+    from test_lora import scaled
+
+    out = tmp_path / "out"
+    assert main(["apply", "--model", "llama", "--spec", "examples/detox.json", "--out", str(out),
+                 "--format", "lora"]) == 0, capsys.readouterr().err[-2000:]
+    loaded = load("llama")
+    model, src = loaded.model, loaded.source
+    base = tmp_path / "base"
+    base.mkdir()
+    for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(src / f, base / f)
+    gguf_lm.write(src, src, base, "f32", adapter_for(model), log=lambda *_: None)  # the original, unsteered
+    spec = read("examples/detox.json")
+    ids = loaded.tokenizer("You are such a", return_tensors="pt").input_ids
+    for s in (0.5, 1.0, 1.5):
+        lm = LlamaCppLM(base, lora=out / "lora" / "adapter-F32.gguf", lora_scale=s)
+        got = lm(ids).logits[0].double()
+        del lm
+        with torch.no_grad(), steered(model, [scaled(spec, s)]):
+            ref = model(ids).logits[0].double()
+        rel = float((got - ref).abs().max() / ref.abs().max())
+        assert rel <= 1e-4, (s, rel)

@@ -52,11 +52,11 @@ class SiteInfo:
     units: int
     consumers: tuple[str, ...] = ()  # Linear modules that read this tensor and nothing else does
     writer: str | None = None  # residual: the Linear whose output is added last to the stream
-    writer_scale: float = 1.0  # residual: the stream adds writer_scale × the writer's output
     anchor: str = ""  # parameter whose bytes identify the model at this site (fingerprint)
     unit_dim: int = -1  # the tensor dimension that holds the units (1: channels of a 4-D conv feature map)
     slots: tuple[Slot, ...] = ()  # norm: readers that are no nn.Linear (experts); sum: the producers
     shift_slots: tuple[Slot, ...] = ()  # sum / residual: biases a shift goes into (each added once per token)
+    writer_scale: float = 1.0  # residual: the stream adds writer_scale × the writer's output
 
 
 @dataclass

@@ -140,6 +140,25 @@ def collect(model, tok, texts: list[str], sites: list[SiteInfo], batch_size: int
     return {k: gather_texts(torch.cat(v), n, batch_size) for k, v in pooled.items()}
 
 
+def _kinds(calls: list[tuple[tuple, dict]]) -> list[int]:
+    """Per layer, the first layer called with the same extra arguments (each the very same object)."""
+    def one(x, y) -> bool:
+        if x is y:
+            return True
+        if isinstance(x, (tuple, list)) and isinstance(y, (tuple, list)):
+            return len(x) == len(y) and all(one(u, v) for u, v in zip(x, y))
+        return isinstance(x, (int, float, str, bool, type(None))) and x == y
+
+    def same(a, b) -> bool:
+        (aa, ak), (ba, bk) = a, b
+        return one(aa[1:], ba[1:]) and ak.keys() == bk.keys() and all(one(ak[k], bk[k]) for k in ak)
+
+    out: list[int] = []
+    for i, c in enumerate(calls):
+        out.append(next(j for j in range(i + 1) if j == i or same(calls[j], c)))
+    return out
+
+
 class LayerReplay:
     """Causal collection, layer by layer.
 
@@ -155,30 +174,41 @@ class LayerReplay:
         self.layer = 0
         self.batches: list[tuple[tuple, dict, torch.Tensor]] = []  # (args, kwargs, mask) entering self.layer
         # each layer's own extra arguments per batch: hybrids give state-space and attention layers
-        # different masks (Jamba, Nemotron-H, Qwen3.5), so layer 0's cannot serve every layer
-        self.extras: list[list[tuple[tuple, dict]]] = [[] for _ in self.layers]
+        # different masks (Jamba, Nemotron-H, Qwen3.5), so layer 0's cannot serve every layer. The first
+        # batch runs the whole model to see which layers get the same arguments (the very objects):
+        # `kind[i]` is the first such layer; later batches stop at the last of those (layer 0 mostly)
+        self.kind: list[int] = []
+        self.extras: dict[int, list[tuple[tuple, dict]]] = {}
         for enc in _batches(tok, texts, batch_size):
             self._grab(enc)
 
     @torch.no_grad()
     def _grab(self, enc) -> None:
-        """One batch through the model, recording every layer's arguments (hidden state of layer 0 only)."""
+        """One batch, recording the arguments of each kind's first layer (the hidden state of layer 0)."""
         box: dict[int, tuple] = {}
+        watch = sorted(set(self.kind)) if self.kind else range(len(self.layers))
+        last = watch[-1] if self.kind else None
 
         def grab(i):
             def hook(module, args, kwargs):
                 box[i] = (args, kwargs)
+                if i == last:
+                    raise _Enough
             return hook
 
-        hs = [layer.register_forward_pre_hook(grab(i), with_kwargs=True) for i, layer in enumerate(self.layers)]
+        hs = [self.layers[i].register_forward_pre_hook(grab(i), with_kwargs=True) for i in watch]
         try:
             mask = enc.attention_mask.to(self.model.device)
             self.model(input_ids=enc.input_ids.to(self.model.device), attention_mask=mask, use_cache=False)
+        except _Enough:
+            pass
         finally:
             for h in hs:
                 h.remove()
-        for i, (args, kwargs) in box.items():
-            self.extras[i].append((tuple(args[1:]), kwargs))
+        if not self.kind:
+            self.kind = _kinds([box[i] for i in range(len(self.layers))])
+        for i in set(self.kind):
+            self.extras.setdefault(i, []).append((tuple(box[i][0][1:]), box[i][1]))
         args, kwargs = box[0]
         self.batches.append((args, kwargs, mask))
 
@@ -192,7 +222,7 @@ class LayerReplay:
         """Run layers up to `to_layer` (exclusive) with whatever hooks are active now."""
         while self.layer < to_layer:
             layer = self.layers[self.layer]
-            nxt = self.extras[self.layer + 1] if self.layer + 1 < len(self.layers) else None
+            nxt = self.extras[self.kind[self.layer + 1]] if self.layer + 1 < len(self.layers) else None
             new = []
             for b, (args, kwargs, mask) in enumerate(self.batches):
                 out = layer(*args, **kwargs)
