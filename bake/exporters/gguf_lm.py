@@ -108,24 +108,35 @@ def write(ckpt: Path, model_dir: Path, out: Path, kind: str, adapter, log=print)
     target = out / f"model-{kind.upper()}.gguf"
     f32 = target if kind == "f32" else out / "model-F32.tmp.gguf"
     arch = src.fields["general.architecture"].contents()
-    w = gguf.GGUFWriter(str(f32), arch)
-    for key, field in src.fields.items():
-        if key.startswith("GGUF.") or key in ("general.architecture", "general.file_type"):
-            continue
-        sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
-        w.add_key_value(key, field.contents(), field.types[0], sub_type=sub)
-    w.add_file_type(TYPES["f32"])
+
+    def metadata(w) -> None:
+        for key, field in src.fields.items():
+            if key.startswith("GGUF.") or key in ("general.architecture", "general.file_type"):
+                continue
+            sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+            w.add_key_value(key, field.contents(), field.types[0], sub_type=sub)
+        w.add_file_type(TYPES["f32"])
+
+    write_file(f32, arch, metadata, arrays)
+    if kind != "f32":
+        quantize(f32, target, kind)
+        f32.unlink()
+    log(f"  gguf                   {target.name}: {len(arrays)} tensors, {kind} (llama.cpp {arch})")
+    return target
+
+
+def write_file(path: Path, arch: str, metadata, arrays: dict[str, np.ndarray]) -> None:
+    """One float32 GGUF file: `metadata(writer)` adds the key-values, then the tensors."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), arch)
+    metadata(w)
     for name, a in arrays.items():
         w.add_tensor(name, np.ascontiguousarray(a, dtype=np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    if kind != "f32":
-        quantize(f32, target, kind)
-        f32.unlink()
-    log(f"  gguf                   {target.name}: {len(arrays)} tensors, {kind} (llama.cpp {arch})")
-    return target
 
 
 def quantize(src: Path, dst: Path, kind: str) -> None:

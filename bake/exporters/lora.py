@@ -100,27 +100,20 @@ def write_peft(model: torch.nn.Module, parts: dict, out: Path, base: str) -> Pat
 def write_gguf(parts: dict, adapter, cfg, out: Path) -> Path:
     """llama.cpp's LoRA GGUF (the layout of its convert_lora_to_gguf.py): `<tensor>.lora_a` [r, in] and
     `<tensor>.lora_b` [out, r] per steered weight, alpha 0 (scale = the runtime's factor)."""
-    import gguf
-    import numpy as np
-
-    from .gguf_lm import gguf_tensors
+    from .gguf_lm import gguf_tensors, write_file
 
     arrays = {}
     for path, (A, B) in parts.items():
-        # q/k rows are permuted for llama.cpp's rotary layout: B's rows are W's rows; A reads the input
-        name = next(iter(gguf_tensors({f"{path}.weight": B}, adapter, cfg)))
-        arrays[f"{name}.lora_a"] = A.numpy()
-        arrays[f"{name}.lora_b"] = gguf_tensors({f"{path}.weight": B}, adapter, cfg)[name]
+        # B's rows are W's rows: gguf_tensors names them and permutes q/k rows to llama.cpp's rotary layout
+        (name, b), = gguf_tensors({f"{path}.weight": B}, adapter, cfg).items()
+        arrays[f"{name}.lora_a"], arrays[f"{name}.lora_b"] = A.numpy(), b
     target = out / DIR / "adapter-F32.gguf"
     target.parent.mkdir(parents=True, exist_ok=True)
-    w = gguf.GGUFWriter(str(target), adapter.gguf_arch)
-    w.add_string("general.type", "adapter")
-    w.add_string("adapter.type", "lora")
-    w.add_float32("adapter.lora.alpha", 0.0)
-    for name, a in arrays.items():
-        w.add_tensor(name, np.ascontiguousarray(a, dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+
+    def metadata(w) -> None:
+        w.add_string("general.type", "adapter")
+        w.add_string("adapter.type", "lora")
+        w.add_float32("adapter.lora.alpha", 0.0)
+
+    write_file(target, adapter.gguf_arch, metadata, arrays)
     return target

@@ -112,8 +112,8 @@ def writers(calls: list, x: torch.Tensor, y: torch.Tensor) -> list[tuple[str, bo
             out.append((name, b is y, c))
     found = {n for n, *_ in out}
     for (n1, o1), (n2, o2) in itertools.combinations([(n, o) for n, o in outs if n not in found], 2):
-        b = _sum_of(states, [o1, o2])
-        if b is not None:
+        b, c = _scaled_sum([s for s in states if s is not o1 and s is not o2], _flat(o1) + _flat(o2))
+        if b is not None and c == 1.0:
             out += [(n1, b is y, 1.0), (n2, b is y, 1.0)]
             break
     inner = {n.rsplit(".", 1)[0] for n, *_ in out if "." in n}  # a block whose Linear writer was found
@@ -139,18 +139,6 @@ def _scaled_sum(states: list, o: torch.Tensor):
             if abs(c) > 1e-3 and torch.allclose(fb, fa + c * oo, rtol=1e-5, atol=1e-6):
                 return b, c
     return None, None
-
-
-def _sum_of(befores: list, parts: list, afters: list | None = None):
-    """The state b (of `afters`, default `befores`) with b = a + Σ parts for some other state a; or None."""
-    for a in befores:
-        if any(a is p for p in parts):
-            continue
-        total = _flat(a) + sum(_flat(p) for p in parts)
-        for b in afters if afters is not None else befores:
-            if b is not a and not any(b is p for p in parts) and torch.allclose(_flat(b), total, rtol=1e-5, atol=1e-6):
-                return b
-    return None
 
 
 def norm_offset(norms: list[torch.nn.Module], model_type: str) -> float:
