@@ -83,9 +83,10 @@ def _p_apply(sub):
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument("--dtype", default=None, help="float32 (default) | bfloat16 | float16 (folding is done in fp32); "
                    "a streaming bake keeps each tensor's stored dtype")
-    p.add_argument("--format", default="safetensors", help="safetensors | onnx | gguf | lora | comma-separated (all "
-                   "in --out; gguf: model-<TYPE>.gguf for llama.cpp / Ollama beside the checkpoint; lora: lora/ with "
-                   "a PEFT adapter and a llama.cpp LoRA GGUF, the runtime's LoRA scale = the strength)")
+    p.add_argument("--format", default="safetensors", help="safetensors | onnx | gguf | lora | control-vector | "
+                   "comma-separated (all in --out; gguf: model-<TYPE>.gguf for llama.cpp / Ollama beside the "
+                   "checkpoint; lora: lora/ with a PEFT adapter and a llama.cpp LoRA GGUF; control-vector: "
+                   "control-vector.gguf for llama.cpp; for both the runtime's scale = the strength)")
     p.add_argument("--gguf-type", default=None, help="f32 | f16 | bf16 | q8_0 | q4_k_m | ... (llama.cpp's quantizer; "
                    "default: the type of the --model GGUF)")
     p.add_argument("--onnx-layout", default="root", help="root: model.onnx beside config.json (Optimum, "
@@ -229,11 +230,12 @@ def _verification_line(v: dict) -> str:
         line += (f"\nverify (lora, PEFT at scale 1): {'PASS' if lo['passed'] else 'FAIL'}: max abs logit error "
                  f"{lo['max_abs']:.3g} (relative {lo['max_rel']:.3g}), greedy identical {lo['greedy_same']}/"
                  f"{lo['prompts']}")
-    g = v.get("gguf")
-    if g:
-        line += (f"\nverify (gguf {g['gguf_type']}, llama.cpp): {'PASS' if g['passed'] else 'FAIL'}: max abs logit "
-                 f"error {g['max_abs']:.3g} (relative {g['max_rel']:.3g}), greedy identical "
-                 f"{g['greedy_same']}/{g['prompts']} [{g['criterion']}]")
+    for key, what in (("gguf", "gguf {gguf_type}, llama.cpp"), ("control-vector", "control vector, llama.cpp")):
+        g = v.get(key)
+        if g:
+            line += (f"\nverify ({what.format(**g)}): {'PASS' if g['passed'] else 'FAIL'}: max abs logit "
+                     f"error {g['max_abs']:.3g} (relative {g['max_rel']:.3g}), greedy identical "
+                     f"{g['greedy_same']}/{g['prompts']} [{g['criterion']}]")
     return line
 
 
@@ -254,7 +256,8 @@ def cmd_apply(a) -> int:
              if inserted else "stock from_pretrained")
     how = " + ".join({"safetensors": loads, "onnx": "model.onnx for ONNX Runtime",
                       "gguf": "model-*.gguf for llama.cpp",
-                      "lora": "lora/ (PEFT adapter; llama.cpp LoRA GGUF where bake writes GGUF)"}[f]
+                      "lora": "lora/ (PEFT adapter; llama.cpp LoRA GGUF where bake writes GGUF)",
+                      "control-vector": "control-vector.gguf for llama.cpp"}[f]
                      for f in opts.formats)
     how = f"streamed; {how}" if res.streamed else how
     print(f"wrote {res.out} in {res.seconds:.1f} s ({how}; config changes: {res.config_changes or 'none'})")

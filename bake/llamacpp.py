@@ -32,10 +32,33 @@ def gguf_in(path: Path) -> Path:
     return found[0]
 
 
+def apply_control_vector(llm, path: Path, scale: float) -> None:
+    """What llama.cpp's `--control-vector-scaled path scale` does (common.cpp) to a `llama_cpp.Llama`:
+    direction.N × scale at offset n_embd·(N − 1) of one buffer, applied to layers 1 … n_layer."""
+    import ctypes
+
+    import llama_cpp
+
+    from .exporters.control_vector import read
+
+    dirs = read(path)
+    n_embd = llama_cpp.llama_model_n_embd(llm.model)
+    n_layer = llama_cpp.llama_model_n_layer(llm.model)
+    data = np.zeros(n_embd * max(dirs), np.float32)
+    for n, v in dirs.items():
+        data[n_embd * (n - 1):n_embd * n] += scale * v
+    buf = data.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+    apply = getattr(llama_cpp, "llama_set_adapter_cvec", None) or llama_cpp.llama_apply_adapter_cvec
+    if apply(llm.ctx, buf, data.size, n_embd, 1, n_layer) != 0:
+        raise BakeError(f"llama.cpp refused the control vector {path.name}")
+
+
 class LlamaCppLM:
     def __init__(self, path: str | Path, n_ctx: int = 1024, threads: int | None = None,
-                 lora: str | Path | None = None, lora_scale: float = 1.0):
-        """`lora`: a llama.cpp LoRA GGUF applied at `lora_scale` (bake's LoRA export: the strength)."""
+                 lora: str | Path | None = None, lora_scale: float = 1.0,
+                 control_vector: str | Path | None = None, control_scale: float = 1.0):
+        """`lora`: a llama.cpp LoRA GGUF applied at `lora_scale`; `control_vector`: a control-vector GGUF at
+        `control_scale` (bake's exports: the runtime's scale is the steering strength)."""
         try:
             from llama_cpp import Llama
         except ImportError as e:
@@ -48,6 +71,8 @@ class LlamaCppLM:
         self.llm = Llama(model_path=str(self.file), n_ctx=n_ctx, logits_all=True, verbose=False, seed=0,
                          n_threads=threads, n_batch=n_ctx, type_k=F32, type_v=F32,
                          lora_path=str(lora) if lora else None, lora_scale=lora_scale)
+        if control_vector:
+            apply_control_vector(self.llm, Path(control_vector), control_scale)
         self.device = torch.device("cpu")
         self.dtype = np.float32
         self.runtime = "llama.cpp"

@@ -13,7 +13,7 @@ from .spec import check_strength
 from .typed import build, check_fields, encode
 
 DTYPES = ("float32", "bfloat16", "float16")
-FORMATS = ("safetensors", "onnx", "gguf", "lora")
+FORMATS = ("safetensors", "onnx", "gguf", "lora", "control-vector")
 ONNX_LAYOUTS = ("root", "onnx")
 
 
@@ -90,10 +90,10 @@ class BakeOptions:
 
 
 def parse_formats(text: str) -> tuple[str, ...]:
-    """Comma-separated formats; gguf and lora are written beside the safetensors checkpoint (its tokenizer;
-    the baked model a LoRA at scale 1 equals), so they bring safetensors along."""
+    """Comma-separated formats; gguf, lora and control-vector are written beside the safetensors checkpoint
+    (its tokenizer; the baked model a LoRA or control vector at scale 1 equals), so they bring it along."""
     fmts = [f.strip() for f in text.split(",") if f.strip()]
-    if ("gguf" in fmts or "lora" in fmts) and "safetensors" not in fmts:
+    if {"gguf", "lora", "control-vector"} & set(fmts) and "safetensors" not in fmts:
         fmts.insert(0, "safetensors")
     bad = [f for f in fmts if f not in FORMATS]
     if not fmts or bad:

@@ -36,16 +36,23 @@ class LoadedLM:
             from .exporters import onnx_lm as onnx_exporter
 
             onnx_exporter.check_supported(self.model)  # before any work
-        if "gguf" in opts.formats:
+        if "gguf" in opts.formats or "control-vector" in opts.formats:
             from .exporters import gguf_lm
             from .families import adapter_for
 
-            self.adapter = adapter_for(self.model)
-            self.gguf_type = gguf_lm.check_supported(self.model, self.adapter, self.path, opts.gguf_type)
+            self.adapter = adapter_for(self.model)  # a control vector is verified on the f32 GGUF of the original
+            flag, kind = ("--format gguf", opts.gguf_type) if "gguf" in opts.formats else ("--format control-vector", "f32")
+            self.gguf_type = gguf_lm.check_supported(self.model, self.adapter, self.path, kind, flag)
+            if "control-vector" in opts.formats:
+                gguf_lm.llama_cpp(flag)  # it is verified in llama.cpp
 
     def prepare(self, specs, opts: BakeOptions) -> None:
-        """What needs the original weights and the specs before the folds: a LoRA's deltas (refused here,
-        before any work, where a map is no low-rank delta)."""
+        """What needs the original weights and the specs before the folds: a LoRA's deltas, a control
+        vector's directions (refused here, before any work, where a map is neither)."""
+        if "control-vector" in opts.formats:
+            from .exporters import control_vector
+
+            self.directions = control_vector.directions(self.model, self.adapter, specs)
         if "lora" in opts.formats:
             from .exporters import lora
             from .families import adapter_for
@@ -80,6 +87,12 @@ class LoadedLM:
             gguf_lm.write(tmp, self.path, tmp, self.gguf_type, self.adapter, log=log)
         if "lora" in opts.formats:
             self._export_lora(plan, tmp, log)
+        if "control-vector" in opts.formats:
+            from .exporters import control_vector
+
+            f = control_vector.write(self.directions, self.adapter.gguf_arch, tmp)
+            log(f"  control-vector         {f.name}: llama.cpp control vector, layers {list(self.directions)}")
+            plan.note("control-vector", "files", f"{f.name} (llama.cpp --control-vector-scaled {f.name} <strength>)")
 
     def _export_lora(self, plan, tmp: Path, log) -> None:
         from .exporters import lora
@@ -101,21 +114,26 @@ class LoadedLM:
         from . import verify as verify_mod
 
         name = self.name
-        gguf = None
+        runtime = {}
         if "gguf" in opts.formats:
             from .verify_gguf import verify_gguf
 
-            gguf = lambda ref: verify_gguf(lambda: fresh(name), specs, ref, tmp, self.path, self.adapter,  # noqa: E731
-                                           opts.max_new_tokens)
+            runtime["gguf"] = lambda ref: verify_gguf(lambda: fresh(name), specs, ref, tmp, self.path,  # noqa: E731
+                                                      self.adapter, opts.max_new_tokens)
+        if "control-vector" in opts.formats:
+            from .verify_gguf import verify_control_vector
+
+            runtime["control-vector"] = lambda ref: verify_control_vector(ref, tmp, self.path, self.adapter,  # noqa: E731
+                                                                          opts.max_new_tokens)
         v = verify_mod.verify(lambda: fresh(name), specs, tmp, list(opts.prompts or []) or None,
                               max_new_tokens=opts.max_new_tokens, check_model=opts.check_model,
-                              formats=list(opts.formats), trust_code=bool(plan.inserted), gguf=gguf)
+                              formats=list(opts.formats), trust_code=bool(plan.inserted), runtime=runtime)
         v["approximate"] = opts.approximate
         return v
 
     @staticmethod
     def failure(v: dict) -> str:
-        bad = [(f, r) for f, r in [("", v)] + [(f, v[f]) for f in ("onnx", "gguf") if isinstance(v.get(f), dict)]
+        bad = [(f, r) for f, r in [("", v)] + [(f, v[f]) for f in ("onnx", "gguf", "control-vector") if isinstance(v.get(f), dict)]
                if not r.get("passed", True) or f == ""]
         f, r = next(((f, r) for f, r in bad[1:]), bad[0]) if not v.get("passed") and len(bad) > 1 else bad[0]
         where = f" ({f})" if f else ""
@@ -203,8 +221,9 @@ class LoadedPipeline(LoadedLM):
     def check(self, opts: BakeOptions) -> None:
         if opts.insert_modules:
             raise BakeError("--insert-modules: not for diffusers pipelines yet (every default T2I site folds exactly)")
-        if {"gguf", "lora"} & set(opts.formats):
-            raise BakeError("--format: gguf and lora are for causal LMs (a pipeline writes safetensors and onnx)")
+        if {"gguf", "lora", "control-vector"} & set(opts.formats):
+            raise BakeError("--format: gguf, lora and control-vector are for causal LMs (a pipeline writes "
+                            "safetensors and onnx)")
         if "onnx" in opts.formats:
             from .exporters import onnx_denoiser
 

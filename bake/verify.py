@@ -171,16 +171,21 @@ def nonfinite(runs: list[dict]) -> int:
     return sum(not bool(torch.isfinite(r["logits"]).all()) for r in runs)
 
 
+RUNTIME_CHECKED = ("gguf", "control-vector")  # run in llama.cpp by apply (`runtime`), not opened here
+
+
 def verify(load_original, specs: list[Spec], baked_dir: Path, prompts: list[str] | None = None,
            max_new_tokens: int = 32, check_model: bool = True, formats: list[str] | None = None,
-           provider: str = "auto", trust_code: bool = False, gguf=None) -> dict:
+           provider: str = "auto", trust_code: bool = False, runtime: dict | None = None) -> dict:
     """`load_original()` returns a fresh (model, tokenizer) of the unmodified float32 model. Every
     format in the directory (safetensors, ONNX, GGUF) is checked against one hooked reference run; the
-    report is the first format's, with the others under their names, and passes when all do. `gguf(ref)`
-    checks a GGUF in llama.cpp (`bake.verify_gguf`)."""
+    report is the first format's, with the others under their names, and passes when all do.
+    `runtime[fmt](ref)` checks a format bake runs in another runtime where it wrote it (a GGUF, a control
+    vector: llama.cpp, `bake.verify_gguf`)."""
     baked_dir = Path(baked_dir)
     formats = formats or formats_in(baked_dir)
-    formats = [f for f in formats if f != "gguf" or gguf is not None]  # a GGUF is checked where bake wrote it
+    runtime = runtime or {}
+    formats = [f for f in formats if f in runtime or f not in RUNTIME_CHECKED]  # checked where bake wrote them
     if not formats:
         raise BakeError(f"--baked: {str(baked_dir)!r}: its GGUF is verified by bake apply --format gguf; "
                         f"bake verify of a GGUF alone is not done yet")
@@ -192,8 +197,8 @@ def verify(load_original, specs: list[Spec], baked_dir: Path, prompts: list[str]
     load_at = _at_dtype(load_original)
     reports, shared = {}, {}  # shared: the yardstick runs, computed once for all formats
     for fmt in formats:
-        if fmt == "gguf":
-            reports[fmt] = gguf(ref)
+        if fmt in runtime:
+            reports[fmt] = runtime[fmt](ref)
             continue
         cand = open_artifact(baked_dir, fmt, provider=provider, trust_code=trust_code, dtype="auto", flag="--baked")
         reports[fmt] = _check(load_at, specs, ref, cand, prompts, max_new_tokens, shared)

@@ -7,10 +7,12 @@
   the same way, and both run on the reference's sequences. Passes when the steered model's max abs
   logit error vs the hooked reference is at most `FACTOR` x the unsteered model's vs the unsteered
   float model, and the steering survives: KL(steered-quantized ‖ original-quantized) is at least half
-  of KL(steered ‖ original) in float32 (mean over every position's next-token distribution)."""
+  of KL(steered ‖ original) in float32 (mean over every position's next-token distribution).
+- a control vector: on the f32 GGUF of the unsteered model at scale 1, by the f32 yardstick."""
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from pathlib import Path
 
@@ -47,9 +49,39 @@ def verify_gguf(load_original, specs, ref: list[dict], baked_dir: Path, model_di
     return report
 
 
+def verify_control_vector(ref: list[dict], baked_dir: Path, model_dir: Path, adapter, max_new_tokens: int) -> dict:
+    """The control vector in `baked_dir`, applied at scale 1 by llama.cpp to the unsteered f32 GGUF."""
+    from transformers import AutoTokenizer
+
+    from .exporters.control_vector import FILE
+    from .llamacpp import LlamaCppLM
+
+    with _unsteered_gguf(model_dir, adapter, "f32") as base:
+        lm = LlamaCppLM(base, control_vector=Path(baked_dir) / FILE, control_scale=1.0)
+        tok = AutoTokenizer.from_pretrained(str(model_dir))
+        got = run_candidate(lm, tok, ref, max_new_tokens, desc="control vector (llama.cpp)")
+        del lm
+    max_abs, max_rel, _ = errors(ref, got)
+    same = sum(bool(torch.equal(r["seq"], g["seq"])) for r, g in zip(ref, got))
+    return {"runtime": "llama.cpp", "scale": 1.0, "prompts": len(ref), "max_abs": max_abs, "max_rel": max_rel,
+            "greedy_same": same, "passed": max_rel <= F32_TOL and same == len(ref),
+            "criterion": f"on the unsteered f32 GGUF at scale 1: relative logit error <= {F32_TOL:g} and "
+                         f"identical greedy continuations"}
+
+
+@contextlib.contextmanager
+def _unsteered_gguf(model_dir: Path, adapter, kind: str):
+    """A temporary directory holding the unsteered model as model-<KIND>.gguf, with its config.json."""
+    from .exporters import gguf_lm
+
+    with tempfile.TemporaryDirectory(dir=Path(model_dir).parent) as tmp:
+        gguf_lm.write(Path(model_dir), Path(model_dir), Path(tmp), kind, adapter, log=lambda *_: None)
+        (Path(tmp) / "config.json").write_bytes((Path(model_dir) / "config.json").read_bytes())
+        yield Path(tmp)
+
+
 def _yardstick(load_original, ref, got, model_dir: Path, adapter, kind: str, n: int) -> dict:
     """The unsteered model in float32 (PyTorch) and at `kind` (llama.cpp) on the reference's sequences."""
-    from .exporters import gguf_lm
     from .llamacpp import LlamaCppLM
 
     model, tok = load_original()
@@ -57,9 +89,7 @@ def _yardstick(load_original, ref, got, model_dir: Path, adapter, kind: str, n: 
     seqs = [r["seq"] for r in ref]
     plain = [{"logits": lg} for lg in logits_batch(model, seqs, pad)]
     del model
-    with tempfile.TemporaryDirectory(dir=Path(model_dir).parent) as tmp:
-        gguf_lm.write(Path(model_dir), Path(model_dir), Path(tmp), kind, adapter, log=lambda *_: None)
-        (Path(tmp) / "config.json").write_bytes((Path(model_dir) / "config.json").read_bytes())
+    with _unsteered_gguf(model_dir, adapter, kind) as tmp:
         orig_q = LlamaCppLM(tmp)
         plain_q = [{"logits": orig_q.prefill_then_decode_logits(r["seq"], r["n_prompt"])} for r in ref]
         del orig_q

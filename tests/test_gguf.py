@@ -58,38 +58,94 @@ def test_gguf_refusals_write_nothing(tmp_path, capsys):
     assert not any((tmp_path / d).exists() for d in "abc")
 
 
-def test_llama_cpp_lora_scale_is_the_steering_strength(tmp_path, capsys):
-    """detox.json as a llama.cpp LoRA on the unsteered SmolLM2 (f32 GGUF): at scales 0.5 / 1 / 1.5 the
-    logits equal the hooked reference at strength λ·s (f32 yardstick: relative error <= 1e-4)."""
+@pytest.fixture(scope="module")
+def unsteered(tmp_path_factory):
+    """The embedded model loaded in PyTorch, and its unsteered f32 GGUF in a directory with its config."""
     import shutil
-
-    import torch
 
     from bake.exporters import gguf_lm
     from bake.families import adapter_for
-    from bake.llamacpp import LlamaCppLM
     from bake.models import load
+
+    loaded = load("llama")
+    base = tmp_path_factory.mktemp("unsteered")
+    for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(loaded.source / f, base / f)
+    gguf_lm.write(loaded.source, loaded.source, base, "f32", adapter_for(loaded.model), log=lambda *_: None)
+    return loaded, base
+
+
+def _scaled_in_llama_cpp(unsteered, spec_path, scales, **adapter) -> list[float]:
+    """Relative logit error at each scale s: llama.cpp with the adapter at s vs the hooked model at λ·s."""
+    import torch
+
+    from bake.llamacpp import LlamaCppLM
     from bake.runtime import steered
     from bake.spec import read
     from test_lora import scaled
 
+    loaded, base = unsteered
+    spec = read(spec_path)
+    ids = loaded.tokenizer("You are such a", return_tensors="pt").input_ids
+    rels = []
+    for s in scales:
+        key = "lora_scale" if "lora" in adapter else "control_scale"
+        lm = LlamaCppLM(base, **adapter, **{key: s})
+        got = lm(ids).logits[0].double()
+        del lm
+        with torch.no_grad(), steered(loaded.model, [scaled(spec, s)]):
+            ref = loaded.model(ids).logits[0].double()
+        rels.append(float((got - ref).abs().max() / ref.abs().max()))
+    return rels
+
+
+def test_llama_cpp_lora_scale_is_the_steering_strength(tmp_path, capsys, unsteered):
+    """detox.json as a llama.cpp LoRA on the unsteered SmolLM2 (f32 GGUF): at scales 0.5 / 1 / 1.5 the
+    logits equal the hooked reference at strength λ·s (f32 yardstick: relative error <= 1e-4)."""
     out = tmp_path / "out"
     assert main(["apply", "--model", "llama", "--spec", "examples/detox.json", "--out", str(out),
                  "--format", "lora"]) == 0, capsys.readouterr().err[-2000:]
-    loaded = load("llama")
-    model, src = loaded.model, loaded.source
-    base = tmp_path / "base"
-    base.mkdir()
-    for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(src / f, base / f)
-    gguf_lm.write(src, src, base, "f32", adapter_for(model), log=lambda *_: None)  # the original, unsteered
-    spec = read("examples/detox.json")
-    ids = loaded.tokenizer("You are such a", return_tensors="pt").input_ids
-    for s in (0.5, 1.0, 1.5):
-        lm = LlamaCppLM(base, lora=out / "lora" / "adapter-F32.gguf", lora_scale=s)
-        got = lm(ids).logits[0].double()
-        del lm
-        with torch.no_grad(), steered(model, [scaled(spec, s)]):
-            ref = model(ids).logits[0].double()
-        rel = float((got - ref).abs().max() / ref.abs().max())
-        assert rel <= 1e-4, (s, rel)
+    rels = _scaled_in_llama_cpp(unsteered, "examples/detox.json", (0.5, 1.0, 1.5),
+                                lora=out / "lora" / "adapter-F32.gguf")
+    assert max(rels) <= 1e-4, rels
+
+
+def test_control_vector_in_llama_cpp_is_the_hooked_caa_at_each_scale(tmp_path, capsys, unsteered):
+    """examples/detox_caa.json (CAA: additive maps at layer outputs 10-19) as a llama.cpp control vector:
+    apply verifies it in llama.cpp at scale 1; at scales 0.5 and 2 it equals the hooked reference at λ·s;
+    the vector holds λv per layer under llama.cpp's names."""
+    from bake.exporters.control_vector import read as read_cvec
+    from bake.spec import read
+
+    out = tmp_path / "out"
+    assert main(["apply", "--model", "llama", "--spec", "examples/detox_caa.json", "--out", str(out),
+                 "--format", "control-vector"]) == 0, capsys.readouterr().err[-2000:]
+    v = json.loads((out / "bake_report.json").read_text())["verification"]
+    c = v["control-vector"]
+    assert v["passed"] and c["passed"] and c["max_rel"] <= 1e-4 and c["greedy_same"] == c["prompts"], c
+    dirs = read_cvec(out / "control-vector.gguf")
+    spec = read("examples/detox_caa.json")
+    assert sorted(dirs) == sorted(int(n.split(".")[2].split(":")[0]) for n, _ in spec.sites)
+    n, maps = spec.sites[0]
+    assert abs(dirs[int(n.split(".")[2].split(":")[0])] - maps[0].strength * maps[0].tensors["v"].numpy()).max() < 1e-6
+    rels = _scaled_in_llama_cpp(unsteered, "examples/detox_caa.json", (0.5, 2.0),
+                                control_vector=out / "control-vector.gguf")
+    assert max(rels) <= 1e-4, rels
+
+
+def test_control_vector_refusals_write_nothing(tmp_path, capsys):
+    """A projection, and an additive map at layer 0 (llama.cpp keeps no vector there): exit 2, the site
+    named, nothing written."""
+    from bake.spec import read, write
+
+    assert main(["apply", "--model", "llama", "--spec", "examples/detox.json", "--out", str(tmp_path / "a"),
+                 "--format", "control-vector"]) == 2
+    assert "one additive map per layer output" in capsys.readouterr().err
+    spec = read("examples/detox_caa.json")
+    (_, maps), = spec.sites[:1]
+    spec.sites = [("model.layers.0:output", maps)]
+    write(spec, tmp_path / "zero.json")
+    assert main(["apply", "--model", "llama", "--spec", str(tmp_path / "zero.json"), "--out", str(tmp_path / "b"),
+                 "--format", "control-vector"]) == 2
+    assert "model.layers.0:output" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

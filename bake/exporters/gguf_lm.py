@@ -41,27 +41,28 @@ def file_type(path: Path) -> str:
     return NAMES.get(code, "f16")
 
 
-def check_supported(model: torch.nn.Module, adapter, model_dir: Path, gguf_type: str | None) -> str:
+def check_supported(model: torch.nn.Module, adapter, model_dir: Path, gguf_type: str | None,
+                    flag: str = "--format gguf") -> str:
     """Refuse before any work what llama.cpp cannot run as written; returns the type to write."""
     if adapter.gguf_arch is None:
-        raise BakeError(f"--format gguf: not for {adapter.family} yet (bake writes GGUF for: llama)")
+        raise BakeError(f"{flag}: not for {adapter.family} yet (bake writes GGUF for: llama)")
     src = source_gguf(model_dir)
     if src is None:
-        raise BakeError("--format gguf: needs a GGUF model as --model (its tokenizer and chat template are carried "
+        raise BakeError(f"{flag}: needs a GGUF model as --model (its tokenizer and chat template are carried "
                         "over; writing them from a transformers directory is not done yet)")
     kind = gguf_type or file_type(src)
     if kind not in TYPES:
         raise BakeError(f"--gguf-type: unknown type {kind!r} (known: {', '.join(TYPES)})")
     if kind != "f32":
-        _llama_cpp()
+        llama_cpp()
     return kind
 
 
-def _llama_cpp():
+def llama_cpp(flag: str = "--format gguf"):
     try:
         import llama_cpp
     except ImportError as e:
-        raise BakeError("--format gguf: quantizing and verifying run llama.cpp itself: pip install "
+        raise BakeError(f"{flag}: quantizing and verifying run llama.cpp itself: pip install "
                         "llama-cpp-python (it builds llama.cpp from source)") from e
     return llama_cpp
 
@@ -141,7 +142,7 @@ def write_file(path: Path, arch: str, metadata, arrays: dict[str, np.ndarray]) -
 
 def quantize(src: Path, dst: Path, kind: str) -> None:
     """llama.cpp's own quantizer."""
-    lc = _llama_cpp()
+    lc = llama_cpp()
     params = lc.llama_model_quantize_default_params()
     params.ftype = TYPES[kind]
     params.nthread = 0
