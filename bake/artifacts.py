@@ -38,8 +38,8 @@ class Artifact:
 
     @property
     def runtime(self) -> str:
-        """Which runtime runs it: the ONNX Runtime execution provider, or PyTorch."""
-        return getattr(self.model, "provider", "PyTorch")
+        """Which runtime runs it: the ONNX Runtime execution provider, llama.cpp, or PyTorch."""
+        return getattr(self.model, "provider", None) or getattr(self.model, "runtime", "PyTorch")
 
 
 def _first_line(e: Exception) -> str:
@@ -54,16 +54,21 @@ def has_checkpoint(path: str | Path) -> bool:
 
 
 def check_dir(path: str | Path, flag: str = "--baked", marker: str = "config.json") -> None:
-    """Fail before any work when `path` is not a model directory (it lacks `marker`)."""
+    """Fail before any work when `path` is not a model directory (it lacks `marker`) or a GGUF file."""
+    if Path(path).suffix == ".gguf" and Path(path).is_file() and marker == "config.json":
+        return
     if not (Path(path) / marker).is_file():
         raise BakeError(f"{flag}: {str(path)!r} is not a model directory (no {marker})")
 
 
 def formats_in(path: str | Path, flag: str = "--baked") -> list[str]:
-    """What a causal-LM bake output directory holds: safetensors weights and/or an ONNX graph."""
+    """What a causal-LM bake output directory holds (safetensors weights, an ONNX graph, a GGUF, a LoRA),
+    or ["gguf"] for a GGUF file."""
     from .ort import is_onnx_dir
 
     p = Path(path)
+    if p.suffix == ".gguf" and p.is_file():
+        return ["gguf"]
     found = [f for f, ok in (("safetensors", any(p.glob("*.safetensors"))), ("onnx", is_onnx_dir(p)),
                              ("gguf", any(p.glob("model-*.gguf"))), ("lora", _has_lora(p))) if ok]
     if not found:
@@ -87,6 +92,8 @@ def _resolve_format(p: Path, name: str, fmt: str, flag: str, allowed: tuple[str,
     """`auto`: safetensors when there is a checkpoint, else ONNX; an explicit format must be allowed and there."""
     from .ort import is_onnx_dir
 
+    if p.suffix == ".gguf" and p.is_file() and fmt in ("auto", "gguf") and "gguf" in allowed:
+        return "gguf"  # a GGUF file itself (bake's, or any llama.cpp model of that architecture)
     if not p.is_dir():
         raise BakeError(f"{flag}: {name!r} is not a directory")
     has = {"safetensors": has_checkpoint(p), "onnx": is_onnx_dir(p), "pipeline": (p / "model_index.json").is_file(),
@@ -134,13 +141,17 @@ def _open_onnx(p: Path, provider: str) -> Artifact:
 
 
 def _open_gguf(p: Path) -> Artifact:
-    """A baked directory's model-<TYPE>.gguf, run in llama.cpp, with the checkpoint's tokenizer beside it."""
+    """A GGUF run in llama.cpp: a baked directory's model-<TYPE>.gguf or a .gguf file, with the tokenizer
+    beside it (a bake's checkpoint), else the one transformers reads from the GGUF itself."""
     from transformers import AutoTokenizer
 
-    from .llamacpp import LlamaCppLM
+    from .llamacpp import LlamaCppLM, beside
 
     model = LlamaCppLM(p)
-    return Artifact(model, AutoTokenizer.from_pretrained(str(model.file.parent)), "gguf", model.file.stem, p)
+    tok = AutoTokenizer.from_pretrained(str(model.file.parent), **beside(model.file, "tokenizer_config.json"))
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return Artifact(model, tok, "gguf", model.file.stem, p)
 
 
 def _has_lora(p: Path) -> bool:

@@ -118,7 +118,8 @@ def _p_eval(sub):
     p = sub.add_parser("eval", help="measure toxicity and perplexity of the original and steered model over λ")
     p.add_argument("--model", required=True)
     p.add_argument("--spec", action="append", default=None, help="spec(s) to evaluate hooked, at each --strengths")
-    p.add_argument("--baked", default=None, help="a baked model directory to evaluate as one more point")
+    p.add_argument("--baked", default=None, help="a baked model directory, or a .gguf file (run in llama.cpp), to "
+                   "evaluate as one more point")
     p.add_argument("--strengths", default="0.25,0.5,0.75,1", help="comma-separated λ values for --spec")
     p.add_argument("--task", default="toxicity,perplexity", help="toxicity, perplexity or both")
     p.add_argument("--prompts", default=None, help="prompt file for toxicity (default: vendored RTP prefixes)")
@@ -142,8 +143,9 @@ def _p_eval(sub):
 def _p_diff(sub):
     p = sub.add_parser("diff", help="compare a steered model with the original: KL, top-1, continuations (CI gate)")
     p.add_argument("--model", required=True, help="the original model")
-    p.add_argument("--steered", required=True, help="steered directory: safetensors checkpoint or ONNX export")
-    p.add_argument("--format", default="auto", help="auto | safetensors | onnx (which one of --steered to load)")
+    p.add_argument("--steered", required=True, help="steered directory (safetensors checkpoint, ONNX export, "
+                   "model-*.gguf) or a .gguf file (run in llama.cpp)")
+    p.add_argument("--format", default="auto", help="auto | safetensors | onnx | gguf (which one of --steered to load)")
     p.add_argument("--provider", default="auto", help="ONNX Runtime: auto (CUDA when present) | cpu | cuda")
     p.add_argument("--prompts", default=None, help="prompts, one per line (default: 8 probes + 24 held-out "
                    "FLORES sentences)")

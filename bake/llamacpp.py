@@ -32,6 +32,12 @@ def gguf_in(path: Path) -> Path:
     return found[0]
 
 
+def beside(gguf: Path, name: str) -> dict:
+    """from_pretrained's arguments for what sits beside a GGUF: the file `name` there (a bake's checkpoint),
+    else the GGUF's own metadata (`gguf_file`)."""
+    return {} if (gguf.parent / name).is_file() else {"gguf_file": gguf.name}
+
+
 def apply_control_vector(llm, path: Path, scale: float) -> None:
     """What llama.cpp's `--control-vector-scaled path scale` does (common.cpp) to a `llama_cpp.Llama`:
     direction.N × scale at offset n_embd·(N − 1) of one buffer, applied to layers 1 … n_layer."""
@@ -66,7 +72,8 @@ class LlamaCppLM:
         from transformers import AutoConfig
 
         self.file = gguf_in(Path(path))
-        self.config = AutoConfig.from_pretrained(str(self.file.parent), trust_remote_code=False)
+        self.config = AutoConfig.from_pretrained(str(self.file.parent), trust_remote_code=False,
+                                                 **beside(self.file, "config.json"))
         # the KV cache in float32 (llama.cpp's default is float16, an error of its own on top of the weights')
         self.llm = Llama(model_path=str(self.file), n_ctx=n_ctx, logits_all=True, verbose=False, seed=0,
                          n_threads=threads, n_batch=n_ctx, type_k=F32, type_v=F32,
@@ -87,12 +94,16 @@ class LlamaCppLM:
         return np.array(self.llm.scores[:len(ids)], dtype=np.float32)
 
     def __call__(self, input_ids=None, attention_mask=None, **_) -> _Out:
+        """Logits [batch, seq, vocab]; each row runs alone on its unmasked tokens (left or right padding),
+        and padded positions get zeros (nothing reads them)."""
         rows = []
         for i, seq in enumerate(input_ids.tolist()):
-            keep = seq if attention_mask is None else [t for t, m in zip(seq, attention_mask[i].tolist()) if m]
-            lg = self.logits_of(keep)
-            pad = np.zeros((len(seq) - len(keep), lg.shape[1]), np.float32)  # left padding: rows not read
-            rows.append(np.concatenate([pad, lg]))
+            mask = [1] * len(seq) if attention_mask is None else attention_mask[i].tolist()
+            at = [j for j, m in enumerate(mask) if m]
+            lg = self.logits_of([seq[j] for j in at])
+            row = np.zeros((len(seq), lg.shape[1]), np.float32)
+            row[at] = lg
+            rows.append(row)
         return _Out(torch.from_numpy(np.stack(rows)))
 
     def prefill_then_decode_logits(self, seq: torch.Tensor, n_prompt: int) -> torch.Tensor:
@@ -106,25 +117,31 @@ class LlamaCppLM:
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 20, min_new_tokens: int = 0,
-                 do_sample: bool = False, **_):
-        """Greedy continuation of each row (left padding dropped); EOS is masked for the first
-        `min_new_tokens` tokens, as transformers' MinNewTokensLengthLogitsProcessor does."""
-        if do_sample:
-            raise BakeError("llama.cpp runs here greedy only (sampling: use llama.cpp's own samplers)")
-        eos = self.config.eos_token_id
-        eos = [eos] if isinstance(eos, int) else list(eos or [])
+                 do_sample: bool = False, temperature: float | None = None, top_p: float | None = None,
+                 top_k: int | None = None, repetition_penalty: float | None = None, pad_token_id: int | None = None,
+                 **_) -> torch.Tensor:
+        """Left-padded batch in, prompt + new tokens out, row by row in llama.cpp (left padding dropped
+        there), each step chosen by transformers' logits processors and torch's sampler
+        (`bake.sampling`); a row that ends with EOS is padded, as `generate` does."""
+        from .sampling import eos_ids, next_tokens, processors
+
+        eos = eos_ids(self.config)
+        pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
+        procs = processors(input_ids.shape[1], eos, do_sample, min_new_tokens, temperature, top_p, top_k,
+                           repetition_penalty)
         outs = []
         for i, seq in enumerate(input_ids.tolist()):
             keep = seq if attention_mask is None else [t for t, m in zip(seq, attention_mask[i].tolist()) if m]
             self.llm.reset()
             self.llm.eval(keep)
-            new = []
-            for step in range(max_new_tokens):
-                row = np.array(self.llm.scores[self.llm.n_tokens - 1], dtype=np.float32)
-                if step < min_new_tokens:
-                    row[eos] = -np.inf
-                tok = int(np.argmax(row))
-                new.append(tok)
+            row = torch.tensor([seq])
+            for _ in range(max_new_tokens):
+                last = torch.from_numpy(np.array(self.llm.scores[self.llm.n_tokens - 1], dtype=np.float32))[None]
+                tok = int(next_tokens(procs, row, last, do_sample)[0])
+                row = torch.cat([row, torch.tensor([[tok]])], 1)
+                if tok in eos:
+                    break
                 self.llm.eval([tok])
-            outs.append(seq + new)
-        return torch.tensor(outs)
+            outs.append(row[0].tolist())
+        width = max(map(len, outs))
+        return torch.tensor([o + [pad] * (width - len(o)) for o in outs])

@@ -101,9 +101,18 @@ class CausalLM(_Directories):
             loaded = load(model_name)
             return loaded.model, loaded.tokenizer
 
+        def gguf(ref):  # in llama.cpp, by the GGUF yardstick (the unsteered model's own quantization error)
+            from .families import adapter_for
+            from .verify_gguf import verify_gguf
+
+            loaded = load(model_name)
+            source, adapter = loaded.source, adapter_for(loaded.model)
+            del loaded
+            return verify_gguf(fresh, specs, ref, Path(baked), source, adapter, opts.max_new_tokens)
+
         return verify(fresh, specs, Path(baked), list(opts.prompts), opts.max_new_tokens,
                       check_model=opts.check_model, formats=list(opts.formats) if opts.formats else None,
-                      provider=opts.provider, trust_code=opts.trust_code)
+                      provider=opts.provider, trust_code=opts.trust_code, runtime={"gguf": gguf})
 
 
 class Pipeline(_Directories):

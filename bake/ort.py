@@ -119,35 +119,18 @@ class OrtCausalLM:
                  **_) -> torch.Tensor:
         """Left-padded batch in, prompt + new tokens out, with transformers' own logits processors
         (repetition penalty, min length, temperature, top-p, top-k) and torch's sampler."""
-        from transformers import (LogitsProcessorList, MinNewTokensLengthLogitsProcessor,
-                                  RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper,
-                                  TopPLogitsWarper)
+        from .sampling import eos_ids, next_tokens, processors
 
-        eos = self.config.eos_token_id
-        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        eos = eos_ids(self.config)
         pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
-        procs = LogitsProcessorList()
-        if repetition_penalty and repetition_penalty != 1.0:
-            procs.append(RepetitionPenaltyLogitsProcessor(repetition_penalty))
-        if min_new_tokens and eos:
-            procs.append(MinNewTokensLengthLogitsProcessor(input_ids.shape[1], min_new_tokens, eos))
-        if do_sample:
-            if temperature and temperature != 1.0:
-                procs.append(TemperatureLogitsWarper(temperature))
-            if top_k:
-                procs.append(TopKLogitsWarper(top_k))
-            if top_p and top_p < 1.0:
-                procs.append(TopPLogitsWarper(top_p))
+        procs = processors(input_ids.shape[1], eos, do_sample, min_new_tokens, temperature, top_p, top_k,
+                           repetition_penalty)
         seq = input_ids.cpu()
         mask = (attention_mask if attention_mask is not None else torch.ones_like(seq)).cpu()
         done = torch.zeros(seq.shape[0], dtype=torch.bool)
         logits, past = self.step(seq.numpy(), mask.numpy(), self.empty_past(seq.shape[0]))
         for _ in range(max_new_tokens):
-            scores = procs(seq, torch.from_numpy(logits[:, -1].astype(np.float32)))
-            if do_sample:
-                nxt = torch.multinomial(torch.softmax(scores, dim=-1), 1)[:, 0]
-            else:
-                nxt = scores.argmax(-1)
+            nxt = next_tokens(procs, seq, torch.from_numpy(logits[:, -1].astype(np.float32)), do_sample)
             nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
             seq = torch.cat([seq, nxt[:, None]], 1)
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)

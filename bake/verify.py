@@ -187,8 +187,8 @@ def verify(load_original, specs: list[Spec], baked_dir: Path, prompts: list[str]
     runtime = runtime or {}
     formats = [f for f in formats if f in runtime or f not in RUNTIME_CHECKED]  # checked where bake wrote them
     if not formats:
-        raise BakeError(f"--baked: {str(baked_dir)!r}: its GGUF is verified by bake apply --format gguf; "
-                        f"bake verify of a GGUF alone is not done yet")
+        raise BakeError(f"--baked: {str(baked_dir)!r}: nothing this verify can run (a control vector is verified "
+                        f"by bake apply --format control-vector)")
     prompts = PROBES + list(prompts or [])
     model, tok = load_original()
     ref = run_reference(model, tok, specs, prompts, max_new_tokens, check_model)

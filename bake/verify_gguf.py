@@ -28,8 +28,10 @@ def verify_gguf(load_original, specs, ref: list[dict], baked_dir: Path, model_di
                 max_new_tokens: int) -> dict:
     from .artifacts import open_artifact
 
+    from .exporters.gguf_lm import file_type
+
     cand = open_artifact(baked_dir, "gguf", flag="--baked")
-    kind = cand.dtype.removeprefix("model-").lower()
+    kind = file_type(cand.model.file)
     got = run_candidate(cand.model, cand.tokenizer, ref, max_new_tokens, desc="baked (gguf, llama.cpp)")
     del cand
     max_abs, max_rel, _ = errors(ref, got)

@@ -34,12 +34,45 @@ def test_f32_gguf_equals_the_hooked_reference_in_llama_cpp(tmp_path, capsys, spe
     assert g["max_rel"] <= 1e-4 and g["greedy_same"] == g["prompts"], g
 
 
-@pytest.mark.parametrize("spec,kind", [("examples/detox.json", "q8_0"), ("examples/detox_mean_act.json", "q4_k_m")])
-def test_quantized_gguf_within_the_yardstick_and_the_steering_survives(tmp_path, capsys, spec, kind):
-    g = _apply(tmp_path, spec, kind, capsys)["gguf"]
+@pytest.fixture(scope="module")
+def q8_detox(tmp_path_factory):
+    """detox.json applied at q8_0 (apply verifies it in llama.cpp): the output directory and its report."""
+    out = tmp_path_factory.mktemp("q8") / "out"
+    code = main(["apply", "--model", "llama", "--spec", "examples/detox.json", "--out", str(out), "--format", "gguf",
+                 "--gguf-type", "q8_0"])
+    assert code == 0
+    return out, json.loads((out / "bake_report.json").read_text())["verification"]["gguf"]
+
+
+def _within_yardstick(g: dict) -> None:
     assert g["passed"], g
     assert g["max_abs"] <= 1.5 * g["unsteered_max_abs"] and g["unsteered_max_abs"] > 0, g
     assert g["kl_quantized"] >= 0.5 * g["kl_float32"] > 0, g
+
+
+def test_q8_0_gguf_within_the_yardstick_and_the_steering_survives(q8_detox):
+    _within_yardstick(q8_detox[1])
+
+
+def test_q4_k_m_gguf_with_biases_within_the_yardstick(tmp_path, capsys):
+    _within_yardstick(_apply(tmp_path, "examples/detox_mean_act.json", "q4_k_m", capsys)["gguf"])
+
+
+def test_verify_and_diff_take_a_gguf_file(q8_detox, tmp_path, capsys):
+    """`bake verify --baked model-Q8_0.gguf` runs it in llama.cpp by the same yardstick as apply; `bake diff
+    --steered model-Q8_0.gguf` compares it with the original (steered: KL > 0, the models run)."""
+    out, g = q8_detox
+    f = out / "model-Q8_0.gguf"
+    assert main(["verify", "--model", "llama", "--spec", "examples/detox.json", "--baked", str(f),
+                 "--report", str(tmp_path / "v.json")]) == 0
+    v = json.loads((tmp_path / "v.json").read_text())
+    assert v["passed"] and v["format"] == "gguf" and v["gguf_type"] == "q8_0", v
+    assert v["max_abs"] == pytest.approx(g["max_abs"], rel=1e-3), (v["max_abs"], g["max_abs"])
+    (tmp_path / "p.txt").write_text("The weather today is\nMy neighbour is a\n")
+    assert main(["diff", "--model", "llama", "--steered", str(f), "--prompts", str(tmp_path / "p.txt"),
+                 "--max-new-tokens", "8", "--json", str(tmp_path / "d.json")]) == 0
+    d = json.loads((tmp_path / "d.json").read_text())
+    assert d["format"] == "gguf" and d["runtime"] == "llama.cpp" and d["summary"]["kl_mean"] > 0, d["summary"]
 
 
 def test_gguf_refusals_write_nothing(tmp_path, capsys):
@@ -131,6 +164,32 @@ def test_control_vector_in_llama_cpp_is_the_hooked_caa_at_each_scale(tmp_path, c
     rels = _scaled_in_llama_cpp(unsteered, "examples/detox_caa.json", (0.5, 2.0),
                                 control_vector=out / "control-vector.gguf")
     assert max(rels) <= 1e-4, rels
+
+
+def test_eval_of_a_gguf_scores_padded_batches_and_samples_as_pytorch(unsteered, tmp_path):
+    """The unsteered f32 GGUF in llama.cpp is the original model: `bake eval --baked` gives its FLORES
+    perplexity in right-padded batches equal to PyTorch's, and sampled continuations (same seed,
+    transformers' processors) equal PyTorch's own `generate`."""
+    import torch
+
+    from bake.llamacpp import LlamaCppLM
+
+    loaded, base = unsteered
+    assert main(["eval", "--model", "llama", "--baked", str(base / "model-F32.gguf"), "--task", "perplexity",
+                 "--n-sentences", "6", "--batch-size", "3", "--out", str(tmp_path / "e.json")]) == 0
+    points = {p["label"]: p for p in json.loads((tmp_path / "e.json").read_text())["points"]}
+    assert points["baked"]["format"] == "gguf"
+    ppl = [points[k]["perplexity"]["perplexity"] for k in ("original", "baked")]
+    assert ppl[1] == pytest.approx(ppl[0], rel=1e-4), ppl
+    lm, tok = LlamaCppLM(base), loaded.tokenizer
+    ids = tok("Once upon a time", return_tensors="pt").input_ids
+    kw = dict(max_new_tokens=12, do_sample=True, temperature=1.0, top_p=0.9, top_k=0, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(5)
+    got = lm.generate(ids, **kw)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        ref = loaded.model.generate(ids, attention_mask=torch.ones_like(ids), **kw)
+    assert got.tolist() == ref.tolist()
 
 
 def test_control_vector_refusals_write_nothing(tmp_path, capsys):
