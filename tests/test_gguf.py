@@ -208,3 +208,37 @@ def test_control_vector_refusals_write_nothing(tmp_path, capsys):
                  "--format", "control-vector"]) == 2
     assert "model.layers.0:output" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen2(tmp_path_factory):
+    from gguf_tiny import tiny_qwen2_gguf
+
+    return tiny_qwen2_gguf(tmp_path_factory.mktemp("qwen2") / "tiny-qwen2.gguf")
+
+
+@pytest.mark.parametrize("kinds,arch", [("projections", "qwen2"), ("random", "llama")])
+def test_qwen2_gguf_in_llama_cpp(tiny_qwen2, tmp_path, capsys, kinds, arch):
+    """A Qwen2 GGUF in, a steered GGUF out that llama.cpp runs as the hooked reference (f32 yardstick):
+    projections keep Qwen2's class and are written as llama.cpp's `qwen2` (no rotary permutation, q/k/v
+    biases); a random spec whose shifts need o_proj / MLP biases relabels the checkpoint as Llama and is
+    written as `llama` (permuted, every bias llama.cpp's Llama loader reads)."""
+    import gguf
+
+    from bake.models import load
+    from bake.spec import write
+    from test_differential import random_spec
+    from test_lora import projection_spec
+
+    model = load(str(tiny_qwen2)).model
+    spec = (projection_spec(model, ["attn-out", "mlp-in"]) if kinds == "projections"
+            else random_spec(model, ["post-norms", "attn-out", "mlp-out"], seed=7))
+    write(spec, tmp_path / "s.json")
+    out = tmp_path / "out"
+    code = main(["apply", "--model", str(tiny_qwen2), "--spec", str(tmp_path / "s.json"), "--out", str(out),
+                 "--format", "gguf", "--gguf-type", "f32"])
+    assert code == 0, capsys.readouterr().err[-2000:]
+    g = json.loads((out / "bake_report.json").read_text())["verification"]["gguf"]
+    assert g["passed"] and g["max_rel"] <= 1e-4 and g["greedy_same"] == g["prompts"], g
+    written = gguf.GGUFReader(str(out / "model-F32.gguf")).fields["general.architecture"].contents()
+    assert written == arch

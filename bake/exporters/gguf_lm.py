@@ -2,10 +2,13 @@
 with the source's metadata carried over (tokenizer, merges, chat template, hyperparameters), then
 quantized by llama.cpp itself (`llama_model_quantize`, through llama-cpp-python) to the requested type.
 
-Tensor names come from the `gguf` package's map for the architecture; Llama's q and k weights (and
-biases) are permuted from transformers' rotary layout to llama.cpp's, as llama.cpp's own converter
-does (transformers' GGUF reader undoes it). A tensor the architecture's llama.cpp loader would not
-read (a bias it has no slot for) is refused before any work: llama.cpp would drop it silently."""
+Tensor names come from the `gguf` package's map for the architecture; for llama.cpp's `llama`
+architecture (rotary type NORM) the q and k weights (and biases) are permuted from transformers'
+rotary layout to llama.cpp's, as llama.cpp's own converter does (transformers' GGUF reader undoes it);
+NEOX-rotary architectures (qwen2) keep transformers' layout. The architecture written is the baked
+checkpoint's: a Qwen2 relabelled as Llama by a fold that needed biases Qwen2's class lacks is written
+as `llama` (the source's hyperparameter keys renamed), where llama.cpp's loader reads those biases.
+A tensor the architecture's llama.cpp loader would not read (a bias it has no slot for) is refused."""
 
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from ..errors import BakeError
 TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9, "q2_k": 10, "q3_k_s": 11,
          "q3_k_m": 12, "q3_k_l": 13, "q4_k_s": 14, "q4_k_m": 15, "q5_k_s": 16, "q5_k_m": 17, "q6_k": 18, "bf16": 32}
 NAMES = {v: k for k, v in TYPES.items()}
+ROTARY_PERMUTED = ("llama",)  # llama.cpp architectures whose converter permutes q/k (rotary type NORM)
 
 
 def source_gguf(model_dir: Path) -> Path | None:
@@ -45,7 +49,10 @@ def check_supported(model: torch.nn.Module, adapter, model_dir: Path, gguf_type:
                     flag: str = "--format gguf") -> str:
     """Refuse before any work what llama.cpp cannot run as written; returns the type to write."""
     if adapter.gguf_arch is None:
-        raise BakeError(f"{flag}: not for {adapter.family} yet (bake writes GGUF for: llama)")
+        from ..families import FAMILIES
+
+        known = ", ".join(a.family for a in FAMILIES if a.gguf_arch)
+        raise BakeError(f"{flag}: not for {adapter.family} yet (bake writes GGUF for: {known})")
     src = source_gguf(model_dir)
     if src is None:
         raise BakeError(f"{flag}: needs a GGUF model as --model (its tokenizer and chat template are carried "
@@ -79,7 +86,8 @@ def gguf_tensors(tensors: dict[str, torch.Tensor], adapter, cfg) -> dict[str, np
 
     arch = getattr(gguf.MODEL_ARCH, adapter.gguf_arch.upper())
     tmap = gguf.get_tensor_name_map(arch, cfg.num_hidden_layers)
-    heads = {f".{m}.": n for m, n in (("q_proj", cfg.num_attention_heads), ("k_proj", cfg.num_key_value_heads))}
+    heads = {f".{m}.": n for m, n in (("q_proj", cfg.num_attention_heads), ("k_proj", cfg.num_key_value_heads))
+             } if adapter.gguf_arch in ROTARY_PERMUTED else {}
     out = {}
     for name, t in tensors.items():
         new = tmap.get_name(name, try_suffixes=(".weight", ".bias"))
@@ -101,6 +109,7 @@ def write(ckpt: Path, model_dir: Path, out: Path, kind: str, adapter, log=print)
 
     src = gguf.GGUFReader(str(source_gguf(model_dir)))
     cfg = AutoConfig.from_pretrained(str(ckpt))
+    adapter = written_as(adapter, cfg)
     tensors = {}
     for f in sorted(Path(ckpt).glob("*.safetensors")):
         with safe_open(str(f), "pt") as h:
@@ -108,13 +117,15 @@ def write(ckpt: Path, model_dir: Path, out: Path, kind: str, adapter, log=print)
     arrays = gguf_tensors(tensors, adapter, cfg)
     target = out / f"model-{kind.upper()}.gguf"
     f32 = target if kind == "f32" else out / "model-F32.tmp.gguf"
-    arch = src.fields["general.architecture"].contents()
+    arch, src_arch = adapter.gguf_arch, src.fields["general.architecture"].contents()
 
     def metadata(w) -> None:
         for key, field in src.fields.items():
             if key.startswith("GGUF.") or key in ("general.architecture", "general.file_type"):
                 continue
             sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+            if key.startswith(f"{src_arch}."):  # the hyperparameters, under the architecture written
+                key = arch + key[len(src_arch):]
             w.add_key_value(key, field.contents(), field.types[0], sub_type=sub)
         w.add_file_type(TYPES["f32"])
 
@@ -124,6 +135,16 @@ def write(ckpt: Path, model_dir: Path, out: Path, kind: str, adapter, log=print)
         f32.unlink()
     log(f"  gguf                   {target.name}: {len(arrays)} tensors, {kind} (llama.cpp {arch})")
     return target
+
+
+def written_as(adapter, cfg):
+    """The family whose GGUF architecture the baked checkpoint is: the relabel target's when a fold
+    relabelled it (its config's model_type is another family's)."""
+    from ..families import FAMILIES
+
+    if cfg.model_type in adapter.model_types:
+        return adapter
+    return next((a for a in FAMILIES if cfg.model_type in a.model_types and a.gguf_arch), adapter)
 
 
 def write_file(path: Path, arch: str, metadata, arrays: dict[str, np.ndarray]) -> None:

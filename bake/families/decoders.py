@@ -46,7 +46,7 @@ RELABELLED = (BiasGroup("attention_bias", ATTN, relabel="llama"), BiasGroup("mlp
 QWEN2 = Adapter(
     family="qwen2", model_types=("qwen2",), presets=LLAMA.presets, bias_groups=RELABELLED, graph=LLAMA_GRAPH,
     residual_writer="mlp.down_proj", relabel_to="llama", tiny_model=Tiny("Qwen2Config", "Qwen2ForCausalLM", TINY),
-    onnx_genai=True)
+    onnx_genai=True, gguf_arch="qwen2", gguf_biases=("attn_q", "attn_k", "attn_v"))  # relabelled: written as llama
 MISTRAL = Adapter(
     family="mistral", model_types=("mistral",), presets=LLAMA.presets, bias_groups=RELABELLED, graph=LLAMA_GRAPH,
     residual_writer="mlp.down_proj", relabel_to="llama",
