@@ -97,6 +97,7 @@ def _p_apply(sub):
                    "them (same filesystem; the output then shares those files with the source)")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     p.add_argument("--no-verify", dest="verify", action="store_false", help="skip the check against the reference")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="verify: greedy continuation length per probe")
     p.add_argument("--approximate", action="store_true", help="fold support-masked affine maps as if unbounded "
                    "(a stock checkpoint; verify reports the resulting error)")
     p.add_argument("--insert-modules", action="store_true", help="keep maps that cannot fold as small modules "
@@ -121,7 +122,10 @@ def _p_eval(sub):
     p.add_argument("--baked", default=None, help="a baked model directory, or a .gguf file (run in llama.cpp), to "
                    "evaluate as one more point")
     p.add_argument("--strengths", default="0.25,0.5,0.75,1", help="comma-separated λ values for --spec")
-    p.add_argument("--task", default="toxicity,perplexity", help="toxicity, perplexity or both")
+    p.add_argument("--task", default="toxicity,perplexity", help="toxicity, perplexity, refusal (chat-templated "
+                   "HarmBench, benign edgy and harmless requests), comma-separated")
+    p.add_argument("--n-prompts", type=int, default=None, help="refusal: the first N prompts of each set of the "
+                   "split (default: all)")
     p.add_argument("--prompts", default=None, help="prompt file for toxicity (default: vendored RTP prefixes)")
     p.add_argument("--split", default="heldout", help="vendored RTP prefixes and FLORES sentences: "
                    "tune (RTP 1-40 of each file, FLORES first half), heldout (the rest, deduplicated) or all")
@@ -249,7 +253,7 @@ def cmd_apply(a) -> int:
                        strength=a.strength, force=a.force, run_verify=a.verify,
                        prompts=tuple(read_prompts(a.prompts) or ()) or None, check_model=not a.ignore_fingerprint,
                        insert_modules=a.insert_modules, approximate=a.approximate, stream=a.stream or None,
-                       link=a.link, inputs=(a.prompts,) if a.prompts else ())
+                       link=a.link, inputs=(a.prompts,) if a.prompts else (), max_new_tokens=a.max_new_tokens)
     res = apply(a.model, a.spec, a.out, opts)
     if res.verification:
         print(_verification_line(res.verification))
@@ -293,7 +297,7 @@ def cmd_eval(a) -> int:
     seeds = _numbers(a.seeds, "--seeds", int)
     specs = read_specs(a.spec) if a.spec else None
     cfg = prepare(a.task, seeds, read_prompts(a.prompts) if a.prompts else None, a.split, a.n_sentences,
-                  a.sentences, a.max_new_tokens, a.scorer, a.batch_size, baked=a.baked)
+                  a.sentences, a.max_new_tokens, a.scorer, a.batch_size, baked=a.baked, n_prompts=a.n_prompts)
     out = Path(a.out)
     plot = Path(a.plot) if a.plot else out.with_suffix(".png")
     doc = run(a.model, cfg, out, specs, strengths, a.baked, plot, device=a.device, trust_code=a.trust_remote_code)

@@ -82,6 +82,8 @@ class BakeOptions:
         if "gguf" in self.formats and self.insert_modules:
             raise BakeError("--format gguf: not with --insert-modules (llama.cpp runs no generated code: only "
                             "folded steering reaches a GGUF)")
+        if self.max_new_tokens < 1:
+            raise BakeError(f"--max-new-tokens: must be at least 1, got {self.max_new_tokens}")
         if self.gguf_type is not None and "gguf" not in self.formats:
             raise BakeError("--gguf-type: only with --format gguf")
         if self.stream and not self.simple:

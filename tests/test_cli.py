@@ -140,7 +140,10 @@ def test_model_resolution_errors(tmp_path, monkeypatch):
     with pytest.raises(BakeError, match="alias"):
         loading.resolve("no-such-thing")
     assert loading.resolve("some-org/some-model") == "some-org/some-model"  # a hub id goes to from_pretrained
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import: else ~40 s of retries
     with pytest.raises(BakeError, match="cannot load 'some-org/some-model'"):
         loading.load("some-org/some-model")
     monkeypatch.setattr(loading.importlib.util, "find_spec", lambda name: None)

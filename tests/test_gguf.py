@@ -13,12 +13,13 @@ import pytest
 from bake.cli import main
 
 pytestmark = pytest.mark.slow
+SHORT = ("--max-new-tokens", "16")  # verify's greedy length: half the default, the same checks
 llama_cpp = pytest.importorskip("llama_cpp", reason="install.sh installs llama-cpp-python (builds llama.cpp)")
 
 
 def _apply(tmp_path, spec: str, kind: str, capsys) -> dict:
     out = tmp_path / f"out_{kind}"
-    code = main(["apply", "--model", "llama", "--spec", spec, "--out", str(out), "--format", "gguf",
+    code = main(["apply", *SHORT, "--model", "llama", "--spec", spec, "--out", str(out), "--format", "gguf",
                  "--gguf-type", kind])
     said = capsys.readouterr()
     assert code == 0, said.err[-2000:]
@@ -38,7 +39,7 @@ def test_f32_gguf_equals_the_hooked_reference_in_llama_cpp(tmp_path, capsys, spe
 def q8_detox(tmp_path_factory):
     """detox.json applied at q8_0 (apply verifies it in llama.cpp): the output directory and its report."""
     out = tmp_path_factory.mktemp("q8") / "out"
-    code = main(["apply", "--model", "llama", "--spec", "examples/detox.json", "--out", str(out), "--format", "gguf",
+    code = main(["apply", *SHORT, "--model", "llama", "--spec", "examples/detox.json", "--out", str(out), "--format", "gguf",
                  "--gguf-type", "q8_0"])
     assert code == 0
     return out, json.loads((out / "bake_report.json").read_text())["verification"]["gguf"]
@@ -63,7 +64,7 @@ def test_verify_and_diff_take_a_gguf_file(q8_detox, tmp_path, capsys):
     --steered model-Q8_0.gguf` compares it with the original (steered: KL > 0, the models run)."""
     out, g = q8_detox
     f = out / "model-Q8_0.gguf"
-    assert main(["verify", "--model", "llama", "--spec", "examples/detox.json", "--baked", str(f),
+    assert main(["verify", *SHORT, "--model", "llama", "--spec", "examples/detox.json", "--baked", str(f),
                  "--report", str(tmp_path / "v.json")]) == 0
     v = json.loads((tmp_path / "v.json").read_text())
     assert v["passed"] and v["format"] == "gguf" and v["gguf_type"] == "q8_0", v
@@ -82,7 +83,7 @@ def test_gguf_refusals_write_nothing(tmp_path, capsys):
     assert main(base + ["--model", "llama", "--out", str(tmp_path / "a"), "--insert-modules"]) == 2
     assert "llama.cpp runs no generated code" in capsys.readouterr().err
     src = save_model(make_llama(), make_tokenizer(), tmp_path / "hf")  # a transformers directory, not a GGUF
-    assert main(["apply", "--model", str(src), "--spec", "examples/detox.json", "--format", "gguf", "--out",
+    assert main(["apply", *SHORT, "--model", str(src), "--spec", "examples/detox.json", "--format", "gguf", "--out",
                  str(tmp_path / "b"), "--ignore-fingerprint"]) == 2
     err = capsys.readouterr().err
     assert "needs a GGUF model" in err or "--format gguf" in err, err
@@ -136,7 +137,7 @@ def test_llama_cpp_lora_scale_is_the_steering_strength(tmp_path, capsys, unsteer
     """detox.json as a llama.cpp LoRA on the unsteered SmolLM2 (f32 GGUF): at scales 0.5 / 1 / 1.5 the
     logits equal the hooked reference at strength λ·s (f32 yardstick: relative error <= 1e-4)."""
     out = tmp_path / "out"
-    assert main(["apply", "--model", "llama", "--spec", "examples/detox.json", "--out", str(out),
+    assert main(["apply", *SHORT, "--model", "llama", "--spec", "examples/detox.json", "--out", str(out),
                  "--format", "lora"]) == 0, capsys.readouterr().err[-2000:]
     rels = _scaled_in_llama_cpp(unsteered, "examples/detox.json", (0.5, 1.0, 1.5),
                                 lora=out / "lora" / "adapter-F32.gguf")
@@ -151,7 +152,7 @@ def test_control_vector_in_llama_cpp_is_the_hooked_caa_at_each_scale(tmp_path, c
     from bake.spec import read
 
     out = tmp_path / "out"
-    assert main(["apply", "--model", "llama", "--spec", "examples/detox_caa.json", "--out", str(out),
+    assert main(["apply", *SHORT, "--model", "llama", "--spec", "examples/detox_caa.json", "--out", str(out),
                  "--format", "control-vector"]) == 0, capsys.readouterr().err[-2000:]
     v = json.loads((out / "bake_report.json").read_text())["verification"]
     c = v["control-vector"]
@@ -197,14 +198,14 @@ def test_control_vector_refusals_write_nothing(tmp_path, capsys):
     named, nothing written."""
     from bake.spec import read, write
 
-    assert main(["apply", "--model", "llama", "--spec", "examples/detox.json", "--out", str(tmp_path / "a"),
+    assert main(["apply", *SHORT, "--model", "llama", "--spec", "examples/detox.json", "--out", str(tmp_path / "a"),
                  "--format", "control-vector"]) == 2
     assert "one additive map per layer output" in capsys.readouterr().err
     spec = read("examples/detox_caa.json")
     (_, maps), = spec.sites[:1]
     spec.sites = [("model.layers.0:output", maps)]
     write(spec, tmp_path / "zero.json")
-    assert main(["apply", "--model", "llama", "--spec", str(tmp_path / "zero.json"), "--out", str(tmp_path / "b"),
+    assert main(["apply", *SHORT, "--model", "llama", "--spec", str(tmp_path / "zero.json"), "--out", str(tmp_path / "b"),
                  "--format", "control-vector"]) == 2
     assert "model.layers.0:output" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
@@ -235,7 +236,7 @@ def test_qwen2_gguf_in_llama_cpp(tiny_qwen2, tmp_path, capsys, kinds, arch):
             else random_spec(model, ["post-norms", "attn-out", "mlp-out"], seed=7))
     write(spec, tmp_path / "s.json")
     out = tmp_path / "out"
-    code = main(["apply", "--model", str(tiny_qwen2), "--spec", str(tmp_path / "s.json"), "--out", str(out),
+    code = main(["apply", *SHORT, "--model", str(tiny_qwen2), "--spec", str(tmp_path / "s.json"), "--out", str(out),
                  "--format", "gguf", "--gguf-type", "f32"])
     assert code == 0, capsys.readouterr().err[-2000:]
     g = json.loads((out / "bake_report.json").read_text())["verification"]["gguf"]

@@ -1,7 +1,8 @@
 """bake eval: how much steering changes what a model does, over strengths.
 
-Tasks: `toxicity` (sampled continuations of prompts, scored by an offline classifier) and
-`perplexity` (on vendored FLORES English sentences). A sweep evaluates the original model and the
+Tasks: `toxicity` (sampled continuations of prompts, scored by an offline classifier),
+`perplexity` (on vendored FLORES English sentences) and `refusal` (chat-templated harmful, benign-edgy
+and harmless requests: refusal rates and heretic's first-token KL, `refusal.py`). A sweep evaluates the original model and the
 spec at each strength (hooked) or a baked directory, writing the JSON after every finished point so
 that a rerun with the same settings resumes where it stopped.
 """
@@ -20,7 +21,7 @@ from ..errors import BakeError
 RTP_FILES = ("rtp_insult.txt", "rtp_profanity.txt", "rtp_threat.txt", "rtp_flirtation.txt")
 SPLITS = ("tune", "heldout", "all")
 TUNE_PER_FILE = 40
-TASKS = ("toxicity", "perplexity")
+TASKS = ("toxicity", "perplexity", "refusal")
 
 
 def data_file(name: str) -> Path:
@@ -68,6 +69,9 @@ class EvalConfig:
     scorer: str = "profanity"
     threshold: float = 0.5
     batch_size: int = 32
+    refusal_harmful: list[str] = field(default_factory=list)  # refusal task: HarmBench of the split
+    refusal_benign: list[str] = field(default_factory=list)  # benign edgy requests (over-refusal)
+    refusal_harmless: list[str] = field(default_factory=list)  # neutral requests (first-token KL)
 
     def key(self) -> str:
         """Identifies the settings: points computed under other settings are not reused."""
@@ -88,7 +92,7 @@ def write_json_atomic(path: Path, obj) -> None:
 
 def prepare(task: str, seeds: list[int], prompts: list[str] | None, split: str, n_sentences: int,
             sentences_file: str | None, max_new_tokens: int, scorer: str, batch_size: int,
-            baked: str | None = None) -> EvalConfig:
+            baked: str | None = None, n_prompts: int | None = None) -> EvalConfig:
     """The EvalConfig of a `bake eval` run, every option checked before any work: tasks (comma-separated),
     lengths, the prompts (RealToxicityPrompts of `split` unless given), the perplexity sentences (FLORES of
     `split`, or `sentences_file`), and that a `baked` directory is a causal LM checkpoint (opened last)."""
@@ -111,6 +115,19 @@ def prepare(task: str, seeds: list[int], prompts: list[str] | None, split: str, 
         sentences = read_texts(sentences_file, "--sentences")[:n_sentences]
     else:
         sentences = flores(n_sentences, split)
+    refusal = refusal_sets(split, n_prompts) if "refusal" in tasks else ([], [], [])
     return EvalConfig(tasks=tasks, prompts=prompts if "toxicity" in tasks else [],
                       sentences=sentences if "perplexity" in tasks else [], seeds=seeds,
-                      max_new_tokens=max_new_tokens, scorer=scorer, batch_size=batch_size)
+                      max_new_tokens=max_new_tokens, scorer=scorer, batch_size=batch_size,
+                      refusal_harmful=refusal[0], refusal_benign=refusal[1], refusal_harmless=refusal[2])
+
+
+def refusal_sets(split: str, n: int | None) -> tuple[list[str], list[str], list[str]]:
+    """(harmful, benign, harmless) prompts of eval's split (`tune` → the select split, `heldout`,
+    `all`), the first `n` of each."""
+    from .refusal_data import prompts
+
+    which = {"tune": "select", "heldout": "heldout", "all": "all"}[split]
+    if n is not None and n < 1:
+        raise BakeError(f"--n-prompts: must be at least 1, got {n}")
+    return tuple(prompts(kind, which)[:n] for kind in ("harmful", "benign", "harmless"))

@@ -14,8 +14,12 @@ def plot(doc: dict, path: Path) -> None:
     pts = doc["points"]
     tox = [p["toxicity"]["toxic_rate"] * 100 if "toxicity" in p else None for p in pts]
     ppl = [p["perplexity"]["perplexity"] if "perplexity" in p else None for p in pts]
+    ref = [p["refusal"]["harmful"]["refusal_rate"] * 100 if "refusal" in p else None for p in pts]
     fig, ax = plt.subplots(figsize=(6, 4.2))
-    if all(t is not None for t in tox) and all(q is not None for q in ppl):
+    if all(r is not None for r in ref):  # heretic's plane: refusals vs first-token KL
+        xs, ys = [p["refusal"]["harmless_kl"] for p in pts], ref
+        xlabel, ylabel = "first-token KL on harmless prompts", "refusals of harmful prompts (%)"
+    elif all(t is not None for t in tox) and all(q is not None for q in ppl):
         xs, ys, xlabel, ylabel = ppl, tox, "FLORES perplexity", "toxic continuations (%)"
     else:
         vals = tox if tox[0] is not None else ppl

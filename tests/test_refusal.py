@@ -1,0 +1,91 @@
+"""`bake eval --task refusal`: the vendored and built prompt sets and their splits, the two refusal
+detectors, heretic's first-token KL, and a run on the embedded chat model (SmolLM2) with a steered point."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from bake.cli import main
+from bake.evaluation import refusal as R
+from bake.evaluation.refusal_data import KINDS, all_prompts, prompts
+
+
+def test_prompt_sets_and_disjoint_splits():
+    sizes = {k: len(all_prompts(k)) for k in KINDS}
+    assert sizes == {"harmful": 200, "harmless": 200, "benign": 150, "donotanswer": 938}  # 939, one repeated
+    for kind in KINDS:
+        fit, sel, held = (prompts(kind, s) for s in ("fit", "select", "heldout"))
+        assert len(set(all_prompts(kind))) == len(all_prompts(kind))
+        assert not set(fit) & set(sel) and not set(fit) & set(held) and not set(sel) & set(held)
+        assert len(fit) + len(sel) + len(held) == sizes[kind]
+        assert abs(len(fit) - 0.4 * sizes[kind]) <= 1 and abs(len(held) - 0.4 * sizes[kind]) <= 1
+    assert not set(all_prompts("harmless")) & set(all_prompts("harmful"))
+
+
+@pytest.mark.parametrize("text,refused", [
+    ("I *cannot* help with that.", True), ("", True), ("   ", True), ("I won\u2019t do this", True),
+    ("Sure! Here is a recipe for bread: mix flour and water.", False),
+    ("Step 1: gather the materials.\n\nStep 2: assemble them.", False),
+    ("That would be   ILLEGAL in most places.", True),
+])
+def test_marker_detector(text, refused):
+    assert R.is_refusal(text) is refused
+
+
+def test_heretic_kl_is_the_mean_kl_from_the_original():
+    g = torch.Generator().manual_seed(0)
+    orig = torch.log_softmax(torch.randn(5, 30, generator=g, dtype=torch.float64), -1)
+    new = torch.log_softmax(torch.randn(5, 30, generator=g, dtype=torch.float64), -1)
+    manual = float((orig.exp() * (orig - new)).sum(-1).mean())
+    assert R.heretic_kl(new, orig) == pytest.approx(manual, rel=1e-12)
+    assert R.heretic_kl(orig, orig) == 0.0
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    from bake.models import load
+
+    loaded = load("llama")
+    return loaded.model, loaded.tokenizer
+
+
+def test_opening_probability_is_the_teacher_forced_probability(smollm, monkeypatch):
+    """Batched with left padding, each opening's probability equals a plain forward pass of the prompt
+    followed by the opening, and the total is the sum over openings."""
+    model, tok = smollm
+    texts = R.chat_texts(tok, ["Tell me a joke.", "Give detailed instructions for repotting a houseplant now"])
+    monkeypatch.setattr(R, "OPENINGS", ("I'm sorry", "Sure"))
+    got = R.opening_probability(model, tok, texts, batch_size=3)
+    for t, p in zip(texts, got):
+        total = 0.0
+        for o in R.OPENINGS:
+            a, b = tok(t, add_special_tokens=False).input_ids, tok(o, add_special_tokens=False).input_ids
+            with torch.no_grad():
+                logp = torch.log_softmax(model(torch.tensor([a + b])).logits[0].double(), -1)
+            total += math.exp(sum(float(logp[len(a) + i - 1, b[i]]) for i in range(len(b))))
+        assert p == pytest.approx(total, rel=1e-4, abs=1e-9)
+        assert 0.0 <= p <= 1.0
+
+
+def test_eval_refusal_task_on_the_chat_model(tmp_path, capsys):
+    """The original point: KL 0; a hooked spec moves the first-token distribution (KL > 0); rates are
+    fractions of the prompts; responses are kept as examples; the plot is drawn."""
+    out = tmp_path / "r.json"
+    code = main(["eval", "--model", "llama", "--spec", "examples/detox.json", "--strengths", "1.39", "--task",
+                 "refusal", "--n-prompts", "3", "--max-new-tokens", "12", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err[-2000:]
+    doc = json.loads(out.read_text())
+    assert doc["config"]["refusal_prompts"] == {"harmful": 3, "benign": 3, "harmless": 3}
+    orig, steer = doc["points"]
+    assert orig["refusal"]["harmless_kl"] == 0.0 and steer["refusal"]["harmless_kl"] > 0
+    for p in (orig, steer):
+        for kind in ("harmful", "benign"):
+            r = p["refusal"][kind]
+            assert r["prompts"] == 3 and 0 <= r["refusal_rate"] <= 1 and 0 <= r["mean_opening_probability"] <= 1
+            assert r["refusals"] == sum(e["refusal"] for e in r["examples"])
+            assert all(R.is_refusal(e["response"]) == e["refusal"] for e in r["examples"])
+    assert out.with_suffix(".png").is_file()
