@@ -22,7 +22,7 @@ def test_prompt_sets_and_disjoint_splits():
         assert len(set(all_prompts(kind))) == len(all_prompts(kind))
         assert not set(fit) & set(sel) and not set(fit) & set(held) and not set(sel) & set(held)
         assert len(fit) + len(sel) + len(held) == sizes[kind]
-        assert abs(len(fit) - 0.4 * sizes[kind]) <= 1 and abs(len(held) - 0.4 * sizes[kind]) <= 1
+        assert abs(len(fit) - 0.4 * sizes[kind]) <= 2 and abs(len(held) - 0.4 * sizes[kind]) <= 2
     assert not set(all_prompts("harmless")) & set(all_prompts("harmful"))
 
 
