@@ -23,6 +23,8 @@ def _p_fit(sub):
                    "monotone-pwl | ablate")
     p.add_argument("--sites", default=None, help="comma-separated presets or globs (post-norms, mlp-in, attn-out, "
                    "mlp-out, residual, 'mlp.down_proj:input', ...); default: the method's usual sites")
+    p.add_argument("--chat", action="store_true", help="each text as one chat user turn with the generation prompt "
+                   "(the tokenizer's template): with --pooling last, the residual where the answer starts")
     p.add_argument("--pooling", default=None, help="mean | last | max over each text's tokens (default: the method's); mean and max "
                    "leave the first token out where it is a BOS or attention sink (decided on the model), "
                    "mean+first / max+first always pool it")
@@ -212,7 +214,7 @@ def cmd_fit(a) -> int:
     config = FitConfig(a.method, a.sites, a.strength, a.support, a.causal, a.batch_size, pooling=a.pooling,
                        knots=a.knots, direction_layer=a.direction_layer, reference=a.reference,
                        direction=a.direction, lineas=lineas, inner=a.inner, min_accuracy=a.min_accuracy,
-                       pca=a.pca, seed=a.seed, joint=a.joint)
+                       pca=a.pca, seed=a.seed, joint=a.joint, chat=a.chat)
     result = run_fit(a.model, config, a.out, a.source, a.target, a.control, device=a.device,
                      device_map=a.device_map)
     for line in result.lines:

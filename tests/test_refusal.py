@@ -76,16 +76,43 @@ def test_eval_refusal_task_on_the_chat_model(tmp_path, capsys):
     fractions of the prompts; responses are kept as examples; the plot is drawn."""
     out = tmp_path / "r.json"
     code = main(["eval", "--model", "llama", "--spec", "examples/detox.json", "--strengths", "1.39", "--task",
-                 "refusal", "--n-prompts", "3", "--max-new-tokens", "12", "--out", str(out)])
+                 "refusal", "--n-prompts", "2", "--max-new-tokens", "8", "--out", str(out)])
     assert code == 0, capsys.readouterr().err[-2000:]
     doc = json.loads(out.read_text())
-    assert doc["config"]["refusal_prompts"] == {"harmful": 3, "benign": 3, "harmless": 3}
+    assert doc["config"]["refusal_prompts"] == {"harmful": 2, "benign": 2, "harmless": 2}
     orig, steer = doc["points"]
     assert orig["refusal"]["harmless_kl"] == 0.0 and steer["refusal"]["harmless_kl"] > 0
     for p in (orig, steer):
         for kind in ("harmful", "benign"):
             r = p["refusal"][kind]
-            assert r["prompts"] == 3 and 0 <= r["refusal_rate"] <= 1 and 0 <= r["mean_opening_probability"] <= 1
+            assert r["prompts"] == 2 and 0 <= r["refusal_rate"] <= 1 and 0 <= r["mean_opening_probability"] <= 1
             assert r["refusals"] == sum(e["refusal"] for e in r["examples"])
             assert all(R.is_refusal(e["response"]) == e["refusal"] for e in r["examples"])
     assert out.with_suffix(".png").is_file()
+
+
+def test_fit_reads_builtin_sets_and_templates_chat_turns(tmp_path, capsys, tokenizer):
+    """`--source bake:harmful` is the fit split of a shipped set; `--chat` wraps every text in the chat
+    template (refused where the tokenizer has none) and is recorded in the spec."""
+    from bake.fit import read_texts
+    from bake.spec import read
+    from conftest import make_llama, save_model
+
+    assert read_texts("bake:harmful", "--source") == prompts("harmful", "fit")
+    assert read_texts("bake:harmless:select", "--target") == prompts("harmless", "select")
+    plain = save_model(make_llama(), tokenizer, tmp_path / "plain")
+    args = ["fit", "--method", "ablate", "--direction", "mean", "--pooling", "last", "--source", "bake:harmful",
+            "--target", "bake:harmless", "--chat"]
+    assert main([*args, "--model", str(plain), "--out", str(tmp_path / "a.json")]) == 2
+    assert "no chat template" in capsys.readouterr().err and not (tmp_path / "a.json").exists()
+    tokenizer.chat_template = ("{% for m in messages %}<|endoftext|>{{ m['role'] }}: {{ m['content'] }}\n"
+                               "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}")
+    chat = save_model(make_llama(), tokenizer, tmp_path / "chat")
+    tokenizer.chat_template = None
+    assert main([*args, "--model", str(chat), "--out", str(tmp_path / "b.json")]) == 0
+    assert main([*args[:-1], "--model", str(chat), "--out", str(tmp_path / "c.json")]) == 0
+    b, c = read(tmp_path / "b.json"), read(tmp_path / "c.json")
+    assert "chat" in b.params and "chat" not in c.params
+    assert b.provenance["source"]["file"] == "bake:harmful" and b.provenance["source"]["n"] == 80
+    ub, uc = b.sites[0][1][0].tensors["U"], c.sites[0][1][0].tensors["U"]
+    assert float((ub.T @ uc).abs()) < 0.999  # the template changes the last-token residuals

@@ -84,23 +84,28 @@ def heretic_kl(new: torch.Tensor, original: torch.Tensor) -> float:
 
 @torch.no_grad()
 def opening_probability(model, tok, texts: list[str], batch_size: int) -> list[float]:
-    """P(the response opens with one of `OPENINGS`) per prompt: Σ_o Π_t P(o_t | prompt, o_<t), the
-    prompt's and the opening's tokens encoded apart and joined (the opening's own tokens, whatever the
-    template ends with)."""
+    """P(the response opens with one of `OPENINGS`) per prompt: Σ_o Π_t P(o_t | prompt, o_<t), each
+    opening's own tokens (encoded apart from the prompt). One forward pass of each batch of prompts
+    fills the KV cache; each opening is then fed on top of it and the cache cropped back."""
     opens = [tok(o, add_special_tokens=False).input_ids for o in OPENINGS]
-    seqs = [(i, tok(t, add_special_tokens=False).input_ids, o) for i, t in enumerate(texts) for o in opens]
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    probs = [0.0] * len(texts)
-    for j in tqdm(range(0, len(seqs), batch_size), desc="refusal openings", leave=False, unit="batch"):
-        chunk = seqs[j:j + batch_size]
-        width = max(len(p) + len(o) for _, p, o in chunk)
-        ids = torch.tensor([[pad] * (width - len(p) - len(o)) + p + o for _, p, o in chunk])
-        mask = torch.tensor([[0] * (width - len(p) - len(o)) + [1] * (len(p) + len(o)) for _, p, o in chunk])
-        logp = torch.log_softmax(model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device))
-                                 .logits.double().cpu(), -1)
-        for row, (i, _, o) in enumerate(chunk):
-            pos = torch.arange(width - len(o), width)  # the opening's tokens, last in the row
-            probs[i] += float(logp[row, pos - 1, ids[row, pos]].sum().exp())
+    probs = []
+    for j in tqdm(range(0, len(texts), batch_size), desc="refusal openings", leave=False, unit="batch"):
+        enc = _encode(tok, texts[j:j + batch_size], model.device)
+        out = model(**enc, use_cache=True)
+        first = torch.log_softmax(out.logits[:, -1].double(), -1)
+        cache = out.past_key_values
+        total = torch.zeros(first.shape[0], dtype=torch.float64, device=first.device)
+        for o in opens:
+            logp = first[:, o[0]]
+            if len(o) > 1:
+                ids = torch.tensor([o[:-1]] * first.shape[0], device=model.device)
+                mask = torch.cat([enc.attention_mask, torch.ones_like(ids)], 1)
+                step = model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+                rest = torch.log_softmax(step.logits.double(), -1)
+                logp = logp + sum(rest[:, t, o[t + 1]] for t in range(len(o) - 1))
+                cache.crop(-(len(o) - 1))  # back to the prompt
+            total += logp.exp()
+        probs += total.cpu().tolist()
     return probs
 
 

@@ -31,8 +31,26 @@ __all__ = ["fit", "run_fit", "FitConfig", "FitResult", "LineasConfig", "TextCoun
            "describe_file", "estimators"]
 
 
+def chat_turns(tok, texts: list[str]) -> list[str]:
+    """Each text as the chat template's user turn, ready for the answer (`--chat`)."""
+    from ..evaluation.refusal import chat_texts
+
+    if not getattr(tok, "chat_template", None):
+        raise BakeError("--chat: this model's tokenizer has no chat template")
+    return chat_texts(tok, texts)
+
+
+BUILTIN = "bake:"  # --source bake:harmful[:split]: a prompt set bake ships (bake.evaluation.refusal_data)
+
+
 def read_texts(path: str | Path, field: str) -> list[str]:
-    """The non-empty lines of a UTF-8 file (at least 2), or a BakeError naming `field`."""
+    """The non-empty lines of a UTF-8 file (at least 2), or a prompt set bake ships (`bake:KIND[:SPLIT]`,
+    split `fit` by default), or a BakeError naming `field`."""
+    if str(path).startswith(BUILTIN):
+        from ..evaluation.refusal_data import prompts
+
+        kind, _, split = str(path)[len(BUILTIN):].partition(":")
+        return prompts(kind, split or "fit")
     p = Path(path)
     if not p.is_file():
         raise BakeError(f"{field}: no such file {str(p)!r}")
@@ -59,6 +77,8 @@ def fit(model, tok, source: list[str], target: list[str], config: FitConfig | st
     elif legacy or legacy_options:
         raise BakeError(f"fit: options go in the FitConfig, not beside it ({', '.join(legacy_options) or legacy})")
     config.check(TextCounts(len(source), len(target), None if control is None else len(control)))
+    if config.chat:
+        source, target, control = (None if t is None else chat_turns(tok, t) for t in (source, target, control))
     job = _prepare(model, tok, list(source), list(target), control, config, provenance, progress)
     meth = METHODS[config.method]
     return meth.run(job, meth)
@@ -98,6 +118,8 @@ def _prepare(model, tok, source, target, control, config: FitConfig, provenance,
     infos = [catalog[n] for n in adapter.resolve(model, sites)]
     pooling = c.pooling or meth.pooling
     params = {"sites": sites, "support": c.support, "causal": c.causal, "pooling": pooling}
+    if c.chat:
+        params["chat"] = "each text a user turn of the chat template, with the generation prompt"
     if not pipeline and pooling in ("mean", "max"):  # leave the first token out only where it is a BOS or sink
         first = first_token(model, tok, source + target)
         params["first_token"] = ("left out: " if first["drop"] else "pooled: ") + first["why"]
@@ -113,5 +135,11 @@ def _prepare(model, tok, source, target, control, config: FitConfig, provenance,
 
 
 def describe_file(path: str | Path, n: int) -> dict:
-    """A text file in a spec's provenance: its name, digest and text count."""
+    """A text file in a spec's provenance: its name, digest and text count (a built-in set: its name and
+    the digest of its texts)."""
+    if str(path).startswith(BUILTIN):
+        import hashlib
+
+        text = "\n".join(read_texts(path, "--source"))
+        return {"file": str(path), "sha256": hashlib.sha256(text.encode()).hexdigest(), "n": n}
     return {"file": Path(path).name, "sha256": file_digest(path), "n": n}

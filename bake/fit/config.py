@@ -52,6 +52,7 @@ class FitConfig:
     pca: int | None = None  # dsas
     seed: int = 0
     joint: bool = False  # dsas
+    chat: bool = False  # every text as one chat user turn + the generation prompt (the tokenizer's template)
     version: int = FIT_CONFIG_VERSION
 
     def __post_init__(self) -> None:

