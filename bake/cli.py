@@ -126,6 +126,8 @@ def _p_eval(sub):
     p.add_argument("--strengths", default="0.25,0.5,0.75,1", help="comma-separated λ values for --spec")
     p.add_argument("--task", default="toxicity,perplexity", help="toxicity, perplexity, refusal (chat-templated "
                    "HarmBench, benign edgy and harmless requests), comma-separated")
+    p.add_argument("--system", default=None, help="refusal: a system turn before each request (default: none, "
+                   "the chat template's own; heretic's is 'You are a helpful assistant.')")
     p.add_argument("--n-prompts", type=int, default=None, help="refusal: the first N prompts of each set of the "
                    "split (default: all)")
     p.add_argument("--prompts", default=None, help="prompt file for toxicity (default: vendored RTP prefixes)")
@@ -299,7 +301,8 @@ def cmd_eval(a) -> int:
     seeds = _numbers(a.seeds, "--seeds", int)
     specs = read_specs(a.spec) if a.spec else None
     cfg = prepare(a.task, seeds, read_prompts(a.prompts) if a.prompts else None, a.split, a.n_sentences,
-                  a.sentences, a.max_new_tokens, a.scorer, a.batch_size, baked=a.baked, n_prompts=a.n_prompts)
+                  a.sentences, a.max_new_tokens, a.scorer, a.batch_size, baked=a.baked, n_prompts=a.n_prompts,
+                  system=a.system)
     out = Path(a.out)
     plot = Path(a.plot) if a.plot else out.with_suffix(".png")
     doc = run(a.model, cfg, out, specs, strengths, a.baked, plot, device=a.device, trust_code=a.trust_remote_code)

@@ -52,7 +52,8 @@ def run(model_name: str, cfg: EvalConfig, out: Path, specs: list[Spec] | None = 
                                "threshold": cfg.threshold,
                                "refusal_prompts": {"harmful": len(cfg.refusal_harmful),
                                                    "benign": len(cfg.refusal_benign),
-                                                   "harmless": len(cfg.refusal_harmless)}},
+                                                   "harmless": len(cfg.refusal_harmless)},
+                               "system": cfg.system},
            "scorer_loads_pickle": {n: PICKLES[n] for n in score or {} if PICKLES.get(n)}, "points": []}
     for note in doc["scorer_loads_pickle"].values():
         log(f"note: {note}")
@@ -77,7 +78,8 @@ def run(model_name: str, cfg: EvalConfig, out: Path, specs: list[Spec] | None = 
         if base is not None and "logprobs" not in base and label != "original":  # resumed after the original
             loaded = loaded or load(model_name, device=device)
             base["logprobs"] = first_token_logprobs(loaded.model, loaded.tokenizer,
-                                                    chat_texts(loaded.tokenizer, cfg.refusal_harmless), cfg.batch_size)
+                                                    chat_texts(loaded.tokenizer, cfg.refusal_harmless, cfg.system),
+                                                    cfg.batch_size)
         if label == "baked":
             from ..artifacts import open_artifact
 
