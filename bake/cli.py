@@ -15,7 +15,7 @@ from .errors import BakeError, CheckFailed
 
 def _p_fit(sub):
     p = sub.add_parser("fit", help="estimate a spec from source and target texts")
-    p.add_argument("--model", required=True, help="model directory, .gguf file, hub id or alias (llama)")
+    p.add_argument("--model", required=True, help="model directory, .gguf file, hub id or alias (llama, gemma3, qwen)")
     p.add_argument("--source", required=True, help="texts to steer away from, one per line")
     p.add_argument("--target", default=None, help="texts to steer towards, one per line (not needed by dsas "
                    "when --inner is a spec file)")
@@ -29,8 +29,14 @@ def _p_fit(sub):
                    "leave the first token out where it is a BOS or attention sink (decided on the model), "
                    "mean+first / max+first always pool it")
     p.add_argument("--knots", type=int, default=16, help="monotone-pwl: matched quantiles per unit")
-    p.add_argument("--direction-layer", type=int, default=None,
-                   help="ablate: layer whose residual stream gives the direction (default: the middle one)")
+    p.add_argument("--direction-layer", type=float, default=None,
+                   help="ablate: layer whose residual stream gives the direction (default: the middle one); a "
+                   "fraction i+f interpolates between layers i and i+1")
+    p.add_argument("--layer-directions", action="store_true", help="ablate: each write removes its own layer's "
+                   "direction")
+    p.add_argument("--kernel", default=None, help="ablate: per-layer strengths, heretic's kernel per component: "
+                   "'attn=MAX,POS,MIN,DIST;mlp=MAX,POS,MIN,DIST' (λ·MAX at layer POS, linearly to λ·MIN at "
+                   "distance DIST, nothing beyond)")
     p.add_argument("--reference", default="zero", help="ablate: zero (remove the direction) | target (move it to "
                    "the target texts' mean at each write: affine concept editing; still folds)")
     p.add_argument("--direction", default=None, help="ablate: lda (Σ⁻¹(μs − μt), Σ the diagonal within-class "
@@ -215,7 +221,8 @@ def cmd_fit(a) -> int:
                               max_minutes=a.max_minutes, retain=a.retain, accumulate=a.accumulate)
     config = FitConfig(a.method, a.sites, a.strength, a.support, a.causal, a.batch_size, pooling=a.pooling,
                        knots=a.knots, direction_layer=a.direction_layer, reference=a.reference,
-                       direction=a.direction, lineas=lineas, inner=a.inner, min_accuracy=a.min_accuracy,
+                       direction=a.direction, layer_directions=a.layer_directions,
+                       kernel=a.kernel, lineas=lineas, inner=a.inner, min_accuracy=a.min_accuracy,
                        pca=a.pca, seed=a.seed, joint=a.joint, chat=a.chat)
     result = run_fit(a.model, config, a.out, a.source, a.target, a.control, device=a.device,
                      device_map=a.device_map)
@@ -407,7 +414,8 @@ def cmd_families(a) -> int:
     from .families import FAMILIES
 
     gguf = [f"{a.family} (llama.cpp {a.gguf_arch})" for a in FAMILIES if a.gguf_arch]
-    print(f"--format gguf (llama.cpp, Ollama): {', '.join(gguf)}; from a GGUF source.")
+    print(f"--format gguf, lora, control-vector (llama.cpp, Ollama): {', '.join(gguf)} (a Qwen2 relabelled as "
+          f"Llama by a fold is written as llama.cpp llama); from a GGUF source.")
     return 0
 
 

@@ -116,3 +116,42 @@ def test_fit_reads_builtin_sets_and_templates_chat_turns(tmp_path, capsys, token
     assert b.provenance["source"]["file"] == "bake:harmful" and b.provenance["source"]["n"] == 80
     ub, uc = b.sites[0][1][0].tensors["U"], c.sites[0][1][0].tensors["U"]
     assert float((ub.T @ uc).abs()) < 0.999  # the template changes the last-token residuals
+
+
+def test_ablate_kernel_interpolation_and_layer_directions(tmp_path, tokenizer):
+    """heretic's parameters as a spec: per-layer strengths from the kernel (per component), a direction
+    interpolated between two layers, or each write's own layer's direction; the spec bakes and verifies."""
+    from bake import compiler
+    from bake.fit import FitConfig, fit
+    from bake.fit.ablate import kernel_weight, parse_kernel
+    from conftest import TEXTS, make_llama, save_model
+
+    model = make_llama(layers=4)
+    src, tgt = TEXTS[3::2] * 2, TEXTS[::2] * 2
+    one = {i: fit(model, tokenizer, src, tgt, FitConfig("ablate", direction="mean", direction_layer=i,
+                                                       pooling="last")) for i in (1, 2)}
+    u = {i: one[i].sites[0][1][0].tensors["U"].double() for i in (1, 2)}
+    mixed = fit(model, tokenizer, src, tgt, FitConfig("ablate", direction="mean", direction_layer=1.25, pooling="last"))
+    want = 0.75 * u[1] + 0.25 * u[2]
+    assert torch.allclose(mixed.sites[0][1][0].tensors["U"].double(), want / want.norm(), atol=1e-6)
+    kernel = "attn=1.0,2,0.5,1;mlp=0.8,0,0.0,2"
+    spec = fit(model, tokenizer, src, tgt, FitConfig("ablate", direction="mean", layer_directions=True,
+                                                     pooling="last", kernel=kernel, strength=1.5))
+    k = parse_kernel(kernel)
+    got = {n: m[0].strength for n, m in spec.sites}
+    for layer in range(4):
+        for comp, site in (("attn", f"model.layers.{layer}.self_attn.o_proj:output"),
+                           ("mlp", f"model.layers.{layer}.mlp.down_proj:output")):
+            w = kernel_weight(k[comp], layer)
+            assert got.get(site, 0.0) == pytest.approx(1.5 * w)
+    assert "model.layers.0.self_attn.o_proj:output" not in got  # beyond DIST: no map at all
+    for name, maps in spec.sites:
+        layer = int(name.split(".")[2])
+        if layer in u:
+            assert torch.allclose(maps[0].tensors["U"].double(), u[layer], atol=1e-6)
+    from bake.spec import write
+
+    save_model(model, tokenizer, tmp_path / "m")
+    write(spec, tmp_path / "k.json")
+    v = compiler.apply(str(tmp_path / "m"), [str(tmp_path / "k.json")], tmp_path / "out", log=lambda *_: None).verification
+    assert v["passed"] and v["max_rel"] <= 1e-5, v

@@ -11,6 +11,7 @@ from .job import Job, check_finite
 
 REFERENCES = ("zero", "target")  # where the removed component goes
 DIRECTIONS = ("lda", "mean")  # which direction is removed
+KERNEL_PARTS = ("attn", "mlp")  # --kernel components: the attn-out and mlp-out writes
 
 
 def fit_ablate(job: Job, meth=None) -> Spec:
@@ -20,45 +21,132 @@ def fit_ablate(job: Job, meth=None) -> Spec:
     u = unit(Σ⁻¹(μs − μt)) with Σ the diagonal within-class covariance; "mean": u = unit(μs − μt),
     the classic abliteration direction, which on SmolLM2-135M lies mostly along one outlier unit.
 
+    Abliteration's parameters (heretic's): a fractional `direction_layer` i + f interpolates,
+    u = unit((1 − f)·u_i + f·u_(i+1)); `layer_directions` gives each write its own layer's direction;
+    `kernel` sets each write's strength by its layer l, per component (attn, mlp):
+    λ_l = λ·(max + (d / dist)·(min − max)) with d = |l − pos| ≤ dist, and no map beyond dist.
+
     reference "zero" removes the component: x − λu(u·x). Reference "target" (affine concept
     editing) moves it to the target texts' mean instead, x − λu(u·x − r) with r = u·μt of that
     write: a projection and an additive map, both folding, and target-like text keeps its mean."""
     c, spec, infos = job.config, job.spec, job.infos
-    site = _direction_site(job)
-    direction = c.direction or DIRECTIONS[0]
+    residual = _residual_sites(job)
+    layers = _direction_layers(job, residual)
     writes = infos if c.reference == "target" else []  # the writes' target means come from the same pass
     kw = dict(pooling=job.pooling, progress=job.progress)
-    s = collect(job.model, job.tok, job.source, [site], job.batch_size, desc="source activations", **kw)[site.name]
-    t = collect(job.model, job.tok, job.target, [site] + writes, job.batch_size, desc="target activations", **kw)
-    U = (estimators.lda_direction if direction == "lda" else estimators.mean_direction)(s, t[site.name])
-    check_finite({"U": U}, site.name)
+    need = [residual[i] for i in layers]
+    s = collect(job.model, job.tok, job.source, need, job.batch_size, desc="source activations", **kw)
+    t = collect(job.model, job.tok, job.target, need + writes, job.batch_size, desc="target activations", **kw)
+    estimate = estimators.lda_direction if (c.direction or DIRECTIONS[0]) == "lda" else estimators.mean_direction
+    dirs = {i: estimate(s[residual[i].name], t[residual[i].name]) for i in layers}
+    for d in dirs.values():
+        check_finite({"U": d}, "direction")
+    lam = _strengths(job)
     for info in infos:
-        maps = [Map("projection", job.strength, {"U": U})]
+        layer = _layer_of(info)
+        if lam.get(info.name, 0.0) == 0.0:
+            continue
+        U = dirs[layer] if c.layer_directions else _interpolated(dirs, c.direction_layer, len(residual))
+        maps = [Map("projection", lam[info.name], {"U": U})]
         if c.reference == "target":
             shift = estimators.reference_shift(t[info.name], U)
             check_finite(shift, info.name)
-            maps.append(Map("additive", job.strength, shift))
+            maps.append(Map("additive", lam[info.name], shift))
         spec.sites.append((info.name, maps))
-    spec.params["direction_site"] = site.name
-    spec.params["reference"] = c.reference
-    spec.params["direction"] = direction
-    top = int(U[:, 0].abs().argmax())  # a direction that is mostly one unit is an outlier unit, not a concept
-    spec.params["largest_unit"] = {"unit": top, "weight": round(float(U[top, 0].abs()), 4)}
+    if not spec.sites:
+        raise BakeError(f"--kernel: {c.kernel!r} leaves no write steered (every chosen site is beyond its DIST)")
+    _record(spec, c, residual, dirs, layers)
     return spec
 
 
-def _direction_site(job: Job):
-    """The residual site whose activations give the direction; every chosen site must be as wide."""
-    residual = [s for s in job.catalog.values() if s.role == "residual"]  # one per layer, in order
-    layer = len(residual) // 2 if job.config.direction_layer is None else job.config.direction_layer
-    if not 0 <= layer < len(residual):
-        raise BakeError(f"--direction-layer: {layer} is not a layer index (0 … {len(residual) - 1})")
-    site = residual[layer]
+def _residual_sites(job: Job):
+    """The residual sites (one per layer, in order); every chosen site must be as wide."""
+    residual = [s for s in job.catalog.values() if s.role == "residual"]
     for info in job.infos:
-        if info.units != site.units:
-            raise BakeError(f"--sites: {info.name} has {info.units} units, the residual stream has {site.units}; "
-                            f"ablate applies to residual writes (attn-out, mlp-out)")
-    return site
+        if info.units != residual[0].units:
+            raise BakeError(f"--sites: {info.name} has {info.units} units, the residual stream has "
+                            f"{residual[0].units}; ablate applies to residual writes (attn-out, mlp-out)")
+    return residual
+
+
+def _direction_layers(job: Job, residual) -> list[int]:
+    """The layers whose residuals are needed: every write's own layer, or the one or two interpolated."""
+    c, n = job.config, len(residual)
+    if c.layer_directions:
+        return sorted({_layer_of(i) for i in job.infos})
+    at = n // 2 if c.direction_layer is None else c.direction_layer
+    if not 0 <= at <= n - 1:
+        raise BakeError(f"--direction-layer: {at:g} is not a layer index (0 … {n - 1}; a fraction interpolates)")
+    lo = int(at)
+    return [lo] if at == lo or lo == n - 1 else [lo, lo + 1]
+
+
+def _interpolated(dirs: dict, at: float | None, n: int):
+    at = n // 2 if at is None else at
+    lo = int(at)
+    f = at - lo
+    if f == 0 or lo + 1 not in dirs:
+        return dirs[lo]
+    u = (1 - f) * dirs[lo].double() + f * dirs[lo + 1].double()
+    return (u / u.norm().clamp_min(1e-12)).float()
+
+
+def _layer_of(info) -> int:
+    """The decoder layer index in a site's module path (model.layers.N....)."""
+    nums = [int(p) for p in info.module.split(".") if p.isdigit()]
+    if not nums:
+        raise BakeError(f"--sites: {info.name} is in no numbered layer (ablate steers decoder layers)")
+    return nums[0]
+
+
+def _strengths(job: Job) -> dict[str, float]:
+    """λ per chosen site: the spec's strength, shaped by the kernel per component where one is given."""
+    c = job.config
+    kernel = parse_kernel(c.kernel) if c.kernel else {}
+    comp = {n: k for k in kernel for n in job.adapter.resolve(job.model, [f"{k}-out"])}
+    out = {}
+    for info in job.infos:
+        k = kernel.get(comp.get(info.name))
+        out[info.name] = job.strength * (1.0 if k is None else kernel_weight(k, _layer_of(info)))
+    return out
+
+
+def parse_kernel(text: str) -> dict[str, tuple[float, float, float, float]]:
+    """`attn=MAX,POS,MIN,DIST;mlp=…` → component → (max, pos, min, dist) (heretic's four parameters)."""
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        name, _, vals = part.partition("=")
+        try:
+            nums = tuple(float(v) for v in vals.split(","))
+        except ValueError:
+            nums = ()
+        if name.strip() not in KERNEL_PARTS or len(nums) != 4 or nums[3] < 0:
+            raise BakeError(f"--kernel: {part!r}: expected attn=MAX,POS,MIN,DIST or mlp=… (DIST >= 0)")
+        out[name.strip()] = nums
+    return out
+
+
+def kernel_weight(k: tuple[float, float, float, float], layer: int) -> float:
+    """max at pos, linearly to min at distance dist, 0 beyond (heretic's abliteration weight)."""
+    top, pos, low, dist = k
+    d = abs(layer - pos)
+    if d > dist:
+        return 0.0
+    return top if dist == 0 else top + (d / dist) * (low - top)
+
+
+def _record(spec: Spec, c, residual, dirs: dict, layers: list[int]) -> None:
+    spec.params["direction_site"] = ("each write's own layer" if c.layer_directions else
+                                     " ↔ ".join(residual[i].name for i in layers))
+    spec.params["reference"] = c.reference
+    spec.params["direction"] = c.direction or DIRECTIONS[0]
+    if c.direction_layer is not None and not c.layer_directions:
+        spec.params["direction_layer"] = c.direction_layer
+    if c.kernel:
+        spec.params["kernel"] = c.kernel
+    U = next(iter(dirs.values()))
+    top = int(U[:, 0].abs().argmax())  # a direction that is mostly one unit is an outlier unit, not a concept
+    spec.params["largest_unit"] = {"unit": top, "weight": round(float(U[top, 0].abs()), 4)}
 
 
 def validate(c, counts) -> None:
@@ -67,6 +155,10 @@ def validate(c, counts) -> None:
         raise BakeError(f"--reference: unknown reference {c.reference!r} (known: {', '.join(REFERENCES)})")
     if (c.direction or DIRECTIONS[0]) not in DIRECTIONS:
         raise BakeError(f"--direction: unknown direction {c.direction!r} (known: {', '.join(DIRECTIONS)})")
+    if c.kernel:
+        parse_kernel(c.kernel)
+    if c.layer_directions and c.direction_layer is not None:
+        raise BakeError("--layer-directions: each write uses its own layer's direction; drop --direction-layer")
 
 
 def report(spec: Spec, c) -> list[str]:

@@ -43,9 +43,11 @@ class FitConfig:
     batch_size: int | None = None
     pooling: str | None = None
     knots: int = 16  # monotone-pwl
-    direction_layer: int | None = None  # ablate
+    direction_layer: float | None = None  # ablate (a fraction interpolates between two layers' directions)
     reference: str = "zero"  # ablate
     direction: str | None = None  # ablate (None: lda)
+    layer_directions: bool = False  # ablate: each write its own layer's direction
+    kernel: str | None = None  # ablate: per-layer strengths "attn=MAX,POS,MIN,DIST;mlp=…" (heretic's)
     lineas: LineasConfig | None = None  # lineas, dsas --joint
     inner: str | None = None  # dsas: a spec file or a method name
     min_accuracy: float = 0.75  # dsas
