@@ -182,6 +182,38 @@ def _numbers(text: str, field: str, kind=float) -> list:
     return vals
 
 
+def _p_search(sub):
+    p = sub.add_parser("search", help="abliteration: heretic's parameters by multi-objective search (Optuna)")
+    p.add_argument("--model", required=True, help="a chat model (directory, .gguf, hub id or alias)")
+    p.add_argument("--source", default="bake:harmful", help="prompts whose refusals go (default: HarmBench, fit split)")
+    p.add_argument("--target", default="bake:harmless", help="prompts to keep (default: built harmless, fit split)")
+    p.add_argument("--trials", type=int, default=20)
+    p.add_argument("--n-prompts", type=int, default=None, help="the first N select-split prompts of each set")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-kl", type=float, default=0.1, help="choose the fewest refusals with KL at most this")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="directory: trials.json, front.png, chosen.json")
+
+
+def cmd_search(a) -> int:
+    from .fit import read_texts
+    from .models import load
+    from .search import SearchConfig, search
+
+    if a.trials < 1 or a.max_new_tokens < 1 or a.batch_size < 1 or (a.n_prompts is not None and a.n_prompts < 1):
+        raise BakeError("--trials/--max-new-tokens/--batch-size/--n-prompts: must be at least 1")
+    src, tgt = read_texts(a.source, "--source"), read_texts(a.target, "--target")
+    loaded = load(a.model)
+    cfg = SearchConfig(trials=a.trials, n_prompts=a.n_prompts, max_new_tokens=a.max_new_tokens,
+                       batch_size=a.batch_size, max_kl=a.max_kl, seed=a.seed)
+    doc = search(loaded.model, loaded.tokenizer, src, tgt, cfg, Path(a.out))
+    c = doc["trials"][doc["chosen"]]
+    print(f"chosen trial {c['trial']}: {c['refusals']}/{doc['prompts_select']['harmful']} refusals, KL {c['kl']:.4f} "
+          f"(select split; front of {len(doc['front'])}); wrote {a.out}/chosen.json, trials.json, front.png")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="bake", description="Bake activation steering into model weights.")
     ap.add_argument("--version", action="version", version=f"bake {__version__}")
@@ -191,6 +223,7 @@ def parser() -> argparse.ArgumentParser:
     _p_verify(sub)
     _p_eval(sub)
     _p_diff(sub)
+    _p_search(sub)
     p = sub.add_parser("compose", help="compose specs per site, in order, into one spec")
     p.add_argument("spec", nargs="+")
     p.add_argument("-o", "--out", required=True, help="spec manifest to write (.json)")
@@ -456,7 +489,7 @@ def _run(a) -> int:
     try:
         return {"fit": cmd_fit, "apply": cmd_apply, "verify": cmd_verify, "eval": cmd_eval, "diff": cmd_diff,
                 "compose": cmd_compose, "invert": cmd_invert, "inspect": cmd_inspect,
-                "families": cmd_families}[a.cmd](a)
+                "families": cmd_families, "search": cmd_search}[a.cmd](a)
     except BakeError as e:
         print(f"bake: error: {e}", file=sys.stderr)
         return e.exit_code

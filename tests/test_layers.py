@@ -22,7 +22,7 @@ LAYERS = [
     {"bake.verify", "bake.verify_pipeline", "bake.verify_gguf"},
     {"bake.modality"},
     {"bake.diff", "bake.diff_report", "bake.evaluation", "bake.fit", "bake.sources"},
-    {"bake.compiler", "bake.support_table"},
+    {"bake.compiler", "bake.support_table", "bake.search"},
     {"bake.cli", "bake.__main__"},
 ]
 

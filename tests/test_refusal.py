@@ -155,3 +155,27 @@ def test_ablate_kernel_interpolation_and_layer_directions(tmp_path, tokenizer):
     write(spec, tmp_path / "k.json")
     v = compiler.apply(str(tmp_path / "m"), [str(tmp_path / "k.json")], tmp_path / "out", log=lambda *_: None).verification
     assert v["passed"] and v["max_rel"] <= 1e-5, v
+
+
+def test_search_writes_trials_front_and_a_chosen_spec_that_bakes(tmp_path, tokenizer, capsys):
+    """`bake search` on a tiny chat model: every trial recorded with its parameters, refusals and KL; the
+    chosen trial is on the Pareto front; its spec bakes equal to the hooked reference."""
+    pytest.importorskip("optuna")
+    from conftest import make_llama, save_model
+
+    tokenizer.chat_template = ("{% for m in messages %}<|endoftext|>{{ m['role'] }}: {{ m['content'] }}\n"
+                               "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}")
+    model_dir = save_model(make_llama(layers=4), tokenizer, tmp_path / "chat")
+    tokenizer.chat_template = None
+    out = tmp_path / "s"
+    assert main(["search", "--model", str(model_dir), "--trials", "3", "--n-prompts", "3", "--max-new-tokens", "4",
+                 "--out", str(out)]) == 0, capsys.readouterr().err[-2000:]
+    doc = json.loads((out / "trials.json").read_text())
+    assert [r["trial"] for r in doc["trials"]] == [0, 1, 2] and doc["prompts_select"] == {"harmful": 3, "harmless": 3}
+    assert all(0 <= r["refusals"] <= 3 and r["kl"] >= 0 for r in doc["trials"])
+    assert doc["chosen"] in doc["front"] and set(doc["front"]) <= {0, 1, 2}
+    assert (out / "front.png").is_file()
+    from bake import compiler
+
+    v = compiler.apply(str(model_dir), [str(out / "chosen.json")], tmp_path / "baked", log=lambda *_: None).verification
+    assert v["passed"] and v["max_rel"] <= 1e-5, v

@@ -46,7 +46,7 @@ def fit_ablate(job: Job, meth=None) -> Spec:
         layer = _layer_of(info)
         if lam.get(info.name, 0.0) == 0.0:
             continue
-        U = dirs[layer] if c.layer_directions else _interpolated(dirs, c.direction_layer, len(residual))
+        U = dirs[layer] if c.layer_directions else interpolated(dirs, c.direction_layer, len(residual))
         maps = [Map("projection", lam[info.name], {"U": U})]
         if c.reference == "target":
             shift = estimators.reference_shift(t[info.name], U)
@@ -81,7 +81,7 @@ def _direction_layers(job: Job, residual) -> list[int]:
     return [lo] if at == lo or lo == n - 1 else [lo, lo + 1]
 
 
-def _interpolated(dirs: dict, at: float | None, n: int):
+def interpolated(dirs: dict, at: float | None, n: int):
     at = n // 2 if at is None else at
     lo = int(at)
     f = at - lo

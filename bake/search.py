@@ -1,0 +1,147 @@
+"""`bake search`: abliteration's parameters chosen by a multi-objective search, as heretic does, on
+bake's fit/select splits, with the result a spec that folds and verifies.
+
+1. Directions, once: `bake fit --method ablate --layer-directions` on chat-formatted `--source`
+   (harmful) and `--target` (harmless) prompts, last prompt token, mean difference: u_l per layer.
+2. Each trial (Optuna's multi-objective TPE, seeded) draws heretic's parameters: the direction index
+   (a fraction between two layers' directions, or each write its own layer's) and the kernel per
+   component (attn, mlp): MAX, POS, MIN, DIST. The spec they make is hooked on the model and scored on
+   the *select* split: refusals of the harmful prompts (the marker rule, greedy) and heretic's
+   first-token KL on the harmless ones. Both are minimised.
+3. Written to `--out`: every trial (`trials.json`), the Pareto front plot (`front.png`) and the chosen
+   spec (`chosen.json`): the front point with the fewest refusals among those with KL ≤ `--max-kl`
+   (the lowest KL when none is). Report it on the held-out split with `bake eval --task refusal`."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import BakeError
+from .evaluation import write_json_atomic
+from .evaluation.refusal import chat_texts, first_token_logprobs, heretic_kl, is_refusal, responses
+from .evaluation.refusal_data import prompts
+from .fit import FitConfig, fit
+from .fit.ablate import KERNEL_PARTS, interpolated, kernel_weight
+from .maps import Map
+from .runtime import steered
+from .spec import Spec, write
+
+
+@dataclass
+class SearchConfig:
+    trials: int = 20
+    n_prompts: int | None = None  # per select set (None: all)
+    max_new_tokens: int = 32
+    batch_size: int = 16
+    max_kl: float = 0.1
+    seed: int = 0
+
+
+def search(model, tok, source: list[str], target: list[str], cfg: SearchConfig, out: Path, log=print) -> dict:
+    """The search above; returns the summary written to `out/trials.json`."""
+    try:
+        import optuna
+    except ImportError as e:
+        raise BakeError("bake search needs optuna (pip install optuna)") from e
+    base = fit(model, tok, source, target, FitConfig("ablate", direction="mean", pooling="last", chat=True,
+                                                     layer_directions=True))
+    dirs = {_layer(n): maps[0].tensors["U"] for n, maps in base.sites}
+    harmful = chat_texts(tok, prompts("harmful", "select")[:cfg.n_prompts])
+    harmless = chat_texts(tok, prompts("harmless", "select")[:cfg.n_prompts])
+    original = first_token_logprobs(model, tok, harmless, cfg.batch_size)
+    n_layers = max(dirs) + 1
+    rows = []
+
+    def objective(trial) -> tuple[float, float]:
+        params = _draw(trial, n_layers)
+        spec = _spec(base, dirs, params)
+        with steered(model, [spec]):
+            said = responses(model, tok, harmful, cfg.max_new_tokens, cfg.batch_size)
+            kl = heretic_kl(first_token_logprobs(model, tok, harmless, cfg.batch_size), original)
+        refusals = sum(map(is_refusal, said))
+        rows.append({"trial": trial.number, "params": params, "refusals": refusals, "kl": kl})
+        log(f"trial {trial.number}: {refusals}/{len(harmful)} refusals, KL {kl:.4f}")
+        return float(refusals), kl
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(directions=["minimize", "minimize"],
+                                sampler=optuna.samplers.TPESampler(seed=cfg.seed))
+    study.optimize(objective, n_trials=cfg.trials)
+    front = sorted({t.number for t in study.best_trials})
+    chosen = _choose([rows[i] for i in front], cfg.max_kl)
+    out.mkdir(parents=True, exist_ok=True)
+    spec = _spec(base, dirs, chosen["params"])
+    spec.params["search"] = {"trial": chosen["trial"], "refusals_select": chosen["refusals"],
+                             "kl_select": chosen["kl"], "prompts_select": len(harmful)}
+    write(spec, out / "chosen.json")
+    doc = {"prompts_select": {"harmful": len(harmful), "harmless": len(harmless)}, "trials": rows,
+           "front": front, "chosen": chosen["trial"], "max_kl": cfg.max_kl, "seed": cfg.seed}
+    write_json_atomic(out / "trials.json", doc)
+    _plot(doc, out / "front.png")
+    return doc
+
+
+def _draw(trial, n_layers: int) -> dict:
+    """heretic's search space: the direction index (or per layer), and the kernel per component."""
+    per_layer = trial.suggest_categorical("per_layer", [False, True])
+    p = {"direction_index": None if per_layer else trial.suggest_float("direction_index", 0.4 * (n_layers - 1),
+                                                                      0.9 * (n_layers - 1))}
+    for k in KERNEL_PARTS:
+        top = trial.suggest_float(f"{k}_max", 0.8, 1.5)
+        pos = trial.suggest_float(f"{k}_pos", 0.6 * (n_layers - 1), n_layers - 1)
+        low = trial.suggest_float(f"{k}_min", 0.0, 1.0) * top
+        dist = trial.suggest_float(f"{k}_dist", 1.0, max(1.5, 0.6 * (n_layers - 1)))
+        p[k] = (top, pos, low, dist)
+    return p
+
+
+def _spec(base: Spec, dirs: dict, params: dict) -> Spec:
+    """The ablation spec of one parameter set: each write's strength from its component's kernel."""
+    sites = []
+    for name, _ in base.sites:
+        layer, part = _layer(name), "attn" if "attn" in name else "mlp"
+        lam = kernel_weight(params[part], layer)
+        if lam == 0:
+            continue
+        at = params["direction_index"]
+        U = dirs[layer] if at is None else interpolated(dirs, at, len(dirs))
+        sites.append((name, [Map("projection", lam, {"U": U})]))
+    if not sites:
+        sites = [(base.sites[0][0], [Map("projection", 0.0, {"U": dirs[_layer(base.sites[0][0])]})])]
+    kernel = ";".join(f"{k}={','.join(f'{v:.4g}' for v in params[k])}" for k in KERNEL_PARTS)
+    return Spec(sites, method="ablate", params={**base.params, "kernel": kernel,
+                                                "direction_layer": params["direction_index"]},
+                provenance=dict(base.provenance), model=dict(base.model))
+
+
+def _layer(site: str) -> int:
+    return next(int(p) for p in site.split(".") if p.isdigit())
+
+
+def _choose(front: list[dict], max_kl: float) -> dict:
+    ok = [r for r in front if r["kl"] <= max_kl]
+    return min(ok, key=lambda r: (r["refusals"], r["kl"])) if ok else min(front, key=lambda r: r["kl"])
+
+
+def _plot(doc: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, front = doc["trials"], set(doc["front"])
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    ax.scatter([r["kl"] for r in rows], [r["refusals"] for r in rows], c="#999", s=18, label="trials")
+    f = sorted((r for r in rows if r["trial"] in front), key=lambda r: r["kl"])
+    ax.plot([r["kl"] for r in f], [r["refusals"] for r in f], "o-", color="#1f77b4", label="Pareto front")
+    c = rows[doc["chosen"]]
+    ax.plot([c["kl"]], [c["refusals"]], "*", ms=14, color="#d62728", label="chosen")
+    ax.set_xlabel("first-token KL on harmless prompts (select split)")
+    ax.set_ylabel(f"refusals of {doc['prompts_select']['harmful']} harmful prompts")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
