@@ -8,13 +8,13 @@ bake's fit/select splits, with the result a spec that folds and verifies.
    component (attn, mlp): MAX, POS, MIN, DIST. The spec they make is hooked on the model and scored on
    the *select* split: refusals of the harmful prompts (the marker rule, greedy) and heretic's
    first-token KL on the harmless ones. Both are minimised.
-3. Written to `--out`: every trial (`trials.json`), the Pareto front plot (`front.png`) and the chosen
+3. Written to `--out`: the original's refusals and every trial (`trials.json`), the Pareto front plot
+   (`front.png`) and the chosen
    spec (`chosen.json`): the front point with the fewest refusals among those with KL ≤ `--max-kl`
    (the lowest KL when none is). Report it on the held-out split with `bake eval --task refusal`."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +51,8 @@ def search(model, tok, source: list[str], target: list[str], cfg: SearchConfig, 
     harmful = chat_texts(tok, prompts("harmful", "select")[:cfg.n_prompts])
     harmless = chat_texts(tok, prompts("harmless", "select")[:cfg.n_prompts])
     original = first_token_logprobs(model, tok, harmless, cfg.batch_size)
+    baseline = sum(map(is_refusal, responses(model, tok, harmful, cfg.max_new_tokens, cfg.batch_size)))
+    log(f"original: {baseline}/{len(harmful)} refusals")
     n_layers = max(dirs) + 1
     rows = []
 
@@ -76,7 +78,8 @@ def search(model, tok, source: list[str], target: list[str], cfg: SearchConfig, 
     spec.params["search"] = {"trial": chosen["trial"], "refusals_select": chosen["refusals"],
                              "kl_select": chosen["kl"], "prompts_select": len(harmful)}
     write(spec, out / "chosen.json")
-    doc = {"prompts_select": {"harmful": len(harmful), "harmless": len(harmless)}, "trials": rows,
+    doc = {"prompts_select": {"harmful": len(harmful), "harmless": len(harmless)}, "original_refusals": baseline,
+           "trials": rows,
            "front": front, "chosen": chosen["trial"], "max_kl": cfg.max_kl, "seed": cfg.seed}
     write_json_atomic(out / "trials.json", doc)
     _plot(doc, out / "front.png")
@@ -138,6 +141,7 @@ def _plot(doc: dict, path: Path) -> None:
     ax.plot([r["kl"] for r in f], [r["refusals"] for r in f], "o-", color="#1f77b4", label="Pareto front")
     c = rows[doc["chosen"]]
     ax.plot([c["kl"]], [c["refusals"]], "*", ms=14, color="#d62728", label="chosen")
+    ax.plot([0.0], [doc["original_refusals"]], "s", ms=9, mfc="none", color="#2ca02c", label="original")
     ax.set_xlabel("first-token KL on harmless prompts (select split)")
     ax.set_ylabel(f"refusals of {doc['prompts_select']['harmful']} harmful prompts")
     ax.grid(alpha=0.3)

@@ -172,7 +172,7 @@ def test_search_writes_trials_front_and_a_chosen_spec_that_bakes(tmp_path, token
                  "--out", str(out)]) == 0, capsys.readouterr().err[-2000:]
     doc = json.loads((out / "trials.json").read_text())
     assert [r["trial"] for r in doc["trials"]] == [0, 1, 2] and doc["prompts_select"] == {"harmful": 3, "harmless": 3}
-    assert all(0 <= r["refusals"] <= 3 and r["kl"] >= 0 for r in doc["trials"])
+    assert all(0 <= r["refusals"] <= 3 and r["kl"] >= 0 for r in doc["trials"]) and 0 <= doc["original_refusals"] <= 3
     assert doc["chosen"] in doc["front"] and set(doc["front"]) <= {0, 1, 2}
     assert (out / "front.png").is_file()
     from bake import compiler
