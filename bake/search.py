@@ -23,7 +23,8 @@ from .evaluation import write_json_atomic
 from .evaluation.refusal import chat_texts, first_token_logprobs, heretic_kl, is_refusal, responses
 from .evaluation.refusal_data import prompts
 from .fit import FitConfig, fit
-from .fit.ablate import KERNEL_PARTS, interpolated, kernel_weight
+from .families import adapter_for
+from .fit.ablate import KERNEL_PARTS, components, interpolated, kernel_weight
 from .maps import Map
 from .runtime import steered
 from .spec import Spec, write
@@ -54,11 +55,12 @@ def search(model, tok, source: list[str], target: list[str], cfg: SearchConfig, 
     baseline = sum(map(is_refusal, responses(model, tok, harmful, cfg.max_new_tokens, cfg.batch_size)))
     log(f"original: {baseline}/{len(harmful)} refusals")
     n_layers = max(dirs) + 1
+    comp = components(adapter_for(model), model)
     rows = []
 
     def objective(trial) -> tuple[float, float]:
         params = _draw(trial, n_layers)
-        spec = _spec(base, dirs, params)
+        spec = _spec(base, dirs, comp, params)
         with steered(model, [spec]):
             said = responses(model, tok, harmful, cfg.max_new_tokens, cfg.batch_size)
             kl = heretic_kl(first_token_logprobs(model, tok, harmless, cfg.batch_size), original)
@@ -74,7 +76,7 @@ def search(model, tok, source: list[str], target: list[str], cfg: SearchConfig, 
     front = sorted({t.number for t in study.best_trials})
     chosen = _choose([rows[i] for i in front], cfg.max_kl)
     out.mkdir(parents=True, exist_ok=True)
-    spec = _spec(base, dirs, chosen["params"])
+    spec = _spec(base, dirs, comp, chosen["params"])
     spec.params["search"] = {"trial": chosen["trial"], "refusals_select": chosen["refusals"],
                              "kl_select": chosen["kl"], "prompts_select": len(harmful)}
     write(spec, out / "chosen.json")
@@ -100,12 +102,12 @@ def _draw(trial, n_layers: int) -> dict:
     return p
 
 
-def _spec(base: Spec, dirs: dict, params: dict) -> Spec:
+def _spec(base: Spec, dirs: dict, comp: dict[str, str], params: dict) -> Spec:
     """The ablation spec of one parameter set: each write's strength from its component's kernel."""
     sites = []
     for name, _ in base.sites:
-        layer, part = _layer(name), "attn" if "attn" in name else "mlp"
-        lam = kernel_weight(params[part], layer)
+        layer = _layer(name)
+        lam = kernel_weight(params[comp[name]], layer)
         if lam == 0:
             continue
         at = params["direction_index"]

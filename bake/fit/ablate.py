@@ -103,12 +103,17 @@ def _strengths(job: Job) -> dict[str, float]:
     """λ per chosen site: the spec's strength, shaped by the kernel per component where one is given."""
     c = job.config
     kernel = parse_kernel(c.kernel) if c.kernel else {}
-    comp = {n: k for k in kernel for n in job.adapter.resolve(job.model, [f"{k}-out"])}
+    comp = components(job.adapter, job.model)
     out = {}
     for info in job.infos:
         k = kernel.get(comp.get(info.name))
         out[info.name] = job.strength * (1.0 if k is None else kernel_weight(k, _layer_of(info)))
     return out
+
+
+def components(adapter, model) -> dict[str, str]:
+    """Site name → kernel component (attn, mlp): the family's attn-out and mlp-out writes."""
+    return {n: k for k in KERNEL_PARTS for n in adapter.resolve(model, [f"{k}-out"])}
 
 
 def parse_kernel(text: str) -> dict[str, tuple[float, float, float, float]]:
