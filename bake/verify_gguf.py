@@ -34,14 +34,10 @@ def verify_gguf(load_original, specs, ref: list[dict], baked_dir: Path, model_di
     kind = file_type(cand.model.file)
     got = run_candidate(cand.model, cand.tokenizer, ref, max_new_tokens, desc="baked (gguf, llama.cpp)")
     del cand
-    max_abs, max_rel, _ = errors(ref, got)
-    same = sum(bool(torch.equal(r["seq"], g["seq"])) for r, g in zip(ref, got))
-    report = {"gguf_type": kind, "runtime": "llama.cpp", "prompts": len(ref), "max_abs": max_abs,
-              "max_rel": max_rel, "greedy_same": same}
+    report = {"gguf_type": kind, **_f32_judged(ref, got)}
     if kind == "f32":
-        report["criterion"] = f"relative logit error <= {F32_TOL:g} and identical greedy continuations"
-        report["passed"] = max_rel <= F32_TOL and same == len(ref)
         return report
+    max_abs = report["max_abs"]
     report.update(_yardstick(load_original, ref, got, model_dir, adapter, kind, max_new_tokens))
     report["passed"] = (max_abs <= FACTOR * report["unsteered_max_abs"]
                         and report["kl_quantized"] >= 0.5 * report["kl_float32"])
@@ -63,12 +59,18 @@ def verify_control_vector(ref: list[dict], baked_dir: Path, model_dir: Path, ada
         tok = AutoTokenizer.from_pretrained(str(model_dir))
         got = run_candidate(lm, tok, ref, max_new_tokens, desc="control vector (llama.cpp)")
         del lm
+    report = {"scale": 1.0, **_f32_judged(ref, got)}
+    report["criterion"] = "on the unsteered f32 GGUF at scale 1: " + report["criterion"]
+    return report
+
+
+def _f32_judged(ref: list[dict], got: list[dict]) -> dict:
+    """llama.cpp's run vs the reference by the f32 yardstick (errors, greedy agreement, pass)."""
     max_abs, max_rel, _ = errors(ref, got)
     same = sum(bool(torch.equal(r["seq"], g["seq"])) for r, g in zip(ref, got))
-    return {"runtime": "llama.cpp", "scale": 1.0, "prompts": len(ref), "max_abs": max_abs, "max_rel": max_rel,
-            "greedy_same": same, "passed": max_rel <= F32_TOL and same == len(ref),
-            "criterion": f"on the unsteered f32 GGUF at scale 1: relative logit error <= {F32_TOL:g} and "
-                         f"identical greedy continuations"}
+    return {"runtime": "llama.cpp", "prompts": len(ref), "max_abs": max_abs, "max_rel": max_rel, "greedy_same": same,
+            "passed": max_rel <= F32_TOL and same == len(ref),
+            "criterion": f"relative logit error <= {F32_TOL:g} and identical greedy continuations"}
 
 
 @contextlib.contextmanager
