@@ -64,12 +64,14 @@ class OrtCausalLM:
                             f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
         self.session = open_session(graph, provider, threads, spin)
         self.provider = self.session.get_providers()[0]
-        self.n_layers, self.heads, self.head_dim = info["num_layers"], info["kv_heads"], info["head_dim"]
+        self.n_layers = info["num_layers"]
+        self.kv = info.get("kv") or [[info["kv_heads"], info["head_dim"]] * 2] * self.n_layers  # older exports: one shape
         self.dtype = NP_DTYPES[info["dtype"]]
         ins, outs = io_names(self.n_layers)
         got_in = [i.name for i in self.session.get_inputs()]
         got_out = [o.name for o in self.session.get_outputs()]
-        missing = [n for n in ins if n not in got_in] + [n for n in outs if n not in got_out]
+        self.positions = "position_ids" in got_in  # absent where the model reads none (ALiBi: BLOOM, MPT)
+        missing = [n for n in ins if n not in got_in and n != "position_ids"] + [n for n in outs if n not in got_out]
         if missing:
             raise BakeError(f"{str(graph)!r}: the graph lacks input/output {missing[0]!r} "
                             f"({len(missing)} missing; expected Optimum's decoder names)")
@@ -79,13 +81,15 @@ class OrtCausalLM:
 
     # one step of the graph ------------------------------------------------------------------
     def empty_past(self, batch: int) -> list[np.ndarray]:
-        return [np.zeros((batch, self.heads, 0, self.head_dim), dtype=self.dtype) for _ in range(2 * self.n_layers)]
+        return [np.zeros((batch, h, 0, d), dtype=self.dtype) for kh, kd, vh, vd in self.kv for h, d in ((kh, kd), (vh, vd))]
 
     def step(self, ids: np.ndarray, mask: np.ndarray, past: list[np.ndarray]) -> tuple[np.ndarray, list]:
         """ids [b, s] after a cache of length p; mask [b, p + s] (1 = real token)."""
         p = past[0].shape[2]
         pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)[:, p:].astype(np.int64)
-        feed = {"input_ids": ids.astype(np.int64), "attention_mask": mask.astype(np.int64), "position_ids": pos}
+        feed = {"input_ids": ids.astype(np.int64), "attention_mask": mask.astype(np.int64)}
+        if self.positions:
+            feed["position_ids"] = pos
         feed.update(zip(self.inputs[3:], past))
         res = self.session.run(None, feed)
         return res[0], res[1:]

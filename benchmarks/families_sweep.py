@@ -30,6 +30,7 @@ import argparse
 import contextlib
 import io
 import json
+import re
 import signal
 import sys
 import tempfile
@@ -120,7 +121,31 @@ def protocol(model) -> dict:
         (tmp / "src.txt").write_text("\n".join(TEXTS[1::2]))
         (tmp / "tgt.txt").write_text("\n".join(TEXTS[0::2]))
         have = adapter_for(model).presets
-        return {m: one_method(tmp, m, sites_of(extra, have)) for m, extra in METHODS.items()}
+        out = {m: one_method(tmp, m, sites_of(extra, have)) for m, extra in METHODS.items()}
+        out["onnx"] = onnx_of(tmp, out["ablate"])
+        return out
+
+
+def onnx_of(tmp: Path, ablate: dict) -> dict:
+    """The ablate spec again with `--format onnx`: exported and verified in ONNX Runtime, or why not."""
+    if ablate["outcome"] not in ("folded", "inserted"):
+        return {"outcome": "not tried", "why": "ablate did not bake"}
+    out = tmp / "out_onnx"
+    extra = ["--insert-modules", "--force"] if ablate["outcome"] == "inserted" else []
+    code, why = cli(["apply", "--model", tmp / "model", "--spec", tmp / "ablate.json", "--format", "onnx",
+                     "--out", out, *extra])
+    if code:
+        return {"outcome": "refused" if code == 2 else "failed", "why": why.removeprefix("bake: error: ")[:300]}
+    v = json.loads((out / "bake_report.json").read_text()).get("verification") or {}
+    v = v.get("onnx", v)  # the format's own entry where several were written
+    if not v.get("passed"):
+        return {"outcome": "verify failed", "why": f"max_rel {v.get('max_rel')}, greedy {v.get('greedy_same')}"}
+    return {"outcome": "verified", "max_rel": v.get("max_rel"), "opset": _opset(out)}
+
+
+def _opset(out: Path) -> int | None:
+    info = out / "onnx_info.json"
+    return json.loads(info.read_text()).get("opset") if info.is_file() else None
 
 
 def sites_of(extra: list, have: dict) -> list:
@@ -167,11 +192,12 @@ def status(row: dict) -> str:
     a fold is refused); else the first method that does not, and why."""
     if "methods" not in row:  # a row of an older run
         return "not run with the fit → apply → verify protocol"
-    bad = [(m, r) for m, r in row["methods"].items() if r["outcome"] not in ("folded", "inserted")]
+    methods = {m: r for m, r in row["methods"].items() if m in METHODS}
+    bad = [(m, r) for m, r in methods.items() if r["outcome"] not in ("folded", "inserted")]
     if bad:
         m, r = bad[0]
         return f"{m}: {r['outcome']}"
-    folded = all(r["outcome"] == "folded" for r in row["methods"].values())
+    folded = all(r["outcome"] == "folded" for r in methods.values())
     return "all three fold and verify" if folded else "all three verify (some with inserted modules)"
 
 
@@ -202,6 +228,17 @@ def cell(r: dict) -> str:
     return f"{r['outcome']}: {r.get('why', '').removeprefix('bake: error: ')[:70]}"
 
 
+def onnx_cell(r: dict | None) -> str:
+    """The ONNX export of the ablate spec: verified (relative error, opset: 18 is the dynamo exporter), or why not."""
+    if not r:
+        return ""
+    if r["outcome"] == "verified":
+        return f"verified {r['max_rel']:.0e}" + (" (dynamo)" if r.get("opset") == 18 else "")
+    why = re.sub(r"^--format onnx: (not supported for model type '[^']+': |model type '[^']+' does not export: )",
+                 "", r.get("why", ""))
+    return f"{r['outcome']}: {why.replace('the TorchScript tracer says ', 'tracer: ')[:90]}"
+
+
 def random_cell(r: dict) -> str:
     """The random-spec groups: the worst folded error and how many groups needed inserted modules."""
     folded = [g["rel"] for g in r["groups"].values() if g["outcome"] == "folded"]
@@ -222,6 +259,7 @@ def markdown(rows: list[dict], seconds: float, reruns: list | None = None) -> st
     read = [r for r in built if "methods" in r]
     verified = [r for r in read if r["status"].startswith("all three")]
     folded = [r for r in read if r["status"] == "all three fold and verify"]
+    onnx = [r for r in verified if r["methods"].get("onnx", {}).get("outcome") == "verified"]
     lines = ["# Every causal-LM model type, tried", "", "[Back to the families](families.md).", "",
              f"`python benchmarks/families_sweep.py` ({seconds:.0f} s on 2 cores, transformers {tf.__version__}): of "
              f"{len(rows)} model types in `MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`, {len(rows) - len(scope)} are "
@@ -231,20 +269,22 @@ def markdown(rows: list[dict], seconds: float, reruns: list | None = None) -> st
              f"**{len(verified)} of the {len(built)} ({100 * len(verified) / max(len(built), 1):.0f} %)** bake and "
              f"verify with all three methods; in {len(folded)} all three fold into stock weights, the others keep "
              f"what cannot fold as inserted modules (`--insert-modules`; the reason is in the JSON and in "
-             f"`bake apply`'s refusal).", "",
+             f"`bake apply`'s refusal). Of those {len(verified)}, **{len(onnx)}** also export the ablate spec to ONNX "
+             f"(`--format onnx`) and verify in ONNX Runtime; the others' reason is in the ONNX column.", "",
              "Method cells: how `bake apply` placed the fitted spec and verify's relative logit error (fp32; "
              "greedy continuations identical in every verified cell), or where it stopped. Random specs: the "
              "worst relative error of the random affine / additive / projection specs that folded, per site "
              "group (post-norms; writers; residual; every site), and how many groups needed inserted modules.",
              ""] + [f"Rerun with later code (`--rerun`): {', '.join(f'`{t}`' for t in r['types'])} "
                     f"(transformers {r['transformers']}); the other rows are from the full run." for r in reruns or []] + [
-             "", "| model type | family | ablate | mean-act | caa | random specs | status |", "|---|---|---|---|---|---|---|"]
+             "", "| model type | family | ablate | mean-act | caa | ONNX (ablate) | random specs | status |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in scope:
         if "groups" not in r:
-            lines.append(f"| `{r['model_type']}` | – | | | | | {r['status']}: {r.get('why', '')[:90]} |")
+            lines.append(f"| `{r['model_type']}` | – | | | | | | {r['status']}: {r.get('why', '')[:90]} |")
             continue
         ms = r.get("methods", {})
-        cells = [cell(ms[m]) if m in ms else "" for m in METHODS]
+        cells = [cell(ms[m]) if m in ms else "" for m in METHODS] + [onnx_cell(ms.get("onnx"))]
         lines.append(f"| `{r['model_type']}` | {r['family']} | " + " | ".join(cells) + f" | {random_cell(r)} | "
                      f"{r['status']} |")
     return "\n".join(lines) + "\n"
@@ -254,7 +294,7 @@ def verdict(r: dict) -> dict:
     """The row `bake families --all` prints: status and a one-line reason."""
     out = {"model_type": r["model_type"], "family": r.get("family", "-"), "status": r["status"]}
     why = r.get("why", "")
-    ms = r.get("methods", {})
+    ms = {m: x for m, x in r.get("methods", {}).items() if m in METHODS}
     bad = [m for m in ms.values() if m["outcome"] not in ("folded", "inserted")]
     if bad:
         why = bad[0].get("why", "")

@@ -154,12 +154,40 @@ def test_onnx_denoiser(tmp_path, pipes):
     assert sess.run(None, {k: feed[k] for k in names})[0].shape == (3, 4, 8, 8)
 
 
-def test_flux_onnx_is_refused_before_work(tmp_path, pipes, capsys):
-    root = load_pipeline(pipes["flux"])
+def test_flux_onnx_verifies_and_runs_other_shapes(tmp_path, pipes):
+    """FLUX's denoiser goes through the dynamo exporter: it equals the hooked reference in ONNX Runtime,
+    and the graph runs a batch of 3 and another resolution (fewer image tokens, shorter img_ids)."""
+    import onnxruntime as ort
+
+    from bake.exporters.onnx_denoiser import _Call, as_kwargs, capture, flatten
+
+    src = pipes["flux"]
+    root = load_pipeline(src)
     write(random_spec(root, ["norms"], seed=5), tmp_path / "s.json")
-    rc = main(["apply", "--model", str(pipes["flux"]), "--spec", str(tmp_path / "s.json"), "--out",
+    res = compiler.apply(str(src), [str(tmp_path / "s.json")], tmp_path / "out", formats=["safetensors", "onnx"],
+                         log=lambda *_: None)
+    v = res.verification
+    assert v["passed"] and v["onnx_denoiser_rel"] <= 1e-4
+    baked = load_pipeline(tmp_path / "out")
+    sess = ort.InferenceSession(str(tmp_path / "out" / "transformer" / "model.onnx"), providers=["CPUExecutionProvider"])
+    want = {i.name for i in sess.get_inputs()}
+    for size, batch in ((32, 3), (64, 1)):
+        args, kwargs = capture(baked, size)
+        names, values, frozen = flatten(as_kwargs(baked.transformer, args, kwargs))
+        values = [x.repeat(batch, *[1] * (x.dim() - 1)) if x.dim() and x.shape[0] == 1 else x for x in values]
+        with torch.no_grad():
+            ref = _Call(baked.transformer, names, frozen)(*values).numpy()
+        got = sess.run(None, {n: x.numpy() for n, x in zip(names, values) if n in want})[0]
+        assert got.shape == ref.shape and got.shape[0] == batch
+        assert abs(got - ref).max() / abs(ref).max() <= 1e-4
+
+
+def test_pixart_onnx_is_refused_before_work(tmp_path, pipes, capsys):
+    root = load_pipeline(pipes["pixart"])
+    write(random_spec(root, ["norms"], seed=5), tmp_path / "s.json")
+    rc = main(["apply", "--model", str(pipes["pixart"]), "--spec", str(tmp_path / "s.json"), "--out",
                str(tmp_path / "out"), "--format", "onnx"])
-    assert rc == 2 and "FluxTransformer2DModel denoiser is not exported to ONNX" in capsys.readouterr().err
+    assert rc == 2 and "PixArtTransformer2DModel denoiser is not exported to ONNX" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 

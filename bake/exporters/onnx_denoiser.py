@@ -4,8 +4,11 @@ The graph's inputs are the tensors the pipeline itself passes to its denoiser (c
 seeded call: `sample`, `timestep`, `encoder_hidden_states`, and for SDXL the extra
 conditioning tensors, dict entries named `added_cond_kwargs.text_embeds` and so on); non-tensor
 arguments are fixed at their captured values. The batch dimension is dynamic, and so are height and
-width of 4-D latents. The output is `out_sample`. TorchScript exporter, opset 17 (plain ops that
-every execution provider runs).
+width of 4-D latents. The output is `out_sample`. The UNet goes through the TorchScript exporter,
+opset 17 (plain ops that every execution provider runs); FLUX through torch.export and the dynamo
+exporter (opset 18), every dimension of every input left to torch.export (`Dim.AUTO`), from a call with
+batch 2 (a traced batch of 1 would be specialised to 1): the graph runs other batch sizes and other
+resolutions (the image-token count and the ids' length vary together).
 """
 
 from __future__ import annotations
@@ -18,12 +21,9 @@ import torch
 from ..errors import BakeError
 
 OPSET = 17
+DYNAMO_OPSET = 18
 from ..families.pipelines import ONNX_DENOISERS as SUPPORTED  # noqa: E402
-WHY_NOT = {
-    "FluxTransformer2DModel": "the traced graph freezes the rotary-embedding shapes of the traced batch, and the "
-                              "TorchScript exporter has no aten::rms_norm",
-    "PixArtTransformer2DModel": "the traced graph keeps a squeeze on a dimension that is only 1 in the traced call",
-}
+from ..families.pipelines import ONNX_REFUSED as WHY_NOT  # noqa: E402
 
 
 def check_supported(root) -> None:
@@ -110,11 +110,33 @@ def export(root, out: Path, log=print, size: int | None = None) -> Path:
     target = out / name / "model.onnx"
     target.parent.mkdir(parents=True, exist_ok=True)
     log(f"onnx: exporting {type(den).__name__} ({len(names)} inputs: {', '.join(names)})")
+    call = _Call(den.float(), names, frozen).eval()
     with torch.no_grad():
-        torch.onnx.export(_Call(den.float(), names, frozen), tuple(values), str(target), input_names=names,
-                          output_names=["out_sample"], dynamic_axes={**dyn, "out_sample": {0: "batch"}},
-                          opset_version=OPSET, dynamo=False, do_constant_folding=True)
+        if SUPPORTED[type(den).__name__] == "dynamo":
+            _dynamo(call, names, values, target)
+        else:
+            torch.onnx.export(call, tuple(values), str(target), input_names=names,
+                              output_names=["out_sample"], dynamic_axes={**dyn, "out_sample": {0: "batch"}},
+                              opset_version=OPSET, dynamo=False, do_constant_folding=True)
     return target
+
+
+def _dynamo(call: torch.nn.Module, names: list[str], values: list[torch.Tensor], target: Path) -> None:
+    """torch.export with every dimension automatic, from the call at batch 2: a tensor whose first
+    dimension is the latents' batch is repeated (the ids, without a batch dimension, are not)."""
+    import warnings
+
+    from torch.export import Dim
+
+    b = values[0].shape[0]
+    if b == 1:
+        values = [v.repeat(2, *[1] * (v.dim() - 1)) if v.dim() >= 1 and v.shape[0] == b else v for v in values]
+    shapes = (tuple({i: Dim.AUTO for i in range(v.dim())} for v in values),)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prog = torch.onnx.export(call, tuple(values), input_names=names, output_names=["out_sample"],
+                                 dynamic_shapes=shapes, opset_version=DYNAMO_OPSET, dynamo=True, verbose=False)
+    prog.save(str(target))
 
 
 def run_onnx_denoiser(path: Path, den, args: list, kwargs: dict,

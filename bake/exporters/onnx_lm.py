@@ -7,14 +7,25 @@ ORTModelForCausalLM, onnxruntime-genai-style loops) can drive it:
     outputs: logits [batch, sequence, vocab], present.N.key / .value [batch, kv_heads, past + sequence, head_dim]
 
 The same graph serves the prompt (past of length 0) and every decode step. It is traced with
-torch.onnx's TorchScript exporter (opset 17): on this model family it exports in seconds, where the
-dynamo exporter takes minutes (see MEASURED.md). Whatever the passes folded is in the weights;
-nothing else is in the graph. Weights go to external data (`model.onnx.data`) when the model is
-larger than protobuf's 2 GB limit.
+torch.onnx's TorchScript exporter (opset 17): it exports in seconds, where the dynamo exporter takes
+minutes (see MEASURED.md). Whatever the passes folded is in the weights; nothing else is in the graph.
+Weights go to external data (`model.onnx.data`) when the model is larger than protobuf's 2 GB limit.
+
+Which models export is read from the model, not from a table (`cache_layout`): one forward pass shows
+each layer's cache. Every layer keeping keys and values exports, whatever the family (its key and value
+widths per layer go to onnx_info.json: MLA's keys are wider than its values). A layer keeping a
+state-space or linear-attention state is refused, naming the layer: the graph carries key/value caches
+only. Sliding-window layers export with a full cache: the present keys keep growing, and the sliding
+mask, computed from absolute positions, hides what lies outside the window, so the logits are the
+model's (a cropped cache would freeze its length into the traced graph). Mixture-of-experts blocks are
+traced with transformers' `batched_mm` experts (every token through its own top-k experts, gathered:
+static shapes), where the per-expert loop would freeze which experts the sample hit. Verify runs the
+graph in ONNX Runtime against the hooked reference either way.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import warnings
@@ -25,6 +36,7 @@ import torch
 from ..errors import BakeError
 
 OPSET = 17
+DYNAMO_OPSET = 18  # the dynamo exporter's lowest well-supported opset
 GRAPH = "model.onnx"
 LAYOUTS = {"root": GRAPH, "onnx": f"onnx/{GRAPH}"}  # onnx/: the layout transformers.js expects
 PROTOBUF_LIMIT = 2 * 1024**3 - 64 * 1024**2  # leave room for the graph itself
@@ -41,7 +53,7 @@ class WithPast(torch.nn.Module):
     def forward(self, input_ids, attention_mask, position_ids, *past):
         from transformers import DynamicCache
 
-        cache = DynamicCache(config=self.model.config)
+        cache = DynamicCache()  # plain layers: a sliding-window layer keeps its full past (the mask hides it)
         for i in range(self.n_layers):
             cache.update(past[2 * i], past[2 * i + 1], i)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -52,10 +64,27 @@ class WithPast(torch.nn.Module):
         return (out.logits, *present)
 
 
-def kv_shape(config) -> tuple[int, int]:
-    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return heads, head_dim
+def cache_layout(model: torch.nn.Module) -> list[tuple[int, int, int, int]]:
+    """Per layer (key heads, key width, value heads, value width), read from one forward pass of two
+    tokens; a layer whose cache holds no keys and values (a state-space or linear-attention state) is
+    refused, naming it."""
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    mt = getattr(model.config, "model_type", None)
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([[1, 2]], device=model.device), use_cache=True)
+    layers = getattr(getattr(out, "past_key_values", None), "layers", None)
+    if not layers or len(layers) != model.config.num_hidden_layers:
+        raise BakeError(f"--format onnx: not supported for model type {mt!r}: its cache is not one key/value "
+                        f"cache per layer (safetensors works)")
+    shapes = []
+    for i, layer in enumerate(layers):
+        if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer):  # subclasses add conv / SSM states
+            raise BakeError(f"--format onnx: not supported for model type {mt!r}: layer {i} keeps a "
+                            f"{type(layer).__name__} (a state-space or linear-attention state), and the graph "
+                            f"carries key/value caches only (safetensors works)")
+        shapes.append((layer.keys.shape[1], layer.keys.shape[3], layer.values.shape[1], layer.values.shape[3]))
+    return shapes
 
 
 def io_names(n_layers: int) -> tuple[list[str], list[str]]:
@@ -64,36 +93,37 @@ def io_names(n_layers: int) -> tuple[list[str], list[str]]:
     return ["input_ids", "attention_mask", "position_ids", *past], ["logits", *present]
 
 
-def sliding(config) -> bool:
-    """Mistral / Qwen2 with an active sliding window (a window shorter than the context)."""
-    w = getattr(config, "sliding_window", None)
-    if w is None or not getattr(config, "use_sliding_window", True):
-        return False
-    return w < getattr(config, "max_position_embeddings", w + 1)
-
-
-def supported_types() -> list[str]:
-    from ..families import FAMILIES
-
-    return [t for a in FAMILIES if a.modality == "causal-lm" and a.onnx is None for t in a.model_types]
-
-
-def check_supported(model: torch.nn.Module) -> None:
-    """The family table says whether it exports (`Adapter.onnx`: None, or why not)."""
+def check_supported(model: torch.nn.Module) -> list[tuple[int, int, int, int]]:
+    """The cache layout (see `cache_layout`), unless the family table says why the model cannot export
+    (`Adapter.onnx`); a model bake cannot read at all is refused by the passes, not here."""
     from ..families import adapter_for
 
-    mt = getattr(model.config, "model_type", None)
     try:
         why = adapter_for(model).onnx
     except BakeError:
-        why = ""
-    if why is None and sliding(model.config):
-        raise BakeError(f"--format onnx: not supported for {mt} with a sliding window "
-                        f"({model.config.sliding_window} tokens) yet: its KV cache does not trace to a shape-generic "
-                        f"graph with this exporter (safetensors works)")
+        why = None
     if why is not None:
-        raise BakeError(f"--format onnx: not supported for model type {mt!r} yet{': ' + why if why else ''} "
-                        f"(supported: {', '.join(supported_types())}; safetensors works)")
+        raise BakeError(f"--format onnx: not supported for model type {model.config.model_type!r}: {why} "
+                        f"(safetensors works)")
+    return cache_layout(model)
+
+
+@contextlib.contextmanager
+def traceable(model: torch.nn.Module):
+    """Eager attention (plain MatMul/Softmax: runs on every ORT provider) and batched experts while
+    tracing; the model's own settings after."""
+    cfg = model.config
+    attn, experts = getattr(cfg, "_attn_implementation", None), getattr(cfg, "_experts_implementation", None)
+    moe = getattr(model, "_can_set_experts_implementation", lambda: False)()
+    try:
+        cfg._attn_implementation = "eager"
+        if moe:
+            model.set_experts_implementation("batched_mm")
+        yield
+    finally:
+        cfg._attn_implementation = attn
+        if moe:
+            model.set_experts_implementation(experts or "eager")
 
 
 def export(model: torch.nn.Module, tokenizer, out: Path, dtype: str = "float32", log=print,
@@ -103,7 +133,7 @@ def export(model: torch.nn.Module, tokenizer, out: Path, dtype: str = "float32",
     genai_config.json for onnxruntime-genai. Returns onnx_info."""
     import onnx
 
-    check_supported(model)
+    kv = check_supported(model)
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
@@ -112,7 +142,6 @@ def export(model: torch.nn.Module, tokenizer, out: Path, dtype: str = "float32",
     model = model.to(torch_dtype).eval()
     cfg = model.config
     n_layers = cfg.num_hidden_layers
-    heads, head_dim = kv_shape(cfg)
     ins, outs = io_names(n_layers)
     # sample: batch 2, 3 new tokens after 4 cached ones, one left-padded row (so the traced graph
     # keeps the padding mask path)
@@ -121,7 +150,7 @@ def export(model: torch.nn.Module, tokenizer, out: Path, dtype: str = "float32",
     mask = torch.ones(b, p + s, dtype=torch.int64)
     mask[1, :2] = 0
     pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, p:]
-    past = [torch.zeros(b, heads, p, head_dim, dtype=torch_dtype) for _ in range(2 * n_layers)]
+    past = [torch.zeros(b, h, p, d, dtype=torch_dtype) for kh, kd, vh, vd in kv for h, d in ((kh, kd), (vh, vd))]
     dyn = {"input_ids": {0: "batch_size", 1: "sequence_length"},
            "attention_mask": {0: "batch_size", 1: "total_sequence_length"},
            "position_ids": {0: "batch_size", 1: "sequence_length"},
@@ -130,36 +159,66 @@ def export(model: torch.nn.Module, tokenizer, out: Path, dtype: str = "float32",
         dyn[n] = {0: "batch_size", 2: "past_sequence_length"}
     for n in outs[1:]:
         dyn[n] = {0: "batch_size", 2: "total_sequence_length"}
-    wrapper = WithPast(model)
+    wrapper = WithPast(model).eval()  # a new Module trains by default: the exporter would leave the model in train mode
     rel = LAYOUTS[layout]
     path = out / rel
     path.parent.mkdir(parents=True, exist_ok=True)
-    attn = getattr(cfg, "_attn_implementation", None)
-    try:
-        cfg._attn_implementation = "eager"  # plain MatMul/Softmax ops: runs on every ORT provider
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(wrapper, (ids, mask, pos, *past), str(path), input_names=ins, output_names=outs,
-                              dynamic_axes=dyn, opset_version=OPSET, dynamo=False, do_constant_folding=True)
-    finally:
-        cfg._attn_implementation = attn
+    with traceable(model), warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        opset = trace(wrapper, (ids, mask, pos, *past), path, ins, outs, dyn, model.config.model_type)
     proto = onnx.load(str(path), load_external_data=True)
+    ins = [i.name for i in proto.graph.input]  # the tracer drops an input the model never reads (ALiBi: position_ids)
     size = sum(t.ByteSize() for t in proto.graph.initializer)
     external = size > PROTOBUF_LIMIT
     onnx.save_model(proto, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
                     location=path.name + ".data" if external else None)
     tokenizer.save_pretrained(str(out))
     cfg.save_pretrained(str(out))
-    info = {"format": "onnx", "graph": rel, "external_data": external, "opset": OPSET, "dtype": dtype,
-            "num_layers": n_layers, "kv_heads": heads, "head_dim": head_dim, "inputs": ins, "outputs": outs,
+    info = {"format": "onnx", "graph": rel, "external_data": external, "opset": opset, "dtype": dtype,
+            "num_layers": n_layers, "kv_heads": kv[0][0], "head_dim": kv[0][1],
+            "kv": [list(x) for x in kv], "inputs": ins, "outputs": outs,
             "export_seconds": round(time.perf_counter() - t0, 1),
             "bytes": sum(f.stat().st_size for f in path.parent.iterdir() if f.name.startswith(GRAPH))}
     (out / "onnx_info.json").write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
     genai = genai_config(cfg, info)
     if genai:
         (out / "genai_config.json").write_text(json.dumps(genai, indent=1) + "\n", encoding="utf-8")
-    log(f"  onnx: {GRAPH} ({info['bytes'] / 1e6:.0f} MB, opset {OPSET}) in {info['export_seconds']} s")
+    log(f"  onnx: {GRAPH} ({info['bytes'] / 1e6:.0f} MB, opset {opset}) in {info['export_seconds']} s")
     return info
+
+
+def trace(wrapper, args: tuple, path: Path, ins: list, outs: list, dyn: dict, mt: str) -> int:
+    """Write the graph with the TorchScript tracer (seconds); where it cannot trace the model's code
+    (Cohere's interleaved rotary, for one), with torch.export and the dynamo exporter (onnxscript: slower,
+    opset 18). Returns the opset; a model neither can export is one error naming both reasons."""
+    try:
+        torch.onnx.export(wrapper, args, str(path), input_names=ins, output_names=outs, dynamic_axes=dyn,
+                          opset_version=OPSET, dynamo=False, do_constant_folding=True)
+        return OPSET
+    except Exception as e:  # noqa: BLE001 - the tracer's failures have no common type
+        first = _first_line(e)
+    from torch.export import Dim
+
+    auto = Dim.AUTO
+    shapes = ({0: auto, 1: auto}, {0: auto, 1: auto}, {0: auto, 1: auto}, tuple({0: auto, 2: auto} for _ in args[3:]))
+    try:
+        prog = torch.onnx.export(wrapper, args, input_names=ins, output_names=outs, dynamic_shapes=shapes,
+                                 opset_version=DYNAMO_OPSET, dynamo=True, verbose=False)
+        prog.save(str(path))
+        return DYNAMO_OPSET
+    except Exception as e:  # noqa: BLE001
+        raise BakeError(f"--format onnx: model type {mt!r} does not export: the TorchScript tracer says "
+                        f"{first}; the dynamo exporter says {_first_line(e, last=True)} (safetensors works)") from None
+
+
+def _first_line(e: Exception, last: bool = False) -> str:
+    """The line of an exporter's error that says what failed (the dynamo exporter's is under its
+    "Exception summary" heading)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    if last and "## Exception summary" in lines:
+        lines = lines[lines.index("## Exception summary") + 1:]
+    text = lines[0] if lines else type(e).__name__
+    return (text.split(">: ", 1)[-1] if text.startswith("<class") else text)[:300]
 
 
 def genai_config(cfg, info: dict) -> dict | None:

@@ -64,8 +64,7 @@ GEMMA = Adapter(
     graph=(Norm("input_layernorm", QKV), *ATTN, Norm("post_attention_layernorm"),
            Norm("pre_feedforward_layernorm", MLP[:2]), *MLP, Norm("post_feedforward_layernorm")),
     residual_writer=None, residual_anchor="post_feedforward_layernorm.weight",
-    tiny_model=Tiny("Gemma3TextConfig", "Gemma3ForCausalLM", (*TINY, ("sliding_window", 8))),
-    onnx="its sliding-window KV cache does not trace to a shape-generic graph with this exporter")
+    tiny_model=Tiny("Gemma3TextConfig", "Gemma3ForCausalLM", (*TINY, ("sliding_window", 8))))
 
 # GPT-2: ln_1 ─▶ attn.c_attn (fused q, k, v) ─▶ attn.c_proj; ln_2 ─▶ mlp.c_fc ─▶ gelu ─▶ mlp.c_proj. Conv1D
 # projections (weight stored [in, out]), every one with a bias, LayerNorms with a bias: every affine map
@@ -87,7 +86,6 @@ GPT2 = Adapter(
 # MLP is built bias-free and no other class has this math, so no relabel: shifts into the MLP are refused.
 QWEN3 = Adapter(
     family="qwen3", model_types=("qwen3",), presets=LLAMA.presets, bias_groups=(BiasGroup("attention_bias", ATTN),),
-    graph=LLAMA_GRAPH, residual_writer="mlp.down_proj", tiny_model=Tiny("Qwen3Config", "Qwen3ForCausalLM", TINY),
-    onnx="not checked yet for its q/k norms with this exporter")
+    graph=LLAMA_GRAPH, residual_writer="mlp.down_proj", tiny_model=Tiny("Qwen3Config", "Qwen3ForCausalLM", TINY))
 
 DECODERS = (LLAMA, QWEN2, MISTRAL, GEMMA, GPT2, QWEN3)

@@ -24,7 +24,15 @@ from ..errors import BakeError
 from ..models.diffusion import DENOISERS, TEXT_ENCODERS, PipelineModel
 from .table import Adapter, SiteInfo
 
-ONNX_DENOISERS = ("UNet2DConditionModel",)  # the denoiser classes the ONNX exporter traces
+# the denoiser classes the ONNX exporter writes, and with which exporter: the TorchScript tracer where it
+# keeps the shapes generic, else torch.export + the dynamo exporter (FLUX: the tracer freezes the rotary
+# embedding's shapes and has no aten::rms_norm)
+ONNX_DENOISERS = {"UNet2DConditionModel": "torchscript", "FluxTransformer2DModel": "dynamo"}
+ONNX_REFUSED = {  # why the others are not exported
+    "PixArtTransformer2DModel": "the TorchScript trace keeps a squeeze on a dimension that is only 1 in the traced "
+                                "call, and torch.export cannot relate its attention mask's batch × heads repeat to "
+                                "the image tokens",
+}
 
 
 # --- component adapters: sites of one component, names relative to it --------------------------------

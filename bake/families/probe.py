@@ -336,7 +336,7 @@ def _adapter(model, mt: str, prefix: str, layers: list, hidden: int) -> Adapter:
                    final_norm=final_norm(model, prefix, hidden), layers=prefix, graph=graphs[0].graph,
                    residual_writer=graphs[0].residual_writer, residual_anchor=graphs[0].residual_anchor,
                    residual_scale=graphs[0].residual_scale,
-                   per_layer=() if one else tuple(graphs), onnx="not checked for probed families yet",
+                   per_layer=() if one else tuple(graphs),
                    about="derived by bake's probe (no family table)")
 
 
