@@ -37,6 +37,11 @@ def _p_fit(sub):
     p.add_argument("--kernel", default=None, help="ablate: per-layer strengths, heretic's kernel per component: "
                    "'attn=MAX,POS,MIN,DIST;mlp=MAX,POS,MIN,DIST' (λ·MAX at layer POS, linearly to λ·MIN at "
                    "distance DIST, nothing beyond)")
+    p.add_argument("--system", default=None, help="--chat: the system turn of every text (default: the template's)")
+    p.add_argument("--orthogonalize", action="store_true", help="ablate: remove from the direction its component "
+                   "along the target mean (projected abliteration)")
+    p.add_argument("--norm-preserving", action="store_true", help="ablate: keep each writer row's norm "
+                   "(biprojected abliteration, exact: three maps per write, all folding)")
     p.add_argument("--reference", default="zero", help="ablate: zero (remove the direction) | target (move it to "
                    "the target texts' mean at each write: affine concept editing; still folds)")
     p.add_argument("--direction", default=None, help="ablate: lda (Σ⁻¹(μs − μt), Σ the diagonal within-class "
@@ -193,6 +198,13 @@ def _p_search(sub):
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-kl", type=float, default=0.1, help="choose the fewest refusals with KL at most this")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--startup-trials", type=int, default=None, help="random trials before TPE models the front "
+                   "(default: Optuna's 10; heretic's is 60 of 200)")
+    p.add_argument("--orthogonalize", action="store_true", help="directions orthogonal to the harmless mean "
+                   "(heretic's default)")
+    p.add_argument("--norm-preserving", action="store_true", help="keep the writers' row norms (heretic's "
+                   "default row normalisation, exact here)")
+    p.add_argument("--system", default=None, help="system prompt of the scored chats (default: the template's)")
     p.add_argument("--out", required=True, help="directory: trials.json, front.png, chosen.json")
 
 
@@ -206,7 +218,8 @@ def cmd_search(a) -> int:
     src, tgt = read_texts(a.source, "--source"), read_texts(a.target, "--target")
     loaded = load(a.model)
     cfg = SearchConfig(trials=a.trials, n_prompts=a.n_prompts, max_new_tokens=a.max_new_tokens,
-                       batch_size=a.batch_size, max_kl=a.max_kl, seed=a.seed)
+                       batch_size=a.batch_size, max_kl=a.max_kl, seed=a.seed, startup_trials=a.startup_trials,
+                       orthogonalize=a.orthogonalize, norm_preserving=a.norm_preserving, system=a.system)
     doc = search(loaded.model, loaded.tokenizer, src, tgt, cfg, Path(a.out))
     c = doc["trials"][doc["chosen"]]
     print(f"chosen trial {c['trial']}: {c['refusals']}/{doc['prompts_select']['harmful']} refusals, KL {c['kl']:.4f} "
@@ -255,7 +268,9 @@ def cmd_fit(a) -> int:
     config = FitConfig(a.method, a.sites, a.strength, a.support, a.causal, a.batch_size, pooling=a.pooling,
                        knots=a.knots, direction_layer=a.direction_layer, reference=a.reference,
                        direction=a.direction, layer_directions=a.layer_directions,
-                       kernel=a.kernel, lineas=lineas, inner=a.inner, min_accuracy=a.min_accuracy,
+                       kernel=a.kernel, orthogonalize=a.orthogonalize, norm_preserving=a.norm_preserving,
+                       system=a.system,
+                       lineas=lineas, inner=a.inner, min_accuracy=a.min_accuracy,
                        pca=a.pca, seed=a.seed, joint=a.joint, chat=a.chat)
     result = run_fit(a.model, config, a.out, a.source, a.target, a.control, device=a.device,
                      device_map=a.device_map)

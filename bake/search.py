@@ -24,7 +24,7 @@ from .evaluation.refusal import chat_texts, first_token_logprobs, heretic_kl, is
 from .evaluation.refusal_data import prompts
 from .fit import FitConfig, fit
 from .families import adapter_for
-from .fit.ablate import KERNEL_PARTS, components, interpolated, kernel_weight
+from .fit.ablate import KERNEL_PARTS, components, interpolated, kernel_weight, norm_preserving_maps, writer_weight
 from .maps import Map
 from .runtime import steered
 from .spec import Spec, write
@@ -38,6 +38,10 @@ class SearchConfig:
     batch_size: int = 16
     max_kl: float = 0.1
     seed: int = 0
+    startup_trials: int | None = None  # random trials first (None: Optuna's default, 10)
+    orthogonalize: bool = False  # directions orthogonal to the harmless mean (heretic's default)
+    norm_preserving: bool = False  # biprojected: writer rows keep their norms (heretic's default, exact)
+    system: str | None = None  # system prompt of the scored chats (None: the template's)
 
 
 def search(model, tok, source: list[str], target: list[str], cfg: SearchConfig, out: Path, log=print) -> dict:
@@ -47,10 +51,13 @@ def search(model, tok, source: list[str], target: list[str], cfg: SearchConfig, 
     except ImportError as e:
         raise BakeError("bake search needs optuna (pip install optuna)") from e
     base = fit(model, tok, source, target, FitConfig("ablate", direction="mean", pooling="last", chat=True,
-                                                     layer_directions=True))
+                                                     layer_directions=True, orthogonalize=cfg.orthogonalize,
+                                                     system=cfg.system))
     dirs = {_layer(n): maps[0].tensors["U"] for n, maps in base.sites}
-    harmful = chat_texts(tok, prompts("harmful", "select")[:cfg.n_prompts])
-    harmless = chat_texts(tok, prompts("harmless", "select")[:cfg.n_prompts])
+    harmful = chat_texts(tok, prompts("harmful", "select")[:cfg.n_prompts], cfg.system)
+    harmless = chat_texts(tok, prompts("harmless", "select")[:cfg.n_prompts], cfg.system)
+    writers = {n: writer_weight(model, info) for n, info in adapter_for(model).sites(model).items()
+               if cfg.norm_preserving and n in dict(base.sites)}
     original = first_token_logprobs(model, tok, harmless, cfg.batch_size)
     baseline = sum(map(is_refusal, responses(model, tok, harmful, cfg.max_new_tokens, cfg.batch_size)))
     log(f"original: {baseline}/{len(harmful)} refusals")
@@ -60,7 +67,7 @@ def search(model, tok, source: list[str], target: list[str], cfg: SearchConfig, 
 
     def objective(trial) -> tuple[float, float]:
         params = _draw(trial, n_layers)
-        spec = _spec(base, dirs, comp, params)
+        spec = _spec(base, dirs, comp, params, writers)
         with steered(model, [spec]):
             said = responses(model, tok, harmful, cfg.max_new_tokens, cfg.batch_size)
             kl = heretic_kl(first_token_logprobs(model, tok, harmless, cfg.batch_size), original)
@@ -71,18 +78,20 @@ def search(model, tok, source: list[str], target: list[str], cfg: SearchConfig, 
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(directions=["minimize", "minimize"],
-                                sampler=optuna.samplers.TPESampler(seed=cfg.seed))
+                                sampler=_sampler(optuna, cfg))
     study.optimize(objective, n_trials=cfg.trials)
     front = sorted({t.number for t in study.best_trials})
     chosen = _choose([rows[i] for i in front], cfg.max_kl)
     out.mkdir(parents=True, exist_ok=True)
-    spec = _spec(base, dirs, comp, chosen["params"])
+    spec = _spec(base, dirs, comp, chosen["params"], writers)
     spec.params["search"] = {"trial": chosen["trial"], "refusals_select": chosen["refusals"],
                              "kl_select": chosen["kl"], "prompts_select": len(harmful)}
     write(spec, out / "chosen.json")
     doc = {"prompts_select": {"harmful": len(harmful), "harmless": len(harmless)}, "original_refusals": baseline,
            "trials": rows,
-           "front": front, "chosen": chosen["trial"], "max_kl": cfg.max_kl, "seed": cfg.seed}
+           "front": front, "chosen": chosen["trial"], "max_kl": cfg.max_kl, "seed": cfg.seed,
+           "startup_trials": cfg.startup_trials, "orthogonalize": cfg.orthogonalize,
+           "norm_preserving": cfg.norm_preserving, "system": cfg.system}
     write_json_atomic(out / "trials.json", doc)
     _plot(doc, out / "front.png")
     return doc
@@ -102,8 +111,15 @@ def _draw(trial, n_layers: int) -> dict:
     return p
 
 
-def _spec(base: Spec, dirs: dict, comp: dict[str, str], params: dict) -> Spec:
-    """The ablation spec of one parameter set: each write's strength from its component's kernel."""
+def _sampler(optuna, cfg: SearchConfig):
+    """Multivariate TPE (heretic's: 128 candidates per step), seeded; `startup_trials` random ones first."""
+    kw = {} if cfg.startup_trials is None else {"n_startup_trials": cfg.startup_trials}
+    return optuna.samplers.TPESampler(seed=cfg.seed, multivariate=True, n_ei_candidates=128, **kw)
+
+
+def _spec(base: Spec, dirs: dict, comp: dict[str, str], params: dict, writers: dict | None = None) -> Spec:
+    """The ablation spec of one parameter set: each write's strength from its component's kernel; with
+    `writers` (site → writer weight), the norm-preserving maps."""
     sites = []
     for name, _ in base.sites:
         layer = _layer(name)
@@ -112,11 +128,12 @@ def _spec(base: Spec, dirs: dict, comp: dict[str, str], params: dict) -> Spec:
             continue
         at = params["direction_index"]
         U = dirs[layer] if at is None else interpolated(dirs, at, len(dirs))
-        sites.append((name, [Map("projection", lam, {"U": U})]))
+        sites.append((name, norm_preserving_maps(writers[name], U, lam) if writers else
+                      [Map("projection", lam, {"U": U})]))
     if not sites:
         sites = [(base.sites[0][0], [Map("projection", 0.0, {"U": dirs[_layer(base.sites[0][0])]})])]
     kernel = ";".join(f"{k}={','.join(f'{v:.4g}' for v in params[k])}" for k in KERNEL_PARTS)
-    return Spec(sites, method="ablate", params={**base.params, "kernel": kernel,
+    return Spec(sites, method="ablate", params={**base.params, "kernel": kernel, "norm_preserving": bool(writers),
                                                 "direction_layer": params["direction_index"]},
                 provenance=dict(base.provenance), model=dict(base.model))
 

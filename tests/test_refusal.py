@@ -157,6 +157,41 @@ def test_ablate_kernel_interpolation_and_layer_directions(tmp_path, tokenizer):
     assert v["passed"] and v["max_rel"] <= 1e-5, v
 
 
+def test_norm_preserving_and_orthogonalized_ablation_fold_exactly(tmp_path, tokenizer):
+    """Biprojected abliteration: the direction is orthogonal to the target mean, and after the bake every
+    writer row keeps its norm while the weights move; the three maps per write fold and verify."""
+    from safetensors.torch import load_file
+
+    from bake import compiler
+    from bake.fit import FitConfig, fit
+    from bake.fit.collect import collect
+    from bake.spec import write
+    from conftest import TEXTS, make_llama, save_model
+
+    model = make_llama(layers=3)
+    src, tgt = TEXTS[3::2] * 2, TEXTS[::2] * 2
+    spec = fit(model, tokenizer, src, tgt, FitConfig("ablate", direction="mean", direction_layer=1, pooling="last",
+                                                     orthogonalize=True, norm_preserving=True, strength=1.3))
+    from bake.families import adapter_for
+
+    res = adapter_for(model).sites(model)["model.layers.1:output"]
+    g = collect(model, tokenizer, tgt, [res], 8, pooling="last")[res.name].double().mean(0)
+    kinds = [m.kind for m in spec.sites[0][1]]
+    assert kinds == ["affine", "projection", "affine"]
+    u = spec.sites[0][1][1].tensors["U"][:, 0].double()
+    assert abs(float(u @ g)) / float(g.norm()) < 1e-6 and float(u.norm()) == pytest.approx(1.0)
+    save_model(model, tokenizer, tmp_path / "m")
+    write(spec, tmp_path / "np.json")
+    v = compiler.apply(str(tmp_path / "m"), [str(tmp_path / "np.json")], tmp_path / "out", log=lambda *_: None).verification
+    assert v["passed"] and v["max_rel"] <= 1e-5, v
+    baked = load_file(str(tmp_path / "out" / "model.safetensors"))
+    for name, _ in spec.sites:
+        w = name.removesuffix(":output") + ".weight"
+        before, after = dict(model.named_parameters())[w].detach(), baked[w]
+        assert torch.allclose(after.norm(dim=1), before.norm(dim=1), rtol=1e-5)
+        assert (after - before).abs().max() > 1e-3
+
+
 def test_search_writes_trials_front_and_a_chosen_spec_that_bakes(tmp_path, tokenizer, capsys):
     """`bake search` on a tiny chat model: every trial recorded with its parameters, refusals and KL; the
     chosen trial is on the Pareto front; its spec bakes equal to the hooked reference."""
@@ -169,13 +204,18 @@ def test_search_writes_trials_front_and_a_chosen_spec_that_bakes(tmp_path, token
     tokenizer.chat_template = None
     out = tmp_path / "s"
     assert main(["search", "--model", str(model_dir), "--trials", "3", "--n-prompts", "3", "--max-new-tokens", "4",
+                 "--startup-trials", "2", "--orthogonalize", "--norm-preserving", "--system", "Be brief.",
                  "--out", str(out)]) == 0, capsys.readouterr().err[-2000:]
     doc = json.loads((out / "trials.json").read_text())
     assert [r["trial"] for r in doc["trials"]] == [0, 1, 2] and doc["prompts_select"] == {"harmful": 3, "harmless": 3}
     assert all(0 <= r["refusals"] <= 3 and r["kl"] >= 0 for r in doc["trials"]) and 0 <= doc["original_refusals"] <= 3
     assert doc["chosen"] in doc["front"] and set(doc["front"]) <= {0, 1, 2}
     assert (out / "front.png").is_file()
+    assert doc["norm_preserving"] and doc["orthogonalize"] and doc["system"] == "Be brief."
     from bake import compiler
+    from bake.spec import read
+
+    assert {m.kind for _, maps in read(out / "chosen.json").sites for m in maps} == {"affine", "projection"}
 
     v = compiler.apply(str(model_dir), [str(out / "chosen.json")], tmp_path / "baked", log=lambda *_: None).verification
     assert v["passed"] and v["max_rel"] <= 1e-5, v

@@ -31,13 +31,13 @@ __all__ = ["fit", "run_fit", "FitConfig", "FitResult", "LineasConfig", "TextCoun
            "describe_file", "estimators"]
 
 
-def chat_turns(tok, texts: list[str]) -> list[str]:
+def chat_turns(tok, texts: list[str], system: str | None = None) -> list[str]:
     """Each text as the chat template's user turn, ready for the answer (`--chat`)."""
     from ..evaluation.refusal import chat_texts
 
     if not getattr(tok, "chat_template", None):
         raise BakeError("--chat: this model's tokenizer has no chat template")
-    return chat_texts(tok, texts)
+    return chat_texts(tok, texts, system)
 
 
 BUILTIN = "bake:"  # --source bake:harmful[:split]: a prompt set bake ships (bake.evaluation.refusal_data)
@@ -78,7 +78,8 @@ def fit(model, tok, source: list[str], target: list[str], config: FitConfig | st
         raise BakeError(f"fit: options go in the FitConfig, not beside it ({', '.join(legacy_options) or legacy})")
     config.check(TextCounts(len(source), len(target), None if control is None else len(control)))
     if config.chat:
-        source, target, control = (None if t is None else chat_turns(tok, t) for t in (source, target, control))
+        source, target, control = (None if t is None else chat_turns(tok, t, config.system)
+                                    for t in (source, target, control))
     job = _prepare(model, tok, list(source), list(target), control, config, provenance, progress)
     meth = METHODS[config.method]
     return meth.run(job, meth)
@@ -120,6 +121,8 @@ def _prepare(model, tok, source, target, control, config: FitConfig, provenance,
     params = {"sites": sites, "support": c.support, "causal": c.causal, "pooling": pooling}
     if c.chat:
         params["chat"] = "each text a user turn of the chat template, with the generation prompt"
+        if c.system:
+            params["system"] = c.system
     if not pipeline and pooling in ("mean", "max"):  # leave the first token out only where it is a BOS or sink
         first = first_token(model, tok, source + target)
         params["first_token"] = ("left out: " if first["drop"] else "pooled: ") + first["why"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from ..errors import BakeError
 from ..maps import Map
 from ..spec import Spec
@@ -28,7 +30,11 @@ def fit_ablate(job: Job, meth=None) -> Spec:
 
     reference "zero" removes the component: x − λu(u·x). Reference "target" (affine concept
     editing) moves it to the target texts' mean instead, x − λu(u·x − r) with r = u·μt of that
-    write: a projection and an additive map, both folding, and target-like text keeps its mean."""
+    write: a projection and an additive map, both folding, and target-like text keeps its mean.
+
+    `orthogonalize` removes from u its component along the target mean first (projected
+    abliteration). `norm_preserving` keeps every output row of the writer at its norm (biprojected
+    abliteration; see `norm_preserving_maps`): three maps per write, all folding exactly."""
     c, spec, infos = job.config, job.spec, job.infos
     residual = _residual_sites(job)
     layers = _direction_layers(job, residual)
@@ -39,6 +45,8 @@ def fit_ablate(job: Job, meth=None) -> Spec:
     t = collect(job.model, job.tok, job.target, need + writes, job.batch_size, desc="target activations", **kw)
     estimate = estimators.lda_direction if (c.direction or DIRECTIONS[0]) == "lda" else estimators.mean_direction
     dirs = {i: estimate(s[residual[i].name], t[residual[i].name]) for i in layers}
+    if c.orthogonalize:
+        dirs = {i: estimators.orthogonalized(d, t[residual[i].name]) for i, d in dirs.items()}
     for d in dirs.values():
         check_finite({"U": d}, "direction")
     lam = _strengths(job)
@@ -47,7 +55,8 @@ def fit_ablate(job: Job, meth=None) -> Spec:
         if lam.get(info.name, 0.0) == 0.0:
             continue
         U = dirs[layer] if c.layer_directions else interpolated(dirs, c.direction_layer, len(residual))
-        maps = [Map("projection", lam[info.name], {"U": U})]
+        maps = ([Map("projection", lam[info.name], {"U": U})] if not c.norm_preserving else
+                norm_preserving_maps(writer_weight(job.model, info), U, lam[info.name]))
         if c.reference == "target":
             shift = estimators.reference_shift(t[info.name], U)
             check_finite(shift, info.name)
@@ -57,6 +66,32 @@ def fit_ablate(job: Job, meth=None) -> Spec:
         raise BakeError(f"--kernel: {c.kernel!r} leaves no write steered (every chosen site is beyond its DIST)")
     _record(spec, c, residual, dirs, layers)
     return spec
+
+
+def norm_preserving_maps(W: torch.Tensor, U: torch.Tensor, lam: float) -> list[Map]:
+    """Biprojected abliteration of a writer y = Wx (+ b), exact. With r_i the norm of W's row i and
+    P = I − λuuᵀ, the edit normalises the rows, projects, and restores each row's norm:
+        W' = D₂ P D₁ W,  D₁ = diag(1/r),  D₂ = diag(r_i / ‖(P D₁ W)_i‖),
+    so on the write it is three maps in order, affine(D₁) → projection(λ, u) → affine(D₂), each folding
+    into W (and b, which they move too; heretic edits W alone and stores the change as a rank-3 LoRA,
+    an approximation)."""
+    W = W.detach().double()
+    r = W.norm(dim=1).clamp_min(1e-12)
+    u = U[:, 0].double()
+    W1 = W / r[:, None]
+    W1 = W1 - lam * torch.outer(u, u @ W1)
+    d2 = r / W1.norm(dim=1).clamp_min(1e-12)
+    zero = torch.zeros_like(r).float()
+    return [Map("affine", 1.0, {"a": (1 / r).float(), "b": zero}), Map("projection", lam, {"U": U}),
+            Map("affine", 1.0, {"a": d2.float(), "b": zero})]
+
+
+def writer_weight(model, info) -> torch.Tensor:
+    """The weight [out, in] of the Linear whose output the site is (norm-preserving needs its rows)."""
+    mod = model.get_submodule(info.module)
+    if info.role != "linear" or info.side != "output" or getattr(mod, "weight", None) is None:
+        raise BakeError(f"--norm-preserving: {info.name} is not one Linear's output (its rows are what is kept)")
+    return mod.weight if isinstance(mod, torch.nn.Linear) else mod.weight.T  # Conv1D stores [in, out]
 
 
 def _residual_sites(job: Job):
@@ -149,6 +184,10 @@ def _record(spec: Spec, c, residual, dirs: dict, layers: list[int]) -> None:
         spec.params["direction_layer"] = c.direction_layer
     if c.kernel:
         spec.params["kernel"] = c.kernel
+    if c.orthogonalize:
+        spec.params["orthogonalized"] = True
+    if c.norm_preserving:
+        spec.params["norm_preserving"] = True
     U = next(iter(dirs.values()))
     top = int(U[:, 0].abs().argmax())  # a direction that is mostly one unit is an outlier unit, not a concept
     spec.params["largest_unit"] = {"unit": top, "weight": round(float(U[top, 0].abs()), 4)}

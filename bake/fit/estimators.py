@@ -141,6 +141,17 @@ def mean_direction(src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
     return (d / d.norm().clamp_min(1e-12))[:, None].float()
 
 
+def orthogonalized(u: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+    """u with its component along the target mean removed, u' = unit(u − (u·ĝ)ĝ), ĝ = μt/‖μt‖
+    ("projected abliteration": only the part of the refusal direction that the harmless mean does not
+    share is removed; heretic's `orthogonalize_direction`)."""
+    g = tgt.double().mean(0)
+    g = g / g.norm().clamp_min(1e-12)
+    v = u[:, 0].double()
+    v = v - (v @ g) * g
+    return (v / v.norm().clamp_min(1e-12))[:, None].float()
+
+
 def lda_direction(src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
     """The discriminant direction Σ⁻¹(μs − μt), Σ the diagonal within-class covariance (per-unit
     variance of both sets about their own means), as a unit [units, 1] matrix. Where a few units
