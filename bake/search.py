@@ -9,7 +9,7 @@ bake's fit/select splits, with the result a spec that folds and verifies.
    the *select* split: refusals of the harmful prompts (the marker rule, greedy) and heretic's
    first-token KL on the harmless ones. Both are minimised.
 3. Written to `--out`: the original's refusals and every trial (`trials.json`), the Pareto front plot
-   (`front.png`) and the chosen
+   (`front.png`), each front point's spec (`front/trial_N.json`) and the chosen
    spec (`chosen.json`): the front point with the fewest refusals among those with KL ≤ `--max-kl`
    (the lowest KL when none is). Report it on the held-out split with `bake eval --task refusal`."""
 
@@ -87,6 +87,9 @@ def search(model, tok, source: list[str], target: list[str], cfg: SearchConfig, 
     spec.params["search"] = {"trial": chosen["trial"], "refusals_select": chosen["refusals"],
                              "kl_select": chosen["kl"], "prompts_select": len(harmful)}
     write(spec, out / "chosen.json")
+    for r in (rows[i] for i in front):  # every front point as a spec: report them on held-out prompts
+        (out / "front").mkdir(exist_ok=True)
+        write(_spec(base, dirs, comp, r["params"], writers), out / "front" / f"trial_{r['trial']}.json")
     doc = {"prompts_select": {"harmful": len(harmful), "harmless": len(harmless)}, "original_refusals": baseline,
            "trials": rows,
            "front": front, "chosen": chosen["trial"], "max_kl": cfg.max_kl, "seed": cfg.seed,

@@ -275,8 +275,7 @@ def markdown(rows: list[dict], seconds: float, reruns: list | None = None) -> st
              "greedy continuations identical in every verified cell), or where it stopped. Random specs: the "
              "worst relative error of the random affine / additive / projection specs that folded, per site "
              "group (post-norms; writers; residual; every site), and how many groups needed inserted modules.",
-             ""] + [f"Rerun with later code (`--rerun`): {', '.join(f'`{t}`' for t in r['types'])} "
-                    f"(transformers {r['transformers']}); the other rows are from the full run." for r in reruns or []] + [
+             ""] + [rerun_line(r) for r in reruns or []] + [
              "", "| model type | family | ablate | mean-act | caa | ONNX (ablate) | random specs | status |",
              "|---|---|---|---|---|---|---|---|"]
     for r in scope:
@@ -288,6 +287,16 @@ def markdown(rows: list[dict], seconds: float, reruns: list | None = None) -> st
         lines.append(f"| `{r['model_type']}` | {r['family']} | " + " | ".join(cells) + f" | {random_cell(r)} | "
                      f"{r['status']} |")
     return "\n".join(lines) + "\n"
+
+
+def rerun_line(r: dict) -> str:
+    """One line per later run over part of the rows."""
+    if r.get("onnx_only"):
+        return (f"ONNX cells added by `--onnx-only` ({len(r['types'])} rows, {r['seconds']} s; transformers "
+                f"{r['transformers']}).")
+    what = r.get("note") or "rerun with later code (`--rerun`)"
+    return (f"{what[0].upper() + what[1:]}: {', '.join(f'`{t}`' for t in r['types'])} (transformers "
+            f"{r['transformers']}); the other rows are from the full run.")
 
 
 def verdict(r: dict) -> dict:
@@ -303,11 +312,59 @@ def verdict(r: dict) -> dict:
     return {**out, "why": why.removeprefix("bake: error: ")[:200]} if why else out
 
 
+def onnx_only(out: Path, types: list[str] | None) -> None:
+    """The ONNX cell for rows whose ablate baked but were measured before the ONNX column existed."""
+    doc = json.loads(out.read_text())
+    todo = [r for r in doc["rows"] if r.get("methods", {}).get("ablate", {}).get("outcome") in ("folded", "inserted")
+            and "onnx" not in r["methods"] and (types is None or r["model_type"] in types)]
+    t0 = time.perf_counter()
+    for r in tqdm(todo, desc="ONNX cells"):
+        r["methods"]["onnx"] = timed_onnx(r)
+        out.write_text(json.dumps(doc, indent=1) + "\n")
+    doc.setdefault("reruns", []).append({"types": sorted(r["model_type"] for r in todo), "onnx_only": True,
+                                         "transformers": tf.__version__, "seconds": round(time.perf_counter() - t0)})
+    out.write_text(json.dumps(doc, indent=1) + "\n")
+    (ROOT / "docs" / "families-sweep.md").write_text(markdown(doc["rows"], doc["seconds"], doc["reruns"]),
+                                                     encoding="utf-8")
+
+
+def timed_onnx(row: dict, limit: int = 400) -> dict:
+    """Build the tiny model again, fit ablate as the protocol does, then `onnx_of`."""
+    def stop(*_):
+        raise Slow(f"over {limit} s")
+
+    old = signal.signal(signal.SIGALRM, stop)
+    signal.alarm(limit)
+    try:
+        model = build(row["model_type"])
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            model.save_pretrained(tmp / "model")
+            make_tokenizer().save_pretrained(tmp / "model")
+            (tmp / "src.txt").write_text("\n".join(TEXTS[1::2]))
+            (tmp / "tgt.txt").write_text("\n".join(TEXTS[0::2]))
+            extra = sites_of(METHODS["ablate"], adapter_for(model).presets)
+            code, why = cli(["fit", "--model", tmp / "model", "--source", tmp / "src.txt", "--target",
+                             tmp / "tgt.txt", "--method", "ablate", *extra, "--out", tmp / "ablate.json"])
+            if code:
+                return {"outcome": "not tried", "why": f"ablate fit failed: {why[:200]}"}
+            return onnx_of(tmp, row["methods"]["ablate"])
+    except Slow as e:
+        return {"outcome": "failed", "why": f"Slow: {e}"}
+    except Exception as e:  # noqa: BLE001 - a row, not the end of the sweep
+        return {"outcome": "failed", "why": first_line(e)}
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--types", default=None, help="comma-separated model types (default: all)")
     ap.add_argument("--resume", action="store_true", help="keep the rows of the last run's JSON and go on")
     ap.add_argument("--rerun", default=None, help="'failing' or comma-separated types: run these rows again")
+    ap.add_argument("--onnx-only", action="store_true", help="add the ONNX cell to the last run's rows that "
+                    "verified without one (fit ablate, apply --format onnx)")
     a = ap.parse_args()
     warnings.filterwarnings("ignore")
     tf.logging.set_verbosity_error()
@@ -315,6 +372,8 @@ def main() -> None:
     t0 = time.perf_counter()
     out = ROOT / "benchmarks" / "results" / "families_sweep.json"
     last = json.loads(out.read_text()) if (a.resume or a.rerun) and out.is_file() else {"rows": [], "seconds": 0}
+    if a.onnx_only:
+        return onnx_only(out, a.types.split(",") if a.types else None)
     if a.rerun:
         again = ({r["model_type"] for r in last["rows"]
                   if not r["status"].startswith(("all three", "out of scope", "does not build"))}
