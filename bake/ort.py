@@ -71,10 +71,13 @@ class OrtCausalLM:
         got_in = [i.name for i in self.session.get_inputs()]
         got_out = [o.name for o in self.session.get_outputs()]
         self.positions = "position_ids" in got_in  # absent where the model reads none (ALiBi: BLOOM, MPT)
-        missing = [n for n in ins if n not in got_in and n != "position_ids"] + [n for n in outs if n not in got_out]
-        if missing:
-            raise BakeError(f"{str(graph)!r}: the graph lacks input/output {missing[0]!r} "
-                            f"({len(missing)} missing; expected Optimum's decoder names)")
+        unknown = [n for n in got_in if n not in ins]
+        optional = () if unknown else ("position_ids",)
+        missing = [n for n in ins if n not in got_in and n not in optional] + [n for n in outs if n not in got_out]
+        if missing or unknown:
+            what = f"lacks input/output {missing[0]!r} ({len(missing)} missing" if missing else \
+                f"has input {unknown[0]!r} ({len(unknown)} unknown"
+            raise BakeError(f"{str(graph)!r}: the graph {what}; expected Optimum's decoder names)")
         self.inputs, self.outputs = ins, outs
         self.device = torch.device("cpu")
         self.path = path

@@ -107,10 +107,10 @@ def _tokenizer_config(doc: dict) -> list[str]:
 def _generation_config(out: Path) -> list[str]:
     if (out / "generation_config.json").is_file() or not (out / "config.json").is_file():
         return []
-    from transformers import GenerationConfig, PretrainedConfig
+    from transformers import AutoConfig, GenerationConfig
 
-    cfg = PretrainedConfig.from_json_file(str(out / "config.json"))
-    GenerationConfig.from_model_config(cfg).save_pretrained(str(out))
+    cfg = AutoConfig.from_pretrained(str(out), trust_remote_code=False)  # the model's own config class: its
+    GenerationConfig.from_model_config(cfg).save_pretrained(str(out))  # rope defaults need its fields
     return ["generation_config.json (from config.json)"]
 
 

@@ -147,8 +147,9 @@ def _strengths(job: Job) -> dict[str, float]:
 
 
 def components(adapter, model) -> dict[str, str]:
-    """Site name → kernel component (attn, mlp): the family's attn-out and mlp-out writes."""
-    return {n: k for k in KERNEL_PARTS for n in adapter.resolve(model, [f"{k}-out"])}
+    """Site name → kernel component (attn, mlp): the family's attn-out and mlp-out writes (a family
+    without one, e.g. parallel attention and MLP summed in one write, has no such component)."""
+    return {n: k for k in KERNEL_PARTS if f"{k}-out" in adapter.presets for n in adapter.resolve(model, [f"{k}-out"])}
 
 
 def parse_kernel(text: str) -> dict[str, tuple[float, float, float, float]]:
