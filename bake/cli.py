@@ -38,6 +38,8 @@ def _p_fit(sub):
                    "'attn=MAX,POS,MIN,DIST;mlp=MAX,POS,MIN,DIST' (λ·MAX at layer POS, linearly to λ·MIN at "
                    "distance DIST, nothing beyond)")
     p.add_argument("--system", default=None, help="--chat: the system turn of every text (default: the template's)")
+    p.add_argument("--rank", type=int, default=1, help="ablate: remove a rank-k subspace (the mean direction and "
+                   "the top k − 1 principal directions of the source texts' offsets)")
     p.add_argument("--orthogonalize", action="store_true", help="ablate: remove from the direction its component "
                    "along the target mean (projected abliteration)")
     p.add_argument("--norm-preserving", action="store_true", help="ablate: keep each writer row's norm "
@@ -269,7 +271,7 @@ def cmd_fit(a) -> int:
                        knots=a.knots, direction_layer=a.direction_layer, reference=a.reference,
                        direction=a.direction, layer_directions=a.layer_directions,
                        kernel=a.kernel, orthogonalize=a.orthogonalize, norm_preserving=a.norm_preserving,
-                       system=a.system,
+                       system=a.system, rank=a.rank,
                        lineas=lineas, inner=a.inner, min_accuracy=a.min_accuracy,
                        pca=a.pca, seed=a.seed, joint=a.joint, chat=a.chat)
     result = run_fit(a.model, config, a.out, a.source, a.target, a.control, device=a.device,

@@ -192,6 +192,41 @@ def test_norm_preserving_and_orthogonalized_ablation_fold_exactly(tmp_path, toke
         assert (after - before).abs().max() > 1e-3
 
 
+def test_rank_k_ablation_is_an_orthonormal_subspace_led_by_the_mean_direction(tmp_path, tokenizer):
+    """--rank 3: U is [units, 3], orthonormal, its first column the mean direction; with --orthogonalize
+    every column is orthogonal to the target mean; norm-preserving with it folds and verifies."""
+    from bake import compiler
+    from bake.fit import FitConfig, fit
+    from bake.spec import write
+    from conftest import TEXTS, make_llama, save_model
+
+    model = make_llama(layers=3)
+    src, tgt = TEXTS[3::2] * 2, TEXTS[::2] * 2
+    one = fit(model, tokenizer, src, tgt, FitConfig("ablate", direction="mean", direction_layer=1, pooling="last"))
+    three = fit(model, tokenizer, src, tgt, FitConfig("ablate", direction="mean", direction_layer=1, pooling="last",
+                                                      rank=3))
+    U, u = three.sites[0][1][0].tensors["U"].double(), one.sites[0][1][0].tensors["U"].double()
+    assert U.shape[1] == 3 and torch.allclose(U.T @ U, torch.eye(3, dtype=torch.float64), atol=1e-6)
+    assert torch.allclose(U[:, :1], u, atol=1e-5)
+    both = fit(model, tokenizer, src, tgt, FitConfig("ablate", direction="mean", direction_layer=1, pooling="last",
+                                                     rank=3, orthogonalize=True, norm_preserving=True))
+    from bake.families import adapter_for
+    from bake.fit.collect import collect
+
+    res = adapter_for(model).sites(model)["model.layers.1:output"]
+    g = collect(model, tokenizer, tgt, [res], 8, pooling="last")[res.name].double().mean(0)
+    Ub = both.sites[0][1][1].tensors["U"].double()
+    assert (Ub.T @ g).abs().max() / g.norm() < 1e-6 and torch.allclose(Ub.T @ Ub, torch.eye(3, dtype=torch.float64),
+                                                                       atol=1e-6)
+    save_model(model, tokenizer, tmp_path / "m")
+    write(both, tmp_path / "r3.json")
+    v = compiler.apply(str(tmp_path / "m"), [str(tmp_path / "r3.json")], tmp_path / "out", log=lambda *_: None).verification
+    assert v["passed"] and v["max_rel"] <= 1e-5, v
+    assert main(["fit", "--model", str(tmp_path / "m"), "--method", "ablate", "--rank", "2", "--direction-layer",
+                 "1.5", "--source", "bake:harmful", "--target", "bake:harmless", "--out", str(tmp_path / "x.json")]) == 2
+    assert not (tmp_path / "x.json").exists()
+
+
 def test_search_writes_trials_front_and_a_chosen_spec_that_bakes(tmp_path, tokenizer, capsys):
     """`bake search` on a tiny chat model: every trial recorded with its parameters, refusals and KL; the
     chosen trial is on the Pareto front; its spec bakes equal to the hooked reference."""

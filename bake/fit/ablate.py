@@ -32,6 +32,8 @@ def fit_ablate(job: Job, meth=None) -> Spec:
     editing) moves it to the target texts' mean instead, x − λu(u·x − r) with r = u·μt of that
     write: a projection and an additive map, both folding, and target-like text keeps its mean.
 
+    `rank` k > 1 removes a k-dimensional subspace instead (`estimators.refusal_subspace`: the mean
+    direction and the top principal directions of the source offsets), P = I − λUUᵀ.
     `orthogonalize` removes from u its component along the target mean first (projected
     abliteration). `norm_preserving` keeps every output row of the writer at its norm (biprojected
     abliteration; see `norm_preserving_maps`): three maps per write, all folding exactly."""
@@ -44,6 +46,8 @@ def fit_ablate(job: Job, meth=None) -> Spec:
     s = collect(job.model, job.tok, job.source, need, job.batch_size, desc="source activations", **kw)
     t = collect(job.model, job.tok, job.target, need + writes, job.batch_size, desc="target activations", **kw)
     estimate = estimators.lda_direction if (c.direction or DIRECTIONS[0]) == "lda" else estimators.mean_direction
+    if c.rank > 1:
+        estimate = lambda a, b: estimators.refusal_subspace(a, b, c.rank)  # noqa: E731
     dirs = {i: estimate(s[residual[i].name], t[residual[i].name]) for i in layers}
     if c.orthogonalize:
         dirs = {i: estimators.orthogonalized(d, t[residual[i].name]) for i, d in dirs.items()}
@@ -70,16 +74,16 @@ def fit_ablate(job: Job, meth=None) -> Spec:
 
 def norm_preserving_maps(W: torch.Tensor, U: torch.Tensor, lam: float) -> list[Map]:
     """Biprojected abliteration of a writer y = Wx (+ b), exact. With r_i the norm of W's row i and
-    P = I − λuuᵀ, the edit normalises the rows, projects, and restores each row's norm:
+    P = I − λUUᵀ (U: the direction, or an orthonormal rank-k basis), the edit normalises the rows, projects, and restores each row's norm:
         W' = D₂ P D₁ W,  D₁ = diag(1/r),  D₂ = diag(r_i / ‖(P D₁ W)_i‖),
     so on the write it is three maps in order, affine(D₁) → projection(λ, u) → affine(D₂), each folding
     into W (and b, which they move too; heretic edits W alone and stores the change as a rank-3 LoRA,
     an approximation)."""
     W = W.detach().double()
     r = W.norm(dim=1).clamp_min(1e-12)
-    u = U[:, 0].double()
+    u = U.double()
     W1 = W / r[:, None]
-    W1 = W1 - lam * torch.outer(u, u @ W1)
+    W1 = W1 - lam * u @ (u.T @ W1)
     d2 = r / W1.norm(dim=1).clamp_min(1e-12)
     zero = torch.zeros_like(r).float()
     return [Map("affine", 1.0, {"a": (1 / r).float(), "b": zero}), Map("projection", lam, {"U": U}),
@@ -189,6 +193,8 @@ def _record(spec: Spec, c, residual, dirs: dict, layers: list[int]) -> None:
         spec.params["orthogonalized"] = True
     if c.norm_preserving:
         spec.params["norm_preserving"] = True
+    if c.rank > 1:
+        spec.params["rank"] = c.rank
     U = next(iter(dirs.values()))
     top = int(U[:, 0].abs().argmax())  # a direction that is mostly one unit is an outlier unit, not a concept
     spec.params["largest_unit"] = {"unit": top, "weight": round(float(U[top, 0].abs()), 4)}
@@ -202,6 +208,11 @@ def validate(c, counts) -> None:
         raise BakeError(f"--direction: unknown direction {c.direction!r} (known: {', '.join(DIRECTIONS)})")
     if c.kernel:
         parse_kernel(c.kernel)
+    if c.rank < 1:
+        raise BakeError(f"--rank: must be at least 1, got {c.rank}")
+    if c.rank > 1 and (c.direction == "lda" or (c.direction_layer is not None and c.direction_layer % 1)):
+        raise BakeError("--rank: a rank-k subspace starts from the mean direction (--direction mean) and is "
+                        "taken at whole layers (a fractional --direction-layer interpolates one direction)")
     if c.layer_directions and c.direction_layer is not None:
         raise BakeError("--layer-directions: each write uses its own layer's direction; drop --direction-layer")
 

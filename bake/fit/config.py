@@ -48,6 +48,7 @@ class FitConfig:
     direction: str | None = None  # ablate (None: lda)
     layer_directions: bool = False  # ablate: each write its own layer's direction
     kernel: str | None = None  # ablate: per-layer strengths "attn=MAX,POS,MIN,DIST;mlp=…" (heretic's)
+    rank: int = 1  # ablate: remove a rank-k subspace (the mean direction and k − 1 principal ones)
     orthogonalize: bool = False  # ablate: remove the direction's component along the target mean
     system: str | None = None  # --chat: the system turn (None: the template's default)
     norm_preserving: bool = False  # ablate: keep each writer row's norm (biprojected abliteration, exact)

@@ -141,15 +141,32 @@ def mean_direction(src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
     return (d / d.norm().clamp_min(1e-12))[:, None].float()
 
 
+def refusal_subspace(src: torch.Tensor, tgt: torch.Tensor, k: int) -> torch.Tensor:
+    """A rank-k subspace [units, k], orthonormal: the mean-difference direction u₁ = unit(μs − μt), then
+    the top k − 1 principal directions of the source texts' offsets from the target mean (xᵢ − μt), with
+    u₁ projected out of them first: where the texts differ from the target in more than one way."""
+    u = mean_direction(src, tgt).double()
+    if k == 1:
+        return u.float()
+    off = src.double() - tgt.double().mean(0)
+    off = off - (off @ u) @ u.T
+    _, _, vh = torch.linalg.svd(off, full_matrices=False)
+    basis, _ = torch.linalg.qr(torch.cat([u, vh[:k - 1].T], dim=1))
+    return (basis * torch.sign((basis * torch.cat([u, vh[:k - 1].T], 1)).sum(0))).float()
+
+
 def orthogonalized(u: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
-    """u with its component along the target mean removed, u' = unit(u − (u·ĝ)ĝ), ĝ = μt/‖μt‖
+    """u with its component along the target mean removed, u' = unit(u − (u·ĝ)ĝ), ĝ = μt/‖μt‖ (each
+    column of a subspace, then orthonormalised)
     ("projected abliteration": only the part of the refusal direction that the harmless mean does not
     share is removed; heretic's `orthogonalize_direction`)."""
     g = tgt.double().mean(0)
-    g = g / g.norm().clamp_min(1e-12)
-    v = u[:, 0].double()
-    v = v - (v @ g) * g
-    return (v / v.norm().clamp_min(1e-12))[:, None].float()
+    g = (g / g.norm().clamp_min(1e-12))[:, None]
+    v = u.double() - g @ (g.T @ u.double())
+    if v.shape[1] == 1:
+        return (v / v.norm().clamp_min(1e-12)).float()
+    q, _ = torch.linalg.qr(v)  # a rank-k subspace: orthonormal again
+    return (q * torch.sign((q * v).sum(0))).float()
 
 
 def lda_direction(src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:

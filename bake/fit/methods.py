@@ -78,7 +78,7 @@ METHODS: dict[str, Method] = {
                      "remove the mean-difference direction of the residual stream at every write",
                      run=ablate.fit_ablate, validate=ablate.validate, report=ablate.report,
                      options=("direction_layer", "reference", "direction", "layer_directions", "kernel",
-                              "orthogonalize", "norm_preserving")),
+                              "orthogonalize", "norm_preserving", "rank")),
     "dsas": Method("gated", None, "mean", "post-norms",
                    "gate an inner map per token: σ(w·x + c) from a source-vs-control logistic detector per site",
                    run=dsas.run_dsas, validate=dsas.validate, report=dsas.report,
