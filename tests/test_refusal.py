@@ -255,3 +255,23 @@ def test_search_writes_trials_front_and_a_chosen_spec_that_bakes(tmp_path, token
 
     v = compiler.apply(str(model_dir), [str(out / "chosen.json")], tmp_path / "baked", log=lambda *_: None).verification
     assert v["passed"] and v["max_rel"] <= 1e-5, v
+
+
+def test_shipped_abliteration_spec_is_the_searched_qwen_spec():
+    """examples/abliterate.json (bake search on Qwen2.5-Coder-0.5B-Instruct, benchmarks/abliteration_vs_heretic.py)
+    reads as a spec of foldable maps at the attn-out / mlp-out writes of a 24-layer, 896-wide model, three
+    maps per write (norm-preserving), fingerprinted on that model. Baking it needs the qwen packages
+    (not installed by install.sh): docs/abliteration.md has the measured bake and verify."""
+    from pathlib import Path
+
+    from bake.spec import read
+
+    spec = read(Path(__file__).resolve().parents[1] / "examples" / "abliterate.json")
+    assert spec.method == "ablate" and spec.params["norm_preserving"] and spec.params["orthogonalized"]
+    assert spec.model and spec.params["search"]["trial"] >= 0
+    for name, maps in spec.sites:
+        layer = int(name.split(".")[2])
+        assert 0 <= layer < 24 and name.endswith(("self_attn.o_proj:output", "mlp.down_proj:output"))
+        assert [m.kind for m in maps] == ["affine", "projection", "affine"]
+        U = maps[1].tensors["U"]
+        assert U.shape == (896, 1) and abs(float(U.norm()) - 1) < 1e-5
