@@ -116,14 +116,19 @@ def protocol(model) -> dict:
     """`bake fit` → `bake apply` (verified) per method, through the CLI on the model saved to disk."""
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        model.save_pretrained(tmp / "model")
-        make_tokenizer().save_pretrained(tmp / "model")
-        (tmp / "src.txt").write_text("\n".join(TEXTS[1::2]))
-        (tmp / "tgt.txt").write_text("\n".join(TEXTS[0::2]))
+        saved(model, tmp)
         have = adapter_for(model).presets
         out = {m: one_method(tmp, m, sites_of(extra, have)) for m, extra in METHODS.items()}
         out["onnx"] = onnx_of(tmp, out["ablate"])
         return out
+
+
+def saved(model, tmp: Path) -> None:
+    """The model with a small tokenizer in tmp/model, and the source / target texts beside it."""
+    model.save_pretrained(tmp / "model")
+    make_tokenizer().save_pretrained(tmp / "model")
+    (tmp / "src.txt").write_text("\n".join(TEXTS[1::2]))
+    (tmp / "tgt.txt").write_text("\n".join(TEXTS[0::2]))
 
 
 def onnx_of(tmp: Path, ablate: dict) -> dict:
@@ -205,20 +210,28 @@ class Slow(Exception):
     pass
 
 
-def timed(mt: str, limit: int = 400) -> dict:
-    """`one(mt)`, or a row saying it took longer than `limit` seconds."""
+@contextlib.contextmanager
+def time_limit(limit: int):
+    """Raise `Slow` in the block after `limit` seconds (SIGALRM)."""
     def stop(*_):
         raise Slow(f"over {limit} s")
 
     old = signal.signal(signal.SIGALRM, stop)
     signal.alarm(limit)
     try:
-        return one(mt)
-    except Slow as e:
-        return {"model_type": mt, "status": "does not build", "why": f"Slow: {e}"}
+        yield
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
+
+
+def timed(mt: str, limit: int = 400) -> dict:
+    """`one(mt)`, or a row saying it took longer than `limit` seconds."""
+    try:
+        with time_limit(limit):
+            return one(mt)
+    except Slow as e:
+        return {"model_type": mt, "status": "does not build", "why": f"Slow: {e}"}
 
 
 def cell(r: dict) -> str:
@@ -330,19 +343,10 @@ def onnx_only(out: Path, types: list[str] | None) -> None:
 
 def timed_onnx(row: dict, limit: int = 400) -> dict:
     """Build the tiny model again, fit ablate as the protocol does, then `onnx_of`."""
-    def stop(*_):
-        raise Slow(f"over {limit} s")
-
-    old = signal.signal(signal.SIGALRM, stop)
-    signal.alarm(limit)
     try:
-        model = build(row["model_type"])
-        with tempfile.TemporaryDirectory() as tmp:
-            tmp = Path(tmp)
-            model.save_pretrained(tmp / "model")
-            make_tokenizer().save_pretrained(tmp / "model")
-            (tmp / "src.txt").write_text("\n".join(TEXTS[1::2]))
-            (tmp / "tgt.txt").write_text("\n".join(TEXTS[0::2]))
+        with time_limit(limit), tempfile.TemporaryDirectory() as tmp:
+            model, tmp = build(row["model_type"]), Path(tmp)
+            saved(model, tmp)
             extra = sites_of(METHODS["ablate"], adapter_for(model).presets)
             code, why = cli(["fit", "--model", tmp / "model", "--source", tmp / "src.txt", "--target",
                              tmp / "tgt.txt", "--method", "ablate", *extra, "--out", tmp / "ablate.json"])
@@ -353,9 +357,6 @@ def timed_onnx(row: dict, limit: int = 400) -> dict:
         return {"outcome": "failed", "why": f"Slow: {e}"}
     except Exception as e:  # noqa: BLE001 - a row, not the end of the sweep
         return {"outcome": "failed", "why": first_line(e)}
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
 
 
 def main() -> None:
