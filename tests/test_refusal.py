@@ -246,7 +246,7 @@ def test_search_writes_trials_front_and_a_chosen_spec_that_bakes(tmp_path, token
     assert all(0 <= r["refusals"] <= 3 and r["kl"] >= 0 for r in doc["trials"]) and 0 <= doc["original_refusals"] <= 3
     assert doc["chosen"] in doc["front"] and set(doc["front"]) <= {0, 1, 2}
     assert (out / "front.png").is_file()
-    assert sorted(p.name for p in (out / "front").iterdir()) == sorted(f"trial_{i}.json" for i in doc["front"])
+    assert sorted(p.name for p in (out / "front").glob("*.json")) == sorted(f"trial_{i}.json" for i in doc["front"])
     assert doc["norm_preserving"] and doc["orthogonalize"] and doc["system"] == "Be brief."
     from bake import compiler
     from bake.spec import read
