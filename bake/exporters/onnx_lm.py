@@ -95,17 +95,7 @@ def io_names(n_layers: int) -> tuple[list[str], list[str]]:
 
 
 def check_supported(model: torch.nn.Module) -> list[tuple[int, int, int, int]]:
-    """The cache layout (see `cache_layout`), unless the family table says why the model cannot export
-    (`Adapter.onnx`); a model bake cannot read at all is refused by the passes, not here."""
-    from ..families import adapter_for
-
-    try:
-        why = adapter_for(model).onnx
-    except BakeError:
-        why = None
-    if why is not None:
-        raise BakeError(f"--format onnx: not supported for model type {model.config.model_type!r}: {why} "
-                        f"(safetensors works)")
+    """Before any work: the cache layout, or the reason the model cannot export (see `cache_layout`)."""
     return cache_layout(model)
 
 

@@ -138,7 +138,6 @@ class Adapter:
     residual_scale: float = 1.0  # the last write is c·writer(x) (see Layer)
     relabel_to: str | None = None  # the family whose class has the bias flags this one hard-codes off
     tiny_model: Tiny | None = None
-    onnx: str | None = None  # None: exports to ONNX; else why not
     onnx_genai: bool = False  # onnxruntime-genai runs this model type
     per_layer: tuple[Layer, ...] = ()  # one per layer where they differ (then graph/residual_* are unused)
     gguf_arch: str | None = None  # llama.cpp's architecture name, where bake writes GGUF for this family
