@@ -151,8 +151,9 @@ def refusal_subspace(src: torch.Tensor, tgt: torch.Tensor, k: int) -> torch.Tens
     off = src.double() - tgt.double().mean(0)
     off = off - (off @ u) @ u.T
     _, _, vh = torch.linalg.svd(off, full_matrices=False)
-    basis, _ = torch.linalg.qr(torch.cat([u, vh[:k - 1].T], dim=1))
-    return (basis * torch.sign((basis * torch.cat([u, vh[:k - 1].T], 1)).sum(0))).float()
+    cols = torch.cat([u, vh[:k - 1].T], dim=1)
+    basis, _ = torch.linalg.qr(cols)
+    return (basis * torch.sign((basis * cols).sum(0))).float()  # QR may flip a column: keep u₁'s sign
 
 
 def orthogonalized(u: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
