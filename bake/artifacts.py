@@ -114,9 +114,11 @@ def _resolve_format(p: Path, name: str, fmt: str, flag: str, allowed: tuple[str,
 
 def open_artifact(path: str | Path, fmt: str = "auto", *, provider: str = "auto", trust_code: bool = False,
                   dtype: str = "float32", flag: str = "--steered", hint: str = TO_RUN,
-                  allowed: tuple[str, ...] = CAUSAL_FORMATS) -> Artifact:
+                  allowed: tuple[str, ...] = CAUSAL_FORMATS, device: str = "cpu",
+                  device_map: str | None = None) -> Artifact:
     """Open `path` as `fmt`, one of `allowed` (`auto`: a causal-LM checkpoint, else its ONNX export).
-    `dtype` for safetensors: `float32`, or `auto` for the stored dtype; `provider` for ONNX Runtime;
+    `dtype` for safetensors: `float32`, or `auto` for the stored dtype; `device` (cpu, cuda, auto) or an
+    accelerate `device_map` (auto: across GPUs, then CPU) for safetensors and LoRA; `provider` for ONNX Runtime;
     `flag` names the option in messages; `hint` ends the refusal to run generated code without
     `trust_code`."""
     p = Path(path)
@@ -127,9 +129,21 @@ def open_artifact(path: str | Path, fmt: str = "auto", *, provider: str = "auto"
         return open_pipeline(p)
     if fmt == "gguf":
         return _open_gguf(p)
+    placement = _placement(device, device_map)
     if fmt == "lora":
-        return _open_lora(p, flag)
-    return _open_safetensors(p, str(path), trust_code, dtype, flag, hint)
+        return _open_lora(p, flag, placement)
+    return _open_safetensors(p, str(path), trust_code, dtype, flag, hint, placement)
+
+
+def _placement(device: str, device_map: str | None) -> dict:
+    """from_pretrained's `device_map`: accelerate's map when one is given, else the one device (none for
+    the CPU, transformers' default)."""
+    from .models.loading import pick_device
+
+    if device_map:
+        return {"device_map": device_map}
+    dev = pick_device(device)
+    return {} if dev.type == "cpu" else {"device_map": str(dev)}
 
 
 def _open_onnx(p: Path, provider: str) -> Artifact:
@@ -158,7 +172,7 @@ def _has_lora(p: Path) -> bool:
     return (p / "lora" / "adapter_config.json").is_file()
 
 
-def _open_lora(p: Path, flag: str) -> Artifact:
+def _open_lora(p: Path, flag: str, placement: dict) -> Artifact:
     """The PEFT adapter in `p/lora` on its base model (float32, stock from_pretrained), at scale 1."""
     import json
 
@@ -169,7 +183,7 @@ def _open_lora(p: Path, flag: str) -> Artifact:
     base = json.loads((p / "lora" / "adapter_config.json").read_text())["base_model_name_or_path"]
     if not Path(base).is_dir():
         raise BakeError(f"{flag}: the LoRA adapter's base model {base!r} is not a local directory")
-    art = _open_safetensors(Path(base), base, False, "float32", flag, TO_RUN)
+    art = _open_safetensors(Path(base), base, False, "float32", flag, TO_RUN, placement)
     model = PeftModel.from_pretrained(art.model, str(p / "lora")).eval()
     return Artifact(model, art.tokenizer, "lora", "float32", p)
 
@@ -181,7 +195,8 @@ def open_pipeline(p: Path) -> Artifact:
     return Artifact(load_pipeline(p), None, "pipeline", "float32", p)
 
 
-def _open_safetensors(p: Path, name: str, trust_code: bool, dtype: str, flag: str, hint: str) -> Artifact:
+def _open_safetensors(p: Path, name: str, trust_code: bool, dtype: str, flag: str, hint: str,
+                      placement: dict | None = None) -> Artifact:
     """A checkpoint with `from_pretrained`: stock, or its generated code when it has some and `trust_code`."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -194,7 +209,7 @@ def _open_safetensors(p: Path, name: str, trust_code: bool, dtype: str, flag: st
                         f"then pass --trust-remote-code{hint}")
     try:
         model = AutoModelForCausalLM.from_pretrained(str(p), dtype=dtype if dtype == "auto" else getattr(torch, dtype),
-                                                     trust_remote_code=code, use_safetensors=True)
+                                                     trust_remote_code=code, use_safetensors=True, **(placement or {}))
         tok = AutoTokenizer.from_pretrained(str(p), trust_remote_code=False)
     except Exception as e:
         how = "from_pretrained(trust_remote_code=True)" if code else "stock from_pretrained"

@@ -77,10 +77,15 @@ def _p_fit(sub):
     g.add_argument("--accumulate", type=int, default=1, help="micro-batches per step and process (gradient "
                    "accumulation; under torchrun each process runs its own, so N processes = N × the batch)")
     g.add_argument("--max-minutes", type=float, default=None, help="stop cleanly and write the best spec so far")
-    p.add_argument("--device-map", default=None, help="accelerate device map for models larger than one device "
-                   "(e.g. auto: layers across GPUs and CPU)")
-    p.add_argument("--device", default="cpu", help="cpu | cuda | auto (cuda when a GPU is present)")
+    _placement_args(p, "the model")
     p.add_argument("--out", required=True, help="spec manifest to write (.json; tensors go beside it)")
+
+
+def _placement_args(p, what: str) -> None:
+    """--device and --device-map: where `what` runs."""
+    p.add_argument("--device", default="cpu", help=f"where {what} runs: cpu | cuda[:N] | auto (cuda when a GPU is present)")
+    p.add_argument("--device-map", default=None, help=f"or spread {what} by accelerate, for models larger than one "
+                   "device (auto: layers across GPUs, then CPU)")
 
 
 def _spec_args(p) -> None:
@@ -117,6 +122,7 @@ def _p_apply(sub):
                    "(a stock checkpoint; verify reports the resulting error)")
     p.add_argument("--insert-modules", action="store_true", help="keep maps that cannot fold as small modules "
                    "(safetensors then carries generated code and needs trust_remote_code=True; ONNX needs nothing)")
+    _placement_args(p, "verify (the reference, then each baked format; one copy resident at a time)")
 
 
 def _p_verify(sub):
@@ -128,6 +134,7 @@ def _p_verify(sub):
                    help="run the generated code of a checkpoint with inserted modules (read it first)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--report", default=None, help="write the JSON report here")
+    _placement_args(p, "the reference, then each baked format (one copy resident at a time)")
 
 
 def _p_eval(sub):
@@ -177,6 +184,7 @@ def _p_diff(sub):
     p.add_argument("--max-new-tokens", type=int, default=32, help="greedy continuation length")
     p.add_argument("--report", default=None, help="HTML report to write")
     p.add_argument("--json", default=None, help="JSON report to write")
+    _placement_args(p, "each model (the original, then the steered one; one resident at a time)")
 
 
 def _numbers(text: str, field: str, kind=float) -> list:
@@ -291,7 +299,7 @@ def _verification_line(v: dict) -> str:
         return line + f" [{v['criterion']}]"
     line = (f"verify: {'PASS' if v['passed'] else 'FAIL'}: {v['prompts']} prompts, max abs logit error "
             f"{v['max_abs']:.3g} (relative {v['max_rel']:.3g}), greedy identical {v['greedy_same']}/{v['prompts']}"
-            f" [{v['criterion']}]")
+            f" [{v['criterion']}]" + (f" in {v['seconds']:.1f} s" if "seconds" in v else ""))
     lo = v.get("lora")
     if lo:
         line += (f"\nverify (lora, PEFT at scale 1): {'PASS' if lo['passed'] else 'FAIL'}: max abs logit error "
@@ -314,7 +322,8 @@ def cmd_apply(a) -> int:
                        strength=a.strength, force=a.force, run_verify=a.verify,
                        prompts=tuple(read_prompts(a.prompts) or ()) or None, check_model=not a.ignore_fingerprint,
                        insert_modules=a.insert_modules, approximate=a.approximate, stream=a.stream or None,
-                       link=a.link, inputs=(a.prompts,) if a.prompts else (), max_new_tokens=a.max_new_tokens)
+                       link=a.link, inputs=(a.prompts,) if a.prompts else (), max_new_tokens=a.max_new_tokens,
+                       device=a.device, device_map=a.device_map)
     res = apply(a.model, a.spec, a.out, opts)
     if res.verification:
         print(_verification_line(res.verification))
@@ -339,7 +348,8 @@ def cmd_verify(a) -> int:
 
     specs = read_specs(a.spec, a.strength)
     opts = VerifyOptions(prompts=tuple(read_prompts(a.prompts)), max_new_tokens=a.max_new_tokens,
-                         check_model=not a.ignore_fingerprint, provider=a.provider, trust_code=a.trust_remote_code)
+                         check_model=not a.ignore_fingerprint, provider=a.provider, trust_code=a.trust_remote_code,
+                         device=a.device, device_map=a.device_map)
     report = verify_baked(a.model, specs, a.baked, opts)
     if a.report:
         Path(a.report).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
@@ -374,7 +384,8 @@ def cmd_diff(a) -> int:
 
     doc = run(DiffOptions(model=a.model, steered=a.steered, fmt=a.format, provider=a.provider, prompts=a.prompts,
                           trust_code=a.trust_remote_code, max_kl=a.max_kl, min_top1=a.min_top1,
-                          max_new_tokens=a.max_new_tokens, report=a.report, json=a.json))
+                          max_new_tokens=a.max_new_tokens, report=a.report, json=a.json, device=a.device,
+                          device_map=a.device_map))
     s = doc["summary"]
     print(f"diff: {s['prompts']} prompts, {s['positions']} positions: mean KL {s['kl_mean']:.4g} (max {s['kl_max']:.4g}), "
           f"top-1 agreement {s['top1_agreement']:.4f}, greedy identical {s['greedy_same']}/{s['prompts']} [{doc['format']}]")

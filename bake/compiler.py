@@ -108,7 +108,9 @@ def _log(plan: Plan, source, log, after: bool) -> None:
 
 
 def _verify(source, plan: Plan, specs: list[Spec], tmp: Path, opts: BakeOptions, out: Path, log) -> dict:
+    t0 = time.perf_counter()
     v = source.verify(plan, specs, tmp, opts)
+    v["seconds"] = round(time.perf_counter() - t0, 2)
     if not v["passed"] and opts.approximate:
         log(f"approximate: the baked model differs from the exact reference by {v['max_rel']:.3g} "
             f"(relative logit error), greedy identical {v['greedy_same']}/{v['prompts']}; written anyway, as asked")

@@ -34,6 +34,8 @@ class VerifyOptions:
     provider: str = "auto"
     trust_code: bool = False
     formats: tuple[str, ...] | None = None
+    device: str = "cpu"  # where the reference and the candidates run (cpu | cuda | auto)
+    device_map: str | None = None  # or spread by accelerate (auto: GPUs, then CPU)
 
 
 class Modality(Protocol):
@@ -93,12 +95,14 @@ class CausalLM(_Directories):
     def verify(self, model_name: str, specs: list, baked: str | Path, opts: VerifyOptions) -> dict:
         """The baked directory (every format it holds) against the hooked original `model_name`."""
         from .models import load
+        from .models.loading import check_placement
         from .verify import verify
 
         self.check_dir(baked)
+        check_placement(opts.device, opts.device_map)
 
         def fresh():
-            loaded = load(model_name)
+            loaded = load(model_name, device=opts.device, device_map=opts.device_map)
             return loaded.model, loaded.tokenizer
 
         def gguf(ref):  # in llama.cpp, by the GGUF yardstick (the unsteered model's own quantization error)
@@ -112,7 +116,8 @@ class CausalLM(_Directories):
 
         return verify(fresh, specs, Path(baked), list(opts.prompts), opts.max_new_tokens,
                       check_model=opts.check_model, formats=list(opts.formats) if opts.formats else None,
-                      provider=opts.provider, trust_code=opts.trust_code, runtime={"gguf": gguf})
+                      provider=opts.provider, trust_code=opts.trust_code, runtime={"gguf": gguf},
+                      device=opts.device, device_map=opts.device_map)
 
 
 class Pipeline(_Directories):
@@ -139,6 +144,8 @@ class Pipeline(_Directories):
         from .models.diffusion import load_pipeline
         from .verify_pipeline import verify_pipeline
 
+        if opts.device != "cpu" or opts.device_map:
+            raise BakeError("--device/--device-map: a pipeline is verified on the CPU (drop them)")
         source = resolve(model_name)
         if not is_pipeline_dir(source):
             raise BakeError(f"--model: {model_name!r} is not a diffusers pipeline, but --baked is one")

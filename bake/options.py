@@ -36,6 +36,8 @@ class BakeOptions:
     stream: bool | None = None  # None: stream a sharded checkpoint when nothing asks for a loaded model
     link: bool = False  # streaming: hard-link untouched shards
     inputs: tuple[str, ...] = field(default=())  # more files the run reads, which --out must not touch
+    device: str = "cpu"  # where verify runs the reference and the baked model (folding is on the CPU)
+    device_map: str | None = None  # or verify spreads them by accelerate (auto)
 
     def __post_init__(self) -> None:
         for k in ("formats", "prompts", "inputs"):  # lists (from callers, from JSON) are stored as tuples
@@ -86,6 +88,9 @@ class BakeOptions:
             raise BakeError(f"--max-new-tokens: must be at least 1, got {self.max_new_tokens}")
         if self.gguf_type is not None and "gguf" not in self.formats:
             raise BakeError("--gguf-type: only with --format gguf")
+        from .models.loading import check_placement
+
+        check_placement(self.device, self.device_map)
         if self.stream and not self.simple:
             raise BakeError("--stream: writes safetensors in the stored dtypes only (drop --dtype, --format onnx "
                             "and --insert-modules)")

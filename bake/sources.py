@@ -118,16 +118,17 @@ class LoadedLM:
         if "gguf" in opts.formats:
             from .verify_gguf import verify_gguf
 
-            runtime["gguf"] = lambda ref: verify_gguf(lambda: fresh(name), specs, ref, tmp, self.path,  # noqa: E731
+            runtime["gguf"] = lambda ref: verify_gguf(lambda: fresh(name, opts), specs, ref, tmp, self.path,  # noqa: E731
                                                       self.adapter, opts.max_new_tokens)
         if "control-vector" in opts.formats:
             from .verify_gguf import verify_control_vector
 
             runtime["control-vector"] = lambda ref: verify_control_vector(ref, tmp, self.path, self.adapter,  # noqa: E731
                                                                           opts.max_new_tokens)
-        v = verify_mod.verify(lambda: fresh(name), specs, tmp, list(opts.prompts or []) or None,
+        v = verify_mod.verify(lambda: fresh(name, opts), specs, tmp, list(opts.prompts or []) or None,
                               max_new_tokens=opts.max_new_tokens, check_model=opts.check_model,
-                              formats=list(opts.formats), trust_code=bool(plan.inserted), runtime=runtime)
+                              formats=list(opts.formats), trust_code=bool(plan.inserted), runtime=runtime,
+                              device=opts.device, device_map=opts.device_map)
         v["approximate"] = opts.approximate
         return v
 
@@ -148,8 +149,10 @@ class LoadedLM:
         return True
 
 
-def fresh(model_name: str):
-    loaded = load(model_name)
+def fresh(model_name: str, opts: BakeOptions | None = None):
+    """A fresh (model, tokenizer) of the original, where verify runs it."""
+    opts = opts or BakeOptions()
+    loaded = load(model_name, device=opts.device, device_map=opts.device_map)
     return loaded.model, loaded.tokenizer
 
 
@@ -221,6 +224,8 @@ class LoadedPipeline(LoadedLM):
     def check(self, opts: BakeOptions) -> None:
         if opts.insert_modules:
             raise BakeError("--insert-modules: not for diffusers pipelines yet (every default T2I site folds exactly)")
+        if opts.device != "cpu" or opts.device_map:
+            raise BakeError("--device/--device-map: a pipeline is verified on the CPU (drop them)")
         if {"gguf", "lora", "control-vector"} & set(opts.formats):
             raise BakeError("--format: gguf, lora and control-vector are for causal LMs (a pipeline writes "
                             "safetensors and onnx)")

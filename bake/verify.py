@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from .artifacts import formats_in, open_artifact
 from .errors import BakeError
+from .greedy import eos_masked, settled
 from .runtime import steered
 from .spec import Spec
 from .yardstick import NOISE_FACTOR, float64_verdict, fresh_run, within_noise
@@ -113,7 +114,7 @@ def logits_batch(model, seqs: list[torch.Tensor], pad: int) -> list[torch.Tensor
     return [out[i, ids.shape[1] - len(s):] for i, s in enumerate(seqs)]
 
 
-def _batches(items: list, size: int = BATCH):
+def batches(items: list, size: int = BATCH):
     """`items` in consecutive chunks of `size`."""
     return [items[i:i + size] for i in range(0, len(items), size)]
 
@@ -125,7 +126,7 @@ def run_reference(model, tok, specs: list[Spec], prompts: list[str], n: int, che
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     with steered(model, specs, check_model=check_model):
         out = []
-        for chunk in tqdm(_batches(prompts), desc=desc, leave=False):
+        for chunk in tqdm(batches(prompts), desc=desc, leave=False):
             seqs = greedy_batch(model, tok, chunk, n)
             for p, seq, lg in zip(chunk, seqs, logits_batch(model, seqs, pad)):
                 out.append({"prompt": p, "n_prompt": len(seq) - n, "seq": seq, "logits": lg})
@@ -136,20 +137,35 @@ def run_reference(model, tok, specs: list[Spec], prompts: list[str], n: int, che
     return out
 
 
-def run_candidate(model, tok, ref: list[dict], n: int, desc: str) -> list[dict]:
-    """Greedy continuations and teacher-forced logits of a candidate over the reference's sequences: a
-    PyTorch model in left-padded batches like the reference, an ONNX one prompt by prompt (the prompt
-    at once, then decode steps with its KV cache)."""
-    if not hasattr(model, "prefill_then_decode_logits"):
+def run_candidate(model, tok, ref: list[dict], n: int, desc: str, run_greedy: bool = False) -> list[dict]:
+    """Teacher-forced logits of a candidate over the reference's sequences (a PyTorch model in left-padded
+    batches like the reference, an ONNX or llama.cpp one prompt by prompt along its KV-cache path), and
+    its greedy continuations: read off those logits where they prove it generates the reference's
+    (`bake.greedy`), generated for real on the other prompts (all of them with `run_greedy`). Each
+    result says which (`greedy_run`)."""
+    eos = None if run_greedy else eos_masked(model)
+    exact_path = hasattr(model, "prefill_then_decode_logits")
+    if exact_path:
+        got = [{"logits": model.prefill_then_decode_logits(r["seq"], r["n_prompt"])} for r in tqdm(ref, desc=desc, leave=False)]
+    else:
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        out = []
-        for chunk in tqdm(_batches(ref), desc=desc, leave=False):
-            seqs = greedy_batch(model, tok, [r["prompt"] for r in chunk], n)
-            out += [{"seq": s, "logits": lg} for s, lg in zip(seqs, logits_batch(model, [r["seq"] for r in chunk], pad))]
-        return out
-    return [{"seq": greedy(model, tok, r["prompt"], n),
-             "logits": model.prefill_then_decode_logits(r["seq"], r["n_prompt"])}
-            for r in tqdm(ref, desc=desc, leave=False)]
+        got = [{"logits": lg} for chunk in tqdm(batches(ref), desc=desc, leave=False)
+               for lg in logits_batch(model, [r["seq"] for r in chunk], pad)]
+    todo = []
+    for r, g in zip(ref, got):
+        g["greedy_run"] = eos is None or not settled(r, g["logits"], eos, exact_path)
+        if g["greedy_run"]:
+            todo.append((r, g))
+        else:
+            g["seq"] = r["seq"]
+    for chunk in batches(todo):
+        if exact_path:
+            seqs = [greedy(model, tok, r["prompt"], n) for r, _ in chunk]
+        else:
+            seqs = greedy_batch(model, tok, [r["prompt"] for r, _ in chunk], n)
+        for (_, g), s in zip(chunk, seqs):
+            g["seq"] = s
+    return got
 
 
 def errors(ref: list[dict], got: list[dict]) -> tuple[float, float, list[float]]:
@@ -176,8 +192,12 @@ RUNTIME_CHECKED = ("gguf", "control-vector")  # run in llama.cpp by apply (`runt
 
 def verify(load_original, specs: list[Spec], baked_dir: Path, prompts: list[str] | None = None,
            max_new_tokens: int = 32, check_model: bool = True, formats: list[str] | None = None,
-           provider: str = "auto", trust_code: bool = False, runtime: dict | None = None) -> dict:
-    """`load_original()` returns a fresh (model, tokenizer) of the unmodified float32 model. Every
+           provider: str = "auto", trust_code: bool = False, runtime: dict | None = None,
+           device: str = "cpu", device_map: str | None = None) -> dict:
+    """`load_original()` returns a fresh (model, tokenizer) of the unmodified float32 model (on the
+    device it should run on); safetensors candidates open on `device` or spread by `device_map`. The
+    reference runs first and is freed (its logits kept) before each candidate loads, so one copy of
+    the model is resident at a time. Every
     format in the directory (safetensors, ONNX, GGUF) is checked against one hooked reference run; the
     report is the first format's, with the others under their names, and passes when all do.
     `runtime[fmt](ref)` checks a format bake runs in another runtime where it wrote it (a GGUF, a control
@@ -200,7 +220,8 @@ def verify(load_original, specs: list[Spec], baked_dir: Path, prompts: list[str]
         if fmt in runtime:
             reports[fmt] = runtime[fmt](ref)
             continue
-        cand = open_artifact(baked_dir, fmt, provider=provider, trust_code=trust_code, dtype="auto", flag="--baked")
+        cand = open_artifact(baked_dir, fmt, provider=provider, trust_code=trust_code, dtype="auto", flag="--baked",
+                             device=device, device_map=device_map)
         reports[fmt] = _check(load_at, specs, ref, cand, prompts, max_new_tokens, shared)
         if fmt == "onnx":
             reports[fmt]["provider"] = cand.runtime
@@ -233,6 +254,7 @@ def _check(load_at, specs, ref, cand, prompts, max_new_tokens: int, shared: dict
     report = {
         "prompts": len(prompts), "max_new_tokens": max_new_tokens, "dtype": cand.dtype,
         "max_abs": max_abs, "max_rel": max_rel, "greedy_same": sum(same), "nonfinite": nonfinite(got),
+        "greedy_generated": sum(g["greedy_run"] for g in got),
         "per_prompt": [{"prompt": r["prompt"], "max_abs": e, "greedy_same": s} for r, e, s in zip(ref, per, same)],
     }
     if noise is None:
@@ -279,6 +301,6 @@ def run_candidate_hooked(model, tok, specs, ref, n, logits_only: bool = False) -
     with steered(model, specs, check_model=False):
         if logits_only:
             pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-            return [{"logits": lg} for chunk in tqdm(_batches(ref), desc="hooked, float64", leave=False)
+            return [{"logits": lg} for chunk in tqdm(batches(ref), desc="hooked, float64", leave=False)
                     for lg in logits_batch(model, [r["seq"] for r in chunk], pad)]
         return run_candidate(model, tok, ref, n, desc="hooked, other precision")

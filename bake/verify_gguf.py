@@ -69,7 +69,7 @@ def _f32_judged(ref: list[dict], got: list[dict]) -> dict:
     max_abs, max_rel, _ = errors(ref, got)
     same = sum(bool(torch.equal(r["seq"], g["seq"])) for r, g in zip(ref, got))
     return {"runtime": "llama.cpp", "prompts": len(ref), "max_abs": max_abs, "max_rel": max_rel, "greedy_same": same,
-            "passed": max_rel <= F32_TOL and same == len(ref),
+            "greedy_generated": sum(g["greedy_run"] for g in got), "passed": max_rel <= F32_TOL and same == len(ref),
             "criterion": f"relative logit error <= {F32_TOL:g} and identical greedy continuations"}
 
 

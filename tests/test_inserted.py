@@ -123,6 +123,35 @@ def test_generated_code_loads_in_a_fresh_process(model_dir):
     assert torch.allclose(torch.tensor(got["logits"]), ref, atol=1e-5)
 
 
+def test_steering_survives_kernelization_and_wraps_a_kernel_forward(model_dir):
+    """transformers >= 5.25 kernelizes a model after loading it (norms and MLPs get the class forward
+    back, or a hub kernel's): the steering must stay in front of whatever forward is chosen."""
+    import types
+
+    from transformers import AutoModelForCausalLM
+
+    tmp, src, _, _ = model_dir
+    out = _baked(tmp, src, "pwl")
+    m = AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=True).eval()
+    ids = torch.tensor([[5, 17, 33, 8, 91, 4]])
+    with torch.no_grad():
+        before = m(ids).logits
+        if hasattr(m, "set_use_kernels"):
+            m.set_use_kernels(True)  # what from_pretrained does last
+        assert torch.equal(m(ids).logits, before)
+        site = m.config.bake_inserted[0]["module"]
+        mod = m.get_submodule(site)
+        calls = []
+
+        def kernel(self, *a, **k):  # a stand-in hub kernel: the class forward, counted
+            calls.append(1)
+            return type(self).forward(self, *a, **k)
+
+        mod.forward = types.MethodType(kernel, mod)  # as kernels' _replace_forward does
+        sys.modules[type(m).__module__].route(mod)
+        assert torch.equal(m(ids).logits, before) and calls
+
+
 def test_gates_are_batch_independent_and_ignore_padding(model_dir):
     from transformers import AutoModelForCausalLM
 

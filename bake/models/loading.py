@@ -224,6 +224,19 @@ def pick_device(name: str = "cpu") -> torch.device:
         raise BakeError(f"--device: cannot parse {name!r}") from None
 
 
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's strategies
+
+
+def check_placement(device: str, device_map: str | None) -> None:
+    """`--device` must name a device that is here; `--device-map` one of accelerate's strategies or a
+    device (the error names the flag)."""
+    pick_device(device)
+    if device_map is not None and device_map not in DEVICE_MAPS:
+        if device_map != "cpu" and not device_map.startswith("cuda"):
+            raise BakeError(f"--device-map: unknown map {device_map!r} (known: {', '.join(DEVICE_MAPS)}, or a device)")
+        pick_device(device_map)
+
+
 def load(name: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
          device: str = "cpu", device_map: str | None = None) -> Loaded:
     """Load a causal LM and its tokenizer (never with remote code unless asked) onto `device`, or spread

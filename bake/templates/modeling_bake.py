@@ -104,7 +104,8 @@ def _steered(self, *args, **kwargs):
         else:
             key = next(iter(kwargs))
             kwargs = {**kwargs, key: pre(kwargs[key])}
-    out = type(self).forward(self, *args, **kwargs)
+    inner = self.__dict__.get("_bake_forward")  # a hub kernel's forward, where transformers put one
+    out = inner(*args, **kwargs) if inner is not None else type(self).forward(self, *args, **kwargs)
     if post is None:
         return out
     if isinstance(out, tuple):
@@ -117,7 +118,19 @@ def install(model: torch.nn.Module, inserted: list[dict]) -> None:
     for site in inserted:
         mod = model.get_submodule(site["module"])
         mod.add_module(CHILD[site["side"]], SteerOps(site["ops"]))
-        mod.forward = types.MethodType(_steered, mod)
+        route(mod)
+
+
+def route(mod: torch.nn.Module) -> None:
+    """Point `mod.forward` at `_steered`, around the forward it has now: its class's, or the one a hub
+    kernel put on the instance (transformers >= 5.25 kernelizes after loading the weights: it resets
+    or replaces the forward of norms and MLPs, which would silently drop the steering)."""
+    now = mod.__dict__.get("forward")
+    if now is None:
+        mod.__dict__.pop("_bake_forward", None)
+    elif getattr(now, "__func__", None) is not _steered:
+        mod.__dict__["_bake_forward"] = now
+    mod.forward = types.MethodType(_steered, mod)
 
 
 def _keep_conversions(model_type: str) -> None:
@@ -140,6 +153,13 @@ def make_class(base):
             super().__init__(config, *args, **kwargs)
             _keep_conversions(config.model_type)  # the checkpoint's, not the class's (Sarvam-MoE runs GLM-4-MoE)
             install(self, getattr(config, "bake_inserted", []))
+
+        def set_use_kernels(self, *args, **kwargs):
+            """The stock kernelization, then the steering routed around whatever forward it chose."""
+            out = super().set_use_kernels(*args, **kwargs)
+            for site in getattr(self.config, "bake_inserted", []):
+                route(self.get_submodule(site["module"]))
+            return out
 
     # named after the stock class: transformers decides some things by class name (MiniMax's own cache)
     BakeForCausalLM.__name__ = BakeForCausalLM.__qualname__ = f"Bake{base.__name__}"
