@@ -15,6 +15,7 @@ from pathlib import Path
 from . import exporters, passes
 from .errors import BakeError, CheckFailed
 from .exporters import card, portable
+from .models.loading import check_placement
 from .options import BakeOptions, parse_formats
 from .plan import Plan, bind
 from .sources import open_source
@@ -63,6 +64,7 @@ def apply(model_name: str, spec_paths: list[str], out: str | Path, options: Bake
     t0 = time.perf_counter()
     opts = (options or BakeOptions()).replace(**changes)
     opts.check()
+    check_placement(opts.device, opts.device_map)  # where verify runs
     out = Path(out)
     specs = read_specs(spec_paths, opts.strength)  # validated before any model is loaded
     reads = input_paths(specs, model_name, opts.inputs)

@@ -88,9 +88,6 @@ class BakeOptions:
             raise BakeError(f"--max-new-tokens: must be at least 1, got {self.max_new_tokens}")
         if self.gguf_type is not None and "gguf" not in self.formats:
             raise BakeError("--gguf-type: only with --format gguf")
-        from .models.loading import check_placement
-
-        check_placement(self.device, self.device_map)
         if self.stream and not self.simple:
             raise BakeError("--stream: writes safetensors in the stored dtypes only (drop --dtype, --format onnx "
                             "and --insert-modules)")

@@ -18,7 +18,7 @@ LAYERS = [
     {"bake.plan", "bake.runtime"},
     {"bake.passes"},
     {"bake.exporters", "bake.ort_session"},
-    {"bake.ort", "bake.llamacpp", "bake.artifacts", "bake.yardstick"},
+    {"bake.ort", "bake.llamacpp", "bake.artifacts", "bake.yardstick", "bake.greedy"},
     {"bake.verify", "bake.verify_pipeline", "bake.verify_gguf"},
     {"bake.modality"},
     {"bake.diff", "bake.diff_report", "bake.evaluation", "bake.fit", "bake.sources"},

@@ -100,6 +100,8 @@ def test_fit_reads_builtin_sets_and_templates_chat_turns(tmp_path, capsys, token
 
     assert read_texts("bake:harmful", "--source") == prompts("harmful", "fit")
     assert read_texts("bake:harmless:select", "--target") == prompts("harmless", "select")
+    both = read_texts("bake:harmless+benign:select", "--control")
+    assert both == prompts("harmless", "select") + prompts("benign", "select") and len(set(both)) == len(both)
     plain = save_model(make_llama(), tokenizer, tmp_path / "plain")
     args = ["fit", "--method", "ablate", "--direction", "mean", "--pooling", "last", "--source", "bake:harmful",
             "--target", "bake:harmless", "--chat"]

@@ -44,13 +44,13 @@ BUILTIN = "bake:"  # --source bake:harmful[:split]: a prompt set bake ships (bak
 
 
 def read_texts(path: str | Path, field: str) -> list[str]:
-    """The non-empty lines of a UTF-8 file (at least 2), or a prompt set bake ships (`bake:KIND[:SPLIT]`,
-    split `fit` by default), or a BakeError naming `field`."""
+    """The non-empty lines of a UTF-8 file (at least 2), or prompt sets bake ships (`bake:KIND[+KIND…][:SPLIT]`,
+    split `fit` by default; `bake:harmless+benign`: both sets, in that order), or a BakeError naming `field`."""
     if str(path).startswith(BUILTIN):
         from ..evaluation.refusal_data import prompts
 
-        kind, _, split = str(path)[len(BUILTIN):].partition(":")
-        return prompts(kind, split or "fit")
+        kinds, _, split = str(path)[len(BUILTIN):].partition(":")
+        return [t for kind in kinds.split("+") for t in prompts(kind, split or "fit")]
     p = Path(path)
     if not p.is_file():
         raise BakeError(f"{field}: no such file {str(p)!r}")

@@ -60,7 +60,7 @@ def _gated_diag(m, i, x, s):
 
 
 def _gated(m, i, x, s):
-    return x + s * _gate(m, i, x) * (getattr(m, f"inner{i}")(x) - x)
+    return x + s * _gate(m, i, x) * (m._modules[f"inner{i}"](x) - x)
 
 
 OPS = {"diag": _diag, "dense": _dense, "affine": _affine, "pwl": _pwl_op, "gated_diag": _gated_diag,
@@ -68,27 +68,29 @@ OPS = {"diag": _diag, "dense": _dense, "affine": _affine, "pwl": _pwl_op, "gated
 
 
 class SteerOps(torch.nn.Module):
-    """A list of ops (see above) with their tensors as buffers named t{i}_{role}."""
+    """A list of ops (see above) with their tensors as buffers named t{i}_{role}. The per-call work is
+    one Python call per op: the op functions, buffer names and strengths are looked up once, here."""
 
     def __init__(self, ops: list[dict], prefix: str = "t"):
         super().__init__()
         self.ops = [dict(o) for o in ops]
         for i, op in enumerate(self.ops):
+            if op["op"] not in OPS:
+                raise ValueError(f"bake: unknown op {op['op']!r}")
             for role, shape in op.get("tensors", {}).items():
                 self.register_buffer(f"{prefix}{i}_{role}", torch.zeros(shape))
             if op["op"] == "gated":
                 self.add_module(f"inner{i}", SteerOps(op["inner"], prefix="t"))
+        self.plan = [(OPS[op["op"]], i, op.get("strength", 1.0)) for i, op in enumerate(self.ops)]
+        self.names = [{role: f"{prefix}{i}_{role}" for role in op.get("tensors", {})} for i, op in enumerate(self.ops)]
 
     def t(self, i, role, x):
-        b = getattr(self, f"t{i}_{role}")
+        b = self._buffers[self.names[i][role]]
         return b if b.dtype == x.dtype else b.to(x.dtype)
 
     def forward(self, x):
-        for i, op in enumerate(self.ops):
-            kind, s = op["op"], op.get("strength", 1.0)
-            if kind not in OPS:
-                raise ValueError(f"bake: unknown op {kind!r}")
-            x = OPS[kind](self, i, x, s)
+        for fn, i, s in self.plan:
+            x = fn(self, i, x, s)
         return x
 
 
@@ -97,7 +99,7 @@ CHILD = {"input": "bake_steer_in", "output": "bake_steer"}  # one child per side
 
 def _steered(self, *args, **kwargs):
     """The class forward with the input-side maps before it and the output-side maps after it."""
-    pre, post = getattr(self, CHILD["input"], None), getattr(self, CHILD["output"], None)
+    pre, post = self._modules.get(CHILD["input"]), self._modules.get(CHILD["output"])
     if pre is not None:
         if args:
             args = (pre(args[0]),) + tuple(args[1:])
