@@ -400,7 +400,7 @@ class Gated(MapKind):
         """op `gated_diag` (w, c, d, b) when the step is diagonal, else op `gated` with the inner
         op (T folded to a LinearMap where it folds) at λ = 1. Both keep the map's own λ."""
         step = self.diagonal_step(m)
-        t = {"w": m.tensors["w"], "c": m.tensors["c"].reshape(1)}
+        t = {"w": m.tensors["w"].reshape(1, -1), "c": m.tensors["c"].reshape(1)}  # linear's weight row, bias
         if step is not None:
             d, b = step  # T(x) − x = d⊙x + b: the reference's own ops (diagonal_step)
             return {"op": "gated_diag", "strength": m.strength}, {**t, "d": d, "b": b}

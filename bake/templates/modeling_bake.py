@@ -51,8 +51,8 @@ def _pwl_op(m, i, x, s):
     return (1 - s) * x + s * _pwl(x, m.t(i, "xs", x), m.t(i, "ys", x))
 
 
-def _gate(m, i, x):
-    return torch.sigmoid(torch.nn.functional.linear(x, m.t(i, "w", x).unsqueeze(0), m.t(i, "c", x).reshape(1)))
+def _gate(m, i, x):  # w is stored as linear's [1, d] weight row, c as its [1] bias
+    return torch.nn.functional.linear(x, m.t(i, "w", x), m.t(i, "c", x)).sigmoid_()
 
 
 def _gated_diag(m, i, x, s):
@@ -100,19 +100,20 @@ CHILD = {"input": "bake_steer_in", "output": "bake_steer"}  # one child per side
 def _steered(self, *args, **kwargs):
     """The class forward with the input-side maps before it and the output-side maps after it."""
     pre, post = self._modules.get(CHILD["input"]), self._modules.get(CHILD["output"])
+    # the children's forward is called directly: they are bake's own, with no hooks to run
     if pre is not None:
         if args:
-            args = (pre(args[0]),) + tuple(args[1:])
+            args = (pre.forward(args[0]),) + tuple(args[1:])
         else:
             key = next(iter(kwargs))
-            kwargs = {**kwargs, key: pre(kwargs[key])}
+            kwargs = {**kwargs, key: pre.forward(kwargs[key])}
     inner = self.__dict__.get("_bake_forward")  # a hub kernel's forward, where transformers put one
     out = inner(*args, **kwargs) if inner is not None else type(self).forward(self, *args, **kwargs)
     if post is None:
         return out
     if isinstance(out, tuple):
-        return (post(out[0]),) + tuple(out[1:])
-    return post(out)
+        return (post.forward(out[0]),) + tuple(out[1:])
+    return post.forward(out)
 
 
 def install(model: torch.nn.Module, inserted: list[dict]) -> None:
