@@ -277,3 +277,26 @@ def test_shipped_abliteration_spec_is_the_searched_qwen_spec():
         assert [m.kind for m in maps] == ["affine", "projection", "affine"]
         U = maps[1].tensors["U"]
         assert U.shape == (896, 1) and abs(float(U.norm()) - 1) < 1e-5
+
+
+def test_shipped_refusal_induction_spec_is_a_gated_vector_at_layer_12():
+    """examples/refuse.json (docs/abliteration.md, refusal induction): the refusal vector of
+    examples/refuse_caa.json (harmful − harmless mean residual after layer 12, last prompt token) behind
+    a DSAS gate fitted on HarmBench vs harmless + benign edgy prompts, fingerprinted on
+    Qwen2.5-Coder-0.5B-Instruct; the gate's vector is the inner vector's site's width. Baking it needs
+    the qwen packages and --insert-modules (a gate depends on the input): the measured bake is in the docs."""
+    from pathlib import Path
+
+    from bake.spec import read
+
+    ex = Path(__file__).resolve().parents[1] / "examples"
+    spec, caa = read(ex / "refuse.json"), read(ex / "refuse_caa.json")
+    assert spec.method == "dsas" and [s for s, _ in spec.sites] == ["model.layers.12:output"]
+    assert spec.model and spec.model == caa.model and spec.params["chat"] and caa.params["chat"]
+    (gate,), ((_, (vec,)),) = spec.sites[0][1], caa.sites
+    assert gate.kind == "gated" and gate.strength == 1.0 and gate.tensors["w"].shape == (896,)
+    assert spec.params["detector_accuracy"]["model.layers.12:output"] >= 0.75
+    assert vec.kind == "additive" and float(vec.tensors["v"].norm()) > 1
+    x = torch.randn(3, 896, dtype=torch.float64)
+    # the gate's inner map is the CAA vector: fully open, the step is v
+    assert torch.allclose(gate.inner.with_strength(1.0)(x) - x, vec.tensors["v"].double().expand(3, -1), atol=1e-5)
