@@ -3,7 +3,8 @@
 On every probe prompt: greedy continuation from each model, then logits of both models over the
 prompt plus the reference continuation (prefill and decode positions alike). PyTorch models run the
 probes in left-padded batches of `BATCH` (attention mask, explicit position ids), reference and
-candidate alike; an ONNX candidate runs them one at a time through its KV-cache loop. float32 passes when
+candidate alike; an ONNX candidate runs them one at a time through its KV-cache loop. The candidate's
+greedy continuation is read off its logits where they prove it (`bake/greedy.py`), generated elsewhere. float32 passes when
 every greedy continuation is identical and the relative logit error (max |Δ| / max |reference
 logit|) is ≤ 1e-5. Models with a wide dynamic range (Gemma) carry more float32 rounding noise than
 that; there verify also runs the hooked reference in float64 and passes when the baked model is as
