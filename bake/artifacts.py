@@ -129,21 +129,12 @@ def open_artifact(path: str | Path, fmt: str = "auto", *, provider: str = "auto"
         return open_pipeline(p)
     if fmt == "gguf":
         return _open_gguf(p)
-    placement = _placement(device, device_map)
+    from .models.loading import placement as where
+
+    placement = where(device, device_map)
     if fmt == "lora":
         return _open_lora(p, flag, placement)
     return _open_safetensors(p, str(path), trust_code, dtype, flag, hint, placement)
-
-
-def _placement(device: str, device_map: str | None) -> dict:
-    """from_pretrained's `device_map`: accelerate's map when one is given, else the one device (none for
-    the CPU, transformers' default)."""
-    from .models.loading import pick_device
-
-    if device_map:
-        return {"device_map": device_map}
-    dev = pick_device(device)
-    return {} if dev.type == "cpu" else {"device_map": str(dev)}
 
 
 def _open_onnx(p: Path, provider: str) -> Artifact:

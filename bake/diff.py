@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from .artifacts import Artifact
 from .errors import BakeError
 from .modality import CAUSAL_LM, of_loaded
-from .verify import batches, greedy, greedy_batch, logits_batch
+from .verify import batches, greedy, greedy_batch, logits, logits_batch
 
 DEFAULT_FLORES = 24  # held-out FLORES sentences added to the probes by default
 ONNX_HINT = " (or use its ONNX export: --format onnx)"  # how to diff a checkpoint with generated code unrun
@@ -148,7 +148,7 @@ def run_model(model, tok, prompts: list[str], max_new_tokens: int, desc: str) ->
             seqs = greedy_batch(model, tok, [p for p, _ in chunk], max_new_tokens)
             out += [_side(lg, s, len(e)) for lg, s, (_, e) in zip(lgs, seqs, chunk)]
         return out
-    return [_side(_logits(model, e), greedy(model, tok, p, max_new_tokens), len(e))
+    return [_side(logits(model, e), greedy(model, tok, p, max_new_tokens), len(e))
             for p, e in tqdm(list(zip(prompts, enc)), desc=f"diff ({desc})", leave=False)]
 
 
@@ -157,13 +157,6 @@ def _side(logits: torch.Tensor, seq: torch.Tensor, n_prompt: int) -> dict:
     finite, and the continuation."""
     return {"logp": torch.log_softmax(logits, -1).float(), "finite": bool(torch.isfinite(logits).all()),
             "continuation": seq[n_prompt:]}
-
-
-@torch.no_grad()
-def _logits(model, ids: torch.Tensor) -> torch.Tensor:
-    """Teacher-forced logits of one unpadded sequence, float64 on the CPU."""
-    out = model(input_ids=ids[None], attention_mask=torch.ones_like(ids)[None])
-    return out.logits[0].double().cpu()
 
 
 def compare(original, steered, tok, prompts: list[str], max_new_tokens: int = 32) -> dict:

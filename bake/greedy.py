@@ -31,7 +31,7 @@ PATH_REL = 2e-6  # float32 cached-vs-teacher-forced difference, relative to max|
 NEUTRAL = {"use_cache", "output_attentions", "output_hidden_states", "output_scores", "output_logits",
            "return_dict_in_generate", "pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id",
            "_from_model_config", "transformers_version", "do_sample", "temperature", "top_p", "top_k",
-           "max_length", "max_new_tokens", "min_length", "min_new_tokens", "num_beams", "cache_implementation"}
+           "max_length", "max_new_tokens", "min_length", "min_new_tokens", "cache_implementation"}
 
 
 def eos_masked(model) -> list[int] | None:
@@ -42,7 +42,7 @@ def eos_masked(model) -> list[int] | None:
         from .sampling import eos_ids
 
         return eos_ids(model.config)
-    if set(gen.to_diff_dict()) - NEUTRAL or getattr(gen, "num_beams", 1) not in (None, 1):
+    if set(gen.to_diff_dict()) - NEUTRAL:  # beams, penalties, suppressed tokens …
         return None
     eos = gen.eos_token_id
     return [eos] if isinstance(eos, int) else list(eos or [])

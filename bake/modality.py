@@ -20,6 +20,7 @@ from typing import Protocol
 from . import artifacts
 from .errors import BakeError
 from .models.diffusion import DEFAULT_PROMPTS, PipelineModel, is_pipeline_dir
+from .models.loading import check_placement, cpu_only
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,6 @@ class CausalLM(_Directories):
     def verify(self, model_name: str, specs: list, baked: str | Path, opts: VerifyOptions) -> dict:
         """The baked directory (every format it holds) against the hooked original `model_name`."""
         from .models import load
-        from .models.loading import check_placement
         from .verify import verify
 
         self.check_dir(baked)
@@ -144,8 +144,7 @@ class Pipeline(_Directories):
         from .models.diffusion import load_pipeline
         from .verify_pipeline import verify_pipeline
 
-        if opts.device != "cpu" or opts.device_map:
-            raise BakeError("--device/--device-map: a pipeline is verified on the CPU (drop them)")
+        cpu_only(opts.device, opts.device_map)
         source = resolve(model_name)
         if not is_pipeline_dir(source):
             raise BakeError(f"--model: {model_name!r} is not a diffusers pipeline, but --baked is one")

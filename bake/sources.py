@@ -17,6 +17,7 @@ import torch
 from .errors import BakeError
 from .exporters import shards
 from .models import load, resolve
+from .models.loading import cpu_only
 from .models.loading import meta_model
 from .options import BakeOptions
 from .store import ModuleStore
@@ -224,8 +225,7 @@ class LoadedPipeline(LoadedLM):
     def check(self, opts: BakeOptions) -> None:
         if opts.insert_modules:
             raise BakeError("--insert-modules: not for diffusers pipelines yet (every default T2I site folds exactly)")
-        if opts.device != "cpu" or opts.device_map:
-            raise BakeError("--device/--device-map: a pipeline is verified on the CPU (drop them)")
+        cpu_only(opts.device, opts.device_map)
         if {"gguf", "lora", "control-vector"} & set(opts.formats):
             raise BakeError("--format: gguf, lora and control-vector are for causal LMs (a pipeline writes "
                             "safetensors and onnx)")

@@ -130,12 +130,18 @@ def test_steering_survives_kernelization_and_wraps_a_kernel_forward(model_dir):
 
     from transformers import AutoModelForCausalLM
 
-    tmp, src, _, _ = model_dir
+    from bake.spec import read
+
+    tmp, src, model, _ = model_dir
     out = _baked(tmp, src, "pwl")
     m = AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=True).eval()
     ids = torch.tensor([[5, 17, 33, 8, 91, 4]])
     with torch.no_grad():
         before = m(ids).logits
+        with steered(model, read(tmp / "pwl.json")):
+            ref = model(ids).logits
+        assert torch.allclose(before, ref, atol=1e-5)  # the steering is there after from_pretrained's kernelize
+        assert not torch.allclose(model(ids).logits, ref, atol=1e-3)  # and it moves the model
         if hasattr(m, "set_use_kernels"):
             m.set_use_kernels(True)  # what from_pretrained does last
         assert torch.equal(m(ids).logits, before)

@@ -237,6 +237,21 @@ def check_placement(device: str, device_map: str | None) -> None:
         pick_device(device_map)
 
 
+def placement(device: str, device_map: str | None) -> dict:
+    """from_pretrained's `device_map`: accelerate's map when one is given, else the one device (none for
+    the CPU, transformers' default)."""
+    if device_map:
+        return {"device_map": device_map}
+    dev = pick_device(device)
+    return {} if dev.type == "cpu" else {"device_map": str(dev)}
+
+
+def cpu_only(device: str, device_map: str | None) -> None:
+    """Pipelines are verified on the CPU: refuse a placement for them."""
+    if device != "cpu" or device_map:
+        raise BakeError("--device/--device-map: a pipeline is verified on the CPU (drop them)")
+
+
 def load(name: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
          device: str = "cpu", device_map: str | None = None) -> Loaded:
     """Load a causal LM and its tokenizer (never with remote code unless asked) onto `device`, or spread
@@ -252,9 +267,8 @@ def load(name: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool 
     if isinstance(source, Path) and is_pipeline_dir(source):
         return Loaded(load_pipeline(source, dtype, device=str(dev)), None, source, name)
     try:
-        extra = {"device_map": device_map} if device_map else {}
         model = AutoModelForCausalLM.from_pretrained(str(source), dtype=dtype, trust_remote_code=trust_remote_code,
-                                                     use_safetensors=True, **extra)
+                                                     use_safetensors=True, **placement(device, device_map))
         tok = AutoTokenizer.from_pretrained(str(source), trust_remote_code=trust_remote_code)
     except BakeError:
         raise
@@ -262,8 +276,6 @@ def load(name: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool 
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise BakeError(f"--model: cannot load {name!r} as a causal language model: {first}") from None
     exact_experts(model.eval())
-    if dev.type != "cpu" and not device_map:
-        model.to(dev)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return Loaded(model, tok, source, name)
