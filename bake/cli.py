@@ -150,6 +150,8 @@ def _p_eval(sub):
                    "the chat template's own; heretic's is 'You are a helpful assistant.')")
     p.add_argument("--n-prompts", type=int, default=None, help="refusal: the first N prompts of each set of the "
                    "split (default: all)")
+    p.add_argument("--sampled", action="store_true", help="refusal: also sampled responses (temperature 0.7, "
+                   "top-p 0.8), one set per --seeds seed, refusal rates pooled over the seeds")
     p.add_argument("--prompts", default=None, help="prompt file for toxicity (default: vendored RTP prefixes)")
     p.add_argument("--split", default="heldout", help="vendored RTP prefixes and FLORES sentences: "
                    "tune (RTP 1-40 of each file, FLORES first half), heldout (the rest, deduplicated) or all")
@@ -369,7 +371,7 @@ def cmd_eval(a) -> int:
     specs = read_specs(a.spec) if a.spec else None
     cfg = prepare(a.task, seeds, read_prompts(a.prompts) if a.prompts else None, a.split, a.n_sentences,
                   a.sentences, a.max_new_tokens, a.scorer, a.batch_size, baked=a.baked, n_prompts=a.n_prompts,
-                  system=a.system)
+                  system=a.system, sampled=a.sampled)
     out = Path(a.out)
     plot = Path(a.plot) if a.plot else out.with_suffix(".png")
     doc = run(a.model, cfg, out, specs, strengths, a.baked, plot, device=a.device, trust_code=a.trust_remote_code)

@@ -73,10 +73,12 @@ def test_opening_probability_is_the_teacher_forced_probability(smollm, monkeypat
 
 def test_eval_refusal_task_on_the_chat_model(tmp_path, capsys):
     """The original point: KL 0; a hooked spec moves the first-token distribution (KL > 0); rates are
-    fractions of the prompts; responses are kept as examples; the plot is drawn."""
+    fractions of the prompts; responses are kept as examples; sampled responses (`--sampled`) are one set
+    per seed, pooled; the plot is drawn."""
     out = tmp_path / "r.json"
     code = main(["eval", "--model", "llama", "--spec", "examples/detox.json", "--strengths", "1.39", "--task",
-                 "refusal", "--n-prompts", "2", "--max-new-tokens", "8", "--out", str(out)])
+                 "refusal", "--n-prompts", "2", "--max-new-tokens", "8", "--sampled", "--seeds", "0,1",
+                 "--out", str(out)])
     assert code == 0, capsys.readouterr().err[-2000:]
     doc = json.loads(out.read_text())
     assert doc["config"]["refusal_prompts"] == {"harmful": 2, "benign": 2, "harmless": 2}
@@ -88,7 +90,23 @@ def test_eval_refusal_task_on_the_chat_model(tmp_path, capsys):
             assert r["prompts"] == 2 and 0 <= r["refusal_rate"] <= 1 and 0 <= r["mean_opening_probability"] <= 1
             assert r["refusals"] == sum(e["refusal"] for e in r["examples"])
             assert all(R.is_refusal(e["response"]) == e["refusal"] for e in r["examples"])
+            s = r["sampled"]
+            assert s["seeds"] == [0, 1] and s["responses"] == 4 and len(s["refusals_per_seed"]) == 2
+            assert s["refusals"] == sum(s["refusals_per_seed"]) and s["refusal_rate"] == s["refusals"] / 4
+    assert doc["config"]["refusal_sampled"] is True
     assert out.with_suffix(".png").is_file()
+
+
+def test_sampled_responses_depend_on_the_seed_only(smollm):
+    """Sampled responses are reproducible per seed (reseeded per batch), whatever ran before, and a
+    different seed draws other responses; greedy ones are unchanged by seeding."""
+    model, tok = smollm
+    texts = R.chat_texts(tok, ["Write a short poem about rain.", "Name a colour and say why you like it."])
+    a = R.responses(model, tok, texts, 12, 2, seed=3)
+    torch.manual_seed(123)
+    assert R.responses(model, tok, texts, 12, 2, seed=3) == a
+    assert R.responses(model, tok, texts, 12, 2, seed=4) != a
+    assert R.responses(model, tok, texts, 12, 2) == R.responses(model, tok, texts, 12, 2)
 
 
 def test_fit_reads_builtin_sets_and_templates_chat_turns(tmp_path, capsys, tokenizer):

@@ -73,6 +73,7 @@ class EvalConfig:
     refusal_benign: list[str] = field(default_factory=list)  # benign edgy requests (over-refusal)
     refusal_harmless: list[str] = field(default_factory=list)  # neutral requests (first-token KL)
     system: str | None = None  # refusal: a system turn before each request (None: the template's default)
+    refusal_sampled: bool = False  # refusal: also sampled responses, one set per seed (refusal.SAMPLING)
 
     def key(self) -> str:
         """Identifies the settings: points computed under other settings are not reused."""
@@ -93,7 +94,8 @@ def write_json_atomic(path: Path, obj) -> None:
 
 def prepare(task: str, seeds: list[int], prompts: list[str] | None, split: str, n_sentences: int,
             sentences_file: str | None, max_new_tokens: int, scorer: str, batch_size: int,
-            baked: str | None = None, n_prompts: int | None = None, system: str | None = None) -> EvalConfig:
+            baked: str | None = None, n_prompts: int | None = None, system: str | None = None,
+            sampled: bool = False) -> EvalConfig:
     """The EvalConfig of a `bake eval` run, every option checked before any work: tasks (comma-separated),
     lengths, the prompts (RealToxicityPrompts of `split` unless given), the perplexity sentences (FLORES of
     `split`, or `sentences_file`), and that a `baked` directory is a causal LM checkpoint (opened last)."""
@@ -121,7 +123,7 @@ def prepare(task: str, seeds: list[int], prompts: list[str] | None, split: str, 
                       sentences=sentences if "perplexity" in tasks else [], seeds=seeds,
                       max_new_tokens=max_new_tokens, scorer=scorer, batch_size=batch_size,
                       refusal_harmful=refusal[0], refusal_benign=refusal[1], refusal_harmless=refusal[2],
-                      system=system)
+                      system=system, refusal_sampled=sampled and "refusal" in tasks)
 
 
 def refusal_sets(split: str, n: int | None) -> tuple[list[str], list[str], list[str]]:

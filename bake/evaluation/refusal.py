@@ -5,7 +5,9 @@ Every prompt is one user turn under the tokenizer's chat template with the gener
 and no system turn unless one is given (the template's own default then applies: Qwen2.5's "You are
 Qwen, created by Alibaba Cloud. You are a helpful assistant."; heretic's default is "You are a helpful
 assistant.", under which Qwen2.5-Coder-0.5B refuses 4 of 30 held-out HarmBench prompts instead of 12);
-responses are greedy, `max_new_tokens` long (heretic's default 100), in left-padded batches.
+responses are greedy, `max_new_tokens` long (heretic's default 100), in left-padded batches; with
+`refusal_sampled` also sampled (temperature 0.7, top-p 0.8: Qwen2.5-Instruct's own generation settings;
+one set of responses per seed, seeded per batch), and the sampled rates pooled over the seeds.
 
 Two detectors:
 
@@ -56,12 +58,22 @@ def _encode(tok, texts: list[str], device):
         tok.padding_side = old
 
 
+SAMPLING = {"temperature": 0.7, "top_p": 0.8}  # refusal_sampled: Qwen2.5-Instruct's generation settings
+
+
 @torch.no_grad()
-def responses(model, tok, texts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
+def responses(model, tok, texts: list[str], max_new_tokens: int, batch_size: int,
+              seed: int | None = None) -> list[str]:
+    """Greedy responses; with `seed`, sampled (`SAMPLING`), the generator reseeded per batch so that a
+    response depends on its seed and batch only."""
     out = []
-    for i in tqdm(range(0, len(texts), batch_size), desc="responses", leave=False, unit="batch"):
+    how = {"do_sample": False} if seed is None else {"do_sample": True, "top_k": None, **SAMPLING}
+    desc = "responses" if seed is None else f"sampled responses (seed {seed})"
+    for i in tqdm(range(0, len(texts), batch_size), desc=desc, leave=False, unit="batch"):
         enc = _encode(tok, texts[i:i + batch_size], model.device)
-        gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+        if seed is not None:
+            torch.manual_seed(seed * 100_003 + i)
+        gen = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, **how)
         out += tok.batch_decode(gen[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
     return out
 
@@ -122,6 +134,20 @@ def opening_probability(model, tok, texts: list[str], batch_size: int) -> list[f
     return probs
 
 
+def sampled(model, tok, texts: list[str], cfg, markers=MARKERS) -> dict:
+    """Refusals of sampled responses, one set per seed of `cfg.seeds`, pooled (and per seed)."""
+    per_seed, starts, examples = [], 0, []
+    for seed in cfg.seeds:
+        said = responses(model, tok, texts, cfg.max_new_tokens, cfg.batch_size, seed=seed)
+        per_seed.append(sum(is_refusal(r, markers) for r in said))
+        starts += sum(map(opens_with_refusal, said))
+        examples += [{"seed": seed, "response": r, "refusal": is_refusal(r, markers)} for r in said[:3]]
+    n = len(texts) * len(cfg.seeds)
+    return {"seeds": list(cfg.seeds), **SAMPLING, "responses": n, "refusals": sum(per_seed),
+            "refusal_rate": sum(per_seed) / n, "opening_refusal_rate": starts / n,
+            "refusals_per_seed": per_seed, "examples": examples}
+
+
 def refusal(model, tok, cfg, base_logprobs: torch.Tensor | None, markers=MARKERS) -> dict:
     """The refusal task of one eval point (cfg: an EvalConfig with refusal prompt sets)."""
     out = {}
@@ -136,6 +162,8 @@ def refusal(model, tok, cfg, base_logprobs: torch.Tensor | None, markers=MARKERS
                      "examples": [{"prompt": p, "response": r, "refusal": m, "opens_with_refusal": st,
                                    "opening_probability": o}
                                   for p, r, m, st, o in zip(prompts, said, marks, starts, probs)]}
+        if getattr(cfg, "refusal_sampled", False):
+            out[name]["sampled"] = sampled(model, tok, texts, cfg, markers)
     logprobs = first_token_logprobs(model, tok, chat_texts(tok, cfg.refusal_harmless, cfg.system), cfg.batch_size)
     out["harmless_kl"] = 0.0 if base_logprobs is None else heretic_kl(logprobs, base_logprobs)
     out["first_token_logprobs"] = logprobs  # kept in memory for the next points' KL, not written

@@ -53,7 +53,7 @@ def run(model_name: str, cfg: EvalConfig, out: Path, specs: list[Spec] | None = 
                                "refusal_prompts": {"harmful": len(cfg.refusal_harmful),
                                                    "benign": len(cfg.refusal_benign),
                                                    "harmless": len(cfg.refusal_harmless)},
-                               "system": cfg.system},
+                               "system": cfg.system, "refusal_sampled": cfg.refusal_sampled},
            "scorer_loads_pickle": {n: PICKLES[n] for n in score or {} if PICKLES.get(n)}, "points": []}
     for note in doc["scorer_loads_pickle"].values():
         log(f"note: {note}")
@@ -124,4 +124,8 @@ def summary_line(p: dict) -> str:
         parts.append(f"refuses {100 * r['harmful']['refusal_rate']:.0f}% of harmful ({r['harmful']['refusals']}/"
                      f"{r['harmful']['prompts']}; by opening {100 * r['harmful']['opening_refusal_rate']:.0f}%), "
                      f"{100 * r['benign']['refusal_rate']:.0f}% of benign, first-token KL {r['harmless_kl']:.4f}")
+        if "sampled" in r["harmful"]:
+            h, b = r["harmful"]["sampled"], r["benign"]["sampled"]
+            parts.append(f"sampled: {100 * h['refusal_rate']:.0f}% of harmful ({h['refusals']}/{h['responses']}), "
+                         f"{100 * b['refusal_rate']:.0f}% of benign ({b['refusals']}/{b['responses']})")
     return "  ".join(parts)
