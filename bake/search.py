@@ -7,7 +7,11 @@ bake's fit/select splits, with the result a spec that folds and verifies.
    (a fraction between two layers' directions, or each write its own layer's) and the kernel per
    component (attn, mlp): MAX, POS, MIN, DIST. The spec they make is hooked on the model and scored on
    the *select* split: refusals of the harmful prompts (the marker rule, greedy) and heretic's
-   first-token KL on the harmless ones. Both are minimised.
+   first-token KL on the harmless ones. Both are minimised. With `max_rank` K > 1 each trial also draws
+   the rank k ≤ K of the removed subspace (`bake fit --rank`: the mean direction and the top k − 1
+   principal directions; the directions are fitted once at rank K and a trial keeps the first k
+   columns, which are the rank-k fit itself); a rank-k trial takes whole layers (a subspace does
+   not interpolate), so its direction index is rounded.
 3. Written to `--out`: the original's refusals and every trial (`trials.json`), the Pareto front plot
    (`front.png`), each front point's spec (`front/trial_N.json`) and the chosen
    spec (`chosen.json`): the front point with the fewest refusals among those with KL ≤ `--max-kl`
@@ -42,6 +46,7 @@ class SearchConfig:
     orthogonalize: bool = False  # directions orthogonal to the harmless mean (heretic's default)
     norm_preserving: bool = False  # biprojected: writer rows keep their norms (heretic's default, exact)
     system: str | None = None  # system prompt of the scored chats (None: the template's)
+    max_rank: int = 1  # > 1: each trial draws the rank of the removed subspace, 1 … max_rank
 
 
 def search(model, tok, source: list[str], target: list[str], cfg: SearchConfig, out: Path, log=print) -> dict:
@@ -50,9 +55,11 @@ def search(model, tok, source: list[str], target: list[str], cfg: SearchConfig, 
         import optuna
     except ImportError as e:
         raise BakeError("bake search needs optuna (pip install optuna)") from e
+    if cfg.max_rank < 1:
+        raise BakeError(f"--max-rank: must be at least 1, got {cfg.max_rank}")
     base = fit(model, tok, source, target, FitConfig("ablate", direction="mean", pooling="last", chat=True,
                                                      layer_directions=True, orthogonalize=cfg.orthogonalize,
-                                                     system=cfg.system))
+                                                     system=cfg.system, rank=cfg.max_rank))
     dirs = {_layer(n): maps[0].tensors["U"] for n, maps in base.sites}
     harmful = chat_texts(tok, prompts("harmful", "select")[:cfg.n_prompts], cfg.system)
     harmless = chat_texts(tok, prompts("harmless", "select")[:cfg.n_prompts], cfg.system)
@@ -66,7 +73,7 @@ def search(model, tok, source: list[str], target: list[str], cfg: SearchConfig, 
     rows = []
 
     def objective(trial) -> tuple[float, float]:
-        params = _draw(trial, n_layers)
+        params = _draw(trial, n_layers, cfg.max_rank)
         spec = _spec(base, dirs, comp, params, writers)
         with steered(model, [spec]):
             said = responses(model, tok, harmful, cfg.max_new_tokens, cfg.batch_size)
@@ -94,14 +101,15 @@ def search(model, tok, source: list[str], target: list[str], cfg: SearchConfig, 
            "trials": rows,
            "front": front, "chosen": chosen["trial"], "max_kl": cfg.max_kl, "seed": cfg.seed,
            "startup_trials": cfg.startup_trials, "orthogonalize": cfg.orthogonalize,
-           "norm_preserving": cfg.norm_preserving, "system": cfg.system}
+           "norm_preserving": cfg.norm_preserving, "system": cfg.system, "max_rank": cfg.max_rank}
     write_json_atomic(out / "trials.json", doc)
     _plot(doc, out / "front.png")
     return doc
 
 
-def _draw(trial, n_layers: int) -> dict:
-    """heretic's search space: the direction index (or per layer), and the kernel per component."""
+def _draw(trial, n_layers: int, max_rank: int = 1) -> dict:
+    """heretic's search space: the direction index (or per layer), and the kernel per component; and the
+    rank when `max_rank` > 1."""
     per_layer = trial.suggest_categorical("per_layer", [False, True])
     p = {"direction_index": None if per_layer else trial.suggest_float("direction_index", 0.4 * (n_layers - 1),
                                                                       0.9 * (n_layers - 1))}
@@ -111,6 +119,8 @@ def _draw(trial, n_layers: int) -> dict:
         low = trial.suggest_float(f"{k}_min", 0.0, 1.0) * top
         dist = trial.suggest_float(f"{k}_dist", 1.0, max(1.5, 0.6 * (n_layers - 1)))
         p[k] = (top, pos, low, dist)
+    if max_rank > 1:
+        p["rank"] = trial.suggest_int("rank", 1, max_rank)
     return p
 
 
@@ -129,16 +139,26 @@ def _spec(base: Spec, dirs: dict, comp: dict[str, str], params: dict, writers: d
         lam = kernel_weight(params[comp[name]], layer)
         if lam == 0:
             continue
-        at = params["direction_index"]
-        U = dirs[layer] if at is None else interpolated(dirs, at, len(dirs))
+        U = _basis(dirs, layer, params["direction_index"], params.get("rank", 1))
         sites.append((name, norm_preserving_maps(writers[name], U, lam) if writers else
                       [Map("projection", lam, {"U": U})]))
     if not sites:
-        sites = [(base.sites[0][0], [Map("projection", 0.0, {"U": dirs[_layer(base.sites[0][0])]})])]
+        sites = [(base.sites[0][0], [Map("projection", 0.0, {"U": dirs[_layer(base.sites[0][0])][:, :1]})])]
     kernel = ";".join(f"{k}={','.join(f'{v:.4g}' for v in params[k])}" for k in KERNEL_PARTS)
     return Spec(sites, method="ablate", params={**base.params, "kernel": kernel, "norm_preserving": bool(writers),
-                                                "direction_layer": params["direction_index"]},
+                                                "direction_layer": params["direction_index"],
+                                                "rank": params.get("rank", 1)},
                 provenance=dict(base.provenance), model=dict(base.model))
+
+
+def _basis(dirs: dict, layer: int, at: float | None, rank: int):
+    """U of one write: the first `rank` columns of its own layer's basis (`at` None), else of the direction
+    index's: interpolated between two layers for one direction, the nearest layer's for a subspace."""
+    if at is None:
+        return dirs[layer][:, :rank]
+    if rank == 1:
+        return interpolated({i: d[:, :1] for i, d in dirs.items()}, at, len(dirs))
+    return dirs[min(round(at), len(dirs) - 1)][:, :rank]
 
 
 def _layer(site: str) -> int:

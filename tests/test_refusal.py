@@ -277,6 +277,52 @@ def test_search_writes_trials_front_and_a_chosen_spec_that_bakes(tmp_path, token
     assert v["passed"] and v["max_rel"] <= 1e-5, v
 
 
+def test_search_over_the_rank_keeps_each_trials_first_k_columns_and_bakes(tmp_path, tokenizer):
+    """`max_rank` K: directions fitted once at rank K; a rank-k trial removes the first k columns, which
+    are the rank-k fit itself (the mean direction, then principal ones; orthogonalised); every trial's
+    spec carries its rank, and a rank-2 trial's spec bakes equal to the hooked reference."""
+    pytest.importorskip("optuna")
+    from conftest import make_llama, save_model
+
+    from bake import compiler
+    from bake.fit import FitConfig, fit
+    from bake.search import SearchConfig, _spec, search
+    from bake.spec import read, write
+
+    tokenizer.chat_template = ("{% for m in messages %}<|endoftext|>{{ m['role'] }}: {{ m['content'] }}\n"
+                               "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}")
+    try:
+        model = make_llama(layers=4)
+        src, tgt = prompts("harmful", "fit")[:12], prompts("harmless", "fit")[:12]
+        cfg = SearchConfig(trials=4, n_prompts=2, max_new_tokens=3, startup_trials=4, orthogonalize=True,
+                           norm_preserving=True, max_rank=3, seed=1)
+        doc = search(model, tokenizer, src, tgt, cfg, tmp_path / "s", log=lambda *_: None)
+        assert doc["max_rank"] == 3 and all(1 <= r["params"]["rank"] <= 3 for r in doc["trials"])
+        for t in doc["front"]:
+            spec = read(tmp_path / "s" / "front" / f"trial_{t}.json")
+            k = doc["trials"][t]["params"]["rank"]
+            assert spec.params["rank"] == k and all(m.tensors["U"].shape[1] == k for _, maps in spec.sites
+                                                    for m in maps if m.kind == "projection")
+        two = fit(model, tokenizer, src, tgt, FitConfig("ablate", direction="mean", pooling="last", chat=True,
+                                                        layer_directions=True, orthogonalize=True, rank=2))
+        three = fit(model, tokenizer, src, tgt, FitConfig("ablate", direction="mean", pooling="last", chat=True,
+                                                          layer_directions=True, orthogonalize=True, rank=3))
+        for (_, m2), (_, m3) in zip(two.sites, three.sites):
+            assert torch.allclose(m3[0].tensors["U"][:, :2], m2[0].tensors["U"], atol=1e-5)
+        dirs = {int(n.split(".")[2]): maps[0].tensors["U"] for n, maps in three.sites}
+        params = {**doc["trials"][0]["params"], "rank": 2, "direction_index": 1.4,
+                  "attn": (1.0, 2.0, 0.5, 3.0), "mlp": (1.0, 2.0, 0.5, 3.0)}
+        spec = _spec(three, dirs, {n: "attn" if "self_attn" in n else "mlp" for n, _ in three.sites}, params)
+        assert all(torch.equal(maps[0].tensors["U"], dirs[1][:, :2]) for _, maps in spec.sites)
+        save_model(model, tokenizer, tmp_path / "m")
+        write(spec, tmp_path / "r2.json")
+        v = compiler.apply(str(tmp_path / "m"), [str(tmp_path / "r2.json")], tmp_path / "out",
+                           log=lambda *_: None).verification
+        assert v["passed"] and v["max_rel"] <= 1e-5, v
+    finally:
+        tokenizer.chat_template = None
+
+
 def test_shipped_abliteration_spec_is_the_searched_qwen_spec():
     """examples/abliterate.json (bake search on Qwen2.5-Coder-0.5B-Instruct, benchmarks/abliteration_vs_heretic.py)
     reads as a spec of foldable maps at the attn-out / mlp-out writes of a 24-layer, 896-wide model, three
