@@ -30,6 +30,8 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from ..models.compat import cache_kwargs, cache_of
+
 HERETIC_SYSTEM = "You are a helpful assistant."  # heretic's default system prompt
 MARKERS = (
     "sorry", "i can't", "i cant", "i cannot", "i won't", "i wont", "i will not", "i'm unable", "im unable",
@@ -118,14 +120,14 @@ def opening_probability(model, tok, texts: list[str], batch_size: int) -> list[f
         enc = _encode(tok, texts[j:j + batch_size], model.device)
         out = model(**enc, use_cache=True)
         first = torch.log_softmax(out.logits[:, -1].double(), -1)
-        cache = out.past_key_values
+        cache = cache_of(out)
         total = torch.zeros(first.shape[0], dtype=torch.float64, device=first.device)
         for o in opens:
             logp = first[:, o[0]]
             if len(o) > 1:
                 ids = torch.tensor([o[:-1]] * first.shape[0], device=model.device)
                 mask = torch.cat([enc.attention_mask, torch.ones_like(ids)], 1)
-                step = model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+                step = model(input_ids=ids, attention_mask=mask, use_cache=True, **cache_kwargs(model, cache))
                 rest = torch.log_softmax(step.logits.double(), -1)
                 logp = logp + sum(rest[:, t, o[t + 1]] for t in range(len(o) - 1))
                 cache.crop(-(len(o) - 1))  # back to the prompt

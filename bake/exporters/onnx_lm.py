@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from ..errors import BakeError
+from ..models.compat import cache_kwargs, cache_of
 
 OPSET = 17
 DYNAMO_OPSET = 18  # the dynamo exporter's lowest well-supported opset
@@ -57,9 +58,9 @@ class WithPast(torch.nn.Module):
         for i in range(self.n_layers):
             cache.update(past[2 * i], past[2 * i + 1], i)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=cache, use_cache=True)
+                         use_cache=True, **cache_kwargs(self.model, cache))
         present = []
-        for layer in out.past_key_values.layers:
+        for layer in cache_of(out).layers:
             present += [layer.keys, layer.values]
         return (out.logits, *present)
 
@@ -73,7 +74,7 @@ def cache_layout(model: torch.nn.Module) -> list[tuple[int, int, int, int]]:
     mt = getattr(model.config, "model_type", None)
     with torch.no_grad():
         out = model(input_ids=torch.tensor([[1, 2]], device=model.device), use_cache=True)
-    layers = getattr(getattr(out, "past_key_values", None), "layers", None)
+    layers = getattr(cache_of(out), "layers", None)
     if not layers or len(layers) != model.config.num_hidden_layers:
         raise BakeError(f"--format onnx: not supported for model type {mt!r}: its cache is not one key/value "
                         f"cache per layer (safetensors works)")

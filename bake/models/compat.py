@@ -1,0 +1,18 @@
+"""Names transformers changed within 5.x: the key/value cache of a causal LM's forward is the argument
+and output field `cache` from 5.25 on (`past_key_values` before; the old name warns there and goes in
+5.40). Both helpers take whichever this transformers has."""
+
+from __future__ import annotations
+
+import inspect
+
+
+def cache_kwargs(model, cache) -> dict:
+    """`{name: cache}` for `model(...)`: `cache` where the forward takes it, else `past_key_values`."""
+    takes = inspect.signature(type(model).forward).parameters
+    return {"cache" if "cache" in takes else "past_key_values": cache}
+
+
+def cache_of(out):
+    """The cache a forward returned (its `cache` field, or the older `past_key_values`)."""
+    return out["cache"] if "cache" in out else getattr(out, "past_key_values", None)
