@@ -2,7 +2,7 @@
 `bake search`, on the same model, prompt splits, system prompt, response length and trial budget,
 both fronts then scored by one evaluator on held-out prompts. Writes
 benchmarks/results/abliteration_vs_heretic.json and docs/abliteration-vs-heretic.png (`_seedN` added to
-both names for `--seed N` other than 0).
+both names for `--seed N` other than 0, or `--suffix`).
 
     python -m venv ~/heretic-venv && ~/heretic-venv/bin/pip install torch==2.13.0 heretic-llm==1.4.0
     python benchmarks/abliteration_vs_heretic.py --heretic ~/heretic-venv/bin/heretic \\
@@ -42,8 +42,9 @@ RESULT = ROOT / "benchmarks" / "results" / "abliteration_vs_heretic{}.json"  # "
 PLOT = ROOT / "docs" / "abliteration-vs-heretic{}.png"
 
 
-def suffix(seed: int) -> str:
-    return "" if seed == 0 else f"_seed{seed}"
+def suffix(a) -> str:
+    """The run's name suffix: --suffix, else "" for seed 0 and "_seedN" for seed N."""
+    return a.suffix if a.suffix is not None else "" if a.seed == 0 else f"_seed{a.seed}"
 
 
 def default_system(tok) -> str:
@@ -230,12 +231,14 @@ def main() -> None:
     ap.add_argument("--max-kl", type=float, default=0.05)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeout", type=int, default=7200)
+    ap.add_argument("--suffix", default=None, help="added to the result, plot and work names (default: '' for "
+                    "seed 0, else _seedN)")
     ap.add_argument("--work", default=None, help="stage results (default ~/.cache/bake/heretic_vs_bake[_seedN])")
     a = ap.parse_args()
     from bake.models import load
     from bake.models.loading import resolve
 
-    work = Path(a.work or Path.home() / ".cache" / "bake" / f"heretic_vs_bake{suffix(a.seed)}")
+    work = Path(a.work or Path.home() / ".cache" / "bake" / f"heretic_vs_bake{suffix(a)}")
     work.mkdir(parents=True, exist_ok=True)
     model_dir = Path(resolve(a.model))
     loaded = load(a.model)
@@ -258,9 +261,9 @@ def main() -> None:
            "heretic_all": [{k: t[k] for k in ("trial", "refusals", "kl")} for t in h["trials"]],
            "bake_all": [{k: t[k] for k in ("trial", "refusals", "kl")} for t in b["trials"]],
            "bake_chosen": {"trial": b["chosen"], "baked": baked}}
-    result = Path(str(RESULT).format(suffix(a.seed)))
+    result = Path(str(RESULT).format(suffix(a)))
     result.write_text(json.dumps(doc, indent=1) + "\n")
-    plot(doc, Path(str(PLOT).format(suffix(a.seed))))
+    plot(doc, Path(str(PLOT).format(suffix(a))))
     print(json.dumps({k: doc[k] for k in ("select", "heldout", "seconds", "bake_chosen")}, indent=1))
 
 

@@ -11,7 +11,8 @@ Per seed, on the held-out split (each tool's select-split Pareto front, scored b
   [0, original refusal rate] × [0, --max-kl] (larger is better; a front that dominates another has at
   least its hypervolume);
 - whether one front dominates the other (every point of the other is matched or beaten on both).
-Pooled: the chosen points' mean refusals and KL, and the seeds each tool wins on hypervolume."""
+Pooled per trial budget: the chosen points' mean refusals and KL, and the seeds each tool wins on
+hypervolume."""
 
 from __future__ import annotations
 
@@ -69,8 +70,17 @@ def main() -> None:
     a = ap.parse_args()
     docs = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("abliteration_vs_heretic*.json"))
             if p.stem != "abliteration_vs_heretic_seeds"]
-    seeds = sorted((per_seed(d, a.max_kl) for d in docs), key=lambda s: s["seed"])
-    pooled = {}
+    runs = sorted((per_seed(d, a.max_kl) for d in docs), key=lambda s: (s["trials"], s["seed"]))
+    pooled = {f"{n} trials": pool([s for s in runs if s["trials"] == n]) for n in sorted({s["trials"] for s in runs})}
+    doc = {"max_kl": a.max_kl, "runs": runs, "pooled": pooled}
+    (RESULTS / "abliteration_vs_heretic_seeds.json").write_text(json.dumps(doc, indent=1) + "\n")
+    plot(runs, ROOT / "docs" / "abliteration-vs-heretic-seeds.png")
+    print(json.dumps(pooled, indent=1))
+
+
+def pool(seeds: list[dict]) -> dict:
+    """One trial budget's runs pooled: means of the chosen points, and counts of seeds."""
+    pooled = {"seeds": [s["seed"] for s in seeds]}
     for tool in ("heretic", "bake"):
         c = [s[tool]["chosen"] for s in seeds]
         pooled[tool] = {"chosen_refusals_mean": sum(x["refusals"] for x in c) / len(c),
@@ -83,10 +93,7 @@ def main() -> None:
     pooled["bake_chosen_no_worse_on_both"] = sum(
         s["bake"]["chosen"]["refusals"] <= s["heretic"]["chosen"]["refusals"]
         and s["bake"]["chosen"]["kl"] <= s["heretic"]["chosen"]["kl"] for s in seeds)
-    doc = {"max_kl": a.max_kl, "seeds": seeds, "pooled": pooled}
-    (RESULTS / "abliteration_vs_heretic_seeds.json").write_text(json.dumps(doc, indent=1) + "\n")
-    plot(seeds, ROOT / "docs" / "abliteration-vs-heretic-seeds.png")
-    print(json.dumps(pooled, indent=1))
+    return pooled
 
 
 def plot(seeds: list[dict], path: Path) -> None:

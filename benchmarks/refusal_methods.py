@@ -14,6 +14,8 @@ marker rule, the opening rule, benign over-refusal, heretic's first-token KL), g
 
 - `ablate`, searched: `examples/abliterate.json` (bake search, benchmarks/abliteration_vs_heretic.py);
 - `ablate`, rank searched: the chosen spec of `--rank-search` (a `bake search --max-rank` directory);
+- `ablate` with the searched spec's parameters (kernel, per-layer directions, orthogonalised,
+  norm-preserving) but a rank-2 and a rank-3 subspace: rank alone changed;
 - `linear-act` (AcT's per-unit transport line) at every norm output, pooled by mean and by last token;
 - `mean-act` (per-unit mean shift) at every norm output, last token;
 - `lineas` (per-unit affine maps at every norm output, trained jointly), `--lineas-steps` steps.
@@ -31,22 +33,29 @@ RESULT = ROOT / "benchmarks" / "results" / "refusal_methods_qwen.json"
 PLOT = ROOT / "docs" / "refusal-methods.png"
 
 
-def fitted(loaded, method: str, pooling: str | None, steps: int):
+def fitted(loaded, method: str, pooling: str | None, steps: int, **options):
     """One method's spec on the fit split (chat-formatted, the template's system turn)."""
     from bake.evaluation.refusal_data import prompts
     from bake.fit import FitConfig, LineasConfig, fit
 
     extra = {"lineas": LineasConfig(steps=steps, seed=0)} if method == "lineas" else {}
-    cfg = FitConfig(method, pooling=pooling, chat=True, **extra)
+    cfg = FitConfig(method, pooling=pooling, chat=True, **extra, **options)
     return fit(loaded.model, loaded.tokenizer, prompts("harmful", "fit"), prompts("harmless", "fit"), cfg)
 
 
 def points(a) -> list[tuple[str, dict]]:
-    """(label, how) of every point: a spec file, or a method to fit."""
+    """(label, how) of every point: a spec file, or a method to fit (with FitConfig options)."""
+    from bake.spec import read
+
     out = [("original", {}), ("ablate, searched (examples/abliterate.json)", {"file": ROOT / "examples" /
                                                                               "abliterate.json"})]
     if a.rank_search:
         out.append(("ablate, rank searched (bake search --max-rank 3)", {"file": Path(a.rank_search) / "chosen.json"}))
+    kernel = read(ROOT / "examples" / "abliterate.json").params["kernel"]
+    for k in (2, 3):  # the searched parameters, a rank-k subspace removed instead of one direction
+        out.append((f"ablate, abliterate.json's kernel at rank {k}",
+                    {"method": "ablate", "pooling": "last", "direction": "mean", "layer_directions": True,
+                     "kernel": kernel, "orthogonalize": True, "norm_preserving": True, "rank": k}))
     out += [("linear-act (AcT), mean pooling", {"method": "linear-act", "pooling": "mean"}),
             ("linear-act (AcT), last token", {"method": "linear-act", "pooling": "last"}),
             ("mean-act, last token", {"method": "mean-act", "pooling": "last"}),
@@ -87,8 +96,7 @@ def main() -> None:
         if label in doc["points"] and label != "original":
             continue
         t0 = time.perf_counter()
-        spec = read(how["file"]) if "file" in how else fitted(loaded, how["method"], how["pooling"],
-                                                               a.lineas_steps) if how else None
+        spec = read(how["file"]) if "file" in how else fitted(loaded, steps=a.lineas_steps, **how) if how else None
         fit_s = time.perf_counter() - t0
         with steered(loaded.model, [spec]) if spec else torch.no_grad():
             r = refusal(loaded.model, loaded.tokenizer, cfg, base)
