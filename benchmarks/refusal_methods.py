@@ -18,7 +18,9 @@ marker rule, the opening rule, benign over-refusal, heretic's first-token KL), g
   norm-preserving) but a rank-2 and a rank-3 subspace: rank alone changed;
 - `linear-act` (AcT's per-unit transport line) at every norm output, pooled by mean and by last token;
 - `mean-act` (per-unit mean shift) at every norm output, last token;
-- `lineas` (per-unit affine maps at every norm output, trained jointly), `--lineas-steps` steps.
+- `linear-act`, last token, at λ = 0.25 and 0.5 (nearer abliteration's drift);
+- `lineas` (per-unit affine maps at every norm output, trained jointly), `--lineas-steps` steps, mean
+  pooling (its default) and last token.
 Each point is written when done; a rerun skips finished points."""
 
 from __future__ import annotations
@@ -59,7 +61,11 @@ def points(a) -> list[tuple[str, dict]]:
     out += [("linear-act (AcT), mean pooling", {"method": "linear-act", "pooling": "mean"}),
             ("linear-act (AcT), last token", {"method": "linear-act", "pooling": "last"}),
             ("mean-act, last token", {"method": "mean-act", "pooling": "last"}),
-            (f"lineas, {a.lineas_steps} steps", {"method": "lineas", "pooling": None})]
+            (f"lineas, {a.lineas_steps} steps", {"method": "lineas", "pooling": None}),
+            (f"lineas, last token, {a.lineas_steps} steps", {"method": "lineas", "pooling": "last"})]
+    for lam in (0.25, 0.5):  # AcT where its drift is nearer abliteration's
+        out.append((f"linear-act (AcT), last token, λ={lam:g}", {"method": "linear-act", "pooling": "last",
+                                                                "strength": lam}))
     return out
 
 
