@@ -227,16 +227,12 @@ def cmd_search(a) -> int:
     from .models import load
     from .search import SearchConfig, search
 
-    if a.trials < 1 or a.max_new_tokens < 1 or a.batch_size < 1 or (a.n_prompts is not None and a.n_prompts < 1):
-        raise BakeError("--trials/--max-new-tokens/--batch-size/--n-prompts: must be at least 1")
-    if a.max_rank < 1:
-        raise BakeError(f"--max-rank: must be at least 1, got {a.max_rank}")
-    src, tgt = read_texts(a.source, "--source"), read_texts(a.target, "--target")
-    loaded = load(a.model)
     cfg = SearchConfig(trials=a.trials, n_prompts=a.n_prompts, max_new_tokens=a.max_new_tokens,
                        batch_size=a.batch_size, max_kl=a.max_kl, seed=a.seed, startup_trials=a.startup_trials,
                        orthogonalize=a.orthogonalize, norm_preserving=a.norm_preserving, system=a.system,
-                       max_rank=a.max_rank)
+                       max_rank=a.max_rank)  # checks the counts before anything loads
+    src, tgt = read_texts(a.source, "--source"), read_texts(a.target, "--target")
+    loaded = load(a.model)
     doc = search(loaded.model, loaded.tokenizer, src, tgt, cfg, Path(a.out))
     c = doc["trials"][doc["chosen"]]
     print(f"chosen trial {c['trial']}: {c['refusals']}/{doc['prompts_select']['harmful']} refusals, KL {c['kl']:.4f} "

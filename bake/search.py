@@ -48,6 +48,14 @@ class SearchConfig:
     system: str | None = None  # system prompt of the scored chats (None: the template's)
     max_rank: int = 1  # > 1: each trial draws the rank of the removed subspace, 1 … max_rank
 
+    def __post_init__(self) -> None:
+        """Bad counts are a BakeError naming the flag, before any model is loaded."""
+        if self.trials < 1 or self.max_new_tokens < 1 or self.batch_size < 1 or (
+                self.n_prompts is not None and self.n_prompts < 1):
+            raise BakeError("--trials/--max-new-tokens/--batch-size/--n-prompts: must be at least 1")
+        if self.max_rank < 1:
+            raise BakeError(f"--max-rank: must be at least 1, got {self.max_rank}")
+
 
 def search(model, tok, source: list[str], target: list[str], cfg: SearchConfig, out: Path, log=print) -> dict:
     """The search above; returns the summary written to `out/trials.json`."""
@@ -55,8 +63,6 @@ def search(model, tok, source: list[str], target: list[str], cfg: SearchConfig, 
         import optuna
     except ImportError as e:
         raise BakeError("bake search needs optuna (pip install optuna)") from e
-    if cfg.max_rank < 1:
-        raise BakeError(f"--max-rank: must be at least 1, got {cfg.max_rank}")
     base = fit(model, tok, source, target, FitConfig("ablate", direction="mean", pooling="last", chat=True,
                                                      layer_directions=True, orthogonalize=cfg.orthogonalize,
                                                      system=cfg.system, rank=cfg.max_rank))

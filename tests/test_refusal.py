@@ -319,6 +319,9 @@ def test_search_over_the_rank_keeps_each_trials_first_k_columns_and_bakes(tmp_pa
         v = compiler.apply(str(tmp_path / "m"), [str(tmp_path / "r2.json")], tmp_path / "out",
                            log=lambda *_: None).verification
         assert v["passed"] and v["max_rel"] <= 1e-5, v
+        bad = tmp_path / "bad"
+        assert main(["search", "--model", str(tmp_path / "m"), "--max-rank", "0", "--out", str(bad)]) == 2
+        assert not bad.exists()
     finally:
         tokenizer.chat_template = None
 

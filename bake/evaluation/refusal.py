@@ -141,9 +141,10 @@ def sampled(model, tok, texts: list[str], cfg, markers=MARKERS) -> dict:
     per_seed, starts, examples = [], 0, []
     for seed in cfg.seeds:
         said = responses(model, tok, texts, cfg.max_new_tokens, cfg.batch_size, seed=seed)
-        per_seed.append(sum(is_refusal(r, markers) for r in said))
+        marks = [is_refusal(r, markers) for r in said]
+        per_seed.append(sum(marks))
         starts += sum(map(opens_with_refusal, said))
-        examples += [{"seed": seed, "response": r, "refusal": is_refusal(r, markers)} for r in said[:3]]
+        examples += [{"seed": seed, "response": r, "refusal": m} for r, m in zip(said[:3], marks)]
     n = len(texts) * len(cfg.seeds)
     return {"seeds": list(cfg.seeds), **SAMPLING, "responses": n, "refusals": sum(per_seed),
             "refusal_rate": sum(per_seed) / n, "opening_refusal_rate": starts / n,
@@ -164,7 +165,7 @@ def refusal(model, tok, cfg, base_logprobs: torch.Tensor | None, markers=MARKERS
                      "examples": [{"prompt": p, "response": r, "refusal": m, "opens_with_refusal": st,
                                    "opening_probability": o}
                                   for p, r, m, st, o in zip(prompts, said, marks, starts, probs)]}
-        if getattr(cfg, "refusal_sampled", False):
+        if cfg.refusal_sampled:
             out[name]["sampled"] = sampled(model, tok, texts, cfg, markers)
     logprobs = first_token_logprobs(model, tok, chat_texts(tok, cfg.refusal_harmless, cfg.system), cfg.batch_size)
     out["harmless_kl"] = 0.0 if base_logprobs is None else heretic_kl(logprobs, base_logprobs)

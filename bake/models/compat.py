@@ -4,13 +4,19 @@ and output field `cache` from 5.25 on (`past_key_values` before; the old name wa
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 
+@functools.lru_cache(maxsize=None)
+def _cache_name(cls: type) -> str:
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+
+
 def cache_kwargs(model, cache) -> dict:
-    """`{name: cache}` for `model(...)`: `cache` where the forward takes it, else `past_key_values`."""
-    takes = inspect.signature(type(model).forward).parameters
-    return {"cache" if "cache" in takes else "past_key_values": cache}
+    """`{name: cache}` for `model(...)`: `cache` where the forward takes it, else `past_key_values`
+    (read once per model class)."""
+    return {_cache_name(type(model)): cache}
 
 
 def cache_of(out):
