@@ -97,6 +97,8 @@ def invert_map(m: Map, where: str) -> Map:
         if abs(1 - lam) < 1e-12:
             raise BakeError(f"invert: {where}: a projection at λ = 1 removes its directions; it has no inverse")
         return Map("projection", -lam / (1 - lam), {"U": m.tensors["U"]})
+    if m.kind == "units":  # y = x + λ·D h(z): z is the MLP's input, which the map leaves alone, so x = y − λ·D h(z)
+        return Map("units", -m.strength, m.tensors)
     raise BakeError(f"invert: {where}: a {m.kind} map has no closed-form inverse here")
 
 

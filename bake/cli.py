@@ -62,6 +62,9 @@ def _p_fit(sub):
     d.add_argument("--pca", type=int, default=None, help="fit each detector on this many principal components")
     d.add_argument("--joint", action="store_true", help="train gates and per-unit maps together, end to end "
                    "(LinEAS loss source → target plus --retain × drift of the control texts; LinEAS options apply)")
+    d.add_argument("--gate-form", default="sigmoid", help="sigmoid: the gate σ(w·x + c) (bakes with --insert-modules "
+                   "or into ONNX) | units: the gate as two more units of the layer's MLP, read from the MLP's input "
+                   "(folds into a stock checkpoint by widening the MLP; the inner map must add a vector)")
     d.add_argument("--retain", type=float, default=1.0, help="weight of the control-retain term (--joint)")
     g = p.add_argument_group("lineas (end-to-end training)")
     g.add_argument("--steps", type=int, default=1000)
@@ -284,7 +287,8 @@ def cmd_fit(a) -> int:
                        kernel=a.kernel, orthogonalize=a.orthogonalize, norm_preserving=a.norm_preserving,
                        system=a.system, rank=a.rank,
                        lineas=lineas, inner=a.inner, min_accuracy=a.min_accuracy,
-                       pca=a.pca, seed=a.seed, joint=a.joint, chat=a.chat)
+                       pca=a.pca, seed=a.seed, joint=a.joint, chat=a.chat,
+                       gate_form=a.gate_form)
     result = run_fit(a.model, config, a.out, a.source, a.target, a.control, device=a.device,
                      device_map=a.device_map)
     for line in result.lines:

@@ -10,6 +10,7 @@ A map acts on the unit axis of an activation (the last axis of a [batch, seq, un
 | projection     | x − λ·U(Uᵀx), U orthonormal [units, rank]                           |
 | monotone-pwl   | (1−λ)x + λ·f(x), f per unit piecewise-linear through knots (xs, ys) |
 | gated          | x + λ·g(x)·(T(x) − x), g(x) = σ(w·x + c), T the inner map at λ = 1  |
+| units          | x + λ·D(act(G z) ⊙ (U z)), z the MLP's input: extra units of a gated MLP |
 
 Each kind is one `MapKind` subclass, registered by name in `MAP_KINDS` (`register_kind`): it owns
 its tensor names, its checks, its torch semantics, its fold (foldable kinds only), why it does not
@@ -81,6 +82,12 @@ class MapKind:
     def gate(self, m: Map, x: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"{m.kind} map has no gate")
 
+    needs_context = False  # apply reads more than x: the MLP's input and activation (`Context`)
+
+    def apply_in(self, m: Map, x: torch.Tensor, t: Tensors, ctx: Context) -> torch.Tensor:
+        """y = map(x) for a kind that reads the context (`needs_context`)."""
+        raise AssertionError(m.kind)
+
     def to_op(self, m: Map, strength: float | None, convert: OpConverter) -> tuple[dict, Tensors]:
         """The inserted module's op dict (without "tensors") and its tensors; `convert` turns an
         inner segment into its own op (bake.modules._op)."""
@@ -107,6 +114,15 @@ def register_kind(cls: type[MapKind]) -> type[MapKind]:
     KINDS[cls.name] = (cls.need, cls.optional)
     FOLDABLE = tuple(n for n, k in MAP_KINDS.items() if k.foldable)
     return cls
+
+
+@dataclass
+class Context:
+    """What a `units` map reads besides its site's tensor x: z, the input of the MLP whose output x is
+    (what its gate and up projections read), and that MLP's own activation function."""
+
+    z: torch.Tensor
+    act: Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -173,11 +189,19 @@ class Map:
         return Map(self.kind, float(strength), self.tensors, self.inner)
 
     # -- torch semantics ---------------------------------------------------------------------
-    def __call__(self, x: torch.Tensor, unit_dim: int = -1) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, unit_dim: int = -1, ctx: Context | None = None) -> torch.Tensor:
         if unit_dim not in (-1, x.dim() - 1):
-            return self(x.movedim(unit_dim, -1)).movedim(-1, unit_dim)
+            return self(x.movedim(unit_dim, -1), ctx=ctx).movedim(-1, unit_dim)
         t = {k: v.to(device=x.device, dtype=x.dtype) for k, v in self.tensors.items()}
+        if self.impl.needs_context:
+            if ctx is None:
+                raise ValueError(f"a {self.kind} map reads the MLP's input: apply it with a Context")
+            return self.impl.apply_in(self, x, t, ctx)
         return self.impl.apply(self, x, t)
+
+    @property
+    def needs_context(self) -> bool:
+        return self.impl.needs_context
 
     def gate(self, x: torch.Tensor) -> torch.Tensor:
         """A gated map's opening σ(w·x + c) at every position of x (units last): shape x.shape[:-1]."""
@@ -414,6 +438,39 @@ class Gated(MapKind):
         inner = MAP_KINDS["affine"].example(units, gen)
         w = torch.randn(units, generator=gen) / math.sqrt(units)
         return Map(self.name, 1.0, {"w": w, "c": torch.zeros(1)}, inner)
+
+
+@register_kind
+class Units(MapKind):
+    """y = x + λ·D(act(G z) ⊙ (U z)) at the output x of a gated MLP (down(act(gate z) ⊙ up z)), z the
+    MLP's input: k more units of that MLP, G and U [k, d_in] (gate and up rows), D [d, k] (down columns),
+    act the MLP's own activation. It folds exactly by growing the MLP: gate' = [gate; G], up' = [up; U],
+    down' = [down, λD] (intermediate_size + k in every layer, the other layers' new units zero), a
+    stock checkpoint (pass grow-mlp). Fitted gates that must fold use it (`bake fit --method dsas
+    --gate-form units`)."""
+
+    name, need, unit_tensor, needs_context = "units", ("gate", "up", "down"), "down", True
+    why = "extra MLP units act on the MLP's input through its activation; they fold by growing the MLP"
+
+    def check(self, m: Map, where: str, d: int) -> None:
+        """gate and up [k, d_in] alike, down [d, k]."""
+        g, u, dn = (m.tensors[k] for k in ("gate", "up", "down"))
+        if g.dim() != 2 or g.shape[0] < 1:
+            raise BakeError(f"{where}.tensors.gate: must be [k, d_in] with k ≥ 1, got {list(g.shape)}")
+        if u.shape != g.shape:
+            raise BakeError(f"{where}.tensors.up: shape {list(u.shape)} != gate's {list(g.shape)}")
+        if dn.dim() != 2 or dn.shape[1] != g.shape[0]:
+            raise BakeError(f"{where}.tensors.down: must be [units, k] with k = {g.shape[0]}, got {list(dn.shape)}")
+
+    def apply_in(self, m: Map, x: torch.Tensor, t: Tensors, ctx: Context) -> torch.Tensor:
+        z = ctx.z.to(x.dtype)
+        lin = torch.nn.functional.linear
+        return x + m.strength * lin(ctx.act(lin(z, t["gate"])) * lin(z, t["up"]), t["down"])
+
+    def example(self, units: int, gen: torch.Generator) -> Map:
+        """Three units reading an input of `units` features (an MLP whose input is its output's width)."""
+        g, u = (torch.randn(3, units, generator=gen) / math.sqrt(units) for _ in range(2))
+        return Map(self.name, 1.0, {"gate": 4 * g, "up": 4 * u, "down": torch.randn(units, 3, generator=gen)})
 
 
 def pwl(x: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:

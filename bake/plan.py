@@ -44,6 +44,7 @@ class Plan:
     inserted: list[dict] = field(default_factory=list)  # config entries of the inserted modules
     fold_dtype: torch.dtype = torch.float64  # weight products; float32 when the output is bf16 / fp16
     norm_flags: dict = field(default_factory=dict)  # component → (flag, norms it controls) turned on by folds
+    grown: dict = field(default_factory=dict)  # layer path → [(G, U, D)]: units the grow-mlp pass appends
 
     def note(self, pass_name: str, site: str, what: str) -> None:
         self.report.append((pass_name, site, what))
@@ -81,6 +82,54 @@ def check_fingerprint(spec: Spec, model: torch.nn.Module, infos: list[SiteInfo],
                         f"sites (pass --ignore-fingerprint to apply it anyway)")
 
 
+def check_units(adapter: Adapter, model: torch.nn.Module, info: SiteInfo, maps: list[Map], where: str) -> None:
+    """A `units` map sits at the output of a gated MLP, down(act(gate z) ⊙ up z), and reads z's width. On a
+    loaded model the MLP is run once on random inputs to show it computes that (a probe-derived family's
+    MLP might not); a skeleton on the meta device is taken at its family table's word."""
+    parts = adapter.mlp_of(info)
+    if parts is None:
+        raise BakeError(f"{where}.site: a units map goes at the output of a gated MLP (e.g. "
+                        f"model.layers.3.mlp.down_proj:output); {info.name} is not one in this {adapter.family} model")
+    try:
+        gate, up, down, act = (model.get_submodule(p) for p in parts)
+    except AttributeError:
+        raise BakeError(f"{where}.site: {info.module} is not the down projection of a gated MLP "
+                        f"(gate_proj, up_proj, act_fn) in this {adapter.family} model") from None
+    _check_growable(adapter, model, where)
+    d_in = gate.weight.shape[1]
+    for m in maps:
+        if m.needs_context and m.tensors["gate"].shape[1] != d_in:
+            raise BakeError(f"{where}.maps: a units map reads {m.tensors['gate'].shape[1]} inputs, the MLP at "
+                            f"{info.module} reads {d_in}")
+    if gate.weight.is_meta:
+        return
+    mlp = model.get_submodule(parts[2].rsplit(".", 1)[0])
+    z = torch.randn(2, 3, d_in, generator=torch.Generator().manual_seed(0)).to(gate.weight)
+    with torch.no_grad():
+        want, got = down(act(gate(z)) * up(z)), mlp(z)
+    if not torch.allclose(want, got, rtol=1e-4, atol=1e-5 * float(want.abs().max())):
+        raise BakeError(f"{where}.site: the MLP at {info.module.rsplit('.', 1)[0]} does not compute "
+                        f"down(act(gate z) ⊙ up z), so a units map cannot grow it")
+
+
+def _check_growable(adapter: Adapter, model: torch.nn.Module, where: str) -> None:
+    """Growing adds units to every layer's MLP under one config width: it must be one integer, the width
+    of every layer's gated MLP (not per-layer widths, not a mixture of experts in some layers)."""
+    width = getattr(model.config, adapter.mlp.size, None)
+    if not isinstance(width, int):
+        raise BakeError(f"{where}.site: this {adapter.family} model's {adapter.mlp.size} is {width!r}, not one width "
+                        f"for every layer, so units maps cannot grow its MLPs")
+    for i in range(len(model.get_submodule(adapter.layers_prefix()))):
+        gate = adapter.mlp.parts(f"{adapter.layers_prefix()}.{i}")[0]
+        try:
+            rows = model.get_submodule(gate).weight.shape[0]
+        except AttributeError:
+            rows = None
+        if rows != width:
+            raise BakeError(f"{where}.site: layer {i}'s MLP has no gate projection of {adapter.mlp.size} = {width} "
+                            f"rows, so units maps cannot grow every layer's MLP alike")
+
+
 def bind(specs: list[Spec], model: torch.nn.Module, check_model: bool = True,
          store: TensorStore | None = None) -> Plan:
     """Bind specs to a model: `model` gives the structure, `store` the tensors (default: the model's own)."""
@@ -99,6 +148,8 @@ def bind(specs: list[Spec], model: torch.nn.Module, check_model: bool = True,
                 raise BakeError(f"{where}.sites[{i}].site: {site!r} is not a site of this {adapter.family} model{hint}")
             if maps[0].units != info.units:
                 raise BakeError(f"{where}.sites[{i}].maps: {maps[0].units} units, but {site} has {info.units}")
+            if any(m.needs_context for m in maps):
+                check_units(adapter, model, info, maps, f"{where}.sites[{i}]")
             infos.append(info)
             by_site.setdefault(site, []).extend(maps)
         if check_model:

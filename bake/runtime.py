@@ -1,7 +1,8 @@
 """The hooked reference runtime: the meaning of a spec.
 
 `with steered(model, specs): model(...)` applies every map of every site with forward hooks
-(`:output`) and forward pre-hooks (`:input`) on the unmodified model, in spec order.
+(`:output`) and forward pre-hooks (`:input`) on the unmodified model, in spec order. A `units` map at
+an MLP's output also reads that MLP's input z: a pre-hook on the MLP's gate projection keeps z for it.
 """
 
 from __future__ import annotations
@@ -10,22 +11,31 @@ import contextlib
 
 import torch
 
-from .maps import Map
+from .maps import Context, Map
 from .plan import bind
 from .spec import Spec
 
 
-def _apply(maps: list[Map], x: torch.Tensor, unit_dim: int = -1) -> torch.Tensor:
+def _apply(maps: list[Map], x: torch.Tensor, unit_dim: int = -1, ctx: Context | None = None) -> torch.Tensor:
     for m in maps:
-        x = m(x, unit_dim)
+        x = m(x, unit_dim, ctx)
     return x
 
 
-def _output_hook(maps: list[Map], unit_dim: int = -1):
+def _output_hook(maps: list[Map], unit_dim: int = -1, box: dict | None = None):
+    """box: where the pre-hook on the MLP's gate projection left this forward's Context (units maps)."""
     def hook(module, args, output):
+        ctx = box.pop("ctx") if box is not None else None
         if isinstance(output, tuple):
-            return (_apply(maps, output[0], unit_dim),) + tuple(output[1:])
-        return _apply(maps, output, unit_dim)
+            return (_apply(maps, output[0], unit_dim, ctx),) + tuple(output[1:])
+        return _apply(maps, output, unit_dim, ctx)
+
+    return hook
+
+
+def _context_hook(box: dict, act):
+    def hook(module, args, kwargs):
+        box["ctx"] = Context(args[0] if args else next(iter(kwargs.values())), act)
 
     return hook
 
@@ -49,10 +59,20 @@ def steered(model: torch.nn.Module, specs: Spec | list[Spec], check_model: bool 
         for sp in plan.sites:
             mod = model.get_submodule(sp.info.module)
             if sp.info.side == "output":
-                handles.append(mod.register_forward_hook(_output_hook(sp.maps, sp.info.unit_dim)))
+                box = _context(model, plan, sp, handles) if any(m.needs_context for m in sp.maps) else None
+                handles.append(mod.register_forward_hook(_output_hook(sp.maps, sp.info.unit_dim, box)))
             else:
                 handles.append(mod.register_forward_pre_hook(_input_hook(sp.maps, sp.info.unit_dim), with_kwargs=True))
         yield plan
     finally:
         for h in handles:
             h.remove()
+
+
+def _context(model: torch.nn.Module, plan, sp, handles: list) -> dict:
+    """The box a units map's site reads its Context from, filled by a pre-hook on the MLP's gate."""
+    gate, _, _, act = plan.adapter.mlp_of(sp.info)  # bind checked it is a gated MLP's output
+    box: dict = {}
+    handles.append(model.get_submodule(gate).register_forward_pre_hook(
+        _context_hook(box, model.get_submodule(act)), with_kwargs=True))
+    return box

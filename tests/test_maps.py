@@ -116,18 +116,28 @@ def test_validation_names_the_field(kind, tensors, inner, msg):
 
 def test_every_registered_kind_round_trips():
     """Each kind's example validates; a foldable one's fold y = M x + b, applied by hand in float64,
-    is the map itself; the others say why not and become an op of the inserted module."""
+    is the map itself; the others say why not and become an op of the inserted module, except `units`,
+    which reads the MLP's input (a Context) and folds by growing the MLP (tests/test_units.py)."""
     from bake import modules
-    from bake.maps import FOLDABLE, KINDS, MAP_KINDS
+    from bake.maps import FOLDABLE, KINDS, MAP_KINDS, Context
     from bake.templates import modeling_bake as tpl
 
-    assert list(KINDS) == list(MAP_KINDS) == ["affine", "additive", "projection", "monotone-pwl", "gated"]
+    assert list(KINDS) == list(MAP_KINDS) == ["affine", "additive", "projection", "monotone-pwl", "gated", "units"]
     assert FOLDABLE == ("affine", "additive", "projection")
     x = rnd(4, 3, D)
     for name, kind in MAP_KINDS.items():
         m = kind.example(D, torch.Generator().manual_seed(1))
         assert m.kind == name and m.impl is kind and KINDS[name] == (kind.need, kind.optional)
         m.validate(f"example[{name}]")
+        if m.needs_context:
+            with pytest.raises(ValueError, match="Context"):
+                m(x)
+            z = rnd(4, 3, D)
+            y = m(x, ctx=Context(z, torch.nn.functional.silu))
+            t = m.tensors  # x + λ·D(silu(G z) ⊙ U z), by hand
+            want = x + m.strength * (torch.nn.functional.silu(z @ t["gate"].double().T) * (z @ t["up"].double().T)) @ t["down"].double().T
+            assert torch.allclose(y, want, rtol=0, atol=1e-12) and not torch.allclose(y, x)
+            continue
         assert m.units == D and m(x).shape == x.shape and torch.isfinite(m(x)).all()
         assert m.foldable == (name in FOLDABLE) and (m.why_not_foldable() == "") == m.foldable
         if m.foldable:
@@ -145,7 +155,7 @@ def test_unknown_kind_keeps_its_error():
     with pytest.raises(BakeError) as e:
         m.validate("spec.sites[0].maps[0]")
     assert str(e.value) == ("spec.sites[0].maps[0].kind: unknown map kind 'bogus' "
-                            "(known: affine, additive, projection, monotone-pwl, gated)")
+                            "(known: affine, additive, projection, monotone-pwl, gated, units)")
     assert not m.foldable and not m.has_support and m.why_not_foldable() == "" and m.diagonal_step() is None
     with pytest.raises(ValueError, match="bogus map is not foldable"):
         m.to_linear()

@@ -126,7 +126,10 @@ def write(ckpt: Path, model_dir: Path, out: Path, kind: str, adapter, log=print)
             sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
             if key.startswith(f"{src_arch}."):  # the hyperparameters, under the architecture written
                 key = arch + key[len(src_arch):]
-            w.add_key_value(key, field.contents(), field.types[0], sub_type=sub)
+            value = field.contents()
+            if key == f"{arch}.feed_forward_length":  # the baked width: a grown MLP (units maps) is wider
+                value = cfg.intermediate_size
+            w.add_key_value(key, value, field.types[0], sub_type=sub)
         w.add_file_type(TYPES["f32"])
 
     write_file(f32, arch, metadata, arrays)

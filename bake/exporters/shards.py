@@ -313,7 +313,7 @@ def start_copies(ckpt: Checkpoint, tmp: Path, copier, link: bool) -> dict:
 
 def write_checkpoint(store: CheckpointStore, tmp: Path, placed: dict, link: bool) -> str:
     """The output's weight files from the store's spilled writes: a changed shard is patched in place (a
-    single file rewritten, new tensors joining it), an unchanged one copied or hard-linked, new tensors of
+    single file, or a shard whose tensors changed shape, rewritten; new tensors join a single file), an unchanged one copied or hard-linked, new tensors of
     a sharded checkpoint go to one extra shard, and the index is rewritten. Returns what was done."""
     ckpt, single = store.ckpt, store.ckpt.index is None
     new_names, spilled = store.new_names(), store.spilled
@@ -322,7 +322,8 @@ def write_checkpoint(store: CheckpointStore, tmp: Path, placed: dict, link: bool
     for file in tqdm(ckpt.files, desc="write shards", unit="shard", leave=False):
         names = ckpt.names_in(file) + (new_names if single else [])
         changed = [n for n in names if n in spilled]
-        if single and changed:
+        resized = any(spilled[n].shape != ckpt.entries[n].shape for n in changed if n in ckpt.entries)
+        if (single or resized) and changed:  # a grown MLP's tensors change shape: the shard is rewritten
             total += write_shard(tmp / file, names, {n: spilled.get(n) or ckpt.entries[n] for n in names})
         elif changed:
             if file not in done:

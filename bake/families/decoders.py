@@ -79,7 +79,7 @@ GPT2 = Adapter(
     tiny_model=Tiny("GPT2Config", "GPT2LMHeadModel", (("vocab_size", 64), ("n_embd", 16), ("n_layer", 2),
                                                       ("n_head", 2), ("n_positions", 64), ("bos_token_id", 0),
                                                       ("eos_token_id", 0))),
-    onnx_genai=True)
+    onnx_genai=True, mlp=None)  # gelu(c_fc x) feeds c_proj: no gated MLP for `units` maps
 
 # Qwen3: Llama's graph plus per-head q/k RMSNorms inside attention (they read q_proj / k_proj outputs,
 # so maps there fold into q_proj / k_proj as in Llama). attention_bias turns on q/k/v/o biases; the

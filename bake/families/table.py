@@ -113,6 +113,22 @@ class Layer:
 
 
 @dataclass(frozen=True)
+class Mlp:
+    """A gated MLP, down(act(gate z) ⊙ up z), relative to a layer: its module names, its activation's
+    attribute and the config key of its width (the same in every layer). `units` maps grow it."""
+
+    gate: str = "mlp.gate_proj"
+    up: str = "mlp.up_proj"
+    down: str = "mlp.down_proj"
+    act: str = "mlp.act_fn"
+    size: str = "intermediate_size"
+
+    def parts(self, layer: str) -> tuple[str, str, str, str]:
+        """(gate, up, down, act) module paths of the layer at `layer`."""
+        return tuple(f"{layer}.{rel}" for rel in (self.gate, self.up, self.down, self.act))
+
+
+@dataclass(frozen=True)
 class Tiny:
     """A two-layer random model of the family: transformers config and model class names, config keys."""
 
@@ -142,6 +158,7 @@ class Adapter:
     per_layer: tuple[Layer, ...] = ()  # one per layer where they differ (then graph/residual_* are unused)
     gguf_arch: str | None = None  # llama.cpp's architecture name, where bake writes GGUF for this family
     gguf_biases: tuple[str, ...] = ()  # the GGUF tensors whose bias llama.cpp's loader for it reads
+    mlp: Mlp | None = Mlp()  # the gated MLP that `units` maps grow (None: the family has none)
 
     def matches(self, model: torch.nn.Module) -> bool:
         return getattr(model.config, "model_type", None) in self.model_types
@@ -198,6 +215,15 @@ class Adapter:
 
     def layers_prefix(self) -> str:
         return self.layers
+
+    def mlp_of(self, site: SiteInfo) -> tuple[str, str, str, str] | None:
+        """(gate, up, down, act) of the gated MLP whose output is `site` (`…mlp.down_proj:output`), or None."""
+        if self.mlp is None or site.side != "output" or not site.module.endswith("." + self.mlp.down):
+            return None
+        layer = site.module[: -len(self.mlp.down) - 1]
+        if not layer.startswith(self.layers_prefix() + "."):
+            return None
+        return self.mlp.parts(layer)
 
     def norm_flag(self, model: torch.nn.Module, path: str):
         """(component, config flag, controlled norms) when a config flag can give the norm at `path` a

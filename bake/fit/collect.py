@@ -255,3 +255,37 @@ class LayerReplay:
         finally:
             h.remove()
         return gather_texts(torch.cat(pooled), self.n, self.batch_size)
+
+
+@torch.no_grad()
+def collect_tokens(model, tok, texts: list[str], sites: list[SiteInfo], batch_size: int = 16,
+                   progress: bool = True) -> dict[str, torch.Tensor]:
+    """{site name: [tokens, units] float32}: the activation at every non-pad token of every text (the
+    first token included), for fits that must hold on each token, not on a text's pooled summary."""
+    rows: dict[str, list[torch.Tensor]] = {s.name: [] for s in sites}
+    mask_box: list[torch.Tensor] = []
+
+    seen: set[str] = set()
+
+    def recorder(name: str):
+        def record(x: torch.Tensor):
+            rows[name].append(x.reshape(*mask_box[0].shape, x.shape[-1])[mask_box[0].bool()].float().cpu())
+            seen.add(name)
+            if len(seen) == len(sites):
+                raise _Enough  # the rest of the forward pass is not needed
+        return record
+
+    handles = [_watch(model, s, recorder(s.name)) for s in sites]
+    try:
+        for enc in _batches(tok, texts, batch_size, "token activations", progress and rank() == 0):
+            mask_box[:] = [enc.attention_mask.to(model.device)]
+            seen.clear()
+            try:
+                model(input_ids=enc.input_ids.to(model.device), attention_mask=enc.attention_mask.to(model.device),
+                      use_cache=False)
+            except _Enough:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+    return {k: torch.cat(v) for k, v in rows.items()}

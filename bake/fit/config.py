@@ -58,6 +58,7 @@ class FitConfig:
     pca: int | None = None  # dsas
     seed: int = 0
     joint: bool = False  # dsas
+    gate_form: str = "sigmoid"  # dsas: sigmoid (σ(w·x + c), inserted) | units (MLP units, folds: fit/dsas_units.py)
     chat: bool = False  # every text as one chat user turn + the generation prompt (the tokenizer's template)
     version: int = FIT_CONFIG_VERSION
 

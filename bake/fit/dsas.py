@@ -14,6 +14,7 @@ from .collect import collect
 from .job import Job, check_finite
 
 NOT_INNER = ("dsas", "lineas", "ablate")  # methods that cannot be fitted as the inner map here
+GATE_FORMS = ("sigmoid", "units")
 
 
 def validate(c, counts) -> None:
@@ -26,7 +27,11 @@ def validate(c, counts) -> None:
         raise BakeError("--control: DSAS needs a neutral control set (one text per line)")
     if counts is not None and counts.control < 4:
         raise BakeError("--control: DSAS needs a neutral control set of at least 4 texts")
+    if c.gate_form not in GATE_FORMS:
+        raise BakeError(f"--gate-form: {c.gate_form!r} is not one of {', '.join(GATE_FORMS)}")
     if c.joint:
+        if c.gate_form != "sigmoid":
+            raise BakeError("--gate-form units: not with --joint (the units gate is fitted from a detector and an inner vector)")
         return
     if counts is not None and counts.source < 4:
         raise BakeError("--source: DSAS needs at least 4 texts")
@@ -44,6 +49,8 @@ def fit_dsas(job: Job, meth=None) -> Spec:
 
     c, spec = job.config, job.spec
     inner_maps = _inner_maps(job)
+    if c.gate_form == "units":
+        return _fit_units(job, inner_maps)
     infos = [job.catalog[name] for name in inner_maps]
     pos = collect(job.model, job.tok, job.source, infos, job.batch_size, desc="source activations", pooling=job.pooling)
     neg = collect(job.model, job.tok, job.control, infos, job.batch_size, desc="control activations",
@@ -66,6 +73,30 @@ def fit_dsas(job: Job, meth=None) -> Spec:
     spec.params["sites"] = [n for n, _ in spec.sites]
     spec.params.update({"inner": c.inner, "min_accuracy": c.min_accuracy, "pca": c.pca, "seed": c.seed,
                         "detector_accuracy": report, "kept_sites": len(spec.sites), "candidate_sites": len(infos)})
+    spec.provenance["n_control"] = len(job.control)
+    return spec
+
+
+def _fit_units(job: Job, inner_maps: dict[str, Map]) -> Spec:
+    """--gate-form units: the gates as MLP units (fit/dsas_units.py)."""
+    from ..models import fingerprint
+    from .dsas_units import K, fit_units
+
+    c, spec = job.config, job.spec
+    g = torch.Generator().manual_seed(c.seed)
+    sites, report = fit_units(job, inner_maps, c.min_accuracy, lambda p, n: _held_out_accuracy(p, n, g, c.pca))
+    if not sites:
+        raise BakeError(f"fit dsas: no site's detector reached --min-accuracy {c.min_accuracy:g} on held-out texts "
+                        f"(best {max(r['detector_accuracy'] for r in report.values()):.2f}); more or cleaner data, "
+                        f"or a lower threshold")
+    for name, maps in sites:
+        check_finite(maps[0].tensors, name)
+    spec.sites.extend(sites)
+    spec.model = fingerprint(job.model, [job.catalog[n] for n, _ in spec.sites])
+    spec.params["sites"] = [n for n, _ in spec.sites]
+    spec.params.update({"inner": c.inner, "gate_form": "units", "sharpness": K, "min_accuracy": c.min_accuracy,
+                        "pca": c.pca, "seed": c.seed, "gates": report, "kept_sites": len(sites),
+                        "candidate_sites": len(report)})
     spec.provenance["n_control"] = len(job.control)
     return spec
 
@@ -147,6 +178,11 @@ def report(spec: Spec, c) -> list[str]:
         from .lineas import report as lineas_report
 
         return lineas_report(spec, c)
+    if c.gate_form == "units":
+        return [f"dsas (units gate): {site}: detector on {r['detector_site']}, held-out accuracy "
+                f"{r['detector_accuracy']:.2f}; u·z = {r['u_dot_z']['mean']:.4f} ± {r['u_dot_z']['std']:.4f} over the "
+                f"fit tokens; |units gate − σ| = {r['gate_agreement']:.3f} on average"
+                for site, r in spec.params["gates"].items()]
     acc = spec.params["detector_accuracy"]
     return [f"dsas: kept {spec.params['kept_sites']}/{spec.params['candidate_sites']} sites (held-out detector "
             f"accuracy ≥ {c.min_accuracy:g}; range {min(acc.values()):.2f}–{max(acc.values()):.2f})"]

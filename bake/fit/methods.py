@@ -82,7 +82,7 @@ METHODS: dict[str, Method] = {
     "dsas": Method("gated", None, "mean", "post-norms",
                    "gate an inner map per token: σ(w·x + c) from a source-vs-control logistic detector per site",
                    run=dsas.run_dsas, validate=dsas.validate, report=dsas.report,
-                   options=("inner", "min_accuracy", "pca", "joint", "lineas"), trains=lambda c: c.joint),
+                   options=("inner", "min_accuracy", "pca", "joint", "lineas", "gate_form"), trains=lambda c: c.joint),
     "lineas": Method("affine", None, "mean", "post-norms",
                      "per-unit affine maps at all sites trained jointly (end-to-end W2), optional sparse group lasso",
                      run=lineas.fit_lineas, validate=lineas.validate, report=lineas.report, options=("lineas",),

@@ -5,7 +5,7 @@ never write files.
 `run` schedules them the same way for a loaded model and for a checkpoint on disk: canonicalize every
 site, then the fold passes one group of sites at a time (sites that share no module; the store reads
 the next group's tensors while this one folds and settles each group's writes), then the global
-passes (inserted modules, architecture rewrite)."""
+passes (grown MLPs, inserted modules, architecture rewrite)."""
 
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ from tqdm.auto import tqdm
 from ..maps import LinearMap
 from ..plan import Plan, SitePlan
 from ..store import check_finite
-from . import (arch_rewrite, canonicalize, fold_consumers, fold_producer, insert_modules, norm_shift,
+from . import (arch_rewrite, canonicalize, fold_consumers, fold_producer, grow_mlp, insert_modules, norm_shift,
                residual_additive)
 
 FOLDS = (fold_producer, fold_consumers, norm_shift, residual_additive)
-PIPELINE = (canonicalize, *FOLDS, insert_modules, arch_rewrite)
+PIPELINE = (canonicalize, *FOLDS, grow_mlp, insert_modules, arch_rewrite)
 
 __all__ = ["FOLDS", "PIPELINE", "check_finite", "run", "schedule", "writes"]
 
@@ -32,10 +32,12 @@ def run(plan: Plan) -> Plan:
             plan.store.prefetch(_tensors(plan, group))
         if k + 1 < len(groups):
             plan.store.prefetch(_tensors(plan, groups[k + 1]))
+        grow_mlp.take(plan, group)
         for p in FOLDS:
             p.run(plan, group)
         plan.store.flush()
     _pass_major(plan, start)
+    grow_mlp.run(plan)
     insert_modules.run(plan)
     arch_rewrite.run(plan)
     plan.store.flush()
