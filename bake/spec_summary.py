@@ -24,6 +24,9 @@ def _map_line(m: Map) -> str:
         return f"affine λ={m.strength:g} with support [lo, hi] (not foldable)"
     if m.kind == "monotone-pwl":
         return f"monotone-pwl λ={m.strength:g}: {m.tensors['xs'].shape[1]} knots per unit (not foldable)"
+    if m.kind == "units":
+        g = m.tensors["gate"]
+        return f"units λ={m.strength:g}: {g.shape[0]} MLP unit(s) reading {g.shape[1]} inputs (folds by growing the MLP)"
     return f"gated λ={m.strength:g} around {m.inner.kind} (not foldable)"
 
 

@@ -1,6 +1,6 @@
 """Why the gated and ungated refusal vectors refuse harmful requests alike when sampled: the gate's
 value σ(w·h + c) at the last prompt token of each held-out prompt (h: the residual after layer 12,
-where examples/refuse.json gates), and how many seed-0 sampled answers of the two models are
+where examples/refuse_sigmoid.json gates), and how many seed-0 sampled answers of the two models are
 identical, per set. Prints; the answers go to --out.
 
     python benchmarks/refusal_gate_check.py [--n-prompts 30] [--out gate_check.json]
@@ -34,13 +34,13 @@ def main() -> None:
     harmful, benign, _ = refusal_sets("heldout", a.n_prompts)
     sets = {"harmful": chat_texts(tok, harmful), "benign": chat_texts(tok, benign)}
     said = {}
-    for name in ("refuse_caa.json", "refuse.json"):
+    for name in ("refuse_caa.json", "refuse_sigmoid.json"):
         with steered(model, [read(ROOT / "examples" / name)]):
             said[name] = {k: responses(model, tok, t, 32, 16, seed=0) for k, t in sets.items()}
-    gate = read(ROOT / "examples" / "refuse.json").sites[0][1][0]
+    gate = read(ROOT / "examples" / "refuse_sigmoid.json").sites[0][1][0]
     w, c = gate.tensors["w"].double(), gate.tensors["c"].double()
     for kind, texts in sets.items():
-        same = sum(x == y for x, y in zip(said["refuse_caa.json"][kind], said["refuse.json"][kind]))
+        same = sum(x == y for x, y in zip(said["refuse_caa.json"][kind], said["refuse_sigmoid.json"][kind]))
         last = []
         for t in texts:
             with torch.no_grad():

@@ -1,6 +1,7 @@
 """Refusal induction side by side in one run: the original, the CAA refusal vector ungated
-(`examples/refuse_caa.json`) and the same vector behind its DSAS gate (`examples/refuse.json`), on the
-held-out split, greedy and sampled over seeds. Writes benchmarks/results/refusal_induction_sampled_qwen.json.
+(`examples/refuse_caa.json`), the same vector behind its DSAS gate σ(w·h + c) (`examples/refuse_sigmoid.json`,
+bakes with --insert-modules) and behind the same kind of detector written as two MLP units
+(`examples/refuse.json`, folds into a stock checkpoint), on the held-out split, greedy and sampled over seeds. Writes benchmarks/results/refusal_induction_sampled_qwen.json.
 
     python benchmarks/refusal_induction.py [--n-prompts 30 --max-new-tokens 32 --seeds 0,1,2]
 
@@ -16,7 +17,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULT = ROOT / "benchmarks" / "results" / "refusal_induction_sampled_qwen.json"
 POINTS = (("original", None), ("ungated vector (refuse_caa.json)", "refuse_caa.json"),
-          ("gated (refuse.json)", "refuse.json"))
+          ("gated, sigmoid (refuse_sigmoid.json)", "refuse_sigmoid.json"),
+          ("gated, MLP units (refuse.json)", "refuse.json"))
 
 
 def main() -> None:

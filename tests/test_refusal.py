@@ -346,24 +346,42 @@ def test_shipped_abliteration_spec_is_the_searched_qwen_spec():
         assert U.shape == (896, 1) and abs(float(U.norm()) - 1) < 1e-5
 
 
-def test_shipped_refusal_induction_spec_is_a_gated_vector_at_layer_12():
-    """examples/refuse.json (docs/abliteration.md, refusal induction): the refusal vector of
-    examples/refuse_caa.json (harmful − harmless mean residual after layer 12, last prompt token) behind
-    a DSAS gate fitted on HarmBench vs harmless + benign edgy prompts, fingerprinted on
-    Qwen2.5-Coder-0.5B-Instruct; the gate's vector is the inner vector's site's width. Baking it needs
-    the qwen packages and --insert-modules (a gate depends on the input): the measured bake is in the docs."""
+def test_shipped_refusal_induction_specs_gate_the_caa_vector_at_layer_12():
+    """examples/refuse.json and refuse_sigmoid.json (docs/abliteration.md, refusal induction): the refusal
+    vector of examples/refuse_caa.json (harmful − harmless mean residual after layer 12, last prompt token)
+    behind a DSAS detector fitted on HarmBench vs harmless + benign edgy prompts, fingerprinted on
+    Qwen2.5-Coder-0.5B-Instruct. refuse_sigmoid.json gates it with σ(w·h + c) (bakes with
+    --insert-modules); refuse.json writes the gate as two units of layer 12's MLP, whose down columns
+    are ±v/k, so it folds into a stock checkpoint. Baking them needs the qwen packages: the measured
+    bakes are in the docs."""
     from pathlib import Path
 
+    from bake.fit.dsas_units import unit_gate
     from bake.spec import read
 
     ex = Path(__file__).resolve().parents[1] / "examples"
-    spec, caa = read(ex / "refuse.json"), read(ex / "refuse_caa.json")
-    assert spec.method == "dsas" and [s for s, _ in spec.sites] == ["model.layers.12:output"]
-    assert spec.model and spec.model == caa.model and spec.params["chat"] and caa.params["chat"]
-    (gate,), ((_, (vec,)),) = spec.sites[0][1], caa.sites
+    sig, units, caa = (read(ex / f) for f in ("refuse_sigmoid.json", "refuse.json", "refuse_caa.json"))
+    (_, (vec,)), = caa.sites
+    v = vec.tensors["v"].double()
+    assert vec.kind == "additive" and float(v.norm()) > 1
+    assert sig.method == units.method == "dsas" and sig.model == units.model == caa.model and sig.params["chat"]
+    assert [s for s, _ in sig.sites] == ["model.layers.12:output"]
+    (gate,) = sig.sites[0][1]
     assert gate.kind == "gated" and gate.strength == 1.0 and gate.tensors["w"].shape == (896,)
-    assert spec.params["detector_accuracy"]["model.layers.12:output"] >= 0.75
-    assert vec.kind == "additive" and float(vec.tensors["v"].norm()) > 1
+    assert sig.params["detector_accuracy"]["model.layers.12:output"] >= 0.75
     x = torch.randn(3, 896, dtype=torch.float64)
     # the gate's inner map is the CAA vector: fully open, the step is v
-    assert torch.allclose(gate.inner.with_strength(1.0)(x) - x, vec.tensors["v"].double().expand(3, -1), atol=1e-5)
+    assert torch.allclose(gate.inner.with_strength(1.0)(x) - x, v.expand(3, -1), atol=1e-5)
+    (site, (m,)), = units.sites
+    assert site == "model.layers.12.mlp.down_proj:output" and m.kind == "units" and m.strength == 1.0
+    k = units.params["sharpness"]
+    assert m.tensors["gate"].shape == (2, 896) and torch.allclose(m.tensors["down"].double(), torch.stack([v / k, -v / k], 1), atol=1e-6)
+    g = units.params["gates"][site]
+    assert g["detector_accuracy"] >= 0.75 and abs(g["u_dot_z"]["mean"] - 1) < 0.01 and g["gate_agreement"] < 0.05
+    # on inputs with u·z = 1, the gate is the hard sigmoid of t = G₀·z / k: shut at t = −1, half at ½, open at 2
+    u, G0 = m.tensors["up"][0].double(), m.tensors["gate"][0].double()
+    p = G0 - (G0 @ u) / (u @ u) * u  # moves t, keeps u·z
+    base = u / (u @ u)
+    z = torch.stack([base + (t - float(G0 @ base) / k) * k / float(G0 @ p) * p for t in (-1.0, 0.5, 2.0)])
+    assert torch.allclose(z @ u, torch.ones(3, dtype=torch.float64))
+    assert torch.allclose(unit_gate(m, z, k), torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64), atol=0.01)

@@ -196,6 +196,8 @@ def test_dsas_units_gate_fits_folds_and_verifies(tmp_path, tokenizer, capsys):
     spec = read(str(tmp_path / "g.json"))
     (site, (m,)), = spec.sites
     assert site == "model.layers.1.mlp.down_proj:output" and m.kind == "units" and m.tensors["gate"].shape == (2, 64)
+    assert main(["inspect", str(tmp_path / "g.json")]) == 0
+    assert "units λ=1: 2 MLP unit(s) reading 64 inputs" in capsys.readouterr().out
     gate = spec.params["gates"][site]
     assert abs(gate["u_dot_z"]["mean"] - 1) < 0.05 and 0 <= gate["gate_agreement"] < 0.5
     assert main(["apply", "--model", str(src), "--spec", str(tmp_path / "g.json"), "--out", str(tmp_path / "out")]) == 0
@@ -206,3 +208,14 @@ def test_dsas_units_gate_fits_folds_and_verifies(tmp_path, tokenizer, capsys):
     assert main(["fit", *common, "--method", "dsas", "--control", str(tmp_path / "c.txt"), "--inner", "mean-act",
                  "--gate-form", "units", "--out", str(tmp_path / "bad.json")]) == 2
     assert "--gate-form units" in capsys.readouterr().err and not (tmp_path / "bad.json").exists()
+
+
+def test_grown_mlp_exports_to_onnx_and_verifies(tmp_path, tokenizer):
+    """The grown checkpoint exported to ONNX runs in ONNX Runtime as the hooked reference."""
+    model = make_family("qwen2", 10)
+    src = save_model(model, tokenizer, tmp_path / "model")
+    write(units_spec(model, 10), tmp_path / "s.json")
+    res = compiler.apply(str(src), [str(tmp_path / "s.json")], tmp_path / "out", formats=["safetensors", "onnx"],
+                        max_new_tokens=8, log=lambda *_: None)
+    v = res.verification
+    assert v["passed"] and v["onnx"]["passed"] and v["onnx"]["max_rel"] <= 1e-4, v

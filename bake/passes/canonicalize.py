@@ -30,5 +30,10 @@ def run(plan: Plan, sites=None) -> None:
         if not sp.pending:
             plan.note(NAME, sp.name, f"{len(sp.maps)} map(s) are the identity: dropped")
         else:
-            parts = [describe(s) if isinstance(s, LinearMap) else f"{s.kind} (not foldable)" for s in sp.pending]
+            parts = [describe(s) if isinstance(s, LinearMap) else _opaque(s) for s in sp.pending]
             plan.note(NAME, sp.name, f"{len(sp.maps)} map(s) → " + "; ".join(parts))
+
+
+def _opaque(m) -> str:
+    """How a map that is not one linear step is named in the report."""
+    return f"{m.kind} (grows the MLP)" if m.needs_context else f"{m.kind} (not foldable)"
