@@ -60,6 +60,14 @@ def test_opening_probability_is_the_teacher_forced_probability(smollm, monkeypat
     texts = R.chat_texts(tok, ["Tell me a joke.", "Give detailed instructions for repotting a houseplant now"])
     monkeypatch.setattr(R, "OPENINGS", ("I'm sorry", "Sure"))
     got = R.opening_probability(model, tok, texts, batch_size=3)
+
+    class LogitsOnly:  # a runtime that returns logits and no cache (llama.cpp, ONNX Runtime wrappers)
+        device = model.device
+
+        def __call__(self, input_ids=None, attention_mask=None, **_):
+            return type("Out", (), {"logits": model(input_ids=input_ids, attention_mask=attention_mask).logits})()
+
+    assert R.opening_probability(LogitsOnly(), tok, texts, batch_size=3) == pytest.approx(got, rel=1e-4, abs=1e-9)
     for t, p in zip(texts, got):
         total = 0.0
         for o in R.OPENINGS:

@@ -127,10 +127,14 @@ def opening_probability(model, tok, texts: list[str], batch_size: int) -> list[f
             if len(o) > 1:
                 ids = torch.tensor([o[:-1]] * first.shape[0], device=model.device)
                 mask = torch.cat([enc.attention_mask, torch.ones_like(ids)], 1)
-                step = model(input_ids=ids, attention_mask=mask, use_cache=True, **cache_kwargs(model, cache))
-                rest = torch.log_softmax(step.logits.double(), -1)
+                if cache is None:  # a runtime without a cache here: prompt and opening in one pass
+                    step = model(input_ids=torch.cat([enc.input_ids, ids], 1), attention_mask=mask)
+                else:
+                    step = model(input_ids=ids, attention_mask=mask, use_cache=True, **cache_kwargs(model, cache))
+                rest = torch.log_softmax(step.logits[:, -ids.shape[1]:].double(), -1)
                 logp = logp + sum(rest[:, t, o[t + 1]] for t in range(len(o) - 1))
-                cache.crop(-(len(o) - 1))  # back to the prompt
+                if cache is not None:
+                    cache.crop(-(len(o) - 1))  # back to the prompt
             total += logp.exp()
         probs += total.cpu().tolist()
     return probs

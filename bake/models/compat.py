@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from collections.abc import Mapping
 
 
 @functools.lru_cache(maxsize=None)
@@ -20,5 +21,8 @@ def cache_kwargs(model, cache) -> dict:
 
 
 def cache_of(out):
-    """The cache a forward returned (its `cache` field, or the older `past_key_values`)."""
-    return out["cache"] if "cache" in out else getattr(out, "past_key_values", None)
+    """The cache a forward returned (its `cache` field, or the older `past_key_values`); None from a
+    runtime that returns logits only (llama.cpp, ONNX Runtime behind bake's wrappers)."""
+    if isinstance(out, Mapping) and "cache" in out:
+        return out["cache"]
+    return getattr(out, "past_key_values", None)
