@@ -76,14 +76,14 @@ def test_units_stream_equals_in_memory(tmp_path, tokenizer):
     assert not mem["model.layers.2.mlp.down_proj.weight"][:, 96:].any()  # a layer without units: zero columns
 
 
-def _refused(tmp_path, capsys, model, sites, needle: str) -> None:
+def _refused(tmp_path, capsys, model, sites, needle: str, *flags: str) -> None:
     src = tmp_path / "model"
     if not src.exists():
         from conftest import make_tokenizer
         save_model(model, make_tokenizer(), src)
     write(stamp(Spec(sites, method="random"), model), tmp_path / "bad.json")
     out = tmp_path / "out"
-    assert main(["apply", "--model", str(src), "--spec", str(tmp_path / "bad.json"), "--out", str(out)]) == 2
+    assert main(["apply", "--model", str(src), "--spec", str(tmp_path / "bad.json"), "--out", str(out), *flags]) == 2
     err = capsys.readouterr().err
     assert needle in err and err.count("error") <= 1, err
     assert not out.exists()
@@ -102,6 +102,29 @@ def test_units_refusals_name_the_field_and_write_nothing(tmp_path, capsys):
     gated = MAP_KINDS["gated"].example(64, gen)
     _refused(tmp_path, capsys, model, [("model.layers.1.mlp.down_proj:output", [u, gated])],
              "a gated map shares this site with a units map")
+
+
+def test_units_refuse_maps_the_new_units_would_miss(tmp_path, capsys):
+    """Maps the grown MLP cannot give the new units as the reference does are refused, naming the site:
+    a shift at the norm that feeds the MLP (it folds into gate / up's old rows), a map that would stay an
+    inserted module of the old MLP width, and a shift after units where the family has no down_proj bias."""
+    gen = torch.Generator().manual_seed(11)
+    model = make_family("llama", 11)
+    u = units_map(2, 64, gen)
+    shift = Map("additive", 1.0, {"v": torch.randn(64, generator=gen)})
+    _refused(tmp_path / "a", capsys, model, [("model.layers.0.post_attention_layernorm:output", [shift]),
+                                             ("model.layers.0.mlp.down_proj:output", [u])],
+             "model.layers.0.post_attention_layernorm:output: a shift or dense map at the norm that feeds the MLP")
+    _refused(tmp_path / "b", capsys, model, [("model.layers.0.mlp.gate_proj:input", [shift]),
+                                             ("model.layers.0.mlp.down_proj:output", [u])],
+             "model.layers.0.mlp.gate_proj:input: a map at the MLP's input")
+    gated = MAP_KINDS["gated"].example(96, gen)
+    _refused(tmp_path / "c", capsys, model, [("model.layers.0.mlp.down_proj:output", [u]),
+                                             ("model.layers.1.mlp.down_proj:input", [gated])],
+             "model.layers.1.mlp.down_proj:input: this map does not fold", "--insert-modules")
+    qwen3 = make_family("qwen3", 11)
+    _refused(tmp_path / "d", capsys, qwen3, [("model.layers.1.mlp.down_proj:output", [u, shift])],
+             "model.layers.1.mlp.down_proj:output: this map does not fold", "--insert-modules")
 
 
 def test_units_refused_where_the_mlp_is_not_gated(tmp_path, capsys):

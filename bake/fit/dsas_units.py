@@ -71,6 +71,11 @@ def fit_units(job, inner_maps: dict, min_accuracy: float, held_out) -> tuple[lis
     """Per inner site: the detector on the MLP input, u, and the units map; sites below min_accuracy are
     left out. Returns ([(site, [map])], report)."""
     sites = {s: units_site(job.adapter, job.catalog, s) for s in inner_maps}
+    outs = [o for _, o, _ in sites.values()]
+    if len(set(outs)) < len(outs):
+        twice = next(o for o in outs if outs.count(o) > 1)
+        raise BakeError(f"--gate-form units: --inner: two of its sites are written by the same MLP ({twice}); "
+                        f"keep one of them")
     zs = [job.catalog[z] for z, _, _ in sites.values()]
     pos = collect(job.model, job.tok, job.source, zs, job.batch_size, desc="source MLP inputs", pooling=job.pooling)
     neg = collect(job.model, job.tok, job.control, zs, job.batch_size, desc="control MLP inputs", pooling=job.pooling)

@@ -25,6 +25,7 @@ __all__ = ["FOLDS", "PIPELINE", "check_finite", "run", "schedule", "writes"]
 
 def run(plan: Plan) -> Plan:
     canonicalize.run(plan)
+    grow_mlp.check(plan)
     groups = schedule(plan)
     start = len(plan.report)
     for k, group in enumerate(tqdm(groups, desc="bake", unit="group", leave=False, disable=len(groups) < 8)):

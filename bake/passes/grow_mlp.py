@@ -48,15 +48,65 @@ def take(plan: Plan, sites) -> None:
                 if linear is not None:
                     D = linear.dense() @ D
                 units.append((seg.tensors["gate"], seg.tensors["up"], D))
-        plan.grown.setdefault(down.rsplit(".", 2)[0], []).extend(reversed(units))
+        plan.grown.setdefault(_layer(plan, sp.info), []).extend(reversed(units))
         sp.pending = [] if linear is None or linear.is_identity else [linear]
         k = sum(g.shape[0] for g, _, _ in units)
         plan.note(NAME, sp.name, f"{len(units)} units map(s): {k} unit(s) → {gate}, {up}, {down}")
 
 
+def _layer(plan: Plan, info) -> str:
+    """The layer path of the MLP whose output `info` is."""
+    return info.module[: -len(plan.adapter.mlp.down) - 1]
+
+
+def check(plan: Plan) -> None:
+    """Before the folds: refuse maps the grown units would not see as the hooked reference does. In a layer
+    that gains units, a map on the MLP's input that folds into gate / up (a shift or a dense map at the
+    norm feeding them, any map at their inputs) would reach the old rows only; a map on the residual
+    after the layer that scales folds into down_proj's old columns only."""
+    layers = {_layer(plan, sp.info) for sp in plan.sites if any(isinstance(s, Map) and s.needs_context for s in sp.pending)}
+    for layer in layers:
+        gate, up, down, _ = plan.adapter.mlp.parts(layer)
+        for sp in plan.sites:
+            info, why = sp.info, None
+            if not sp.pending:
+                continue
+            if info.side == "input" and info.module in (gate, up):
+                why = "a map at the MLP's input"
+            elif info.role == "norm" and {gate, up} & set(info.consumers) and not all(
+                    isinstance(s, LinearMap) and s.is_diagonal and s.shift_is_zero for s in sp.pending):
+                why = "a shift or dense map at the norm that feeds the MLP"
+            elif info.role == "residual" and info.writer == down and not all(
+                    isinstance(s, LinearMap) and s.scale_is_identity for s in sp.pending):
+                why = "a map that scales the residual the MLP writes"
+            if why:
+                raise BakeError(f"{sp.name}: {why} cannot be baked with the units maps at {down}:output (it would fold "
+                                f"into the MLP's existing weights only, not the new units'); put it in a separate bake "
+                                f"or use a per-unit scale without shift there")
+
+
+def _check_after_folds(plan: Plan) -> None:
+    """After the folds: whatever is still pending at a site of the MLP's width (gate / up outputs, down's
+    input, in any layer) would become an inserted module of the old width, and a linear map left after
+    units (its shift had no bias to go to) would apply its scale to the new columns a second time."""
+    layers = plan.model.get_submodule(plan.adapter.layers_prefix())
+    inner = set()
+    for i in range(len(layers)):
+        gate, up, down, _ = plan.adapter.mlp.parts(f"{plan.adapter.layers_prefix()}.{i}")
+        inner |= {(gate, "output"), (up, "output"), (down, "input")}
+        if f"{plan.adapter.layers_prefix()}.{i}" in plan.grown:
+            inner.add((down, "output"))
+    for sp in plan.sites:
+        if sp.pending and (sp.info.module, sp.info.side) in inner:
+            raise BakeError(f"{sp.name}: this map does not fold into weights, and units maps widen every MLP, so it "
+                            f"cannot stay as an inserted module here either (a shift after units maps needs a bias on "
+                            f"the down projection: a family whose MLP has none cannot take it)")
+
+
 def run(plan: Plan) -> None:
     if not plan.grown:
         return
+    _check_after_folds(plan)
     mlp, model = plan.adapter.mlp, plan.model
     width = getattr(model.config, mlp.size)
     k = max(sum(g.shape[0] for g, _, _ in us) for us in plan.grown.values())
@@ -87,13 +137,13 @@ def _grow(plan: Plan, layer: str, units: list, extra: int) -> None:
     for path, new, dim in ((gate, G, 0), (up, U, 0), (down, D, 1)):
         name = f"{path}.weight"
         W = store.get(name)
-        store.set(name, torch.cat([W.to(store.out_dtype(name)), new.to(store.out_dtype(name))], dim=dim))
+        store.set(name, torch.cat([W.to(store.out_dtype(name)), new.to(W.device, store.out_dtype(name))], dim=dim))
         _resize(plan, path, dim, W.shape[dim] + extra)
     for path in (gate, up):
         if store.has(f"{path}.bias"):
             b = store.get(f"{path}.bias")
             store.set(f"{path}.bias", torch.cat([b.to(store.out_dtype(f"{path}.bias")),
-                                                 torch.zeros(extra, dtype=store.out_dtype(f"{path}.bias"))]))
+                                                 torch.zeros(extra, dtype=store.out_dtype(f"{path}.bias"), device=b.device)]))
 
 
 def store_width(plan: Plan, path: str, rows: bool = False) -> int:
