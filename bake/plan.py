@@ -119,8 +119,8 @@ def _check_growable(adapter: Adapter, model: torch.nn.Module, where: str) -> Non
     if not isinstance(width, int):
         raise BakeError(f"{where}.site: this {adapter.family} model's {adapter.mlp.size} is {width!r}, not one width "
                         f"for every layer, so units maps cannot grow its MLPs")
-    for i in range(len(model.get_submodule(adapter.layers_prefix()))):
-        gate = adapter.mlp.parts(f"{adapter.layers_prefix()}.{i}")[0]
+    for i, layer in enumerate(adapter.layer_paths(model)):
+        gate = adapter.mlp.parts(layer)[0]
         try:
             rows = model.get_submodule(gate).weight.shape[0]
         except AttributeError:

@@ -60,7 +60,7 @@ def test_units_grow_a_stock_checkpoint_equal_to_the_hooked_reference(tmp_path, t
 
 
 def test_units_stream_equals_in_memory(tmp_path, tokenizer):
-    """A sharded checkpoint streamed layer by layer grows the same MLPs as the model baked in memory
+    """A sharded checkpoint streamed layer by layer grows the same MLPs, bit for bit, as the model baked in memory
     (the shards whose tensors grew are rewritten, not patched)."""
     model = make_family("llama", 4, layers=3)
     src = save_sharded(model, tokenizer, tmp_path / "model")
@@ -71,7 +71,7 @@ def test_units_stream_equals_in_memory(tmp_path, tokenizer):
     mem, st = (AutoModelForCausalLM.from_pretrained(str(tmp_path / d)).state_dict() for d in ("mem", "st"))
     assert mem.keys() == st.keys()
     for k in mem:
-        assert torch.allclose(mem[k], st[k], rtol=0, atol=1e-6), k
+        assert torch.equal(mem[k], st[k]), k  # the same folds in the same order: bit for bit
     assert mem["model.layers.2.mlp.up_proj.weight"].shape[0] == 128
     assert not mem["model.layers.2.mlp.down_proj.weight"][:, 96:].any()  # a layer without units: zero columns
 
@@ -222,7 +222,7 @@ def test_dsas_units_gate_fits_folds_and_verifies(tmp_path, tokenizer, capsys):
     assert main(["inspect", str(tmp_path / "g.json")]) == 0
     assert "units λ=1: 2 MLP unit(s) reading 64 inputs" in capsys.readouterr().out
     gate = spec.params["gates"][site]
-    assert abs(gate["u_dot_z"]["mean"] - 1) < 0.05 and 0 <= gate["gate_agreement"] < 0.5
+    assert abs(gate["u_dot_z"]["mean"] - 1) < 0.05 and 0 <= gate["gate_agreement"] < 0.15  # measured 0.96, 0.073
     assert main(["apply", "--model", str(src), "--spec", str(tmp_path / "g.json"), "--out", str(tmp_path / "out")]) == 0
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())
     assert cfg["intermediate_size"] == 128 and "auto_map" not in cfg

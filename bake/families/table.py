@@ -167,8 +167,8 @@ class Adapter:
         """Every site in graph order: each decoder layer's, then the final norm's."""
         h = model.config.hidden_size
         infos: list[SiteInfo] = []
-        for i in range(model.config.num_hidden_layers):
-            infos += self.layer_sites(model, f"{self.layers_prefix()}.{i}", h, self.layer(i))
+        for i, path in enumerate(self.layer_paths(model)):
+            infos += self.layer_sites(model, path, h, self.layer(i))
         if self.final_norm:  # feeds lm_head (no bias): scale only
             infos.append(self.norm_site(self.final_norm, h))
         return {s.name: s for s in infos}
@@ -216,14 +216,21 @@ class Adapter:
     def layers_prefix(self) -> str:
         return self.layers
 
-    def mlp_of(self, site: SiteInfo) -> tuple[str, str, str, str] | None:
-        """(gate, up, down, act) of the gated MLP whose output is `site` (`…mlp.down_proj:output`), or None."""
+    def layer_paths(self, model: torch.nn.Module) -> list[str]:
+        """The module path of every decoder layer, in order."""
+        return [f"{self.layers_prefix()}.{i}" for i in range(model.config.num_hidden_layers)]
+
+    def mlp_layer(self, site: SiteInfo) -> str | None:
+        """The layer whose gated MLP's output is `site` (`…mlp.down_proj:output`), or None."""
         if self.mlp is None or site.side != "output" or not site.module.endswith("." + self.mlp.down):
             return None
         layer = site.module[: -len(self.mlp.down) - 1]
-        if not layer.startswith(self.layers_prefix() + "."):
-            return None
-        return self.mlp.parts(layer)
+        return layer if layer.startswith(self.layers_prefix() + ".") else None
+
+    def mlp_of(self, site: SiteInfo) -> tuple[str, str, str, str] | None:
+        """(gate, up, down, act) of the gated MLP whose output is `site`, or None."""
+        layer = self.mlp_layer(site)
+        return None if layer is None else self.mlp.parts(layer)
 
     def norm_flag(self, model: torch.nn.Module, path: str):
         """(component, config flag, controlled norms) when a config flag can give the norm at `path` a

@@ -111,18 +111,26 @@ def collect(model, tok, texts: list[str], sites: list[SiteInfo], batch_size: int
     """{site name: [len(texts), units] float32} of per-text pooled activations. Under torch.distributed
     each rank runs its shard of the texts and every rank gets all rows, in text order."""
     n, texts = len(texts), shard(texts, batch_size)
-    progress = progress and rank() == 0
     pooled: dict[str, list[torch.Tensor]] = {s.name: [] for s in sites}
+    _run_batches(model, tok, texts, sites, batch_size, desc, progress and rank() == 0, stop_early,
+                 lambda name, x, mask: pooled[name].append(_pool(x, mask, pooling)))
+    return {k: gather_texts(torch.cat(v), n, batch_size) for k, v in pooled.items()}
+
+
+def _run_batches(model, tok, texts: list[str], sites: list[SiteInfo], batch_size: int, desc: str, progress: bool,
+                 stop_early: bool, record) -> None:
+    """Run the texts in right-padded batches, calling record(site name, activation, attention mask) at
+    each site; with stop_early the forward pass stops once every site of the batch is recorded."""
     mask_box: list[torch.Tensor] = []
     seen: set[str] = set()  # sites recorded in the current batch
 
     def recorder(name: str):
-        def record(x: torch.Tensor):
-            pooled[name].append(_pool(x, mask_box[0], pooling))
+        def on(x: torch.Tensor):
+            record(name, x, mask_box[0])
             seen.add(name)
             if stop_early and len(seen) == len(sites):
                 raise _Enough  # every site seen: the rest of the forward pass is not needed
-        return record
+        return on
 
     handles = [_watch(model, s, recorder(s.name)) for s in sites]
     try:
@@ -137,7 +145,6 @@ def collect(model, tok, texts: list[str], sites: list[SiteInfo], batch_size: int
     finally:
         for h in handles:
             h.remove()
-    return {k: gather_texts(torch.cat(v), n, batch_size) for k, v in pooled.items()}
 
 
 def _kinds(calls: list[tuple[tuple, dict]]) -> list[int]:
@@ -258,34 +265,17 @@ class LayerReplay:
 
 
 @torch.no_grad()
-def collect_tokens(model, tok, texts: list[str], sites: list[SiteInfo], batch_size: int = 16,
-                   progress: bool = True) -> dict[str, torch.Tensor]:
-    """{site name: [tokens, units] float32}: the activation at every non-pad token of every text (the
-    first token included), for fits that must hold on each token, not on a text's pooled summary."""
+def collect_tokens(model, tok, texts: list[str], sites: list[SiteInfo], batch_size: int = 16, desc: str = "tokens",
+                   pooling: str = "mean", progress: bool = True) -> tuple[dict, dict]:
+    """({site name: [tokens, units]}, {site name: [len(texts), units]}) float32, from one pass: the
+    activation at every non-pad token of every text (the first token included), for fits that must hold
+    on each token, and each text's pooled activation as `collect` gives it (all texts on every rank)."""
     rows: dict[str, list[torch.Tensor]] = {s.name: [] for s in sites}
-    mask_box: list[torch.Tensor] = []
+    pooled: dict[str, list[torch.Tensor]] = {s.name: [] for s in sites}
 
-    seen: set[str] = set()
+    def record(name: str, x: torch.Tensor, mask: torch.Tensor) -> None:
+        rows[name].append(x.reshape(*mask.shape, x.shape[-1])[mask.bool()].float().cpu())
+        pooled[name].append(_pool(x, mask, pooling))
 
-    def recorder(name: str):
-        def record(x: torch.Tensor):
-            rows[name].append(x.reshape(*mask_box[0].shape, x.shape[-1])[mask_box[0].bool()].float().cpu())
-            seen.add(name)
-            if len(seen) == len(sites):
-                raise _Enough  # the rest of the forward pass is not needed
-        return record
-
-    handles = [_watch(model, s, recorder(s.name)) for s in sites]
-    try:
-        for enc in _batches(tok, texts, batch_size, "token activations", progress and rank() == 0):
-            mask_box[:] = [enc.attention_mask.to(model.device)]
-            seen.clear()
-            try:
-                model(input_ids=enc.input_ids.to(model.device), attention_mask=enc.attention_mask.to(model.device),
-                      use_cache=False)
-            except _Enough:
-                pass
-    finally:
-        for h in handles:
-            h.remove()
-    return {k: torch.cat(v) for k, v in rows.items()}
+    _run_batches(model, tok, texts, sites, batch_size, desc, progress and rank() == 0, True, record)
+    return {k: torch.cat(v) for k, v in rows.items()}, {k: torch.cat(v) for k, v in pooled.items()}

@@ -45,8 +45,6 @@ def validate(c, counts) -> None:
 
 def fit_dsas(job: Job, meth=None) -> Spec:
     """Sites whose detector reaches less than `min_accuracy` on a held-out fifth are left out."""
-    from ..models import fingerprint
-
     c, spec = job.config, job.spec
     inner_maps = _inner_maps(job)
     if c.gate_form == "units":
@@ -66,37 +64,36 @@ def fit_dsas(job: Job, meth=None) -> Spec:
         gate = Map("gated", job.strength, {"w": w.float(), "c": b.reshape(1).float()}, inner=inner_maps[info.name])
         check_finite(gate.tensors, info.name)
         spec.sites.append((info.name, [gate]))
-    if not spec.sites:
-        raise BakeError(f"fit dsas: no site's detector reached --min-accuracy {c.min_accuracy:g} on held-out texts "
-                        f"(best {max(report.values()):.2f}); more or cleaner data, or a lower threshold")
-    spec.model = fingerprint(job.model, [job.catalog[n] for n, _ in spec.sites])  # the sites actually kept
-    spec.params["sites"] = [n for n, _ in spec.sites]
-    spec.params.update({"inner": c.inner, "min_accuracy": c.min_accuracy, "pca": c.pca, "seed": c.seed,
-                        "detector_accuracy": report, "kept_sites": len(spec.sites), "candidate_sites": len(infos)})
-    spec.provenance["n_control"] = len(job.control)
-    return spec
+    return _kept(job, max(report.values()), {"detector_accuracy": report, "candidate_sites": len(infos)})
 
 
 def _fit_units(job: Job, inner_maps: dict[str, Map]) -> Spec:
     """--gate-form units: the gates as MLP units (fit/dsas_units.py)."""
-    from ..models import fingerprint
     from .dsas_units import K, fit_units
 
-    c, spec = job.config, job.spec
+    c = job.config
     g = torch.Generator().manual_seed(c.seed)
     sites, report = fit_units(job, inner_maps, c.min_accuracy, lambda p, n: _held_out_accuracy(p, n, g, c.pca))
-    if not sites:
-        raise BakeError(f"fit dsas: no site's detector reached --min-accuracy {c.min_accuracy:g} on held-out texts "
-                        f"(best {max(r['detector_accuracy'] for r in report.values()):.2f}); more or cleaner data, "
-                        f"or a lower threshold")
     for name, maps in sites:
         check_finite(maps[0].tensors, name)
-    spec.sites.extend(sites)
-    spec.model = fingerprint(job.model, [job.catalog[n] for n, _ in spec.sites])
+    job.spec.sites.extend(sites)
+    return _kept(job, max(r["detector_accuracy"] for r in report.values()),
+                 {"gate_form": "units", "sharpness": K, "gates": report, "candidate_sites": len(report)})
+
+
+def _kept(job: Job, best: float, params: dict) -> Spec:
+    """The spec of the sites whose detector was kept, fingerprinted on them, with the fit's parameters
+    (`best`: the best held-out accuracy, for the error when none was kept)."""
+    from ..models import fingerprint
+
+    c, spec = job.config, job.spec
+    if not spec.sites:
+        raise BakeError(f"fit dsas: no site's detector reached --min-accuracy {c.min_accuracy:g} on held-out texts "
+                        f"(best {best:.2f}); more or cleaner data, or a lower threshold")
+    spec.model = fingerprint(job.model, [job.catalog[n] for n, _ in spec.sites])  # the sites actually kept
     spec.params["sites"] = [n for n, _ in spec.sites]
-    spec.params.update({"inner": c.inner, "gate_form": "units", "sharpness": K, "min_accuracy": c.min_accuracy,
-                        "pca": c.pca, "seed": c.seed, "gates": report, "kept_sites": len(sites),
-                        "candidate_sites": len(report)})
+    spec.params.update({"inner": c.inner, "min_accuracy": c.min_accuracy, "pca": c.pca, "seed": c.seed, **params,
+                        "kept_sites": len(spec.sites)})
     spec.provenance["n_control"] = len(job.control)
     return spec
 

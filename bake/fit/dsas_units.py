@@ -25,7 +25,7 @@ import torch
 from ..errors import BakeError
 from ..maps import Map
 from . import estimators
-from .collect import collect, collect_tokens
+from .collect import collect_tokens
 
 K = 8.0  # sharpness of the two silu units (f's corners soften over |Δs| ≈ 4/k)
 RIDGE = 1e-3  # u's ridge, relative to the mean of diag(ZᵀZ)
@@ -77,15 +77,15 @@ def fit_units(job, inner_maps: dict, min_accuracy: float, held_out) -> tuple[lis
         raise BakeError(f"--gate-form units: --inner: two of its sites are written by the same MLP ({twice}); "
                         f"keep one of them")
     zs = [job.catalog[z] for z, _, _ in sites.values()]
-    pos = collect(job.model, job.tok, job.source, zs, job.batch_size, desc="source MLP inputs", pooling=job.pooling)
-    neg = collect(job.model, job.tok, job.control, zs, job.batch_size, desc="control MLP inputs", pooling=job.pooling)
-    tokens = collect_tokens(job.model, job.tok, job.source + job.control, zs, job.batch_size)
+    pos_tokens, pos = collect_tokens(job.model, job.tok, job.source, zs, job.batch_size, "source MLP inputs", job.pooling)
+    neg_tokens, neg = collect_tokens(job.model, job.tok, job.control, zs, job.batch_size, "control MLP inputs", job.pooling)
     out, report = [], {}
     for site, (zin, zout, scale) in sites.items():
         v = _additive(inner_maps[site], site) / scale
         acc = held_out(pos[zin], neg[zin])
-        u = ones_direction(tokens[zin])
-        ones = tokens[zin].double() @ u
+        tokens = torch.cat([pos_tokens[zin], neg_tokens[zin]])
+        u = ones_direction(tokens)
+        ones = tokens.double() @ u
         w, b = estimators.logistic(pos[zin], neg[zin], pca=job.config.pca)
         m = gate_units(w, float(b), u, v, job.strength)
         z_all = torch.cat([pos[zin], neg[zin]])

@@ -48,15 +48,10 @@ def take(plan: Plan, sites) -> None:
                 if linear is not None:
                     D = linear.dense() @ D
                 units.append((seg.tensors["gate"], seg.tensors["up"], D))
-        plan.grown.setdefault(_layer(plan, sp.info), []).extend(reversed(units))
+        plan.grown.setdefault(plan.adapter.mlp_layer(sp.info), []).extend(reversed(units))
         sp.pending = [] if linear is None or linear.is_identity else [linear]
         k = sum(g.shape[0] for g, _, _ in units)
         plan.note(NAME, sp.name, f"{len(units)} units map(s): {k} unit(s) → {gate}, {up}, {down}")
-
-
-def _layer(plan: Plan, info) -> str:
-    """The layer path of the MLP whose output `info` is."""
-    return info.module[: -len(plan.adapter.mlp.down) - 1]
 
 
 def check(plan: Plan) -> None:
@@ -64,7 +59,8 @@ def check(plan: Plan) -> None:
     that gains units, a map on the MLP's input that folds into gate / up (a shift or a dense map at the
     norm feeding them, any map at their inputs) would reach the old rows only; a map on the residual
     after the layer that scales folds into down_proj's old columns only."""
-    layers = {_layer(plan, sp.info) for sp in plan.sites if any(isinstance(s, Map) and s.needs_context for s in sp.pending)}
+    layers = {plan.adapter.mlp_layer(sp.info) for sp in plan.sites
+              if any(isinstance(s, Map) and s.needs_context for s in sp.pending)}
     for layer in layers:
         gate, up, down, _ = plan.adapter.mlp.parts(layer)
         for sp in plan.sites:
@@ -89,12 +85,11 @@ def _check_after_folds(plan: Plan) -> None:
     """After the folds: whatever is still pending at a site of the MLP's width (gate / up outputs, down's
     input, in any layer) would become an inserted module of the old width, and a linear map left after
     units (its shift had no bias to go to) would apply its scale to the new columns a second time."""
-    layers = plan.model.get_submodule(plan.adapter.layers_prefix())
     inner = set()
-    for i in range(len(layers)):
-        gate, up, down, _ = plan.adapter.mlp.parts(f"{plan.adapter.layers_prefix()}.{i}")
+    for layer in plan.adapter.layer_paths(plan.model):
+        gate, up, down, _ = plan.adapter.mlp.parts(layer)
         inner |= {(gate, "output"), (up, "output"), (down, "input")}
-        if f"{plan.adapter.layers_prefix()}.{i}" in plan.grown:
+        if layer in plan.grown:
             inner.add((down, "output"))
     for sp in plan.sites:
         if sp.pending and (sp.info.module, sp.info.side) in inner:
@@ -112,9 +107,7 @@ def run(plan: Plan) -> None:
     k = max(sum(g.shape[0] for g, _, _ in us) for us in plan.grown.values())
     align = math.gcd(width, ALIGN)
     extra = math.ceil(k / align) * align
-    layers = model.get_submodule(plan.adapter.layers_prefix())
-    for i in range(len(layers)):
-        layer = f"{plan.adapter.layers_prefix()}.{i}"
+    for layer in plan.adapter.layer_paths(model):
         _grow(plan, layer, plan.grown.get(layer, []), extra)
         plan.store.flush()  # a streamed checkpoint holds one layer's grown MLP at a time
     setattr(model.config, mlp.size, width + extra)
@@ -126,9 +119,9 @@ def run(plan: Plan) -> None:
 def _grow(plan: Plan, layer: str, units: list, extra: int) -> None:
     """Append `extra` units to the MLP of `layer`: the given ones first, zeros after."""
     gate, up, down, _ = plan.adapter.mlp.parts(layer)
-    store, d_in = plan.store, store_width(plan, gate)
+    store, d_in = plan.store, _width(plan, gate)
     G = torch.zeros(extra, d_in, dtype=torch.float64)
-    U, D = torch.zeros_like(G), torch.zeros(store_width(plan, down, rows=True), extra, dtype=torch.float64)
+    U, D = torch.zeros_like(G), torch.zeros(_width(plan, down, rows=True), extra, dtype=torch.float64)
     at = 0
     for g, u, dn in units:
         n = g.shape[0]
@@ -146,7 +139,7 @@ def _grow(plan: Plan, layer: str, units: list, extra: int) -> None:
                                                  torch.zeros(extra, dtype=store.out_dtype(f"{path}.bias"), device=b.device)]))
 
 
-def store_width(plan: Plan, path: str, rows: bool = False) -> int:
+def _width(plan: Plan, path: str, rows: bool = False) -> int:
     """A Linear's input width (or, with rows, its output width) from the skeleton."""
     w = plan.model.get_submodule(path).weight
     return w.shape[0 if rows else 1]
