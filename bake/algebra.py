@@ -51,13 +51,22 @@ def merge_maps(maps: list[Map]) -> list[Map]:
     return out
 
 
+def _models_differ(a: dict, b: dict) -> bool:
+    """Two model blocks name different models. Where both carry `weights_digest` (the whole model) it
+    decides, with the architecture and shapes; `weights_sha256` hashes only each spec's own sites, so
+    specs of one model on different sites differ there. A spec written before the digest is compared on
+    every field both carry."""
+    keys = set(a) & set(b)
+    if "weights_digest" in keys:
+        keys.discard("weights_sha256")
+    return any(a[k] != b[k] for k in keys)
+
+
 def compose(specs: list[Spec], check_model: bool = True) -> Spec:
     if not specs:
         raise BakeError("compose: give at least one spec")
     blocks = [s.model for s in specs if s.model]
-    # two blocks agree when every field both carry is equal (a spec written before `weights_digest`
-    # lacks it, and still composes with a newer spec of the same model)
-    clash = any(a[k] != b[k] for i, a in enumerate(blocks) for b in blocks[i + 1:] for k in set(a) & set(b))
+    clash = any(_models_differ(a, b) for i, a in enumerate(blocks) for b in blocks[i + 1:])
     if check_model and clash:
         raise BakeError("compose: the specs were fitted on different models (fingerprints differ); "
                         "pass --ignore-fingerprint to compose them anyway")

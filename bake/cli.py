@@ -9,7 +9,7 @@ import sys
 import threading
 from pathlib import Path
 
-from . import __version__
+from . import __version__, guard
 from .errors import BakeError, CheckFailed
 
 
@@ -192,6 +192,27 @@ def _p_diff(sub):
     _placement_args(p, "each model (the original, then the steered one; one resident at a time)")
 
 
+def _spec_reads(paths) -> list:
+    return [r for p in paths for r in guard.spec_inputs(p, "--spec")]
+
+
+def _check_report(path, flag: str, reads) -> Path:
+    """A report, plot or results file: never an input, nor inside one; replaced when it exists."""
+    from .exporters import check_file_out
+
+    return check_file_out(path, reads, flag)
+
+
+def _check_spec_out(out: str, reads, force: bool) -> Path:
+    """compose / invert: a .json manifest (and its tensor file) that is no input; an existing one only with
+    --force."""
+    from .exporters import check_file_out
+
+    if Path(out).suffix != ".json":
+        raise BakeError(f"--out: a spec manifest ends in .json, got {out!r}")
+    return check_file_out(out, reads, force=force, also=guard.spec_outputs(out))
+
+
 def _numbers(text: str, field: str, kind=float) -> list:
     try:
         vals = [kind(x) for x in text.split(",") if x.strip()]
@@ -222,10 +243,12 @@ def _p_search(sub):
     p.add_argument("--system", default=None, help="system prompt of the scored chats (default: the template's)")
     p.add_argument("--max-rank", type=int, default=1, help="each trial also draws the rank k of the removed "
                    "subspace, 1 … this (bake fit --rank)")
-    p.add_argument("--out", required=True, help="directory: trials.json, front.png, chosen.json")
+    p.add_argument("--out", required=True, help="directory: trials.json, front.png, chosen.json (written atomically)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
 
 
 def cmd_search(a) -> int:
+    from .exporters import check_out, staged
     from .fit import read_texts
     from .models import load
     from .search import SearchConfig, search
@@ -234,9 +257,15 @@ def cmd_search(a) -> int:
                        batch_size=a.batch_size, max_kl=a.max_kl, seed=a.seed, startup_trials=a.startup_trials,
                        orthogonalize=a.orthogonalize, norm_preserving=a.norm_preserving, system=a.system,
                        max_rank=a.max_rank)  # checks the counts before anything loads
+
+    out = Path(a.out)
+    reads = [*guard.model_inputs(a.model), *guard.file_inputs(("--source file", a.source), ("--target file", a.target))]
+    check_out(out, a.force, reads)
     src, tgt = read_texts(a.source, "--source"), read_texts(a.target, "--target")
     loaded = load(a.model)
-    doc = search(loaded.model, loaded.tokenizer, src, tgt, cfg, Path(a.out))
+    check_out(out, a.force, [*reads, ("model directory", loaded.source)])
+    with staged(out, a.force) as tmp:
+        doc = search(loaded.model, loaded.tokenizer, src, tgt, cfg, tmp)
     c = doc["trials"][doc["chosen"]]
     print(f"chosen trial {c['trial']}: {c['refusals']}/{doc['prompts_select']['harmful']} refusals, KL {c['kl']:.4f} "
           f"(select split; front of {len(doc['front'])}); wrote {a.out}/chosen.json, trials.json, front.png")
@@ -257,9 +286,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("spec", nargs="+")
     p.add_argument("-o", "--out", required=True, help="spec manifest to write (.json)")
     p.add_argument("--ignore-fingerprint", action="store_true", help="compose specs fitted on different weights")
+    p.add_argument("--force", action="store_true", help="replace an existing --out (never an input)")
     p = sub.add_parser("invert", help="the inverse spec: induces what the spec removes")
     p.add_argument("spec")
     p.add_argument("-o", "--out", required=True, help="spec manifest to write (.json)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out (never an input)")
     p = sub.add_parser("inspect", help="print a readable summary of a spec")
     p.add_argument("spec")
     p = sub.add_parser("families", help="supported model families and, per site preset, how each map kind folds")
@@ -353,13 +384,18 @@ def cmd_verify(a) -> int:
     from .modality import VerifyOptions, verify_baked
     from .verify import read_prompts
 
+    if a.report:
+        _check_report(a.report, "--report", [*_spec_reads(a.spec), *guard.model_inputs(a.model),
+                                             ("baked model", Path(a.baked)), *guard.file_inputs(("prompts", a.prompts))])
     specs = read_specs(a.spec, a.strength)
     opts = VerifyOptions(prompts=tuple(read_prompts(a.prompts)), max_new_tokens=a.max_new_tokens,
                          check_model=not a.ignore_fingerprint, provider=a.provider, trust_code=a.trust_remote_code,
                          device=a.device, device_map=a.device_map)
     report = verify_baked(a.model, specs, a.baked, opts)
     if a.report:
-        Path(a.report).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+        from .evaluation import write_json_atomic
+
+        write_json_atomic(Path(a.report), report)
     print(_verification_line(report))
     return 0 if report["passed"] else 1
 
@@ -373,12 +409,16 @@ def cmd_eval(a) -> int:
 
     strengths = _numbers(a.strengths, "--strengths")
     seeds = _numbers(a.seeds, "--seeds", int)
+    out = Path(a.out)
+    plot = Path(a.plot) if a.plot else out.with_suffix(".png")
+    reads = [*_spec_reads(a.spec or []), *guard.model_inputs(a.model), *guard.model_inputs(a.baked, "--baked model"),
+             *guard.file_inputs(("--prompts file", a.prompts), ("--sentences file", a.sentences))]
+    _check_report(out, "--out", reads)  # an existing --out is resumed
+    _check_report(plot, "--plot", [*reads, ("--out file", out)])
     specs = read_specs(a.spec) if a.spec else None
     cfg = prepare(a.task, seeds, read_prompts(a.prompts) if a.prompts else None, a.split, a.n_sentences,
                   a.sentences, a.max_new_tokens, a.scorer, a.batch_size, baked=a.baked, n_prompts=a.n_prompts,
                   system=a.system, sampled=a.sampled)
-    out = Path(a.out)
-    plot = Path(a.plot) if a.plot else out.with_suffix(".png")
     doc = run(a.model, cfg, out, specs, strengths, a.baked, plot, device=a.device, trust_code=a.trust_remote_code)
     print("\n".join(summary_line(p) for p in doc["points"]))
     print(f"wrote {out} and {plot}")
@@ -389,6 +429,11 @@ def cmd_diff(a) -> int:
     """bake diff: one gated comparison (bake.diff.run); exit 1 when a threshold is crossed."""
     from .diff import DiffOptions, run
 
+    reads = [*guard.model_inputs(a.model), *guard.model_inputs(a.steered, "--steered model"),
+             *guard.file_inputs(("--prompts file", a.prompts))]
+    for flag, path in (("--report", a.report), ("--json", a.json)):
+        if path:
+            _check_report(path, flag, reads)
     doc = run(DiffOptions(model=a.model, steered=a.steered, fmt=a.format, provider=a.provider, prompts=a.prompts,
                           trust_code=a.trust_remote_code, max_kl=a.max_kl, min_top1=a.min_top1,
                           max_new_tokens=a.max_new_tokens, report=a.report, json=a.json, device=a.device,
@@ -405,9 +450,7 @@ def cmd_compose(a) -> int:
     from .algebra import compose
     from .spec import read, write
 
-    out = Path(a.out)
-    if out.suffix != ".json":
-        raise BakeError(f"--out: a spec manifest ends in .json, got {a.out!r}")
+    out = _check_spec_out(a.out, [r for p in a.spec for r in _spec_reads([p])], a.force)
     spec = compose([read(p) for p in a.spec], check_model=not a.ignore_fingerprint)
     write(spec, out)
     n = sum(len(m) for _, m in spec.sites)
@@ -419,9 +462,7 @@ def cmd_invert(a) -> int:
     from .algebra import invert
     from .spec import read, write
 
-    out = Path(a.out)
-    if out.suffix != ".json":
-        raise BakeError(f"--out: a spec manifest ends in .json, got {a.out!r}")
+    out = _check_spec_out(a.out, _spec_reads([a.spec]), a.force)
     spec = invert(read(a.spec))
     write(spec, out)
     print(f"wrote {out} ({len(spec.sites)} sites, inverse of {Path(a.spec).name})")

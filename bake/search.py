@@ -19,6 +19,7 @@ bake's fit/select splits, with the result a spec that folds and verifies.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +56,19 @@ class SearchConfig:
             raise BakeError("--trials/--max-new-tokens/--batch-size/--n-prompts: must be at least 1")
         if self.max_rank < 1:
             raise BakeError(f"--max-rank: must be at least 1, got {self.max_rank}")
+        if not math.isfinite(self.max_kl) or self.max_kl < 0:
+            raise BakeError(f"--max-kl: must be a finite KL of at least 0, got {self.max_kl}")
+        if self.startup_trials is not None and self.startup_trials < 0:
+            raise BakeError(f"--startup-trials: must be at least 0, got {self.startup_trials}")
+
+    def check_inputs(self, model, n_source: int) -> None:
+        """Counts that depend on the model and the texts: a subspace no wider than the residual stream,
+        spanned by the mean direction and at most one principal direction per source text."""
+        hidden = model.get_input_embeddings().weight.shape[1]
+        most = min(hidden, n_source + 1)
+        if self.max_rank > most:
+            raise BakeError(f"--max-rank: {self.max_rank} exceeds the largest subspace this model and --source give "
+                            f"({most}: hidden size {hidden}, {n_source} source texts)")
 
 
 def search(model, tok, source: list[str], target: list[str], cfg: SearchConfig, out: Path, log=print) -> dict:
@@ -63,6 +77,7 @@ def search(model, tok, source: list[str], target: list[str], cfg: SearchConfig, 
         import optuna
     except ImportError as e:
         raise BakeError("bake search needs optuna (pip install optuna)") from e
+    cfg.check_inputs(model, len(source))
     base = fit(model, tok, source, target, FitConfig("ablate", direction="mean", pooling="last", chat=True,
                                                      layer_directions=True, orthogonalize=cfg.orthogonalize,
                                                      system=cfg.system, rank=cfg.max_rank))
@@ -89,7 +104,7 @@ def search(model, tok, source: list[str], target: list[str], cfg: SearchConfig, 
         log(f"trial {trial.number}: {refusals}/{len(harmful)} refusals, KL {kl:.4f}")
         return float(refusals), kl
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # a stopped trial is bake's to report, not a traceback
     study = optuna.create_study(directions=["minimize", "minimize"],
                                 sampler=_sampler(optuna, cfg))
     study.optimize(objective, n_trials=cfg.trials)

@@ -170,6 +170,15 @@ def _map_from_json(obj, where: str, tensors: dict[str, torch.Tensor], used: set[
     return m
 
 
+def _check_finite(obj, where: str) -> None:
+    """No NaN or infinity anywhere in a JSON block (Python's reader accepts them; strict JSON does not)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        raise _fail(f"{where}: {obj} is not a finite number")
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
+    for k, v in items:
+        _check_finite(v, f"{where}.{k}" if isinstance(obj, dict) else f"{where}[{k}]")
+
+
 def read(path: str | os.PathLike) -> Spec:
     """Read and validate a spec; every problem raises BakeError naming the field."""
     path = Path(path)
@@ -187,6 +196,7 @@ def read(path: str | os.PathLike) -> Spec:
     for key in ("params", "provenance", "model"):
         if not isinstance(doc.get(key, {}), dict):
             raise _fail(f"spec.{key}: must be an object")
+        _check_finite(doc.get(key, {}), f"spec.{key}")
     _check_model_block(doc.get("model", {}))
     tname = doc.get("tensors")
     tpath = _tensor_file(path, tname)
@@ -253,11 +263,15 @@ def write(spec: Spec, path: str | os.PathLike) -> Path:
     tname = tensors_name(path)
     doc = {"format": FORMAT, "version": VERSION, "method": spec.method, "params": spec.params,
            "provenance": spec.provenance, "model": spec.model, "tensors": tname, "sites": sites}
+    try:
+        text = json.dumps(doc, indent=1, allow_nan=False) + "\n"  # strict JSON: NaN is no number a reader takes
+    except ValueError:
+        raise BakeError(f"spec {path.name}: params or provenance hold a NaN or infinite number; not written") from None
     tmp_t = path.parent / f".{tname}.tmp"
     tmp_j = path.parent / f".{path.name}.tmp"
     try:
         save_file(tensors, str(tmp_t), metadata={"format": FORMAT})
-        tmp_j.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+        tmp_j.write_text(text, encoding="utf-8")
         for p in (tmp_t, tmp_j):
             os.chmod(p, 0o644)
         os.replace(tmp_t, path.parent / tname)

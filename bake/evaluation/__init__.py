@@ -89,7 +89,8 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 def write_json_atomic(path: Path, obj) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=1) + "\n")
+    """Strict JSON (no NaN or Infinity, which JSON readers refuse), via a temp file renamed into place."""
+    write_text_atomic(path, json.dumps(obj, indent=1, allow_nan=False) + "\n")
 
 
 def prepare(task: str, seeds: list[int], prompts: list[str] | None, split: str, n_sentences: int,
@@ -103,6 +104,11 @@ def prepare(task: str, seeds: list[int], prompts: list[str] | None, split: str, 
     bad = [t for t in tasks if t not in TASKS]
     if not tasks or bad:
         raise BakeError(f"--task: unknown task(s) {bad or task!r} (known: {', '.join(TASKS)})")
+    from .scorers import SCORERS
+
+    bad = [n for n in (n.strip() for n in scorer.split(",")) if n and n not in SCORERS]
+    if bad or not scorer.strip(","):
+        raise BakeError(f"--scorer: unknown scorer {(bad or [scorer])[0]!r} (known: {', '.join(SCORERS)})")
     if max_new_tokens < 1 or batch_size < 1:
         raise BakeError("--max-new-tokens/--batch-size: must be at least 1")
     if baked:

@@ -70,6 +70,8 @@ def run(model_name: str, cfg: EvalConfig, out: Path, specs: list[Spec] | None = 
     todo += [(f"λ={lam:g}", lam) for lam in (strengths or []) if specs]
     if baked:
         todo.append(("baked", None))
+    if baked and "baked" not in done:
+        _check_opens(baked, trust_code)
     loaded = None
     base = {} if "refusal" in cfg.tasks else None  # the original's first-token log-probabilities
     for label, lam in tqdm(todo, desc="eval points", unit="point"):
@@ -109,6 +111,18 @@ def run(model_name: str, cfg: EvalConfig, out: Path, specs: list[Spec] | None = 
 
         plot(doc, plot_path)
     return doc
+
+
+def _check_opens(baked: str, trust_code: bool) -> None:
+    """Open --baked once before any work (and let it go): a directory or GGUF that cannot run is refused
+    before the original is evaluated and before --out is written."""
+    import gc
+
+    from ..artifacts import open_artifact
+
+    art = open_artifact(baked, trust_code=trust_code, flag="--baked")
+    del art
+    gc.collect()
 
 
 def summary_line(p: dict) -> str:

@@ -3,6 +3,6 @@ Every exporter writes into a staging directory (`staging.staged`) that replaces 
 
 from __future__ import annotations
 
-from .staging import check_out, clear_stale, staged
+from .staging import check_file_out, check_out, clear_stale, staged
 
-__all__ = ["check_out", "clear_stale", "staged"]
+__all__ = ["check_file_out", "check_out", "clear_stale", "staged"]

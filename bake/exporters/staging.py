@@ -55,6 +55,46 @@ def check_out(out: Path, force: bool, inputs=()) -> None:
         raise BakeError(f"--out: {str(out)!r} exists and is not empty (pass --force to replace it)")
 
 
+def _same(a: Path, b: Path) -> bool:
+    """One file, by resolved path or (both existing) by inode: a hard link is the same file too."""
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_file_out(out, inputs=(), flag: str = "--out", force: bool = True, also=()) -> Path:
+    """Refuse a file output (a spec, a JSON or HTML report, a plot) that would destroy what the run
+    reads: `out` (and each path of `also`, e.g. a spec's tensor file) must not be, or lie inside, any
+    input, after resolving links (a hard link counts as the same file). `inputs`: (what, path) pairs;
+    hub ids and absent paths are skipped. An existing directory at `out`, or a file among its parents,
+    is refused; an existing file only without `force`. Returns `out` as a Path."""
+    out = Path(out)
+    if str(out).strip() in ("", "."):
+        raise BakeError(f"{flag}: must name a file, got {str(out)!r}")
+    if out.is_dir():
+        raise BakeError(f"{flag}: {str(out)!r} is a directory; name a file to write")
+    for anc in out.parents:
+        if anc.exists() and not anc.is_dir():
+            raise BakeError(f"{flag}: {str(out)!r} lies under {str(anc)!r}, which is a file")
+    for path in (out, *map(Path, also)):
+        for what, inp in inputs:
+            if inp is None or not isinstance(inp, (str, os.PathLike)) or not Path(inp).exists():
+                continue
+            src = Path(inp)
+            if _same(path, src):
+                raise BakeError(f"{flag}: {str(path)!r} is the {what} {str(inp)!r}; writing it would destroy "
+                                f"the input (choose another {flag})")
+            if src.is_dir() and src.resolve() in path.resolve().parents:
+                raise BakeError(f"{flag}: {str(path)!r} lies inside the {what} {str(inp)!r}; writing there "
+                                f"would change the input (choose another {flag})")
+    if out.exists() and not force:
+        raise BakeError(f"{flag}: {str(out)!r} exists (pass --force to replace it)")
+    return out
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import BakeError
+
 
 def quantiles(x: torch.Tensor, n: int) -> torch.Tensor:
     """n evenly spaced quantiles per column of x [N, d] (linear interpolation), sorted ascending."""
@@ -151,6 +153,9 @@ def refusal_subspace(src: torch.Tensor, tgt: torch.Tensor, k: int) -> torch.Tens
     off = src.double() - tgt.double().mean(0)
     off = off - (off @ u) @ u.T
     _, _, vh = torch.linalg.svd(off, full_matrices=False)
+    if k - 1 > vh.shape[0]:
+        raise BakeError(f"--rank: {k} exceeds the largest subspace these texts give ({1 + vh.shape[0]}: the mean "
+                        f"direction and one principal direction per source text, at most the hidden size)")
     cols = torch.cat([u, vh[:k - 1].T], dim=1)
     basis, _ = torch.linalg.qr(cols)
     return (basis * torch.sign((basis * cols).sum(0))).float()  # QR may flip a column: keep u₁'s sign

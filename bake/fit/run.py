@@ -42,7 +42,7 @@ def run_fit(model: str, config: FitConfig, out: str | Path, source: str | Path, 
 
     if Path(out).suffix != ".json":
         raise BakeError(f"--out: a spec manifest ends in .json, got {str(out)!r}")
-    out = Path(out)
+    out = _check_out(Path(out), model, config, source, target, control)
     texts = _read_inputs(model, config, source, target, control)
     config.check(TextCounts(len(texts.source), len(texts.target),
                             None if texts.control is None else len(texts.control)))
@@ -54,6 +54,17 @@ def run_fit(model: str, config: FitConfig, out: str | Path, source: str | Path, 
     spec = _load_and_fit(model, config, texts, device, device_map)
     _write(spec, out)
     return FitResult(spec, out, report(spec, config, out))
+
+
+def _check_out(out: Path, model: str, config: FitConfig, source, target, control) -> Path:
+    """The spec (and its tensor file) must not be, or lie inside, anything the fit reads."""
+    from .. import guard
+    from ..exporters import check_file_out
+
+    inner = config.inner if config.method == "dsas" else None
+    reads = [*guard.model_inputs(model), *guard.spec_inputs(inner, "--inner spec"),
+             *guard.file_inputs(("--source file", source), ("--target file", target), ("--control file", control))]
+    return check_file_out(out, reads, also=guard.spec_outputs(out))
 
 
 def _read_inputs(model: str, config: FitConfig, source, target, control) -> _Inputs:
