@@ -54,6 +54,7 @@ def settled(ref: dict, logits: torch.Tensor, eos: list[int], exact_path: bool) -
         return False
     n_prompt, seq = ref["n_prompt"], ref["seq"]
     at = logits[n_prompt - 1:len(seq) - 1].clone()
+    eos = [e for e in eos if 0 <= e < at.shape[-1]]  # an id beyond the vocabulary is never generated anyway
     if eos:
         at[:, eos] = -torch.inf
     top = at.topk(2, dim=-1)

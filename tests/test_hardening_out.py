@@ -244,3 +244,45 @@ def test_compose_specs_of_one_model_on_other_sites(capsys, tmp_path):
     (tmp_path / "other.json").write_text(json.dumps(doc_b))
     code, _, err = run(["compose", a, tmp_path / "other.json", "-o", tmp_path / "x.json"], capsys)
     assert code == 2 and "different models" in one_error_line(err)
+
+
+def _saved(kind: str, tokenizer, folder: Path, **cfg) -> Path:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(kind, vocab_size=400, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  **cfg)
+    return save_model(AutoModelForCausalLM.from_config(config).eval(), tokenizer, folder)
+
+
+def test_falcon_ablate_with_default_sites(texts, tokenizer, capsys):
+    """Item 17: the method's default presets that a model lacks (attn-out, where Falcon's attention writes
+    through the MLP's output) are left out when the user named no sites; an explicit one is refused,
+    naming only the presets this model offers."""
+    model = _saved("falcon", tokenizer, texts / "falcon")
+    code, out, err = run(["fit", "--model", model, "--source", texts / "src.txt", "--target", texts / "tgt.txt",
+                          "--method", "ablate", "--out", texts / "a.json"], capsys)
+    assert code == 0, err
+    doc = json.loads((texts / "a.json").read_text())
+    assert doc["params"]["sites"] == ["mlp-out"] and len(doc["sites"]) == 2
+    code, out, err = run(["apply", "--model", model, "--spec", texts / "a.json", "--out", texts / "o"], capsys)
+    assert code == 0 and "verify: PASS" in out, err
+    code, _, err = run(["fit", "--model", model, "--source", texts / "src.txt", "--target", texts / "tgt.txt",
+                        "--method", "ablate", "--sites", "attn-out", "--out", texts / "b.json"], capsys)
+    line = one_error_line(err)
+    assert code == 2 and "'attn-out' matches no site" in line and "mlp-out" in line
+    assert "attn-out," not in line.split("presets:")[1]
+
+
+@pytest.mark.parametrize("kind", ["glm", "glm4"])
+def test_eos_beyond_the_vocabulary(kind, texts, tokenizer, capsys):
+    """Item 17: GLM configs name EOS ids (151329 …) beyond a 400-token vocabulary: verify ignores an id no
+    model can generate instead of an IndexError."""
+    model = _saved(kind, tokenizer, texts / kind, intermediate_size=96, num_key_value_heads=2, head_dim=16,
+                   pad_token_id=0)
+    assert min(json.loads((model / "generation_config.json").read_text())["eos_token_id"]) >= 400
+    code, _, err = run(["fit", "--model", model, "--source", texts / "src.txt", "--target", texts / "tgt.txt",
+                        "--method", "ablate", "--out", texts / "a.json"], capsys)
+    assert code == 0, err
+    code, out, err = run(["apply", "--model", model, "--spec", texts / "a.json", "--out", texts / "o"], capsys)
+    assert code == 0 and "verify: PASS" in out and "greedy identical 8/8" in out, err

@@ -273,18 +273,24 @@ class Adapter:
         catalog = self.sites(model)
         chosen: set[str] = set()
         for pat in patterns:
-            globs = self.presets.get(pat, (pat,))
-            hit = False
-            for g in globs:
-                rx = glob_regex(g)
-                for name in catalog:
-                    if rx.fullmatch(name):
-                        chosen.add(name)
-                        hit = True
+            hit = self._matches(catalog, pat)
             if not hit:
                 raise BakeError(f"--sites: {pat!r} matches no site of this {self.family} model "
-                                f"(presets: {', '.join(self.presets)}; or a glob like 'mlp.down_proj:input')")
+                                f"(presets: {', '.join(self.offered(model)) or 'none'}; or a glob like "
+                                f"'mlp.down_proj:input')")
+            chosen |= hit
         return [n for n in catalog if n in chosen]
+
+    def _matches(self, catalog, pat: str) -> set[str]:
+        """The sites of `catalog` a preset or glob names."""
+        rxs = [glob_regex(g) for g in self.presets.get(pat, (pat,))]
+        return {name for name in catalog if any(rx.fullmatch(name) for rx in rxs)}
+
+    def offered(self, model: torch.nn.Module) -> list[str]:
+        """The presets that name at least one site of this model (a family's table may list one that a
+        configuration lacks, e.g. attn-out where attention writes through the MLP's output)."""
+        catalog = self.sites(model)
+        return [p for p in self.presets if self._matches(catalog, p)]
 
 
 def glob_regex(glob: str) -> re.Pattern:

@@ -102,6 +102,14 @@ def _legacy_config(method, args: tuple, options: dict, provenance) -> tuple[FitC
     return config, provenance
 
 
+def _default_sites(adapter, model, meth) -> list[str]:
+    """The method's usual presets that this model offers (all of them, and the error naming what is
+    offered, where it offers none)."""
+    usual = meth.default_sites.split(",")
+    offered = set(adapter.offered(model))
+    return [p for p in usual if p in offered] or usual
+
+
 def _prepare(model, tok, source, target, control, config: FitConfig, provenance, progress) -> Job:
     """Resolve the sites on the model, fingerprint it, and start the spec (method, params, provenance)."""
     from .distributed import active as distributed
@@ -114,7 +122,7 @@ def _prepare(model, tok, source, target, control, config: FitConfig, provenance,
     if pipeline and (meth.estimate is None or c.support != "none"):
         raise BakeError(f"--method: {c.method}{' with --support' if c.support != 'none' else ''} is not available "
                         f"for diffusers pipelines yet (use {', '.join(PIPELINE_METHODS)})")
-    sites = list(c.sites or (["norms"] if pipeline else meth.default_sites.split(",")))
+    sites = list(c.sites or (["norms"] if pipeline else _default_sites(adapter, model, meth)))
     catalog = adapter.sites(model)
     infos = [catalog[n] for n in adapter.resolve(model, sites)]
     pooling = c.pooling or meth.pooling
