@@ -42,6 +42,9 @@ def run_fit(model: str, config: FitConfig, out: str | Path, source: str | Path, 
 
     if Path(out).suffix != ".json":
         raise BakeError(f"--out: a spec manifest ends in .json, got {str(out)!r}")
+    from ..models.loading import check_placement
+
+    check_placement(device, device_map)  # a bad --device / --device-map is named before the model loads
     out = _check_out(Path(out), model, config, source, target, control)
     texts = _read_inputs(model, config, source, target, control)
     config.check(TextCounts(len(texts.source), len(texts.target),
