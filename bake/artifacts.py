@@ -148,14 +148,10 @@ def _open_onnx(p: Path, provider: str) -> Artifact:
 def _open_gguf(p: Path) -> Artifact:
     """A GGUF run in llama.cpp: a baked directory's model-<TYPE>.gguf or a .gguf file, with the tokenizer
     beside it (a bake's checkpoint), else the one transformers reads from the GGUF itself."""
-    from transformers import AutoTokenizer
-
-    from .llamacpp import LlamaCppLM, beside
+    from .llamacpp import LlamaCppLM, tokenizer_beside
 
     model = LlamaCppLM(p)
-    tok = AutoTokenizer.from_pretrained(str(model.file.parent), **beside(model.file, "tokenizer_config.json"))
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
+    tok = tokenizer_beside(model.file)
     return Artifact(model, tok, "gguf", model.file.stem, p)
 
 
@@ -164,19 +160,99 @@ def _has_lora(p: Path) -> bool:
 
 
 def _open_lora(p: Path, flag: str, placement: dict) -> Artifact:
-    """The PEFT adapter in `p/lora` on its base model (float32, stock from_pretrained), at scale 1."""
-    import json
-
+    """The PEFT adapter in `p/lora` on its base model (float32, stock from_pretrained), at scale 1. The
+    weights are read from adapter_model.safetensors only, by bake: PEFT's own loader falls back to
+    torch.load (a pickle) for adapter_model.bin."""
     try:
         from peft import PeftModel
     except ImportError as e:
         raise BakeError(f"{flag}: running the LoRA adapter needs peft (pip install peft)") from e
-    base = json.loads((p / "lora" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    d = p / "lora"
+    doc = _lora_config(d / "adapter_config.json", flag)
+    weights = _lora_weights(d, flag)
+    base = doc["base_model_name_or_path"]
     if not Path(base).is_dir():
         raise BakeError(f"{flag}: the LoRA adapter's base model {base!r} is not a local directory")
+    conf = _peft_config(d / "adapter_config.json", doc, flag)
     art = _open_safetensors(Path(base), base, False, "float32", flag, TO_RUN, placement)
-    model = PeftModel.from_pretrained(art.model, str(p / "lora")).eval()
-    return Artifact(model, art.tokenizer, "lora", "float32", p)
+    try:
+        model = PeftModel(art.model, conf)
+        _load_lora(model, weights, d / "adapter_model.safetensors", flag)
+    except BakeError:
+        raise
+    except Exception as e:  # target modules the base lacks, shapes that differ
+        raise BakeError(f"{flag}: cannot apply {str(d)!r} to {base!r}: {_first_line(e)}") from None
+    return Artifact(model.eval(), art.tokenizer, "lora", "float32", p)
+
+
+def check_lora(p: Path, flag: str = "--baked") -> None:
+    """The LoRA in `p/lora` is one bake can run (a readable config naming its base model, safetensors
+    weights): refused before any work, where a verify would otherwise first run the other formats."""
+    _lora_config(Path(p) / "lora" / "adapter_config.json", flag)
+    _lora_file(Path(p) / "lora", flag)
+
+
+def _lora_file(d: Path, flag: str) -> Path:
+    f = d / "adapter_model.safetensors"
+    if not f.is_file():
+        pickle = " (adapter_model.bin is a pickle: bake never loads one)" if (d / "adapter_model.bin").exists() else ""
+        raise BakeError(f"{flag}: {str(f)!r} is missing{pickle}; bake reads LoRA weights from safetensors only")
+    return f
+
+
+def _lora_config(f: Path, flag: str) -> dict:
+    """adapter_config.json as a dict with a base model path, or one line naming the file and field."""
+    import json
+
+    try:
+        doc = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BakeError(f"{flag}: {str(f)!r} is not readable JSON ({_first_line(e)})") from None
+    if not isinstance(doc, dict):
+        raise BakeError(f"{flag}: {str(f)!r} is not a JSON object")
+    base = doc.get("base_model_name_or_path")
+    if not isinstance(base, str) or not base:
+        raise BakeError(f"{flag}: {str(f)!r}: base_model_name_or_path is missing or not a path (the base model "
+                        f"the adapter applies to)")
+    return doc
+
+
+def _lora_weights(d: Path, flag: str) -> dict:
+    """adapter_model.safetensors' tensors (never adapter_model.bin: a pickle)."""
+    from safetensors.torch import load_file
+
+    f = _lora_file(d, flag)
+    try:
+        return load_file(str(f))
+    except Exception as e:  # a truncated or foreign file
+        raise BakeError(f"{flag}: {str(f)!r} is not a readable safetensors file: {_first_line(e)}") from None
+
+
+def _peft_config(f: Path, doc: dict, flag: str):
+    """The PEFT config of the adapter, for inference; one line naming the file where PEFT refuses it."""
+    from peft import PeftConfig
+
+    try:
+        conf = PeftConfig.from_pretrained(str(f.parent))
+    except Exception as e:  # an unknown peft_type, a field of the wrong type
+        raise BakeError(f"{flag}: {str(f)!r} is not a PEFT adapter config: {_first_line(e)}") from None
+    if str(getattr(conf, "peft_type", "")).split(".")[-1].upper() != "LORA":
+        raise BakeError(f"{flag}: {str(f)!r}: peft_type {doc.get('peft_type')!r} (bake writes and runs LORA)")
+    conf.inference_mode = True
+    return conf
+
+
+def _load_lora(model, weights: dict, f: Path, flag: str) -> None:
+    """The adapter's tensors into the PEFT model; every LoRA weight must be in the file and every tensor
+    in the file must be one."""
+    from peft import set_peft_model_state_dict
+
+    res = set_peft_model_state_dict(model, weights)
+    missing = [k for k in res.missing_keys if "lora_" in k]
+    if missing or res.unexpected_keys:
+        what = (f"lacks {missing[0]!r} ({len(missing)} missing)" if missing
+                else f"holds {res.unexpected_keys[0]!r}, which the adapter config does not target")
+        raise BakeError(f"{flag}: {str(f)!r} {what}")
 
 
 def open_pipeline(p: Path) -> Artifact:
@@ -192,7 +268,7 @@ def _open_safetensors(p: Path, name: str, trust_code: bool, dtype: str, flag: st
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .modules import CODE, needs_code
+    from .modules import CODE, needs_code, stock_config
 
     code = needs_code(p)
     if code and not trust_code:  # a stock loader would silently drop the inserted modules: refuse instead
@@ -201,7 +277,8 @@ def _open_safetensors(p: Path, name: str, trust_code: bool, dtype: str, flag: st
     try:
         model = AutoModelForCausalLM.from_pretrained(str(p), dtype=dtype if dtype == "auto" else getattr(torch, dtype),
                                                      trust_remote_code=code, use_safetensors=True, **(placement or {}))
-        tok = AutoTokenizer.from_pretrained(str(p), trust_remote_code=False)
+        # the stock config (bake_<type>: its stock type's): the tokenizer never runs the checkpoint's code
+        tok = AutoTokenizer.from_pretrained(str(p), config=stock_config(p), trust_remote_code=False)
     except Exception as e:
         how = "from_pretrained(trust_remote_code=True)" if code else "stock from_pretrained"
         raise BakeError(f"{flag}: cannot load {name!r} with {how}: {_first_line(e)}") from None

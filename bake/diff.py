@@ -99,6 +99,8 @@ def check_same_model(original_config, steered_config) -> None:
     """The steered model must be the original's kind (same model type and vocabulary)."""
     for key in CONFIG_KEYS:
         x, y = getattr(original_config, key, None), getattr(steered_config, key, None)
+        if key == "model_type":  # a checkpoint with inserted modules: bake_<type>, read as its stock type
+            y = getattr(steered_config, "bake_stock_type", None) or y
         if x != y:
             raise BakeError(f"--steered: {key} {y!r} differs from the original model's {x!r} (another model?)")
 

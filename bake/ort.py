@@ -40,7 +40,7 @@ class OrtCausalLM:
 
     def __init__(self, path: str | Path, provider: str = "auto", threads: int | None = None,
                  spin: bool = True):
-        from transformers import AutoConfig
+        from .modules import stock_config
 
         path = Path(path)
         try:
@@ -58,7 +58,7 @@ class OrtCausalLM:
             raise BakeError(f"{str(path)!r}: onnx_info.json is missing or unreadable (export with bake apply "
                             f"--format onnx)")
         try:
-            self.config = AutoConfig.from_pretrained(str(path), trust_remote_code=False)  # never prompt
+            self.config = stock_config(path)  # never prompt, never run code (bake_<type>: the stock type's class)
         except Exception as e:  # remote code asked for, or an unreadable config
             raise BakeError(f"{str(path)!r}: cannot read config.json without running its code: "
                             f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
@@ -154,7 +154,7 @@ def load_onnx(path: str | Path, provider: str = "auto"):
 
     model = OrtCausalLM(path, provider, threads=int(os.environ.get("BAKE_ORT_THREADS", "0")) or None)
     try:
-        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+        tok = AutoTokenizer.from_pretrained(str(path), config=model.config, trust_remote_code=False)
     except Exception as e:
         raise BakeError(f"{str(path)!r}: cannot load its tokenizer without running its code: "
                         f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .artifacts import formats_in, open_artifact
+from .artifacts import check_lora, formats_in, open_artifact
 from .errors import BakeError
 from .greedy import eos_masked, settled
 from .runtime import steered
@@ -210,6 +210,8 @@ def verify(load_original, specs: list[Spec], baked_dir: Path, prompts: list[str]
     if not formats:
         raise BakeError(f"--baked: {str(baked_dir)!r}: nothing this verify can run (a control vector is verified "
                         f"by bake apply --format control-vector)")
+    if "lora" in formats:
+        check_lora(baked_dir)  # a malformed adapter, or a pickled one: refused before any work
     prompts = PROBES + list(prompts or [])
     model, tok = load_original()
     ref = run_reference(model, tok, specs, prompts, max_new_tokens, check_model)

@@ -17,7 +17,7 @@ LAYERS = [
     {"bake.families"},
     {"bake.plan", "bake.runtime"},
     {"bake.passes"},
-    {"bake.exporters", "bake.ort_session"},
+    {"bake.exporters", "bake.ort_session", "bake.guard"},
     {"bake.ort", "bake.llamacpp", "bake.artifacts", "bake.yardstick", "bake.greedy"},
     {"bake.verify", "bake.verify_pipeline", "bake.verify_gguf"},
     {"bake.modality"},

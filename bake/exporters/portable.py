@@ -13,7 +13,8 @@ directory gets, next to what transformers 5 wrote:
   "proportional" RoPE or LFM-3's per-layer-type RoPE would read the legacy fields as a different
   RoPE, or fail);
 - tokenizer_config.json: the concrete `PreTrainedTokenizerFast` (what `TokenizersBackend` is);
-- generation_config.json, built from the config when the writer left none (ONNX-only output).
+- generation_config.json, built from the config when the writer left none (ONNX-only output);
+- no `auto_map` that names the source model's own code (only bake's generated code, where it wrote some).
 """
 
 from __future__ import annotations
@@ -82,14 +83,14 @@ def _reads_same(path: Path, before: str) -> bool:
     """True if transformers loads `path` to the config it loads from the text `before` (rope included)."""
     import tempfile
 
-    from transformers import AutoConfig
+    from ..modules import stock_config
 
     added = set(json.loads(path.read_text(encoding="utf-8"))) - set(json.loads(before))
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "config.json").write_text(before, encoding="utf-8")
-        old = AutoConfig.from_pretrained(tmp, trust_remote_code=False).to_dict()
+        old = stock_config(tmp).to_dict()
     try:
-        new = AutoConfig.from_pretrained(str(path.parent), trust_remote_code=False).to_dict()
+        new = stock_config(path.parent).to_dict()
     except Exception:  # noqa: BLE001 - a config the legacy fields break: not the same
         return False
     skip = added | {"_name_or_path"}
@@ -107,9 +108,11 @@ def _tokenizer_config(doc: dict) -> list[str]:
 def _generation_config(out: Path) -> list[str]:
     if (out / "generation_config.json").is_file() or not (out / "config.json").is_file():
         return []
-    from transformers import AutoConfig, GenerationConfig
+    from transformers import GenerationConfig
 
-    cfg = AutoConfig.from_pretrained(str(out), trust_remote_code=False)  # the model's own config class: its
+    from ..modules import stock_config
+
+    cfg = stock_config(out)  # the model's own config class (never its code): its
     GenerationConfig.from_model_config(cfg).save_pretrained(str(out))  # rope defaults need its fields
     return ["generation_config.json (from config.json)"]
 
@@ -117,6 +120,9 @@ def _generation_config(out: Path) -> list[str]:
 def make_portable(out: Path) -> list[str]:
     """Rewrite a finished output directory's config and tokenizer files in place so that older
     runtimes read the same model; returns what it changed, for the report."""
+    from ..modules import drop_foreign_code
+
     out = Path(out)
-    return (_config_file(out / "config.json") + _rewrite_json(out / "tokenizer_config.json", _tokenizer_config)
+    return (drop_foreign_code(out) + _config_file(out / "config.json")
+            + _rewrite_json(out / "tokenizer_config.json", _tokenizer_config)
             + _generation_config(out))

@@ -350,8 +350,13 @@ def write_checkpoint(store: CheckpointStore, tmp: Path, placed: dict, link: bool
             f"{len(new_names)} new tensor(s) in {EXTRA if new_names else '-'}")
 
 
+CODE_SUFFIXES = (".py", ".pyc", ".so", ".dll", ".dylib")
+
+
 def copy_side_files(source: Path, tmp: Path, ckpt: Checkpoint) -> None:
-    """Tokenizer, generation config, …: as they are."""
+    """Tokenizer, generation config, …: as they are; never the source's code (its `.py` modules: the
+    in-memory bake writes none either; the `auto_map` naming them is dropped by `make_portable`)."""
     for f in source.iterdir():
-        if f.is_file() and f.name not in WEIGHT_FILES and f.name not in ckpt.files and not (tmp / f.name).exists():
+        if (f.is_file() and f.name not in WEIGHT_FILES and f.name not in ckpt.files and not (tmp / f.name).exists()
+                and not f.name.endswith(CODE_SUFFIXES)):
             shutil.copyfile(f, tmp / f.name)

@@ -3,7 +3,9 @@
 # class forward, with the module `bake_steer_in` before it (input sites) and `bake_steer` after it (output sites).
 #
 # Loading: AutoModelForCausalLM.from_pretrained(this_dir, trust_remote_code=True). The code below
-# is all that runs: plain torch, on top of the stock transformers class named in BASE.
+# is all that runs: plain torch, on top of the stock transformers classes named in BASE and BASE_CONFIG.
+# config.json names bake's own model type, `bake_<stock type>` (this file's config class), so a stock
+# load without trust_remote_code=True fails instead of quietly building the unsteered stock model.
 #
 # Ops, per token, on the last (unit) axis, in order:
 #   diag      y = a*x + b
@@ -21,6 +23,7 @@ import types
 import torch
 
 BASE = None  # set below the template by bake: the stock class this model extends
+BASE_CONFIG = None  # and the stock config class its config extends
 
 
 def _pwl(x, xs, ys):
@@ -136,25 +139,42 @@ def route(mod: torch.nn.Module) -> None:
     mod.forward = types.MethodType(_steered, mod)
 
 
-def _keep_conversions(model_type: str) -> None:
+def _keep_conversions(model_type: str, stock_type: str | None = None) -> None:
     """transformers 5 renames and fuses some checkpoints' weights at load (Sarvam-MoE: word_embeddings,
     per-expert tensors) but skips that for remote code unless its model type was registered by the user:
-    register the stock mapping again under its model type (before the weights load), so the checkpoint
+    register the stock type's mapping under the model type (before the weights load), so the checkpoint
     reads as the stock class reads it."""
     try:
         from transformers import conversion_mapping as cm
     except ImportError:  # transformers 4: no conversions
         return
-    conv = cm.get_checkpoint_conversion_mapping(model_type)
+    conv = cm.get_checkpoint_conversion_mapping(stock_type or model_type)
     if conv and model_type not in cm.USER_REGISTERED_MAPPINGS:  # the same mapping, now also for remote code
         cm.register_checkpoint_conversion_mapping(model_type, conv, overwrite=True)
 
 
-def make_class(base):
+PREFIX = "bake_"  # config.json's model_type: bake_<the stock type>
+
+
+def make_config(base, stock_type: str):
+    """The stock config class under the model type `bake_<stock_type>`, which no stock loader knows:
+    without trust_remote_code=True, transformers refuses the checkpoint (it would otherwise build the
+    stock class and drop the inserted modules)."""
+
+    class BakeConfig(base):
+        model_type = PREFIX + stock_type
+        bake_stock_type = stock_type  # the checkpoint's own type: its weight conversions, its cache
+
+    BakeConfig.__name__ = BakeConfig.__qualname__ = f"Bake{base.__name__}"
+    return BakeConfig
+
+
+def make_class(base, config_class=None):
     class BakeForCausalLM(base):
         def __init__(self, config, *args, **kwargs):
             super().__init__(config, *args, **kwargs)
-            _keep_conversions(config.model_type)  # the checkpoint's, not the class's (Sarvam-MoE runs GLM-4-MoE)
+            # the checkpoint's type, not the class's (Sarvam-MoE runs GLM-4-MoE)
+            _keep_conversions(config.model_type, getattr(config, "bake_stock_type", None))
             install(self, getattr(config, "bake_inserted", []))
 
         def set_use_kernels(self, *args, **kwargs):
@@ -166,4 +186,6 @@ def make_class(base):
 
     # named after the stock class: transformers decides some things by class name (MiniMax's own cache)
     BakeForCausalLM.__name__ = BakeForCausalLM.__qualname__ = f"Bake{base.__name__}"
+    if config_class is not None:  # transformers checks that the model's config class is the config's
+        BakeForCausalLM.config_class = config_class
     return BakeForCausalLM
