@@ -335,7 +335,8 @@ def _verification_line(v: dict) -> str:
         if "onnx_denoiser_rel" in v:
             line += f", ONNX denoiser relative error {v['onnx_denoiser_rel']:.3g}"
         return line + f" [{v['criterion']}]"
-    line = (f"verify: {'PASS' if v['passed'] else 'FAIL'}: {v['prompts']} prompts, max abs logit error "
+    own = v.get("format_passed", v["passed"])  # the headline is the first format's own verdict
+    line = (f"verify: {'PASS' if own else 'FAIL'}: {v['prompts']} prompts, max abs logit error "
             f"{v['max_abs']:.3g} (relative {v['max_rel']:.3g}), greedy identical {v['greedy_same']}/{v['prompts']}"
             f" [{v['criterion']}]" + (f" in {v['seconds']:.1f} s" if "seconds" in v else ""))
     lo = v.get("lora")
@@ -349,6 +350,9 @@ def _verification_line(v: dict) -> str:
             line += (f"\nverify ({what.format(**g)}): {'PASS' if g['passed'] else 'FAIL'}: max abs logit "
                      f"error {g['max_abs']:.3g} (relative {g['max_rel']:.3g}), greedy identical "
                      f"{g['greedy_same']}/{g['prompts']} [{g['criterion']}]")
+    failed = [k for k, r in v.items() if isinstance(r, dict) and r.get("passed") is False]
+    if not v["passed"] and own:  # the headline's format passed; another did not
+        line += f"\nverify: FAIL overall: {', '.join(failed) or 'another format'} failed"
     return line
 
 

@@ -135,6 +135,10 @@ def run_reference(model, tok, specs: list[Spec], prompts: list[str], n: int, che
     if bad:
         raise BakeError(f"--strength/spec: the hooked reference itself gives NaN or Inf logits on {bad}/{len(out)} "
                         f"probe prompts: at these strengths the spec breaks the model (lower the strength)")
+    if all(bool((r["logits"].amax(-1) == r["logits"].amin(-1)).all()) for r in out):
+        raise BakeError("--strength/spec: the hooked reference gives the same logit to every token at every "
+                        "position of every probe: the spec erases the model's output at these strengths, and a "
+                        "comparison with it would prove nothing (lower the strength)")
     return out
 
 
@@ -231,7 +235,7 @@ def verify(load_original, specs: list[Spec], baked_dir: Path, prompts: list[str]
         del cand
         gc.collect()
     report = dict(reports[formats[0]])
-    report["format"] = formats[0]
+    report["format"], report["format_passed"] = formats[0], reports[formats[0]]["passed"]
     for fmt in formats[1:]:
         report[fmt] = reports[fmt]
     report["passed"] = all(r["passed"] for r in reports.values())

@@ -286,3 +286,40 @@ def test_eos_beyond_the_vocabulary(kind, texts, tokenizer, capsys):
     assert code == 0, err
     code, out, err = run(["apply", "--model", model, "--spec", texts / "a.json", "--out", texts / "o"], capsys)
     assert code == 0 and "verify: PASS" in out and "greedy identical 8/8" in out, err
+
+
+def test_constant_reference_logits_refused(tiny_dir, tmp_path, capsys):
+    """Item 16: a map that drives every logit to exactly 0 (here: the final norm's output scaled to 0)
+    gives a hooked reference with no information; verify refuses to call that a pass."""
+    from bake.models import load
+    from conftest import stamp
+
+    site = "model.norm:output"  # scaled to 0: the tied lm_head (no bias) gives 0 to every token
+    spec = stamp(Spec([(site, [Map("affine", 1.0, {"a": torch.zeros(D), "b": torch.zeros(D)})])]),
+                 load(str(tiny_dir)).model)
+    write(spec, tmp_path / "zero.json")
+    code, out, err = run(["apply", "--model", tiny_dir, "--spec", tmp_path / "zero.json", "--out", tmp_path / "o"],
+                         capsys)
+    assert code == 2 and "same logit to every token" in one_error_line(err) and "PASS" not in out
+    assert not (tmp_path / "o").exists()
+    half = stamp(Spec([(site, [Map("affine", 0.5, {"a": torch.zeros(D), "b": torch.zeros(D)})])]),
+                 load(str(tiny_dir)).model)  # half the way: still informative, and it verifies
+    write(half, tmp_path / "half.json")
+    code, out, err = run(["apply", "--model", tiny_dir, "--spec", tmp_path / "half.json", "--out", tmp_path / "o"],
+                         capsys)
+    assert code == 0 and "verify: PASS" in out, err
+
+
+def test_headline_is_the_first_formats_own_verdict():
+    """Item 14: when only the LoRA fails, the safetensors headline says PASS and a last line says what
+    failed."""
+    from bake.cli import _verification_line
+
+    row = {"prompts": 8, "max_abs": 1e-6, "max_rel": 1e-7, "greedy_same": 8, "criterion": "c"}
+    v = {**row, "passed": False, "format": "safetensors", "format_passed": True,
+         "lora": {**row, "passed": False, "max_abs": 3.0}}
+    lines = _verification_line(v).splitlines()
+    assert lines[0].startswith("verify: PASS") and lines[1].startswith("verify (lora, PEFT at scale 1): FAIL")
+    assert lines[-1] == "verify: FAIL overall: lora failed"
+    v = {**row, "passed": True, "format_passed": True}
+    assert _verification_line(v).count("\n") == 0 and _verification_line(v).startswith("verify: PASS")
