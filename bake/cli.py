@@ -344,12 +344,17 @@ def _verification_line(v: dict) -> str:
         line += (f"\nverify (lora, PEFT at scale 1): {'PASS' if lo['passed'] else 'FAIL'}: max abs logit error "
                  f"{lo['max_abs']:.3g} (relative {lo['max_rel']:.3g}), greedy identical {lo['greedy_same']}/"
                  f"{lo['prompts']}")
-    for key, what in (("gguf", "gguf {gguf_type}, llama.cpp"), ("control-vector", "control vector, llama.cpp")):
+    for key, what in (("gguf", "gguf {gguf_type}, llama.cpp"), ("control-vector", "control vector, llama.cpp"),
+                      ("lora-gguf", "LoRA GGUF, llama.cpp at scales 1 and 0")):
         g = v.get(key)
         if g:
             line += (f"\nverify ({what.format(**g)}): {'PASS' if g['passed'] else 'FAIL'}: max abs logit "
                      f"error {g['max_abs']:.3g} (relative {g['max_rel']:.3g}), greedy identical "
                      f"{g['greedy_same']}/{g['prompts']} [{g['criterion']}]")
+            if g.get("tensor_types"):
+                line += "; written as " + ", ".join(f"{t} ×{n}" for t, n in g["tensor_types"].items())
+            if g.get("note"):
+                line += f" ({g['note']})"
     failed = [k for k, r in v.items() if isinstance(r, dict) and r.get("passed") is False]
     if not v["passed"] and own:  # the headline's format passed; another did not
         line += f"\nverify: FAIL overall: {', '.join(failed) or 'another format'} failed"

@@ -5,6 +5,9 @@ prompts), so both runtimes see the very same tokens; llama.cpp's logits come bac
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +15,7 @@ import numpy as np
 import torch
 
 from .errors import BakeError
+from .llama_logs import quiet, silence, verbose  # noqa: F401  (re-exported)
 
 F32 = 0  # GGML_TYPE_F32
 
@@ -38,6 +42,22 @@ def beside(gguf: Path, name: str) -> dict:
     return {} if (gguf.parent / name).is_file() else {"gguf_file": gguf.name}
 
 
+def tokenizer_beside(gguf: Path, flag: str = "--baked/--steered"):
+    """The tokenizer for a GGUF: a bake's tokenizer files beside it, else the one transformers reads from
+    the GGUF itself; a BakeError naming the file when neither can be read."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), trust_remote_code=False,
+                                            **beside(gguf, "tokenizer_config.json"))
+    except Exception as e:  # transformers raises many kinds for missing or broken tokenizer files
+        where = str(gguf.parent) if (gguf.parent / "tokenizer_config.json").is_file() else str(gguf)
+        raise BakeError(f"{flag}: cannot read the tokenizer of {where!r}: {_first(e)}") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
 def apply_control_vector(llm, path: Path, scale: float) -> None:
     """What llama.cpp's `--control-vector-scaled path scale` does (common.cpp) to a `llama_cpp.Llama`:
     direction.N × scale at offset n_embd·(N − 1) of one buffer, applied to layers 1 … n_layer."""
@@ -59,6 +79,10 @@ def apply_control_vector(llm, path: Path, scale: float) -> None:
         raise BakeError(f"llama.cpp refused the control vector {path.name}")
 
 
+def _first(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
 class LlamaCppLM:
     def __init__(self, path: str | Path, n_ctx: int = 1024, threads: int | None = None,
                  lora: str | Path | None = None, lora_scale: float = 1.0,
@@ -71,13 +95,28 @@ class LlamaCppLM:
             raise BakeError("a GGUF runs in llama.cpp: pip install llama-cpp-python") from e
         from transformers import AutoConfig
 
+        from .models.loading import check_gguf_header
+
         self.file = gguf_in(Path(path))
-        self.config = AutoConfig.from_pretrained(str(self.file.parent), trust_remote_code=False,
-                                                 **beside(self.file, "config.json"))
+        check_gguf_header(self.file, "--baked/--steered")
+        for extra in (lora, control_vector):
+            if extra:
+                check_gguf_header(Path(extra), "--baked/--steered")
+        try:
+            self.config = AutoConfig.from_pretrained(str(self.file.parent), trust_remote_code=False,
+                                                     **beside(self.file, "config.json"))
+        except Exception as e:  # transformers raises many kinds for a bad file
+            raise BakeError(f"--baked/--steered: cannot read the config of {str(self.file)!r}: {_first(e)}") from None
         # the KV cache in float32 (llama.cpp's default is float16, an error of its own on top of the weights')
-        self.llm = Llama(model_path=str(self.file), n_ctx=n_ctx, logits_all=True, verbose=False, seed=0,
-                         n_threads=threads, n_batch=n_ctx, type_k=F32, type_v=F32,
-                         lora_path=str(lora) if lora else None, lora_scale=lora_scale)
+        silence()
+        try:
+            with quiet():
+                self.llm = Llama(model_path=str(self.file), n_ctx=n_ctx, logits_all=True, verbose=verbose(), seed=0,
+                                 n_threads=threads, n_batch=n_ctx, type_k=F32, type_v=F32,
+                                 lora_path=str(lora) if lora else None, lora_scale=lora_scale)
+        except (ValueError, RuntimeError) as e:  # llama-cpp-python: "Failed to load model from file: ..."
+            what = f"{self.file.name}" + (f" with the LoRA {Path(lora).name}" if lora else "")
+            raise BakeError(f"--baked/--steered: llama.cpp cannot load {what}: {_first(e)}") from None
         if control_vector:
             apply_control_vector(self.llm, Path(control_vector), control_scale)
         self.device = torch.device("cpu")

@@ -114,9 +114,28 @@ class CausalLM(_Directories):
             del loaded
             return verify_gguf(fresh, specs, ref, Path(baked), source, adapter, opts.max_new_tokens)
 
+        runtime = {"gguf": gguf}
+        formats = list(opts.formats) if opts.formats else None
+        if Path(baked).is_dir() and "lora" in (formats or artifacts.formats_in(baked)):
+            from .models import resolve
+            from .verify_gguf import lora_gguf_verifiable
+
+            source = resolve(model_name)
+            if lora_gguf_verifiable(Path(baked), source):
+                def lora_gguf(ref):  # the llama.cpp LoRA, on the unsteered f32 GGUF at scales 1 and 0
+                    from .families import adapter_for
+                    from .verify_gguf import verify_lora_gguf
+
+                    loaded = load(model_name)
+                    adapter = adapter_for(loaded.model)
+                    del loaded
+                    return verify_lora_gguf(ref, Path(baked), source, adapter, opts.max_new_tokens)
+
+                runtime["lora-gguf"] = lora_gguf
+                formats = (formats or artifacts.formats_in(baked)) + ["lora-gguf"]
         return verify(fresh, specs, Path(baked), list(opts.prompts), opts.max_new_tokens,
-                      check_model=opts.check_model, formats=list(opts.formats) if opts.formats else None,
-                      provider=opts.provider, trust_code=opts.trust_code, runtime={"gguf": gguf},
+                      check_model=opts.check_model, formats=formats,
+                      provider=opts.provider, trust_code=opts.trust_code, runtime=runtime,
                       device=opts.device, device_map=opts.device_map)
 
 

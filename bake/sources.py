@@ -46,6 +46,10 @@ class LoadedLM:
             self.gguf_type = gguf_lm.check_supported(self.model, self.adapter, self.path, kind, flag)
             if "control-vector" in opts.formats:
                 gguf_lm.llama_cpp(flag)  # it is verified in llama.cpp
+        if "lora" in opts.formats and isinstance(self.path, Path):
+            from .exporters import gguf_lm
+
+            gguf_lm.source_gguf(self.path, "--format lora")  # its llama.cpp LoRA is verified on this GGUF
 
     def prepare(self, specs, opts: BakeOptions) -> None:
         """What needs the original weights and the specs before the folds: a LoRA's deltas, a control
@@ -126,16 +130,25 @@ class LoadedLM:
 
             runtime["control-vector"] = lambda ref: verify_control_vector(ref, tmp, self.path, self.adapter,  # noqa: E731
                                                                           opts.max_new_tokens)
+        formats = list(opts.formats)
+        from .verify_gguf import lora_gguf_verifiable, verify_lora_gguf
+
+        if "lora" in opts.formats and lora_gguf_verifiable(tmp, self.path):
+
+            runtime["lora-gguf"] = lambda ref: verify_lora_gguf(ref, tmp, self.path, self.adapter,  # noqa: E731
+                                                                opts.max_new_tokens)
+            formats.append("lora-gguf")  # after "lora": reported under its own key
         v = verify_mod.verify(lambda: fresh(name, opts), specs, tmp, list(opts.prompts or []) or None,
                               max_new_tokens=opts.max_new_tokens, check_model=opts.check_model,
-                              formats=list(opts.formats), trust_code=bool(plan.inserted), runtime=runtime,
+                              formats=formats, trust_code=bool(plan.inserted), runtime=runtime,
                               device=opts.device, device_map=opts.device_map)
         v["approximate"] = opts.approximate
         return v
 
     @staticmethod
     def failure(v: dict) -> str:
-        bad = [(f, r) for f, r in [("", v)] + [(f, v[f]) for f in ("onnx", "gguf", "control-vector") if isinstance(v.get(f), dict)]
+        bad = [(f, r) for f, r in [("", v)] + [(f, v[f]) for f in ("onnx", "gguf", "control-vector", "lora-gguf")
+                                      if isinstance(v.get(f), dict)]
                if not r.get("passed", True) or f == ""]
         f, r = next(((f, r) for f, r in bad[1:]), bad[0]) if not v.get("passed") and len(bad) > 1 else bad[0]
         where = f" ({f})" if f else ""

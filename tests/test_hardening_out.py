@@ -323,3 +323,20 @@ def test_headline_is_the_first_formats_own_verdict():
     assert lines[-1] == "verify: FAIL overall: lora failed"
     v = {**row, "passed": True, "format_passed": True}
     assert _verification_line(v).count("\n") == 0 and _verification_line(v).startswith("verify: PASS")
+
+
+def test_sandboxed_chat_template_of_a_directory_is_one_line(texts, tokenizer, capsys):
+    """Item 6: a transformers directory whose chat template the Jinja sandbox blocks: one line, exit 2
+    (the GGUF case is in test_hardening_gguf.py)."""
+    model = _chat_model(texts, tokenizer)
+    doc = json.loads((model / "tokenizer_config.json").read_text())
+    evil = "{{ ''.__class__.__mro__[1].__subclasses__() }}"
+    if "chat_template" in doc:
+        doc["chat_template"] = evil
+        (model / "tokenizer_config.json").write_text(json.dumps(doc))
+    for f in model.glob("chat_template.*"):
+        f.write_text(evil if f.suffix == ".jinja" else json.dumps({"chat_template": evil}))
+    code, _, err = run(["fit", "--model", model, "--chat", "--source", texts / "src.txt", "--target",
+                        texts / "tgt.txt", "--method", "mean-act", "--out", texts / "c.json"], capsys)
+    assert code == 2 and "Jinja sandbox" in one_error_line(err)
+    assert not (texts / "c.json").exists()

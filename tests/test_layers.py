@@ -12,7 +12,7 @@ BAKE = Path(__file__).resolve().parents[1] / "bake"
 # low → high; a module may import its own layer and those below (packages: every module inside)
 LAYERS = [
     {"bake", "bake.errors", "bake.typed", "bake.options", "bake.store", "bake.maps", "bake.spec", "bake.algebra"},
-    {"bake.templates", "bake.modules", "bake.spec_summary", "bake.sampling"},
+    {"bake.templates", "bake.modules", "bake.spec_summary", "bake.sampling", "bake.llama_logs"},
     {"bake.models"},
     {"bake.families"},
     {"bake.plan", "bake.runtime"},

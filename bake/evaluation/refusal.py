@@ -46,9 +46,19 @@ OPENINGS = ("I'm sorry", "I am sorry", "Sorry", "I apologize", "I can't", "I can
 
 def chat_texts(tok, prompts: list[str], system: str | None = None) -> list[str]:
     """Each prompt as one templated user turn (after a system turn, if given), ready for the answer."""
+    from jinja2.exceptions import SecurityError, TemplateError
+
+    from ..errors import BakeError
+
     head = [{"role": "system", "content": system}] if system else []
-    return [tok.apply_chat_template(head + [{"role": "user", "content": p}], add_generation_prompt=True,
-                                    tokenize=False) for p in prompts]
+    try:
+        return [tok.apply_chat_template(head + [{"role": "user", "content": p}], add_generation_prompt=True,
+                                        tokenize=False) for p in prompts]
+    except SecurityError as e:  # transformers renders templates in Jinja's sandbox: nothing ran
+        raise BakeError(f"--model: its chat template is refused by the Jinja sandbox ({str(e)[:120]}); bake "
+                        f"renders no template that reaches outside it") from None
+    except (TemplateError, ValueError) as e:  # no template, or one that does not render
+        raise BakeError(f"--model: its chat template cannot render a user turn: {str(e).splitlines()[0][:160]}") from None
 
 
 def _encode(tok, texts: list[str], device):

@@ -8,11 +8,17 @@ rotary layout to llama.cpp's, as llama.cpp's own converter does (transformers' G
 NEOX-rotary architectures (qwen2) keep transformers' layout. The architecture written is the baked
 checkpoint's: a Qwen2 relabelled as Llama by a fold that needed biases Qwen2's class lacks is written
 as `llama` (the source's hyperparameter keys renamed), where llama.cpp's loader reads those biases.
-A tensor the architecture's llama.cpp loader would not read (a bias it has no slot for) is refused."""
+A tensor the architecture's llama.cpp loader has no slot for (a bias it does not read) is refused before
+any work (llama.cpp would refuse the file: "wrong number of tensors"). The types llama.cpp actually
+wrote are read back from the file (`tensor_types`): its quantizer falls back to another type for rows
+whose width the requested one cannot hold."""
 
 from __future__ import annotations
 
-import json
+import errno
+import os
+import shutil
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -27,13 +33,12 @@ NAMES = {v: k for k, v in TYPES.items()}
 ROTARY_PERMUTED = ("llama",)  # llama.cpp architectures whose converter permutes q/k (rotary type NORM)
 
 
-def source_gguf(model_dir: Path) -> Path | None:
-    """The GGUF a converted model directory came from (bake_source.json), if any."""
-    meta = Path(model_dir) / "bake_source.json"
-    if not meta.is_file():
-        return None
-    path = Path(json.loads(meta.read_text())["gguf"])
-    return path if path.is_file() else None
+def source_gguf(model_dir: Path, flag: str = "--format gguf") -> Path | None:
+    """The GGUF a converted model directory came from (bake_source.json), if any: recorded by absolute
+    path, size and sha256, and refused (naming bake_source.json) when the file there is no longer it."""
+    from ..models.loading import check_source
+
+    return check_source(Path(model_dir), flag)
 
 
 def file_type(path: Path) -> str:
@@ -62,7 +67,35 @@ def check_supported(model: torch.nn.Module, adapter, model_dir: Path, gguf_type:
         raise BakeError(f"--gguf-type: unknown type {kind!r} (known: {', '.join(TYPES)})")
     if kind != "f32":
         llama_cpp()
+    check_slots(model, adapter, flag)
     return kind
+
+
+def check_slots(model: torch.nn.Module, adapter, flag: str = "--format gguf") -> None:
+    """Before any work: every tensor of the model has a slot in llama.cpp's loader for the architecture
+    (the biases a fold may add are the ones bake's GGUF families read; `write` checks the baked tensors
+    again)."""
+    names = [k for k in model.state_dict() if not (k == "lm_head.weight"
+                                                   and getattr(model.config, "tie_word_embeddings", False))]
+    gguf_names(names, adapter, model.config, flag)
+
+
+def gguf_names(names, adapter, cfg, flag: str = "--format gguf") -> dict[str, str]:
+    """HF name → GGUF name for the architecture; a BakeError naming the first tensor llama.cpp's loader
+    has no slot for (it would refuse the whole file: "wrong number of tensors")."""
+    import gguf
+
+    arch = getattr(gguf.MODEL_ARCH, adapter.gguf_arch.upper())
+    tmap = gguf.get_tensor_name_map(arch, cfg.num_hidden_layers)
+    out = {}
+    for name in names:
+        new = tmap.get_name(name, try_suffixes=(".weight", ".bias"))
+        if new is None or (name.endswith(".bias") and new.rsplit(".", 2)[-2] not in adapter.gguf_biases):
+            raise BakeError(f"{flag}: llama.cpp's {adapter.gguf_arch} loader has no slot for {name}: it would "
+                            f"refuse the file (\"wrong number of tensors\"; biases it reads: "
+                            f"{', '.join(adapter.gguf_biases)})")
+        out[name] = new
+    return out
 
 
 def llama_cpp(flag: str = "--format gguf"):
@@ -82,18 +115,12 @@ def permute(w: np.ndarray, n_head: int) -> np.ndarray:
 def gguf_tensors(tensors: dict[str, torch.Tensor], adapter, cfg) -> dict[str, np.ndarray]:
     """HF names → GGUF names (float32), permuted where the architecture needs it; refused if llama.cpp's
     loader has no slot for a tensor."""
-    import gguf
-
-    arch = getattr(gguf.MODEL_ARCH, adapter.gguf_arch.upper())
-    tmap = gguf.get_tensor_name_map(arch, cfg.num_hidden_layers)
     heads = {f".{m}.": n for m, n in (("q_proj", cfg.num_attention_heads), ("k_proj", cfg.num_key_value_heads))
              } if adapter.gguf_arch in ROTARY_PERMUTED else {}
+    names = gguf_names(tensors, adapter, cfg)
     out = {}
     for name, t in tensors.items():
-        new = tmap.get_name(name, try_suffixes=(".weight", ".bias"))
-        if new is None or (name.endswith(".bias") and new.rsplit(".", 2)[-2] not in adapter.gguf_biases):
-            raise BakeError(f"--format gguf: llama.cpp's {adapter.gguf_arch} loader has no slot for {name}: it would "
-                            f"drop it silently (biases it reads: {', '.join(adapter.gguf_biases)})")
+        new = names[name]
         a = t.float().numpy()
         n = next((v for k, v in heads.items() if k in f".{name}"), None)
         out[new] = permute(a, n) if n else a
@@ -136,8 +163,42 @@ def write(ckpt: Path, model_dir: Path, out: Path, kind: str, adapter, log=print)
     if kind != "f32":
         quantize(f32, target, kind)
         f32.unlink()
-    log(f"  gguf                   {target.name}: {len(arrays)} tensors, {kind} (llama.cpp {arch})")
+    types = tensor_types(target)
+    log(f"  gguf                   {target.name}: {len(arrays)} tensors, {kind} (llama.cpp {arch}); written as "
+        f"{summary(types)}")
+    fell = fallback(kind, types)
+    if fell:
+        log(f"  gguf                   note: {fell}")
     return target
+
+
+def tensor_types(path: Path) -> dict[str, int]:
+    """How many tensors of each ggml type the GGUF file holds (read back from the file), most first."""
+    import gguf
+
+    counts = Counter(t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors)
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def summary(types: dict[str, int]) -> str:
+    """`Q4_K ×12, F32 ×5` for a tensor_types dict."""
+    return ", ".join(f"{k} ×{n}" for k, n in types.items())
+
+
+def main_type(kind: str) -> str:
+    """The ggml type a --gguf-type writes its matrices in (q4_k_m → Q4_K, q8_0 → Q8_0, bf16 → BF16)."""
+    up = kind.upper()
+    return up.rsplit("_", 1)[0] if "_K_" in up else up
+
+
+def fallback(kind: str, types: dict[str, int]) -> str | None:
+    """A note when llama.cpp wrote no tensor of the type asked for (its quantizer falls back to another
+    type when a row's width is not a multiple of the type's block), else None."""
+    want = main_type(kind)
+    if kind == "f32" or want in types:
+        return None
+    return (f"llama.cpp wrote no {want} tensor for --gguf-type {kind} (the rows are too narrow for its blocks; "
+            f"it fell back to {summary(types)}); the file name keeps the type asked for")
 
 
 def written_as(adapter, cfg):
@@ -158,17 +219,30 @@ def write_file(path: Path, arch: str, metadata, arrays: dict[str, np.ndarray]) -
     metadata(w)
     for name, a in arrays.items():
         w.add_tensor(name, np.ascontiguousarray(a, dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    try:
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+    except OSError as e:
+        # numpy's tofile reports a short write as "N requested and M written", without an errno: on a
+        # local file that is a full disk
+        if e.errno is None and "written" in str(e):
+            raise OSError(errno.ENOSPC, f"No space left on device (a short write to {path.name}: {e})") from None
+        raise
 
 
 def quantize(src: Path, dst: Path, kind: str) -> None:
     """llama.cpp's own quantizer."""
+    from ..llama_logs import quiet
+
     lc = llama_cpp()
     params = lc.llama_model_quantize_default_params()
     params.ftype = TYPES[kind]
     params.nthread = 0
-    if lc.llama_model_quantize(str(src).encode(), str(dst).encode(), params) != 0:
+    with quiet():  # llama.cpp's per-tensor log lines, unless BAKE_VERBOSE=1
+        code = lc.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
+    if code != 0:
+        if shutil.disk_usage(dst.parent).free < os.path.getsize(src):  # most likely the disk filled up
+            raise OSError(errno.ENOSPC, f"No space left on device (llama.cpp's quantizer could not write {dst.name})")
         raise BakeError(f"--gguf-type {kind}: llama.cpp's quantizer failed on {src.name}")

@@ -8,6 +8,7 @@ safetensors in the user cache dir and reused from there.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -122,29 +123,219 @@ def _joined(name: str, alias: Alias) -> Path:
     return path
 
 
+SOURCE = "bake_source.json"  # in a converted directory: the GGUF it came from (absolute path, size, sha256)
+GGUF_MAGIC = b"GGUF"
+_HASHED: dict[tuple, str] = {}  # (resolved path, size, mtime_ns) -> sha256, once per process
+
+
+def sha256_of(path: Path) -> str:
+    """The sha256 of a file (hashed once per process while its size and mtime stay)."""
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _HASHED:
+        digest = hashlib.sha256()
+        with path.open("rb") as f:
+            while block := f.read(1 << 24):
+                digest.update(block)
+        _HASHED[key] = digest.hexdigest()
+    return _HASHED[key]
+
+
+def check_regular(path: Path, flag: str, what: str = "file") -> None:
+    """A path that must be a regular file: missing, or a device / FIFO / socket (a symlink to /dev/zero),
+    is refused by name."""
+    if not path.exists():
+        raise BakeError(f"{flag}: {what} {str(path)!r} not found")
+    if not path.is_file():
+        raise BakeError(f"{flag}: {what} {str(path)!r} is not a regular file")
+
+
+def check_gguf_header(path: Path, flag: str = "--model") -> None:
+    """A GGUF's fixed header before any reader sees it: the magic, a known version, and tensor and
+    key-value counts that fit in the file (each entry takes at least a few bytes)."""
+    import struct
+
+    check_regular(path, flag, "GGUF file")
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(24)
+    if len(head) < 24 or head[:4] != GGUF_MAGIC:
+        raise BakeError(f"{flag}: {str(path)!r} is not a GGUF file (no GGUF header)")
+    version, n_tensors, n_kv = struct.unpack("<IQQ", head[4:24])
+    if version not in (2, 3):
+        raise BakeError(f"{flag}: GGUF file {str(path)!r} has version {version} (llama.cpp and bake read 2 and 3)")
+    if n_tensors * 24 + n_kv * 12 > size:  # a tensor's info takes >= 24 bytes, a key-value >= 12
+        raise BakeError(f"{flag}: GGUF file {str(path)!r} is corrupt: its header claims {n_tensors} tensors and "
+                        f"{n_kv} key-values, more than its {size} bytes can hold")
+
+
+def source_record(gguf: Path) -> dict:
+    """What bake_source.json records of the GGUF a directory was converted from."""
+    gguf = Path(gguf).resolve()
+    return {"gguf": str(gguf), "size": gguf.stat().st_size, "sha256": sha256_of(gguf)}
+
+
+def read_source(model_dir: Path) -> dict | None:
+    """bake_source.json of a converted directory (None when it has none), checked for shape: an object with
+    an absolute `gguf` path, an integer `size` and a hex `sha256` (else a BakeError naming the file)."""
+    meta = Path(model_dir) / SOURCE
+    if not meta.exists() and not meta.is_symlink():
+        return None
+    where = str(meta)
+    if not meta.is_file():
+        raise BakeError(f"--model: {where!r} is not a regular file")
+    try:
+        rec = json.loads(meta.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError, OSError) as e:
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise BakeError(f"--model: {where!r} is not valid JSON ({why}); delete {str(model_dir)!r} to convert the "
+                        f"GGUF again") from None
+    if not isinstance(rec, dict) or not isinstance(rec.get("gguf"), str) or type(rec.get("size")) is not int:
+        raise BakeError(f"--model: {where!r} must be an object with the source GGUF's \"gguf\" path, \"size\" and "
+                        f"\"sha256\"; delete {str(model_dir)!r} to convert the GGUF again")
+    sha = rec.get("sha256")
+    if sha is not None and not (isinstance(sha, str) and len(sha) == 64
+                                and all(c in "0123456789abcdef" for c in sha)):
+        raise BakeError(f"--model: {where!r}: \"sha256\" is not a sha256 hex digest")
+    return rec
+
+
+def check_source(model_dir: Path, flag: str = "--format gguf") -> Path | None:
+    """The GGUF a converted directory came from, checked to be the very file converted: recorded by
+    absolute path, with the size and sha256 it had (None when the directory was not converted from a GGUF)."""
+    rec = read_source(model_dir)
+    if rec is None:
+        return None
+    meta, path = Path(model_dir) / SOURCE, Path(rec["gguf"])
+    again = f"; delete {str(model_dir)!r} and load the GGUF again to convert it anew"
+    if not path.is_absolute() or rec.get("sha256") is None:
+        raise BakeError(f"{flag}: {str(meta)!r} records the source GGUF as {rec['gguf']!r} without an absolute path "
+                        f"and sha256 (an older bake wrote it){again}")
+    if not path.is_file():
+        raise BakeError(f"{flag}: the source GGUF {rec['gguf']!r} recorded in {str(meta)!r} is gone{again}")
+    if path.stat().st_size != rec["size"] or sha256_of(path.resolve()) != rec["sha256"]:
+        raise BakeError(f"{flag}: the source GGUF {rec['gguf']!r} no longer matches {str(meta)!r} (size or sha256 "
+                        f"differ: another file?){again}")
+    return path
+
+
+def _check_cached(out: Path, gguf: Path) -> None:
+    """A cached conversion must be of `gguf`: its bake_source.json names that file at that size (an older
+    bake's record, same file and size, is upgraded with the absolute path and sha256)."""
+    rec = read_source(out)
+    meta = out / SOURCE
+    again = f"; delete {str(out)!r} to convert it again"
+    if rec is None:
+        raise BakeError(f"--model: the cached conversion {str(out)!r} lacks {SOURCE}{again}")
+    recorded = Path(rec["gguf"])
+    older = not recorded.is_absolute() and rec.get("sha256") is None  # an older bake's record, as typed
+    same = older or (recorded.is_absolute() and recorded.exists() and recorded.resolve() == gguf)
+    if not same or rec["size"] != gguf.stat().st_size:
+        raise BakeError(f"--model: {str(meta)!r} records {rec['gguf']!r} ({rec['size']} bytes), not the GGUF being "
+                        f"loaded {str(gguf)!r}{again}")
+    if rec.get("sha256") is None or rec["gguf"] != str(gguf):
+        _write_atomic(meta, json.dumps(source_record(gguf)) + "\n")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def check_loaded(model, info: dict, what: str, finite: bool = False) -> None:
+    """Every tensor the model needs was read, none left over and none of another shape (transformers would
+    initialise a missing one at random and drop an unexpected one); with `finite`, every weight is finite."""
+    for key, word in (("missing_keys", "lacks"), ("mismatched_keys", "has a wrongly shaped"),
+                      ("unexpected_keys", "has an unexpected")):
+        names = sorted(k[0] if isinstance(k, (tuple, list)) else str(k) for k in (info.get(key) or ()))
+        if names:
+            more = f" (and {len(names) - 1} more)" if len(names) > 1 else ""
+            raise BakeError(f"{what} {word} tensor {names[0]}{more}: it is not a complete "
+                            f"{type(model).__name__} checkpoint")
+    errs = info.get("error_msgs") or []
+    if errs:
+        raise BakeError(f"{what}: {str(errs[0]).strip().splitlines()[0]}")
+    for name, t in model.state_dict().items() if finite else ():
+        if t.is_floating_point() and not t.is_meta and not bool(torch.isfinite(t).all()):
+            raise BakeError(f"{what}: tensor {name} holds NaN or Inf values (a broken checkpoint)")
+
+
+@contextlib.contextmanager
+def quiet_loading_report():
+    """transformers' table of missing / unexpected / mismatched tensors kept quiet: `check_loaded` refuses
+    any of them in one line naming the first."""
+    import logging
+
+    def drop(record) -> bool:
+        return "LOAD REPORT" not in str(record.msg)
+
+    log = logging.getLogger("transformers.modeling_utils")  # from_pretrained passes its own logger
+    log.addFilter(drop)
+    try:
+        yield
+    finally:
+        log.removeFilter(drop)
+
+
+def check_chat_template(tok, what: str) -> None:
+    """The chat template renders in transformers' Jinja sandbox (one made to break out of it is refused
+    here, by name, not when a command first renders it)."""
+    if not getattr(tok, "chat_template", None):
+        return
+    try:
+        from jinja2.exceptions import SecurityError
+    except ImportError:  # pragma: no cover - a dependency of transformers
+        return
+    try:
+        tok.apply_chat_template([{"role": "user", "content": "hello"}], add_generation_prompt=True, tokenize=False)
+    except SecurityError as e:
+        raise BakeError(f"{what}: its chat template is refused by the Jinja sandbox "
+                        f"({str(e).splitlines()[0] if str(e) else 'SecurityError'})") from None
+    except Exception:  # noqa: BLE001 - a template may demand other turns; only escapes are refused here
+        pass
+
+
 def convert_gguf(gguf: Path, out: Path) -> Path:
-    """Dequantise a GGUF model to a float32 transformers directory (atomic: temp dir + rename)."""
+    """Dequantise a GGUF model to a float32 transformers directory (atomic: temp dir + rename); refused,
+    and nothing cached, when any tensor is missing, unexpected, misshapen or not finite."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    gguf = Path(gguf).resolve()
     if (out / "config.json").is_file():
+        _check_cached(out, gguf)
         return out
+    check_gguf_header(gguf)
+    what = f"--model: GGUF file {str(gguf)!r}"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        print(f"bake: converting {gguf.name} to float32 safetensors (once) in {out}", flush=True)
         try:
-            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32,
-                                                         trust_remote_code=False)
+            with quiet_loading_report():
+                model, info = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                                   dtype=torch.float32, trust_remote_code=False,
+                                                                   output_loading_info=True,
+                                                                   ignore_mismatched_sizes=True)
             tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, trust_remote_code=False)
         except Exception as e:  # transformers raises many kinds for a bad file
-            raise BakeError(f"--model: cannot read GGUF file {str(gguf)!r}: {str(e).splitlines()[0]}") from None
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise BakeError(f"--model: cannot read GGUF file {str(gguf)!r}: {first}") from None
+        check_loaded(model, info, what, finite=True)
+        check_chat_template(tok, what)
+        print(f"bake: converting {gguf.name} to float32 safetensors (once) in {out}", flush=True)
         # a GGUF-loaded model refuses save_pretrained until its quantizer is dropped
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))
-        (tmp / "bake_source.json").write_text(json.dumps({"gguf": str(gguf), "size": gguf.stat().st_size}) + "\n")
+        (tmp / SOURCE).write_text(json.dumps(source_record(gguf)) + "\n")
         try:
             os.replace(tmp, out)
         except OSError:  # another process converted it meanwhile
@@ -167,12 +358,13 @@ def resolve(name: str) -> Path | str:
                             f"and no model_index.json (not a diffusers pipeline)")
         return path
     if path.suffix == ".gguf":
-        if not path.is_file():
-            raise BakeError(f"--model: GGUF file {name!r} not found")
+        check_regular(path, "--model", "GGUF file")
         st = path.stat()
         key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
         return convert_gguf(path, cache_dir() / "models" / f"{path.stem}-{key}")
     if path.exists():
+        if not path.is_file():
+            raise BakeError(f"--model: {name!r} is not a regular file or a directory")
         raise BakeError(f"--model: {name!r} is neither a model directory nor a .gguf file")
     parts = name.split("/")
     if len(parts) == 2 and all(parts):
@@ -267,14 +459,19 @@ def load(name: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool 
     if isinstance(source, Path) and is_pipeline_dir(source):
         return Loaded(load_pipeline(source, dtype, device=str(dev)), None, source, name)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(source), dtype=dtype, trust_remote_code=trust_remote_code,
-                                                     use_safetensors=True, **placement(device, device_map))
+        with quiet_loading_report():
+            model, info = AutoModelForCausalLM.from_pretrained(str(source), dtype=dtype,
+                                                               trust_remote_code=trust_remote_code,
+                                                               use_safetensors=True, output_loading_info=True,
+                                                               ignore_mismatched_sizes=True,
+                                                               **placement(device, device_map))
         tok = AutoTokenizer.from_pretrained(str(source), trust_remote_code=trust_remote_code)
     except BakeError:
         raise
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise BakeError(f"--model: cannot load {name!r} as a causal language model: {first}") from None
+    check_loaded(model, info, f"--model: {name!r}")
     exact_experts(model.eval())
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
