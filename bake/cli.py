@@ -533,7 +533,8 @@ def cmd_families(a) -> int:
 
     gguf = [f"{a.family} (llama.cpp {a.gguf_arch})" for a in FAMILIES if a.gguf_arch]
     print(f"--format gguf, lora, control-vector (llama.cpp, Ollama): {', '.join(gguf)} (a Qwen2 relabelled as "
-          f"Llama by a fold is written as llama.cpp llama); from a GGUF source.")
+          f"Llama by a fold is written as llama.cpp llama); from a GGUF source. --format gguf from a transformers "
+          f"directory: every architecture llama.cpp's converter knows (bake/exporters/gguf_convert.py).")
     return 0
 
 

@@ -16,21 +16,9 @@ import torch
 
 from bake.cli import main
 from bake.errors import BakeError
+from test_hardening import one_error_line, run
 
 HIDDEN, INTER = 64, 96  # widths no k-quant block (256) divides
-
-
-def run(args, capsys):
-    code = main([str(a) for a in args])
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
-
-
-def one_error_line(err: str) -> str:
-    assert "Traceback" not in err, err
-    lines = [ln for ln in err.splitlines() if ln.startswith("bake:")]
-    assert len(lines) == 1 and lines[0].startswith("bake: error: "), err
-    return lines[0]
 
 
 def donor_fields():

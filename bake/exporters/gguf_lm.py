@@ -52,16 +52,27 @@ def file_type(path: Path) -> str:
 
 def check_supported(model: torch.nn.Module, adapter, model_dir: Path, gguf_type: str | None,
                     flag: str = "--format gguf") -> str:
-    """Refuse before any work what llama.cpp cannot run as written; returns the type to write."""
+    """Refuse before any work what llama.cpp cannot run as written; returns the type to write. From a GGUF
+    source: bake's writer, in the source's architecture and type, its metadata carried over. From a
+    transformers directory: llama.cpp's own converter (`gguf_convert`), f16 unless asked."""
+    src = source_gguf(model_dir)
+    if src is None and flag == "--format gguf":
+        from . import gguf_convert
+
+        kind = gguf_type or "f16"
+        if kind not in TYPES:
+            raise BakeError(f"--gguf-type: unknown type {kind!r} (known: {', '.join(TYPES)})")
+        gguf_convert.check(Path(model_dir), flag)
+        llama_cpp()  # quantized and verified in llama.cpp
+        return kind
     if adapter.gguf_arch is None:
         from ..families import FAMILIES
 
         known = ", ".join(a.family for a in FAMILIES if a.gguf_arch)
-        raise BakeError(f"{flag}: not for {adapter.family} yet (bake writes GGUF for: {known})")
-    src = source_gguf(model_dir)
+        raise BakeError(f"{flag}: not for {adapter.family} yet (bake writes it for: {known})")
     if src is None:
-        raise BakeError(f"{flag}: needs a GGUF model as --model (its tokenizer and chat template are carried "
-                        "over; writing them from a transformers directory is not done yet)")
+        raise BakeError(f"{flag}: needs a GGUF model as --model (its tokenizer metadata makes the unsteered GGUF "
+                        "it runs on; from a transformers directory only --format gguf is written yet)")
     kind = gguf_type or file_type(src)
     if kind not in TYPES:
         raise BakeError(f"--gguf-type: unknown type {kind!r} (known: {', '.join(TYPES)})")
@@ -128,7 +139,10 @@ def gguf_tensors(tensors: dict[str, torch.Tensor], adapter, cfg) -> dict[str, np
 
 
 def write(ckpt: Path, model_dir: Path, out: Path, kind: str, adapter, log=print) -> Path:
-    """model-<TYPE>.gguf in `out` from the checkpoint in `ckpt` (safetensors) and the source GGUF's metadata."""
+    """model-<TYPE>.gguf in `out` from the checkpoint in `ckpt` (safetensors): with the source GGUF's
+    metadata where the source is a GGUF, else by llama.cpp's own converter."""
+    if source_gguf(model_dir) is None:
+        return _converted(Path(ckpt), Path(model_dir), Path(out), kind, log)
     import gguf
     from safetensors import safe_open
 
@@ -163,13 +177,49 @@ def write(ckpt: Path, model_dir: Path, out: Path, kind: str, adapter, log=print)
     if kind != "f32":
         quantize(f32, target, kind)
         f32.unlink()
+    return _logged(target, kind, f"llama.cpp {arch}", log)
+
+
+def _logged(target: Path, kind: str, how: str, log) -> Path:
+    """Say what was written: the tensor types read back from the file, and a note on a fallback."""
     types = tensor_types(target)
-    log(f"  gguf                   {target.name}: {len(arrays)} tensors, {kind} (llama.cpp {arch}); written as "
+    log(f"  gguf                   {target.name}: {sum(types.values())} tensors, {kind} ({how}); written as "
         f"{summary(types)}")
     fell = fallback(kind, types)
     if fell:
         log(f"  gguf                   note: {fell}")
     return target
+
+
+def _converted(ckpt: Path, model_dir: Path, out: Path, kind: str, log) -> Path:
+    """llama.cpp's converter writes the checkpoint (at `kind` where it can, else f32 for the quantizer);
+    a file llama.cpp's loader would refuse is refused here, naming the biases the folds added."""
+    from . import gguf_convert
+
+    target = out / f"model-{kind.upper()}.gguf"
+    direct = kind in gguf_convert.DIRECT
+    first = target if direct else out / "model-F32.tmp.gguf"
+    gguf_convert.convert(ckpt, first, kind if direct else "f32")
+    extra = gguf_convert.refused_tensors(first, ckpt, model_dir)
+    if extra == ["?"]:
+        raise BakeError(f"--format gguf: llama.cpp's {_architecture(first)} loader refuses the converted file "
+                        f"(BAKE_VERBOSE=1 shows its log)")
+    if extra:
+        more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+        raise BakeError(f"--format gguf: llama.cpp's {_architecture(first)} loader refuses the converted file: it has "
+                        f"no slot for {extra[0]}{more}, a bias a fold added (a shift); steer with maps that fold "
+                        f"into weights (projections, scales), or a model whose llama.cpp architecture reads that bias")
+    if not direct:
+        quantize(first, target, kind)
+        first.unlink()
+    return _logged(target, kind, f"llama.cpp {_architecture(target)}, by llama.cpp's converter", log)
+
+
+def _architecture(path: Path) -> str:
+    import gguf
+
+    field = gguf.GGUFReader(str(path)).fields.get("general.architecture")
+    return field.contents() if field is not None else "?"
 
 
 def tensor_types(path: Path) -> dict[str, int]:

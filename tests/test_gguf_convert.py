@@ -1,0 +1,163 @@
+"""--format gguf from a transformers directory, through llama.cpp's own converter (issue 39): a random
+foldable spec per architecture, baked, converted, and verified in llama.cpp against the hooked
+reference (f32: relative logit error <= 1e-4, identical greedy continuations); what llama.cpp would run
+differently is refused before any work."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from bake.cli import main
+from bake.maps import Map
+from bake.spec import Spec, write
+from conftest import make_family, save_model, stamp
+
+pytest.importorskip("llama_cpp", reason="install.sh installs llama-cpp-python (builds llama.cpp)")
+SHORT = ("--max-new-tokens", "8")
+
+
+@pytest.fixture(scope="module")
+def smol_tokenizer():
+    """SmolLM2's tokenizer (a pre-tokenizer llama.cpp's converter knows) with its 49,152-token vocabulary."""
+    from transformers import AutoTokenizer
+
+    from bake.models import resolve
+
+    return AutoTokenizer.from_pretrained(str(resolve("llama")))
+
+
+def _tiny(family: str, vocab: int):
+    """A 2-layer, 64-wide random model of `family` over `vocab` tokens (norm weights and, where the family
+    has them, q/k/v biases and q/k norms away from their defaults, so that their layouts are tested)."""
+    import transformers as tf
+
+    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1,
+                  eos_token_id=2, pad_token_id=2)
+    extra = {"granite": dict(embedding_multiplier=3.0, residual_multiplier=0.5, attention_multiplier=0.2,
+                             logits_scaling=4.0),
+             "qwen3": dict(head_dim=16), "mistral": dict(sliding_window=None)}.get(family, {})
+    config, model_class = {"llama": (tf.LlamaConfig, tf.LlamaForCausalLM), "mistral": (tf.MistralConfig, tf.MistralForCausalLM),
+                           "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM), "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM),
+                           "granite": (tf.GraniteConfig, tf.GraniteForCausalLM),
+                           "olmo2": (tf.Olmo2Config, tf.Olmo2ForCausalLM)}[family]
+    torch.manual_seed(0)
+    model = model_class(config(**common, **extra))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("proj.bias"):
+                p.copy_(0.3 * torch.randn_like(p))
+            elif "norm" in name:
+                p.copy_(1 + 0.3 * torch.randn_like(p))
+    return model.eval()
+
+
+def _saved(model, tok, path: Path) -> Path:
+    """The model with SmolLM2's tokenizer, named by its concrete class: transformers 5 saves
+    `TokenizersBackend`, which a Qwen2 directory would read as Qwen2's own tokenizer (another pre-tokenizer)."""
+    save_model(model, tok, path)
+    doc = json.loads((path / "tokenizer_config.json").read_text())
+    doc["tokenizer_class"] = "PreTrainedTokenizerFast"
+    (path / "tokenizer_config.json").write_text(json.dumps(doc))
+    return path
+
+
+def _random_spec(model, seed: int) -> Spec:
+    """Projections at every attention and MLP write (random rank-1 U) and a per-unit scale at every MLP's
+    hidden units: each folds into weights alone (no bias), so every architecture can hold it."""
+    from bake.families import adapter_for
+
+    g = torch.Generator().manual_seed(seed)
+    adapter = adapter_for(model)
+    cat = adapter.sites(model)
+    sites = []
+    for name in adapter.resolve(model, ["attn-out", "mlp-out"]):
+        u = torch.randn(cat[name].units, 1, generator=g)
+        sites.append((name, [Map("projection", 0.8, {"U": u / u.norm()})]))
+    for name in adapter.resolve(model, ["mlp-in"]):
+        a = 1 + 0.3 * torch.randn(cat[name].units, generator=g)
+        sites.append((name, [Map("affine", 1.0, {"a": a, "b": torch.zeros_like(a)})]))
+    return stamp(Spec(sites, method="random"), model)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen3", "granite", "olmo2"])  # qwen2: test_gguf.py (GGUF source)
+def test_transformers_directory_to_gguf_f32_verified(family, smol_tokenizer, tmp_path, capsys):
+    model = _tiny(family, len(smol_tokenizer))
+    src = _saved(model, smol_tokenizer, tmp_path / family)
+    write(_random_spec(model, seed=len(family)), tmp_path / "s.json")
+    code = main(["apply", *SHORT, "--model", str(src), "--spec", str(tmp_path / "s.json"), "--format", "gguf",
+                 "--gguf-type", "f32", "--out", str(tmp_path / "o")])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    report = json.loads((tmp_path / "o" / "bake_report.json").read_text())
+    g = report["verification"]["gguf"]
+    assert g["passed"] and g["max_rel"] <= 1e-4 and g["greedy_same"] == g["prompts"], g
+    assert "by llama.cpp's converter" in out and (tmp_path / "o" / "model-F32.gguf").is_file()
+
+
+def test_quantized_from_a_directory_within_the_yardstick(smol_tokenizer, tmp_path, capsys):
+    """q8_0: written by the converter itself, judged against the unsteered model converted the same way."""
+    model = _tiny("qwen3", len(smol_tokenizer))
+    src = _saved(model, smol_tokenizer, tmp_path / "q3")
+    write(_random_spec(model, seed=3), tmp_path / "s.json")
+    code = main(["apply", *SHORT, "--model", str(src), "--spec", str(tmp_path / "s.json"), "--format", "gguf",
+                 "--gguf-type", "q8_0", "--out", str(tmp_path / "o")])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    g = json.loads((tmp_path / "o" / "bake_report.json").read_text())["verification"]["gguf"]
+    assert g["passed"] and g["gguf_type"] == "q8_0" and g["unsteered_max_abs"] > 0, g
+    assert "Q8_0" in g["tensor_types"], g
+
+
+def test_unrecognised_pre_tokenizer_refused_before_work(tokenizer, tmp_path, capsys):
+    """conftest's tiny trained tokenizer: the converter knows no hash of it, so llama.cpp would split text
+    another way: exit 2, one line, nothing written."""
+    model = make_family("llama")
+    src = save_model(model, tokenizer, tmp_path / "m")
+    write(_random_spec(model, seed=0), tmp_path / "s.json")
+    code = main(["apply", "--model", str(src), "--spec", str(tmp_path / "s.json"), "--format", "gguf", "--out",
+                 str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and "pre-tokenizer" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("change,why", [({"architectures": ["FrobForCausalLM"]}, "does not know the architecture"),
+                                        ({"model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"],
+                                          "head_dim": 16, "query_pre_attn_scalar": 256}, "1/√head_dim"),
+                                        ({"model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"],
+                                          "num_experts": 4, "norm_topk_prob": False}, "renormalises")])
+def test_what_llama_cpp_runs_differently_is_refused(change, why, tmp_path):
+    from bake.errors import BakeError
+    from bake.exporters import gguf_convert
+
+    cfg = {"vocab_size": 400, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+           "model_type": "llama", "architectures": ["LlamaForCausalLM"], **change}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(BakeError, match=why):
+        gguf_convert.model_class(tmp_path)
+
+
+def test_a_bias_the_architecture_lacks_is_named(smol_tokenizer, tmp_path, capsys):
+    """A shift at the attention's output folds into o_proj's bias; Qwen3's class turns on every attention
+    bias for it, and llama.cpp's qwen3 loader has slots for q/k/v biases but not o's (it would refuse the
+    file: "wrong number of tensors"): exit 2 naming o_proj's bias alone, nothing written. The same spec on
+    a Llama, whose loader reads every attention bias, verifies."""
+    for family, ok in (("qwen3", False), ("llama", True)):
+        model = _tiny(family, len(smol_tokenizer))
+        src = _saved(model, smol_tokenizer, tmp_path / family)
+        v = torch.randn(64, generator=torch.Generator().manual_seed(1))
+        write(stamp(Spec([("model.layers.0.self_attn.o_proj:output", [Map("additive", 1.0, {"v": v})])]), model),
+              tmp_path / f"{family}.json")
+        code = main(["apply", *SHORT, "--model", str(src), "--spec", str(tmp_path / f"{family}.json"), "--format",
+                     "gguf", "--gguf-type", "f32", "--out", str(tmp_path / f"o-{family}")])
+        out, err = capsys.readouterr()
+        if ok:
+            assert code == 0 and "verify (gguf f32, llama.cpp): PASS" in out, err
+        else:
+            assert code == 2 and "no slot for model.layers.0.self_attn.o_proj.bias (and 1 more)" in err, err
+            assert not (tmp_path / f"o-{family}").exists()
