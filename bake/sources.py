@@ -105,10 +105,13 @@ class LoadedLM:
         where = lora.write_peft(plan.model, self.lora, tmp, str(Path(self.path).resolve()))
         ranks = sorted({A.shape[0] for A, _ in self.lora.values()})
         log(f"  lora                   {lora.DIR}/: PEFT adapter, {len(self.lora)} module(s), rank {ranks}")
-        if self.adapter.gguf_arch:
+        from .verify_gguf import lora_gguf_runnable
+
+        gguf = bool(self.adapter.gguf_arch) and lora_gguf_runnable(self.path)  # written only where it is verified
+        if gguf:
             g = lora.write_gguf(self.lora, self.adapter, plan.model.config, tmp)
             log(f"  lora                   {lora.DIR}/{g.name}: llama.cpp LoRA ({self.adapter.gguf_arch})")
-        plan.note("lora", "files", f"{where.name}/ (PEFT" + (", llama.cpp GGUF)" if self.adapter.gguf_arch else ")"))
+        plan.note("lora", "files", f"{where.name}/ (PEFT" + (", llama.cpp GGUF)" if gguf else ")"))
 
     def release(self) -> None:
         """Verify reloads both models: never hold two copies while it runs."""

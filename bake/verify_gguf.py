@@ -30,16 +30,21 @@ FACTOR = 1.5
 F32_TOL = 1e-4
 
 
-def lora_gguf_verifiable(baked: Path, model_dir) -> bool:
-    """A llama.cpp LoRA GGUF bake wrote in `baked`, which llama.cpp can run on the unsteered model: the
-    source is a GGUF (its tokenizer metadata makes the base GGUF) and llama-cpp-python is installed."""
+def lora_gguf_runnable(model_dir) -> bool:
+    """llama.cpp can run a LoRA on the unsteered model: the source is a GGUF (its tokenizer metadata makes
+    the base GGUF) and llama-cpp-python is installed. bake writes a llama.cpp LoRA only then: it is
+    verified where it is written."""
     import importlib.util
 
     from .exporters.gguf_lm import source_gguf
 
-    if not (Path(baked) / "lora" / "adapter-F32.gguf").is_file() or not isinstance(model_dir, Path):
-        return False
-    return importlib.util.find_spec("llama_cpp") is not None and source_gguf(model_dir, "--format lora") is not None
+    return (isinstance(model_dir, Path) and importlib.util.find_spec("llama_cpp") is not None
+            and source_gguf(model_dir, "--format lora") is not None)
+
+
+def lora_gguf_verifiable(baked: Path, model_dir) -> bool:
+    """A llama.cpp LoRA GGUF bake wrote in `baked`, which llama.cpp can run on the unsteered model."""
+    return (Path(baked) / "lora" / "adapter-F32.gguf").is_file() and lora_gguf_runnable(model_dir)
 
 
 def verify_gguf(load_original, specs, ref: list[dict], baked_dir: Path, model_dir: Path, adapter,

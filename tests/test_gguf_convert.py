@@ -110,7 +110,11 @@ def test_quantized_from_a_directory_within_the_yardstick(smol_tokenizer, tmp_pat
     assert code == 0, err
     g = json.loads((tmp_path / "o" / "bake_report.json").read_text())["verification"]["gguf"]
     assert g["passed"] and g["gguf_type"] == "q8_0" and g["unsteered_max_abs"] > 0, g
-    assert "Q8_0" in g["tensor_types"], g
+    import gguf  # the types the report names are the file's (issue 38, item 12), and llama.cpp stayed quiet
+
+    r = gguf.GGUFReader(str(tmp_path / "o" / "model-Q8_0.gguf"))
+    assert g["tensor_types"]["Q8_0"] == sum(t.tensor_type.name == "Q8_0" for t in r.tensors) > 0, g
+    assert "llama_model_loader" not in out + err and "written as" in out
 
 
 def test_unrecognised_pre_tokenizer_refused_before_work(tokenizer, tmp_path, capsys):

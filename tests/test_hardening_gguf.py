@@ -389,26 +389,6 @@ def test_quantized_types_written_are_reported_and_llama_cpp_is_quiet(tmp_path, c
     assert any("no Q4_K tensor" in ln for ln in lines), lines
 
 
-def test_gguf_verification_reports_tensor_types(tmp_path, cache, capsys):
-    _llama_cpp()
-    import gguf as gguf_pkg
-
-    from bake.models import load
-    from bake.spec import write
-    from test_lora import projection_spec
-
-    g = tiny_llama_gguf(tmp_path / "t.gguf")
-    write(projection_spec(load(str(g)).model, ["attn-out"]), tmp_path / "s.json")
-    out = tmp_path / "out"
-    code, said, err = run(["apply", "--max-new-tokens", "8", "--model", g, "--spec", tmp_path / "s.json",
-                           "--out", out, "--format", "gguf", "--gguf-type", "q8_0"], capsys)
-    assert code == 0, err[-2000:]
-    types = json.loads((out / "bake_report.json").read_text())["verification"]["gguf"]["tensor_types"]
-    r = gguf_pkg.GGUFReader(str(out / "model-Q8_0.gguf"))
-    assert types["Q8_0"] == sum(t.tensor_type.name == "Q8_0" for t in r.tensors) > 0 and "F32" in types, types
-    assert "llama_model_loader" not in said and "llama_model_quantize" not in said
-
-
 @pytest.mark.parametrize("case", ["truncated", "no-tokenizer"])
 def test_diff_of_a_bad_gguf_is_one_line(tmp_path, cache, capfd, case):
     """`bake diff --format gguf`: a truncated GGUF, and a directory whose tokenizer files are incomplete
