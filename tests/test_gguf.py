@@ -213,9 +213,15 @@ def test_control_vector_refusals_write_nothing(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def tiny_qwen2(tmp_path_factory):
+    import shutil
+
     from gguf_tiny import tiny_qwen2_gguf
 
-    return tiny_qwen2_gguf(tmp_path_factory.mktemp("qwen2") / "tiny-qwen2.gguf")
+    from bake.models import resolve
+
+    path = tiny_qwen2_gguf(tmp_path_factory.mktemp("qwen2") / "tiny-qwen2.gguf")
+    yield path
+    shutil.rmtree(resolve(str(path)), ignore_errors=True)  # its float32 conversion in bake's cache: leave nothing
 
 
 @pytest.mark.parametrize("kinds,arch", [("projections", "qwen2"), ("random", "llama")])

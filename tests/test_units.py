@@ -135,10 +135,11 @@ def test_units_refused_where_the_mlp_is_not_gated(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_grown_qwen2_gguf_runs_in_llama_cpp(tmp_path, capsys):
+def test_grown_qwen2_gguf_runs_in_llama_cpp(tmp_path, capsys, monkeypatch):
     """The grown MLP written as GGUF (feed_forward_length the baked width) runs in llama.cpp as the
     hooked reference."""
     pytest.importorskip("llama_cpp", reason="install.sh installs llama-cpp-python (builds llama.cpp)")
+    monkeypatch.setenv("BAKE_CACHE", str(tmp_path / "cache"))  # the GGUF's conversion: gone with the test
     import gguf
     from gguf_tiny import tiny_qwen2_gguf
 
