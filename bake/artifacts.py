@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import BakeError
+from .errors import BakeError, first_line
 from .models.loading import exact_experts
 
 CAUSAL_FORMATS = ("safetensors", "onnx", "gguf", "lora")
@@ -40,11 +40,6 @@ class Artifact:
     def runtime(self) -> str:
         """Which runtime runs it: the ONNX Runtime execution provider, llama.cpp, or PyTorch."""
         return getattr(self.model, "provider", None) or getattr(self.model, "runtime", "PyTorch")
-
-
-def _first_line(e: Exception) -> str:
-    """The first line of an exception's message (or its type), for one-line errors."""
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 def has_checkpoint(path: str | Path) -> bool:
@@ -181,7 +176,7 @@ def _open_lora(p: Path, flag: str, placement: dict) -> Artifact:
     except BakeError:
         raise
     except Exception as e:  # target modules the base lacks, shapes that differ
-        raise BakeError(f"{flag}: cannot apply {str(d)!r} to {base!r}: {_first_line(e)}") from None
+        raise BakeError(f"{flag}: cannot apply {str(d)!r} to {base!r}: {first_line(e)}") from None
     return Artifact(model.eval(), art.tokenizer, "lora", "float32", p)
 
 
@@ -207,7 +202,7 @@ def _lora_config(f: Path, flag: str) -> dict:
     try:
         doc = json.loads(f.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BakeError(f"{flag}: {str(f)!r} is not readable JSON ({_first_line(e)})") from None
+        raise BakeError(f"{flag}: {str(f)!r} is not readable JSON ({first_line(e)})") from None
     if not isinstance(doc, dict):
         raise BakeError(f"{flag}: {str(f)!r} is not a JSON object")
     base = doc.get("base_model_name_or_path")
@@ -225,7 +220,7 @@ def _lora_weights(d: Path, flag: str) -> dict:
     try:
         return load_file(str(f))
     except Exception as e:  # a truncated or foreign file
-        raise BakeError(f"{flag}: {str(f)!r} is not a readable safetensors file: {_first_line(e)}") from None
+        raise BakeError(f"{flag}: {str(f)!r} is not a readable safetensors file: {first_line(e)}") from None
 
 
 def _peft_config(f: Path, doc: dict, flag: str):
@@ -235,7 +230,7 @@ def _peft_config(f: Path, doc: dict, flag: str):
     try:
         conf = PeftConfig.from_pretrained(str(f.parent))
     except Exception as e:  # an unknown peft_type, a field of the wrong type
-        raise BakeError(f"{flag}: {str(f)!r} is not a PEFT adapter config: {_first_line(e)}") from None
+        raise BakeError(f"{flag}: {str(f)!r} is not a PEFT adapter config: {first_line(e)}") from None
     if str(getattr(conf, "peft_type", "")).split(".")[-1].upper() != "LORA":
         raise BakeError(f"{flag}: {str(f)!r}: peft_type {doc.get('peft_type')!r} (bake writes and runs LORA)")
     conf.inference_mode = True
@@ -281,7 +276,7 @@ def _open_safetensors(p: Path, name: str, trust_code: bool, dtype: str, flag: st
         tok = AutoTokenizer.from_pretrained(str(p), config=stock_config(p), trust_remote_code=False)
     except Exception as e:
         how = "from_pretrained(trust_remote_code=True)" if code else "stock from_pretrained"
-        raise BakeError(f"{flag}: cannot load {name!r} with {how}: {_first_line(e)}") from None
+        raise BakeError(f"{flag}: cannot load {name!r} with {how}: {first_line(e)}") from None
     exact_experts(model.eval())
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token

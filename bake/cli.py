@@ -192,10 +192,6 @@ def _p_diff(sub):
     _placement_args(p, "each model (the original, then the steered one; one resident at a time)")
 
 
-def _spec_reads(paths) -> list:
-    return [r for p in paths for r in guard.spec_inputs(p, "--spec")]
-
-
 def _check_report(path, flag: str, reads) -> Path:
     """A report, plot or results file: never an input, nor inside one; replaced when it exists."""
     from .exporters import check_file_out
@@ -352,11 +348,13 @@ def _verification_line(v: dict) -> str:
                      f"error {g['max_abs']:.3g} (relative {g['max_rel']:.3g}), greedy identical "
                      f"{g['greedy_same']}/{g['prompts']} [{g['criterion']}]")
             if g.get("tensor_types"):
-                line += "; written as " + ", ".join(f"{t} ×{n}" for t, n in g["tensor_types"].items())
+                from .exporters.gguf_lm import summary
+
+                line += f"; written as {summary(g['tensor_types'])}"
             if g.get("note"):
                 line += f" ({g['note']})"
-    failed = [k for k, r in v.items() if isinstance(r, dict) and r.get("passed") is False]
     if not v["passed"] and own:  # the headline's format passed; another did not
+        failed = [k for k, r in v.items() if isinstance(r, dict) and r.get("passed") is False]
         line += f"\nverify: FAIL overall: {', '.join(failed) or 'another format'} failed"
     return line
 
@@ -393,10 +391,10 @@ def cmd_verify(a) -> int:
     from .modality import VerifyOptions, verify_baked
     from .verify import read_prompts
 
-    if a.report:
-        _check_report(a.report, "--report", [*_spec_reads(a.spec), *guard.model_inputs(a.model),
-                                             ("baked model", Path(a.baked)), *guard.file_inputs(("prompts", a.prompts))])
     specs = read_specs(a.spec, a.strength)
+    if a.report:
+        _check_report(a.report, "--report", [*guard.spec_inputs(specs, "--spec"), *guard.model_inputs(a.model),
+                                             ("baked model", Path(a.baked)), *guard.file_inputs(("prompts", a.prompts))])
     opts = VerifyOptions(prompts=tuple(read_prompts(a.prompts)), max_new_tokens=a.max_new_tokens,
                          check_model=not a.ignore_fingerprint, provider=a.provider, trust_code=a.trust_remote_code,
                          device=a.device, device_map=a.device_map)
@@ -418,13 +416,14 @@ def cmd_eval(a) -> int:
 
     strengths = _numbers(a.strengths, "--strengths")
     seeds = _numbers(a.seeds, "--seeds", int)
+    specs = read_specs(a.spec) if a.spec else None
     out = Path(a.out)
     plot = Path(a.plot) if a.plot else out.with_suffix(".png")
-    reads = [*_spec_reads(a.spec or []), *guard.model_inputs(a.model), *guard.model_inputs(a.baked, "--baked model"),
+    reads = [*guard.spec_inputs(specs or [], "--spec"), *guard.model_inputs(a.model),
+             *guard.model_inputs(a.baked, "--baked model"),
              *guard.file_inputs(("--prompts file", a.prompts), ("--sentences file", a.sentences))]
     _check_report(out, "--out", reads)  # an existing --out is resumed
     _check_report(plot, "--plot", [*reads, ("--out file", out)])
-    specs = read_specs(a.spec) if a.spec else None
     cfg = prepare(a.task, seeds, read_prompts(a.prompts) if a.prompts else None, a.split, a.n_sentences,
                   a.sentences, a.max_new_tokens, a.scorer, a.batch_size, baked=a.baked, n_prompts=a.n_prompts,
                   system=a.system, sampled=a.sampled)
@@ -459,8 +458,9 @@ def cmd_compose(a) -> int:
     from .algebra import compose
     from .spec import read, write
 
-    out = _check_spec_out(a.out, [r for p in a.spec for r in _spec_reads([p])], a.force)
-    spec = compose([read(p) for p in a.spec], check_model=not a.ignore_fingerprint)
+    specs = [read(p) for p in a.spec]
+    out = _check_spec_out(a.out, guard.spec_inputs(specs), a.force)
+    spec = compose(specs, check_model=not a.ignore_fingerprint)
     write(spec, out)
     n = sum(len(m) for _, m in spec.sites)
     print(f"wrote {out} ({len(spec.sites)} sites, {n} maps, composed from {len(a.spec)} specs)")
@@ -471,8 +471,9 @@ def cmd_invert(a) -> int:
     from .algebra import invert
     from .spec import read, write
 
-    out = _check_spec_out(a.out, _spec_reads([a.spec]), a.force)
-    spec = invert(read(a.spec))
+    source = read(a.spec)
+    out = _check_spec_out(a.out, guard.spec_inputs([source]), a.force)
+    spec = invert(source)
     write(spec, out)
     print(f"wrote {out} ({len(spec.sites)} sites, inverse of {Path(a.spec).name})")
     return 0

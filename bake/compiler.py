@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import exporters, passes
+from . import exporters, guard, passes
 from .errors import BakeError, CheckFailed
 from .exporters import card, portable
 from .models.loading import check_placement
@@ -53,9 +53,9 @@ def spec_info(s: Spec) -> dict:
 
 def input_paths(specs: list[Spec], model_name: str, extra=()) -> list[tuple[str, object]]:
     """Everything a bake reads from disk, as (what, path): spec manifests and tensor files, the model as
-    named, more files (prompts)."""
-    return ([("spec file", f) for s in specs for f in s.files] + [("model directory", model_name)]
-            + [("input file", f) for f in extra if f])
+    named (an alias's cached files too), more files (prompts)."""
+    return [*guard.spec_inputs(specs), *guard.model_inputs(model_name, "model directory"),
+            *guard.file_inputs(*(("input file", f) for f in extra))]
 
 
 def apply(model_name: str, spec_paths: list[str], out: str | Path, options: BakeOptions | None = None,

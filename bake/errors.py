@@ -14,3 +14,8 @@ class CheckFailed(Exception):
     """A compiled model or a diff crossed its threshold. Exit code 1."""
 
     exit_code = 1
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (or its type's name), for one-line errors."""
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

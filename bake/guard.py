@@ -4,7 +4,6 @@ of its inputs (DESIGN invariant 2). The checks themselves are `exporters.check_o
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from .spec import tensors_name
@@ -24,20 +23,10 @@ def model_inputs(name: str | None, what: str = "model") -> list[tuple[str, Path]
     return found
 
 
-def spec_inputs(path: str | Path | None, what: str = "spec") -> list[tuple[str, Path]]:
-    """A spec manifest and the tensor file it names (read leniently: a bad manifest is refused later,
-    by the reader, with its own message)."""
-    if not path or not str(path).endswith(".json"):
-        return []
-    path = Path(path)
-    tensors = path.parent / tensors_name(path)
-    try:
-        named = json.loads(path.read_text(encoding="utf-8")).get("tensors")
-        if isinstance(named, str) and named:
-            tensors = path.parent / named
-    except (OSError, ValueError, AttributeError):
-        pass
-    return [(f"{what} file", path), (f"{what}'s tensor file", tensors)]
+def spec_inputs(specs, what: str = "spec") -> list[tuple[str, Path]]:
+    """The files read specs came from: each manifest and the tensor file it names."""
+    return [(label, f) for s in specs for label, f in ((f"{what} file", s.path), (f"{what}'s tensor file", s.tensors_path))
+            if f is not None]
 
 
 def file_inputs(*pairs: tuple[str, str | Path | None]) -> list[tuple[str, Path]]:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import BakeError
+from .errors import BakeError, first_line
 from .llama_logs import quiet, silence, verbose  # noqa: F401  (re-exported)
 
 F32 = 0  # GGML_TYPE_F32
@@ -52,7 +52,7 @@ def tokenizer_beside(gguf: Path, flag: str = "--baked/--steered"):
                                             **beside(gguf, "tokenizer_config.json"))
     except Exception as e:  # transformers raises many kinds for missing or broken tokenizer files
         where = str(gguf.parent) if (gguf.parent / "tokenizer_config.json").is_file() else str(gguf)
-        raise BakeError(f"{flag}: cannot read the tokenizer of {where!r}: {_first(e)}") from None
+        raise BakeError(f"{flag}: cannot read the tokenizer of {where!r}: {first_line(e)}") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -79,10 +79,6 @@ def apply_control_vector(llm, path: Path, scale: float) -> None:
         raise BakeError(f"llama.cpp refused the control vector {path.name}")
 
 
-def _first(e: Exception) -> str:
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-
-
 class LlamaCppLM:
     def __init__(self, path: str | Path, n_ctx: int = 1024, threads: int | None = None,
                  lora: str | Path | None = None, lora_scale: float = 1.0,
@@ -106,7 +102,7 @@ class LlamaCppLM:
             self.config = AutoConfig.from_pretrained(str(self.file.parent), trust_remote_code=False,
                                                      **beside(self.file, "config.json"))
         except Exception as e:  # transformers raises many kinds for a bad file
-            raise BakeError(f"--baked/--steered: cannot read the config of {str(self.file)!r}: {_first(e)}") from None
+            raise BakeError(f"--baked/--steered: cannot read the config of {str(self.file)!r}: {first_line(e)}") from None
         # the KV cache in float32 (llama.cpp's default is float16, an error of its own on top of the weights')
         silence()
         try:
@@ -116,7 +112,7 @@ class LlamaCppLM:
                                  lora_path=str(lora) if lora else None, lora_scale=lora_scale)
         except (ValueError, RuntimeError) as e:  # llama-cpp-python: "Failed to load model from file: ..."
             what = f"{self.file.name}" + (f" with the LoRA {Path(lora).name}" if lora else "")
-            raise BakeError(f"--baked/--steered: llama.cpp cannot load {what}: {_first(e)}") from None
+            raise BakeError(f"--baked/--steered: llama.cpp cannot load {what}: {first_line(e)}") from None
         if control_vector:
             apply_control_vector(self.llm, Path(control_vector), control_scale)
         self.device = torch.device("cpu")

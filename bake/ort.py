@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import BakeError
+from .errors import BakeError, first_line
 from .exporters.onnx_lm import GRAPH, LAYOUTS, io_names
 from .ort_session import open_session
 
@@ -61,7 +61,7 @@ class OrtCausalLM:
             self.config = stock_config(path)  # never prompt, never run code (bake_<type>: the stock type's class)
         except Exception as e:  # remote code asked for, or an unreadable config
             raise BakeError(f"{str(path)!r}: cannot read config.json without running its code: "
-                            f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+                            f"{first_line(e)}") from None
         self.session = open_session(graph, provider, threads, spin)
         self.provider = self.session.get_providers()[0]
         self.n_layers = info["num_layers"]
@@ -157,7 +157,7 @@ def load_onnx(path: str | Path, provider: str = "auto"):
         tok = AutoTokenizer.from_pretrained(str(path), config=model.config, trust_remote_code=False)
     except Exception as e:
         raise BakeError(f"{str(path)!r}: cannot load its tokenizer without running its code: "
-                        f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+                        f"{first_line(e)}") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return model, tok

@@ -61,11 +61,6 @@ class Spec:
         h.update((self.tensors_path or self.path.parent / tensors_name(self.path)).read_bytes())
         return h.hexdigest()
 
-    @property
-    def files(self) -> list[Path]:
-        """The files this spec was read from (manifest and tensor file): inputs an --out must not touch."""
-        return [p for p in (self.path, self.tensors_path) if p is not None]
-
 
 def tensors_name(manifest: Path) -> str:
     return manifest.with_suffix(".safetensors").name

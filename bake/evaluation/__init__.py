@@ -104,11 +104,9 @@ def prepare(task: str, seeds: list[int], prompts: list[str] | None, split: str, 
     bad = [t for t in tasks if t not in TASKS]
     if not tasks or bad:
         raise BakeError(f"--task: unknown task(s) {bad or task!r} (known: {', '.join(TASKS)})")
-    from .scorers import SCORERS
+    from .scorers import scorer_names
 
-    bad = [n for n in (n.strip() for n in scorer.split(",")) if n and n not in SCORERS]
-    if bad or not scorer.strip(","):
-        raise BakeError(f"--scorer: unknown scorer {(bad or [scorer])[0]!r} (known: {', '.join(SCORERS)})")
+    scorer_names(scorer)  # an unknown scorer is an error whatever the tasks
     if max_new_tokens < 1 or batch_size < 1:
         raise BakeError("--max-new-tokens/--batch-size: must be at least 1")
     if baked:

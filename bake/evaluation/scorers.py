@@ -65,9 +65,17 @@ def load_scorer(name: str) -> Callable[[list[str]], list[float]]:
     return {"profanity": _profanity, "hatesonar": _hatesonar}[name]()
 
 
-def load_scorers(names: str) -> dict[str, Callable[[list[str]], list[float]]]:
-    """Comma-separated scorer names, in order (the first is the headline one)."""
-    parts = [n.strip() for n in names.split(",") if n.strip()]
+def scorer_names(names: str) -> list[str]:
+    """Comma-separated scorer names, in order (the first is the headline one), each a known scorer."""
+    parts = list(dict.fromkeys(n.strip() for n in names.split(",") if n.strip()))
     if not parts:
         raise BakeError("--scorer: give at least one scorer")
-    return {n: load_scorer(n) for n in dict.fromkeys(parts)}
+    bad = [n for n in parts if n not in SCORERS]
+    if bad:
+        raise BakeError(f"--scorer: unknown scorer {bad[0]!r} (known: {', '.join(SCORERS)})")
+    return parts
+
+
+def load_scorers(names: str) -> dict[str, Callable[[list[str]], list[float]]]:
+    """The scorers `names` (comma-separated) names, loaded, in order."""
+    return {n: load_scorer(n) for n in scorer_names(names)}

@@ -41,13 +41,17 @@ def source_gguf(model_dir: Path, flag: str = "--format gguf") -> Path | None:
     return check_source(Path(model_dir), flag)
 
 
-def file_type(path: Path) -> str:
-    """The --gguf-type name of a GGUF file's general.file_type."""
+def _field(path: Path, key: str, default):
+    """One metadata value of a GGUF file (`default` where it has none)."""
     import gguf
 
-    field = gguf.GGUFReader(str(path)).fields.get("general.file_type")
-    code = int(field.contents()) if field is not None else 0
-    return NAMES.get(code, "f16")
+    field = gguf.GGUFReader(str(path)).fields.get(key)
+    return field.contents() if field is not None else default
+
+
+def file_type(path: Path) -> str:
+    """The --gguf-type name of a GGUF file's general.file_type."""
+    return NAMES.get(int(_field(path, "general.file_type", 0)), "f16")
 
 
 def check_supported(model: torch.nn.Module, adapter, model_dir: Path, gguf_type: str | None,
@@ -200,26 +204,20 @@ def _converted(ckpt: Path, model_dir: Path, out: Path, kind: str, log) -> Path:
     direct = kind in gguf_convert.DIRECT
     first = target if direct else out / "model-F32.tmp.gguf"
     gguf_convert.convert(ckpt, first, kind if direct else "f32")
+    arch = _field(first, "general.architecture", "?")
     extra = gguf_convert.refused_tensors(first, ckpt, model_dir)
     if extra == ["?"]:
-        raise BakeError(f"--format gguf: llama.cpp's {_architecture(first)} loader refuses the converted file "
-                        f"(BAKE_VERBOSE=1 shows its log)")
+        raise BakeError(f"--format gguf: llama.cpp's {arch} loader refuses the converted file (BAKE_VERBOSE=1 shows "
+                        f"its log)")
     if extra:
         more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
-        raise BakeError(f"--format gguf: llama.cpp's {_architecture(first)} loader refuses the converted file: it has "
-                        f"no slot for {extra[0]}{more}, a bias a fold added (a shift); steer with maps that fold "
-                        f"into weights (projections, scales), or a model whose llama.cpp architecture reads that bias")
+        raise BakeError(f"--format gguf: llama.cpp's {arch} loader refuses the converted file: it has no slot for "
+                        f"{extra[0]}{more}, a bias a fold added (a shift); steer with maps that fold into weights "
+                        f"(projections, scales), or a model whose llama.cpp architecture reads that bias")
     if not direct:
         quantize(first, target, kind)
         first.unlink()
-    return _logged(target, kind, f"llama.cpp {_architecture(target)}, by llama.cpp's converter", log)
-
-
-def _architecture(path: Path) -> str:
-    import gguf
-
-    field = gguf.GGUFReader(str(path)).fields.get("general.architecture")
-    return field.contents() if field is not None else "?"
+    return _logged(target, kind, f"llama.cpp {arch}, by llama.cpp's converter", log)
 
 
 def tensor_types(path: Path) -> dict[str, int]:

@@ -26,6 +26,20 @@ _EXCHANGE = 2  # RENAME_EXCHANGE from <linux/fs.h>
 _AT_FDCWD = -100
 
 
+def _under_file(out: Path, flag: str = "--out") -> None:
+    """An output path must not lie under a file."""
+    for anc in out.parents:
+        if anc.exists() and not anc.is_dir():
+            raise BakeError(f"{flag}: {str(out)!r} lies under {str(anc)!r}, which is a file")
+
+
+def _on_disk(inputs):
+    """(what, as typed, resolved path) of each input that is on disk (hub ids and absent paths skipped)."""
+    for what, inp in inputs:
+        if inp is not None and isinstance(inp, (str, os.PathLike)) and Path(inp).exists():
+            yield what, inp, Path(inp)
+
+
 def check_out(out: Path, force: bool, inputs=()) -> None:
     """Refuse an --out that would clobber work or touch what the run reads: one that is empty or the
     working directory, lies under a file, or equals, contains or lies inside any input (the model, the
@@ -33,17 +47,13 @@ def check_out(out: Path, force: bool, inputs=()) -> None:
     pairs, e.g. ("model directory", path); hub ids and absent paths are skipped."""
     if str(out).strip() in ("", "."):
         raise BakeError(f"--out: must name an output directory, got {str(out)!r}")
-    for anc in (out, *out.parents):
-        if anc != out and anc.exists() and not anc.is_dir():
-            raise BakeError(f"--out: {str(out)!r} lies under {str(anc)!r}, which is a file")
+    _under_file(out)
     dst = out.resolve()
     cwd = Path.cwd().resolve()
     if dst == cwd or dst in cwd.parents:
         raise BakeError(f"--out: {str(out)!r} is the working directory or one of its parents")
-    for what, inp in inputs:
-        if inp is None or not isinstance(inp, (str, os.PathLike)) or not Path(inp).exists():
-            continue  # a hub id, or no such input
-        src = Path(inp).resolve()
+    for what, inp, path in _on_disk(inputs):
+        src = path.resolve()
         if dst == src or dst in src.parents:
             raise BakeError(f"--out: {str(out)!r} is or contains the {what} {str(inp)!r}; replacing it would "
                             f"destroy it (choose another --out)")
@@ -76,14 +86,9 @@ def check_file_out(out, inputs=(), flag: str = "--out", force: bool = True, also
         raise BakeError(f"{flag}: must name a file, got {str(out)!r}")
     if out.is_dir():
         raise BakeError(f"{flag}: {str(out)!r} is a directory; name a file to write")
-    for anc in out.parents:
-        if anc.exists() and not anc.is_dir():
-            raise BakeError(f"{flag}: {str(out)!r} lies under {str(anc)!r}, which is a file")
+    _under_file(out, flag)
     for path in (out, *map(Path, also)):
-        for what, inp in inputs:
-            if inp is None or not isinstance(inp, (str, os.PathLike)) or not Path(inp).exists():
-                continue
-            src = Path(inp)
+        for what, inp, src in _on_disk(inputs):
             if _same(path, src):
                 raise BakeError(f"{flag}: {str(path)!r} is the {what} {str(inp)!r}; writing it would destroy "
                                 f"the input (choose another {flag})")

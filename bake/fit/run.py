@@ -64,8 +64,10 @@ def _check_out(out: Path, model: str, config: FitConfig, source, target, control
     from .. import guard
     from ..exporters import check_file_out
 
-    inner = config.inner if config.method == "dsas" else None
-    reads = [*guard.model_inputs(model), *guard.spec_inputs(inner, "--inner spec"),
+    from ..spec import read
+
+    inner = config.inner if config.method == "dsas" and (config.inner or "").endswith(".json") else None
+    reads = [*guard.model_inputs(model), *guard.spec_inputs([read(inner)] if inner else [], "--inner spec"),
              *guard.file_inputs(("--source file", source), ("--target file", target), ("--control file", control))]
     return check_file_out(out, reads, also=guard.spec_outputs(out))
 

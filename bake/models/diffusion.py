@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import torch
 
-from ..errors import BakeError
+from ..errors import BakeError, first_line
 DENOISERS = ("unet", "transformer", "prior")
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 
@@ -47,7 +47,7 @@ def load_pipeline(path: str | Path, dtype: torch.dtype = torch.float32, device: 
     try:
         pipe = DiffusionPipeline.from_pretrained(str(path), torch_dtype=dtype, use_safetensors=True)
     except Exception as e:  # diffusers raises many kinds for a bad directory
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise BakeError(f"--model: cannot load {str(path)!r} as a diffusers pipeline: {first}") from None
     pipe.set_progress_bar_config(disable=True)
     if device != "cpu":

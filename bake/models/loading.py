@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import BakeError
+from ..errors import BakeError, first_line
 
 
 @dataclass(frozen=True)
@@ -324,8 +324,7 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
                                                                    ignore_mismatched_sizes=True)
             tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, trust_remote_code=False)
         except Exception as e:  # transformers raises many kinds for a bad file
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise BakeError(f"--model: cannot read GGUF file {str(gguf)!r}: {first}") from None
+            raise BakeError(f"--model: cannot read GGUF file {str(gguf)!r}: {first_line(e)}") from None
         check_loaded(model, info, what, finite=True)
         check_chat_template(tok, what)
         print(f"bake: converting {gguf.name} to float32 safetensors (once) in {out}", flush=True)
@@ -469,8 +468,7 @@ def load(name: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool 
     except BakeError:
         raise
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise BakeError(f"--model: cannot load {name!r} as a causal language model: {first}") from None
+        raise BakeError(f"--model: cannot load {name!r} as a causal language model: {first_line(e)}") from None
     check_loaded(model, info, f"--model: {name!r}")
     exact_experts(model.eval())
     if tok.pad_token_id is None:
