@@ -142,10 +142,13 @@ def _open_onnx(p: Path, provider: str) -> Artifact:
 
 def _open_gguf(p: Path) -> Artifact:
     """A GGUF run in llama.cpp: a baked directory's model-<TYPE>.gguf or a .gguf file, with the tokenizer
-    beside it (a bake's checkpoint), else the one transformers reads from the GGUF itself."""
-    from .llamacpp import LlamaCppLM, tokenizer_beside
+    beside it (a bake's checkpoint), else the one transformers reads from the GGUF itself; with the
+    control-vector sidecar bake wrote for it, at scale 1, where there is one."""
+    from .exporters.control_vector import sidecar
+    from .llamacpp import LlamaCppLM, gguf_in, tokenizer_beside
 
-    model = LlamaCppLM(p)
+    with_vector = sidecar(gguf_in(p))  # `--format gguf,control-vector`: the GGUF runs with its sidecar
+    model = LlamaCppLM(p, control_vector=with_vector)
     tok = tokenizer_beside(model.file)
     return Artifact(model, tok, "gguf", model.file.stem, p)
 

@@ -335,12 +335,15 @@ def _verification_line(v: dict) -> str:
     line = (f"verify: {'PASS' if own else 'FAIL'}: {v['prompts']} prompts, max abs logit error "
             f"{v['max_abs']:.3g} (relative {v['max_rel']:.3g}), greedy identical {v['greedy_same']}/{v['prompts']}"
             f" [{v['criterion']}]" + (f" in {v['seconds']:.1f} s" if "seconds" in v else ""))
+    if v.get("without"):
+        line += f"; against the spec without {v['without']}"
     lo = v.get("lora")
     if lo:
         line += (f"\nverify (lora, PEFT at scale 1): {'PASS' if lo['passed'] else 'FAIL'}: max abs logit error "
                  f"{lo['max_abs']:.3g} (relative {lo['max_rel']:.3g}), greedy identical {lo['greedy_same']}/"
                  f"{lo['prompts']}")
-    for key, what in (("gguf", "gguf {gguf_type}, llama.cpp"), ("control-vector", "control vector, llama.cpp"),
+    for key, what in (("gguf", "gguf {gguf_type}" + (" + control-vector sidecar" if v.get("without") else "")
+                               + ", llama.cpp"), ("control-vector", "control vector, llama.cpp"),
                       ("lora-gguf", "LoRA GGUF, llama.cpp at scales 1 and 0")):
         g = v.get(key)
         if g:

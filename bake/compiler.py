@@ -72,10 +72,10 @@ def apply(model_name: str, spec_paths: list[str], out: str | Path, options: Bake
     source = open_source(model_name, opts)
     exporters.check_out(out, opts.force, [*reads, ("model directory", source.path)])
     source.check(opts)  # formats the source cannot write: refused before any work
-    source.prepare(specs, opts)
+    baked = source.prepare(specs, opts)  # the specs the weights take (a control-vector sidecar takes the rest)
     with exporters.staged(out, opts.force, log) as tmp:
         with source.store(tmp) as store:
-            plan = _compile(source, specs, store, opts, log)
+            plan = _compile(source, baked, store, opts, log)
             source.export(plan, tmp, opts, log)
         for what in portable.make_portable(tmp):  # older transformers and other runtimes read the same model
             plan.note("portable", "files", what)

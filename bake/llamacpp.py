@@ -113,6 +113,7 @@ class LlamaCppLM:
         except (ValueError, RuntimeError) as e:  # llama-cpp-python: "Failed to load model from file: ..."
             what = f"{self.file.name}" + (f" with the LoRA {Path(lora).name}" if lora else "")
             raise BakeError(f"--baked/--steered: llama.cpp cannot load {what}: {first_line(e)}") from None
+        self.control_vector = Path(control_vector) if control_vector else None
         if control_vector:
             apply_control_vector(self.llm, Path(control_vector), control_scale)
         self.device = torch.device("cpu")

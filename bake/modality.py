@@ -133,10 +133,25 @@ class CausalLM(_Directories):
 
                 runtime["lora-gguf"] = lora_gguf
                 formats = (formats or artifacts.formats_in(baked)) + ["lora-gguf"]
-        return verify(fresh, specs, Path(baked), list(opts.prompts), opts.max_new_tokens,
-                      check_model=opts.check_model, formats=formats,
-                      provider=opts.provider, trust_code=opts.trust_code, runtime=runtime,
-                      device=opts.device, device_map=opts.device_map)
+        def run(specs, formats):
+            return verify(fresh, specs, Path(baked), list(opts.prompts), opts.max_new_tokens,
+                          check_model=opts.check_model, formats=formats,
+                          provider=opts.provider, trust_code=opts.trust_code, runtime=runtime,
+                          device=opts.device, device_map=opts.device_map)
+
+        from .verify_gguf import has_sidecar, with_sidecar
+
+        formats = formats or artifacts.formats_in(baked)
+        if "gguf" not in formats or not has_sidecar(Path(baked)):
+            return run(specs, formats)
+        from .exporters.control_vector import split  # the other formats hold the spec without the shifts
+        from .families import adapter_for
+
+        loaded = load(model_name)
+        baked_specs = split(loaded.model, adapter_for(loaded.model), specs)[1]
+        del loaded
+        rest = [f for f in formats if f != "gguf"]
+        return with_sidecar(run(baked_specs, rest), run(specs, ["gguf"])) if rest else run(specs, ["gguf"])
 
 
 class Pipeline(_Directories):

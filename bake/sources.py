@@ -51,19 +51,25 @@ class LoadedLM:
 
             gguf_lm.source_gguf(self.path, "--format lora")  # its llama.cpp LoRA is verified on this GGUF
 
-    def prepare(self, specs, opts: BakeOptions) -> None:
+    def prepare(self, specs, opts: BakeOptions) -> list:
         """What needs the original weights and the specs before the folds: a LoRA's deltas, a control
-        vector's directions (refused here, before any work, where a map is neither)."""
+        vector's directions (refused here, before any work, where a map is neither). Returns the specs to
+        bake: with `--format gguf,control-vector`, those without the layer-output shifts the sidecar takes."""
         if "control-vector" in opts.formats:
             from .exporters import control_vector
 
-            self.directions = control_vector.directions(self.model, self.adapter, specs)
+            if "gguf" in opts.formats:
+                self.directions, specs = control_vector.split(self.model, self.adapter, specs)
+            else:
+                self.directions = control_vector.directions(self.model, self.adapter, specs)
         if "lora" in opts.formats:
             from .exporters import lora
             from .families import adapter_for
 
             self.adapter = adapter_for(self.model)
             self.lora = lora.deltas(self.model, self.adapter, specs)
+        self.baked_specs = specs
+        return specs
 
     @contextlib.contextmanager
     def store(self, tmp: Path):
@@ -75,6 +81,10 @@ class LoadedLM:
     def export(self, plan, tmp: Path, opts: BakeOptions, log) -> None:
         from .exporters import checkpoint as st_exporter
 
+        if "gguf" in opts.formats:  # what llama.cpp cannot hold is refused before any file is written
+            from .exporters import gguf_lm
+
+            self.layout = gguf_lm.bias_layout(plan.model, self.adapter, self.path)
         if "onnx" in opts.formats:
             from .exporters import onnx_lm as onnx_exporter
 
@@ -86,18 +96,26 @@ class LoadedLM:
                 from .modules import write_code
 
                 write_code(tmp, type(plan.model).__name__)
+        gguf = None
         if "gguf" in opts.formats:
-            from .exporters import gguf_lm
-
-            gguf_lm.write(tmp, self.path, tmp, self.gguf_type, self.adapter, log=log)
+            gguf = gguf_lm.write(tmp, self.path, tmp, self.gguf_type, self.adapter, log=log, drop=self.layout.drop)
         if "lora" in opts.formats:
             self._export_lora(plan, tmp, log)
         if "control-vector" in opts.formats:
-            from .exporters import control_vector
+            self._export_control_vector(plan, tmp, gguf, log)
 
-            f = control_vector.write(self.directions, self.adapter.gguf_arch, tmp)
-            log(f"  control-vector         {f.name}: llama.cpp control vector, layers {list(self.directions)}")
-            plan.note("control-vector", "files", f"{f.name} (llama.cpp --control-vector-scaled {f.name} <strength>)")
+    def _export_control_vector(self, plan, tmp: Path, gguf: Path | None, log) -> None:
+        """The control vector: alone (every map, on the unsteered GGUF), or the sidecar of the steered GGUF
+        `gguf` (the layer-output shifts it does not hold)."""
+        from .exporters import control_vector, gguf_lm
+
+        dirs = self.directions
+        hint = gguf_lm.arch_of(gguf) if gguf else gguf_lm.arch_for(self.adapter, self.path)
+        f = control_vector.write(dirs, hint, tmp, sidecar_of=gguf.name if gguf else None)
+        what = f"sidecar of {gguf.name} (the layer-output shifts)" if gguf else "llama.cpp control vector"
+        log(f"  control-vector         {f.name}: {what}, layers {list(dirs)}")
+        run = f"with -m {gguf.name} " if gguf else ""
+        plan.note("control-vector", "files", f"{f.name} (llama.cpp {run}--control-vector-scaled {f.name} <strength>)")
 
     def _export_lora(self, plan, tmp: Path, log) -> None:
         from .exporters import lora
@@ -119,28 +137,38 @@ class LoadedLM:
         gc.collect()
 
     def verify(self, plan, specs, tmp: Path, opts: BakeOptions) -> dict:
+        """Every format against the hooked reference of `specs`. With `--format gguf,control-vector` the
+        GGUF runs with its sidecar against the whole spec, the other formats against the specs baked
+        (without the layer-output shifts the sidecar took)."""
+        if "gguf" in opts.formats and "control-vector" in opts.formats:
+            part = self._verify(plan, self.baked_specs, tmp, opts, [f for f in opts.formats
+                                                                    if f not in ("gguf", "control-vector")])
+            from .verify_gguf import with_sidecar
+
+            return with_sidecar(part, self._verify(plan, specs, tmp, opts, ["gguf"]))
+        return self._verify(plan, specs, tmp, opts, list(opts.formats))
+
+    def _verify(self, plan, specs, tmp: Path, opts: BakeOptions, formats: list[str]) -> dict:
         from . import verify as verify_mod
 
         name = self.name
         runtime = {}
-        if "gguf" in opts.formats:
+        if "gguf" in formats:
             from .verify_gguf import verify_gguf
 
             runtime["gguf"] = lambda ref: verify_gguf(lambda: fresh(name, opts), specs, ref, tmp, self.path,  # noqa: E731
                                                       self.adapter, opts.max_new_tokens)
-        if "control-vector" in opts.formats:
+        if "control-vector" in formats:
             from .verify_gguf import verify_control_vector
 
             runtime["control-vector"] = lambda ref: verify_control_vector(ref, tmp, self.path, self.adapter,  # noqa: E731
                                                                           opts.max_new_tokens)
-        formats = list(opts.formats)
         from .verify_gguf import lora_gguf_verifiable, verify_lora_gguf
 
-        if "lora" in opts.formats and lora_gguf_verifiable(tmp, self.path):
-
+        if "lora" in formats and lora_gguf_verifiable(tmp, self.path):
             runtime["lora-gguf"] = lambda ref: verify_lora_gguf(ref, tmp, self.path, self.adapter,  # noqa: E731
                                                                 opts.max_new_tokens)
-            formats.append("lora-gguf")  # after "lora": reported under its own key
+            formats = formats + ["lora-gguf"]  # after "lora": reported under its own key
         v = verify_mod.verify(lambda: fresh(name, opts), specs, tmp, list(opts.prompts or []) or None,
                               max_new_tokens=opts.max_new_tokens, check_model=opts.check_model,
                               formats=formats, trust_code=bool(plan.inserted), runtime=runtime,

@@ -23,6 +23,7 @@ from ..errors import BakeError
 
 FILE = "control-vector.gguf"
 ARCH = "controlvector"
+SIDECAR_KEY = "bake.sidecar_of"
 
 
 def directions(model: torch.nn.Module, adapter, specs) -> dict[int, np.ndarray]:
@@ -36,6 +37,36 @@ def directions(model: torch.nn.Module, adapter, specs) -> dict[int, np.ndarray]:
     if not out:
         raise BakeError("--format control-vector: the spec steers no site")
     return dict(sorted(out.items()))
+
+
+def split(model: torch.nn.Module, adapter, specs) -> tuple[dict[int, np.ndarray], list]:
+    """`--format gguf,control-vector`: (the sidecar's directions, the specs left to bake). A site at a layer
+    output N ≥ 1 whose maps are one additive map, in one spec only, goes to the control vector (llama.cpp
+    adds it to layer N's output, where the hooked map adds it); every other site is baked into the weights.
+    Exact for every architecture, including those whose classes have no bias to fold the shift into."""
+    import dataclasses
+    from collections import Counter
+
+    cat = adapter.sites(model)
+    seen = Counter(name for spec in specs for name, _ in spec.sites)
+    out: dict[int, np.ndarray] = {}
+    rest = []
+    for spec in specs:
+        keep = []
+        for name, maps in spec.sites:
+            try:
+                if name not in cat or seen[name] > 1:
+                    raise BakeError(name)
+                n, v = _one(cat[name], name, maps)
+            except BakeError:
+                keep.append((name, maps))
+                continue
+            out[n] = out.get(n, 0) + v
+        rest.append(dataclasses.replace(spec, sites=keep))
+    if not out:
+        raise BakeError("--format gguf,control-vector: no site is one additive map at a layer output (from layer 1 "
+                        "on), so nothing goes to the control vector: drop control-vector")
+    return dict(sorted(out.items())), rest
 
 
 def _one(info, name: str, maps) -> tuple[int, np.ndarray]:
@@ -56,14 +87,18 @@ def _one(info, name: str, maps) -> tuple[int, np.ndarray]:
     return n, (m.strength * m.tensors["v"].double()).float().numpy()
 
 
-def write(dirs: dict[int, np.ndarray], model_hint: str, out: Path) -> Path:
+def write(dirs: dict[int, np.ndarray], model_hint: str, out: Path, sidecar_of: str | None = None) -> Path:
     """`out/control-vector.gguf`: arch `controlvector`, `controlvector.model_hint` and `.layer_count`, one
-    float32 tensor `direction.N` per layer (the keys repeng's export_gguf writes and llama.cpp reads)."""
+    float32 tensor `direction.N` per layer (the keys repeng's export_gguf writes and llama.cpp reads).
+    `sidecar_of`: the steered GGUF beside it that this vector completes (`--format gguf,control-vector`),
+    recorded as `bake.sidecar_of` (llama.cpp reads only the directions)."""
     from .gguf_lm import write_file
 
     def metadata(w) -> None:
         w.add_string(f"{ARCH}.model_hint", model_hint)
         w.add_uint32(f"{ARCH}.layer_count", len(dirs))
+        if sidecar_of:
+            w.add_string(SIDECAR_KEY, sidecar_of)
 
     target = out / FILE
     write_file(target, ARCH, metadata, {f"direction.{n}": v for n, v in dirs.items()})
@@ -77,3 +112,15 @@ def read(path: Path) -> dict[int, np.ndarray]:
     r = gguf.GGUFReader(str(path))
     return {int(t.name.split(".", 1)[1]): np.array(t.data, dtype=np.float32).reshape(-1)
             for t in r.tensors if t.name.startswith("direction.")}
+
+
+def sidecar(gguf_file: Path) -> Path | None:
+    """The control-vector sidecar bake wrote beside the steered GGUF `gguf_file` (`--format
+    gguf,control-vector`: the two run together), if there is one."""
+    import gguf
+
+    path = Path(gguf_file).parent / FILE
+    if not path.is_file():
+        return None
+    field = gguf.GGUFReader(str(path)).fields.get(SIDECAR_KEY)
+    return path if field is not None and field.contents() == Path(gguf_file).name else None

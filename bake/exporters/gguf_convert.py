@@ -55,11 +55,12 @@ def _modules(flag: str):
     return conversion, gguf
 
 
-def model_class(ckpt: Path, flag: str = "--format gguf"):
-    """(converter class, hparams) for the checkpoint in `ckpt`; a BakeError naming the architecture where
-    the converter does not know it, or where llama.cpp would compute another model."""
+def model_class(ckpt: Path, flag: str = "--format gguf", hp: dict | None = None):
+    """(converter class, hparams) for the checkpoint in `ckpt` (or for the config `hp`, a baked model's); a
+    BakeError naming the architecture where the converter does not know it, or where llama.cpp would
+    compute another model."""
     conversion, _ = _modules(flag)
-    hp = conversion.ModelBase.load_hparams(Path(ckpt), False)
+    hp = dict(hp) if hp is not None else conversion.ModelBase.load_hparams(Path(ckpt), False)
     if "n_positions" in hp:  # transformers 5's GPT2Config no longer writes n_ctx, which the converter reads
         hp.setdefault("n_ctx", hp["n_positions"])
     arch = (hp.get("architectures") or [hp.get("model_type", "?")])[0]
@@ -69,6 +70,12 @@ def model_class(ckpt: Path, flag: str = "--format gguf"):
         raise BakeError(f"{flag}: llama.cpp's converter does not know the architecture {arch!r}") from None
     _check_same_math(hp, arch, flag)
     return cls, hp
+
+
+def arch_name(cls) -> str:
+    """llama.cpp's name of the architecture a converter class writes (`qwen3`, `gemma3`, ...)."""
+    _, gguf = _modules("--format gguf")
+    return gguf.MODEL_ARCH_NAMES[cls.model_arch]
 
 
 def _check_same_math(hp: dict, arch: str, flag: str) -> None:
@@ -84,23 +91,28 @@ def _check_same_math(hp: dict, arch: str, flag: str) -> None:
 
 
 def check(model_dir: Path, flag: str = "--format gguf") -> None:
-    """Before any work: the converter knows the architecture, llama.cpp computes the same model, and a BPE
-    tokenizer's pre-tokenizer is one the converter recognises (it names it by a hash of its output; an
-    unknown one would be written as the wrong pre-tokenizer or refused after the bake)."""
+    """Before any work: the converter knows the architecture, llama.cpp computes the same model, and the
+    converter can write the tokenizer (its own `set_vocab`, run here on the source: a BPE tokenizer's
+    pre-tokenizer must be one it recognises by the hash of its output, or llama.cpp would split text
+    another way; Phi-3 and Gemma-2 need the SentencePiece `tokenizer.model`)."""
+    import tempfile
+
+    from ..errors import first_line
     from ..llama_logs import quiet
 
-    cls, _ = model_class(model_dir, flag)
-    if (Path(model_dir) / "tokenizer.model").is_file() or not (Path(model_dir) / "tokenizer.json").is_file():
-        return  # SentencePiece (or no tokenizer file the BPE check reads)
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
-    try:
-        with quiet():
-            cls.get_vocab_base_pre(None, tok)  # only its logger reads `self`
-    except NotImplementedError:
-        raise BakeError(f"{flag}: llama.cpp's converter does not recognise this tokenizer's pre-tokenizer (it "
-                        f"knows them by a hash of their output): llama.cpp would split text differently") from None
+    cls, hp = model_class(model_dir, flag)
+    _, gguf = _modules(flag)
+    with tempfile.TemporaryDirectory(prefix="bake-vocab-") as tmp, torch.inference_mode(), quiet():
+        m = cls(Path(model_dir), gguf.LlamaFileType.ALL_F32, Path(tmp) / "vocab.gguf", hparams=hp, eager=False,
+                model_name="bake-check")
+        try:
+            m.set_vocab()
+        except NotImplementedError:
+            raise BakeError(f"{flag}: llama.cpp's converter does not recognise this tokenizer's pre-tokenizer (it "
+                            f"knows them by a hash of their output): llama.cpp would split text differently") from None
+        except (ValueError, OSError, KeyError, TypeError, AssertionError) as e:
+            raise BakeError(f"{flag}: llama.cpp's converter cannot write this model's tokenizer: {first_line(e)}"
+                            ) from None
 
 
 def _loads(path: Path) -> bool:
@@ -119,17 +131,18 @@ def _loads(path: Path) -> bool:
     return bool(model)
 
 
-def _header_only(ckpt: Path, out: Path, keep) -> Path:
-    """The GGUF the converter would write from the checkpoint's tensors that `keep(name)` accepts, with no
-    tensor data (the file is sparse, of the full size): what llama.cpp's loader checks, in a second."""
+def _header_only(ckpt: Path, out: Path, hp: dict, extra: dict[str, tuple[int, ...]]) -> Path:
+    """The GGUF the converter would write from the checkpoint's tensors plus zero tensors `extra` (name →
+    shape), under the config `hp`, with no tensor data (the file is sparse, of the full size): what
+    llama.cpp's loader checks, in a second."""
     from ..llama_logs import quiet
 
-    cls, hp = model_class(ckpt)
+    cls, hp = model_class(ckpt, hp=hp)
     _, gguf = _modules("--format gguf")
     with torch.inference_mode(), quiet():
         m = cls(Path(ckpt), gguf.LlamaFileType.ALL_F32, Path(out), hparams=hp, eager=False, model_name="bake-probe")
         m.get_vocab_base_pre = lambda tokenizer: "gpt-2"  # the vocabulary is not what is probed
-        m.model_tensors = {k: v for k, v in m.model_tensors.items() if keep(k)}
+        m.model_tensors.update({k: (lambda s=s: torch.zeros(s)) for k, s in extra.items()})
         m.prepare_tensors()
         m.prepare_metadata(vocab_only=False)
         w = m.gguf_writer
@@ -144,41 +157,39 @@ def _header_only(ckpt: Path, out: Path, keep) -> Path:
     return Path(out)
 
 
-def refused_tensors(path: Path, ckpt: Path, source: Path) -> list[str]:
-    """[] when llama.cpp's loader takes the converted GGUF `path`; else the bias tensors a fold added (the
-    checkpoint's, not the source's) that it refuses: each kind of added bias (o_proj, down_proj, ...) is
-    probed alone on a header-only file. ["?"] when the file is refused for another reason. llama.cpp
-    refuses a tensor its architecture has no slot for ("wrong number of tensors"); which biases each
-    architecture takes is its loader's, not a list here."""
+def refused(ckpt: Path, hp: dict, added: dict[str, tuple[int, ...]], flag: str = "--format gguf") -> list[str]:
+    """The tensors of `added` (name → shape: the biases the folds add to the checkpoint in `ckpt`, whose
+    baked config is `hp`) that llama.cpp's loader for the architecture has no slot for. Asked of llama.cpp
+    itself, before any work: a header-only GGUF of the checkpoint with the biases added is loaded; where
+    it is refused, each kind of bias (o_proj, down_proj, ...) is probed alone. llama.cpp refuses a tensor
+    its architecture has no slot for ("wrong number of tensors"); which biases it takes is its loader's,
+    not a list here. A BakeError when the model itself, unsteered, is refused."""
     import tempfile
 
-    from safetensors import safe_open
+    arch = arch_name(model_class(ckpt, flag, hp)[0])
+    with tempfile.TemporaryDirectory(prefix="bake-probe-") as tmp:
+        def loads(extra: dict, tag: str) -> bool:
+            return _loads(_header_only(ckpt, Path(tmp) / f"{tag}.gguf", hp, extra))
 
-    if _loads(path):
-        return []
-
-    def biases(folder: Path) -> set[str]:
-        names = set()
-        for f in Path(folder).glob("*.safetensors"):
-            with safe_open(str(f), "pt") as h:
-                names |= {k for k in h.keys() if k.endswith(".bias")}
-        return names
-
-    added = biases(ckpt) - biases(source)
-    kinds = sorted({n.split(".")[-2] for n in added})  # o_proj, down_proj, ...
-    bad = []
-    with tempfile.TemporaryDirectory(dir=Path(path).parent) as tmp:
-        for kind in kinds:
-            probe = _header_only(ckpt, Path(tmp) / f"{kind}.gguf",
-                                 lambda n, k=kind: n not in added or n.split(".")[-2] == k)
-            if not _loads(probe):
-                bad += sorted(n for n in added if n.split(".")[-2] == kind)
-    return bad or ["?"]
+        if not added or loads(added, "all"):
+            return []
+        if not loads({}, "base"):
+            raise BakeError(f"{flag}: llama.cpp's {arch} loader refuses this model as its converter writes it, "
+                            f"before any steering (BAKE_VERBOSE=1 shows its log)")
+        kinds = sorted({n.split(".")[-2] for n in added})  # o_proj, down_proj, ...
+        bad = [n for k in kinds if not loads({n: s for n, s in added.items() if n.split(".")[-2] == k}, k)
+               for n in sorted(added) if n.split(".")[-2] == k]
+    return bad or sorted(added)
 
 
-def convert(ckpt: Path, out: Path, kind: str, pre: str | None = None, flag: str = "--format gguf") -> Path:
-    """Write the checkpoint in `ckpt` as the GGUF `out` at `kind` (one of DIRECT). `pre`: the tokenizer's
-    pre-tokenizer name where the converter cannot recognise it (a GGUF source's `tokenizer.ggml.pre`)."""
+def convert(ckpt: Path, out: Path, kind: str, pre: str | None = None, flag: str = "--format gguf",
+            drop=(), vocab: Path | None = None) -> Path:
+    """Write the checkpoint in `ckpt` as the GGUF `out` at `kind` (one of DIRECT), without the tensors named
+    in `drop`, the tokenizer read from `vocab` (the source directory: the files `check` tried; transformers
+    may save a baked copy under another class name). `pre`: the tokenizer's pre-tokenizer name where the
+    converter cannot recognise it (a GGUF source's `tokenizer.ggml.pre`)."""
+    from ..errors import first_line
+
     from ..llama_logs import quiet
 
     cls, hp = model_class(ckpt, flag)
@@ -189,8 +200,12 @@ def convert(ckpt: Path, out: Path, kind: str, pre: str | None = None, flag: str 
         model = cls(Path(ckpt), ftype, Path(out), hparams=hp, eager=False, model_name="bake-steered")
         if pre:
             model.get_vocab_base_pre = lambda tokenizer: pre
+        for name in drop:
+            model.model_tensors.pop(name, None)
+        if vocab is not None:
+            model.dir_model = Path(vocab)  # tensors are indexed already; set_vocab reads the tokenizer here
         try:
             model.write()
-        except NotImplementedError as e:  # e.g. a BPE pre-tokenizer the converter has no hash for
-            raise BakeError(f"{flag}: llama.cpp's converter: {str(e).strip().splitlines()[0]}") from None
+        except (NotImplementedError, ValueError, KeyError, FileNotFoundError) as e:  # e.g. an unknown pre-tokenizer
+            raise BakeError(f"{flag}: llama.cpp's converter: {first_line(e)}") from None
     return Path(out)

@@ -49,6 +49,21 @@ def _field(path: Path, key: str, default):
     return field.contents() if field is not None else default
 
 
+def arch_of(path: Path) -> str:
+    """A GGUF file's llama.cpp architecture."""
+    return str(_field(path, "general.architecture", "?"))
+
+
+def arch_for(adapter, model_dir: Path) -> str:
+    """The llama.cpp architecture the unsteered model is written as: the family's for a GGUF source, the
+    converter's for a transformers directory."""
+    from . import gguf_convert
+
+    if source_gguf(model_dir) is not None:
+        return adapter.gguf_arch
+    return gguf_convert.arch_name(gguf_convert.model_class(Path(model_dir))[0])
+
+
 def file_type(path: Path) -> str:
     """The --gguf-type name of a GGUF file's general.file_type."""
     return NAMES.get(int(_field(path, "general.file_type", 0)), "f16")
@@ -60,7 +75,7 @@ def check_supported(model: torch.nn.Module, adapter, model_dir: Path, gguf_type:
     source: bake's writer, in the source's architecture and type, its metadata carried over. From a
     transformers directory: llama.cpp's own converter (`gguf_convert`), f16 unless asked."""
     src = source_gguf(model_dir)
-    if src is None and flag == "--format gguf":
+    if src is None:  # a GGUF, or a control vector verified on the unsteered one, by llama.cpp's converter
         from . import gguf_convert
 
         kind = gguf_type or "f16"
@@ -74,9 +89,6 @@ def check_supported(model: torch.nn.Module, adapter, model_dir: Path, gguf_type:
 
         known = ", ".join(a.family for a in FAMILIES if a.gguf_arch)
         raise BakeError(f"{flag}: not for {adapter.family} yet (bake writes it for: {known})")
-    if src is None:
-        raise BakeError(f"{flag}: needs a GGUF model as --model (its tokenizer metadata makes the unsteered GGUF "
-                        "it runs on; from a transformers directory only --format gguf is written yet)")
     kind = gguf_type or file_type(src)
     if kind not in TYPES:
         raise BakeError(f"--gguf-type: unknown type {kind!r} (known: {', '.join(TYPES)})")
@@ -142,11 +154,12 @@ def gguf_tensors(tensors: dict[str, torch.Tensor], adapter, cfg) -> dict[str, np
     return out
 
 
-def write(ckpt: Path, model_dir: Path, out: Path, kind: str, adapter, log=print) -> Path:
-    """model-<TYPE>.gguf in `out` from the checkpoint in `ckpt` (safetensors): with the source GGUF's
-    metadata where the source is a GGUF, else by llama.cpp's own converter."""
+def write(ckpt: Path, model_dir: Path, out: Path, kind: str, adapter, log=print, drop=()) -> Path:
+    """model-<TYPE>.gguf in `out` from the checkpoint in `ckpt` (safetensors), without the tensors in `drop`
+    (`gguf_biases.layout`): with the source GGUF's metadata where the source is a GGUF, else by llama.cpp's
+    own converter."""
     if source_gguf(model_dir) is None:
-        return _converted(Path(ckpt), Path(model_dir), Path(out), kind, log)
+        return _converted(Path(ckpt), Path(model_dir), Path(out), kind, log, drop)
     import gguf
     from safetensors import safe_open
 
@@ -158,7 +171,7 @@ def write(ckpt: Path, model_dir: Path, out: Path, kind: str, adapter, log=print)
     tensors = {}
     for f in sorted(Path(ckpt).glob("*.safetensors")):
         with safe_open(str(f), "pt") as h:
-            tensors.update({k: h.get_tensor(k) for k in h.keys()})
+            tensors.update({k: h.get_tensor(k) for k in h.keys() if k not in drop})
     arrays = gguf_tensors(tensors, adapter, cfg)
     target = out / f"model-{kind.upper()}.gguf"
     f32 = target if kind == "f32" else out / "model-F32.tmp.gguf"
@@ -195,29 +208,45 @@ def _logged(target: Path, kind: str, how: str, log) -> Path:
     return target
 
 
-def _converted(ckpt: Path, model_dir: Path, out: Path, kind: str, log) -> Path:
+def _converted(ckpt: Path, source: Path, out: Path, kind: str, log, drop=()) -> Path:
     """llama.cpp's converter writes the checkpoint (at `kind` where it can, else f32 for the quantizer);
-    a file llama.cpp's loader would refuse is refused here, naming the biases the folds added."""
+    what llama.cpp's loader has no slot for was settled before the bake (`bias_layout`)."""
     from . import gguf_convert
 
     target = out / f"model-{kind.upper()}.gguf"
     direct = kind in gguf_convert.DIRECT
     first = target if direct else out / "model-F32.tmp.gguf"
-    gguf_convert.convert(ckpt, first, kind if direct else "f32")
+    gguf_convert.convert(ckpt, first, kind if direct else "f32", drop=drop, vocab=source)
     arch = _field(first, "general.architecture", "?")
-    extra = gguf_convert.refused_tensors(first, ckpt, model_dir)
-    if extra == ["?"]:
-        raise BakeError(f"--format gguf: llama.cpp's {arch} loader refuses the converted file (BAKE_VERBOSE=1 shows "
-                        f"its log)")
-    if extra:
-        more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
-        raise BakeError(f"--format gguf: llama.cpp's {arch} loader refuses the converted file: it has no slot for "
-                        f"{extra[0]}{more}, a bias a fold added (a shift); steer with maps that fold into weights "
-                        f"(projections, scales), or a model whose llama.cpp architecture reads that bias")
     if not direct:
         quantize(first, target, kind)
         first.unlink()
     return _logged(target, kind, f"llama.cpp {arch}, by llama.cpp's converter", log)
+
+
+def bias_layout(model: torch.nn.Module, adapter, model_dir: Path, flag: str = "--format gguf"):
+    """Where the biases the folds added to `model` go (`gguf_biases.Layout`): asked of llama.cpp's loader
+    for a transformers source, of the family table for a GGUF source (bake's own writer)."""
+    from . import gguf_biases, gguf_convert
+
+    if source_gguf(model_dir) is None:
+        hp = model.config.to_dict()
+        arch = gguf_convert.arch_name(gguf_convert.model_class(Path(model_dir), flag, hp)[0])
+        refused = lambda added: gguf_convert.refused(Path(model_dir), hp, added, flag)  # noqa: E731
+    else:
+        written = written_as(adapter, model.config)
+        arch = written.gguf_arch
+        refused = lambda added: [n for n in added if not _has_slot(n, written, model.config)]  # noqa: E731
+    return gguf_biases.layout(model, adapter, Path(model_dir), refused, arch, flag)
+
+
+def _has_slot(name: str, adapter, cfg) -> bool:
+    """bake's own writer: llama.cpp's loader for the family's architecture reads this bias."""
+    try:
+        gguf_names([name], adapter, cfg)
+    except BakeError:
+        return False
+    return True
 
 
 def tensor_types(path: Path) -> dict[str, int]:

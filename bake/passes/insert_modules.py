@@ -26,7 +26,8 @@ def reason(plan: Plan, sp) -> str:
             return (f"the last write into the residual stream in {plan.adapter.family} is a norm with no bias slot, "
                     f"so no shift folds here")
         if m.scale_is_identity:
-            return f"the shift needs a bias on {sp.info.writer}, which this architecture cannot have"
+            return (f"the shift needs a bias on {sp.info.writer}, which this architecture cannot have (for llama.cpp, "
+                    f"--format gguf,control-vector carries a shift at a layer output as a control vector)")
         return ("only an additive map folds on the residual stream (a scale or projection there changes what "
                 "every later layer reads); put it on the writers' outputs (attn-out, mlp-out) instead")
     if sp.info.role == "norm" and not sp.info.consumers:
