@@ -534,11 +534,18 @@ def cmd_families(a) -> int:
           f"saved as that class (the same math); inserted module: needs --insert-modules (generated code, "
           f"trust_remote_code=True) or ONNX. Always inserted: {', '.join(ALWAYS_INSERTED)}.")
     from .families import FAMILIES
+    from .support_table import gguf_line
 
-    gguf = [f"{a.family} (llama.cpp {a.gguf_arch})" for a in FAMILIES if a.gguf_arch]
-    print(f"--format gguf, lora, control-vector (llama.cpp, Ollama): {', '.join(gguf)} (a Qwen2 relabelled as "
-          f"Llama by a fold is written as llama.cpp llama); from a GGUF source. --format gguf from a transformers "
-          f"directory: every architecture llama.cpp's converter knows (bake/exporters/gguf_convert.py).")
+    print("\n--format gguf (llama.cpp, Ollama), per model type: the architecture llama.cpp's converter writes and "
+          "the biases its loader reads (probed in llama.cpp: benchmarks/gguf_slots.py). A shift at a layer output "
+          "the weights cannot hold goes to llama.cpp's control vector with --format gguf,control-vector.")
+    for ad in FAMILIES:
+        if ad.modality == "causal-lm" and (not a.family or ad.family in a.family):
+            print(f"  {ad.family}: {gguf_line(ad.model_types)}")
+    gguf = [f"{ad.family} (llama.cpp {ad.gguf_arch})" for ad in FAMILIES if ad.gguf_arch]
+    print(f"From a GGUF source (bake's own writer, its metadata carried over): {', '.join(gguf)} (a Qwen2 "
+          f"relabelled as Llama by a fold is written as llama.cpp llama); --format lora writes a llama.cpp LoRA "
+          f"only from a GGUF source.")
     return 0
 
 

@@ -113,6 +113,31 @@ def probed_table(model_type: str) -> list[dict]:
     return rows
 
 
+GGUF_SLOTS = "gguf_slots.json"  # in bake/data: llama.cpp's bias slots per model type (benchmarks/gguf_slots.py)
+
+
+def gguf_line(model_types) -> str:
+    """How a family reaches llama.cpp: per model type, the architecture its converter writes and the bias
+    slots llama.cpp's loader has (asked of llama.cpp by benchmarks/gguf_slots.py), or why no GGUF."""
+    import json
+    from importlib.resources import files
+
+    rows = json.loads(files("bake.data").joinpath(GGUF_SLOTS).read_text())["types"]
+    out = []
+    for t in model_types:
+        r = rows.get(t)
+        if r is None:
+            out.append(f"{t}: not probed")
+        elif not r["gguf"]:
+            out.append(f"{t}: no GGUF from a directory ({r['why']})")
+        else:
+            slots = ", ".join(r["bias_slots"]) or "none a fold adds (every Linear has its bias)"
+            none = f"; no slot for {', '.join(r['no_slot'])} (zeros left out, shifts refused)" if r["no_slot"] else ""
+            tok = f" (with SmolLM2's tokenizer: {r['tokenizer']})" if r.get("tokenizer") else ""
+            out.append(f"{t}: llama.cpp {r['arch']}, bias slots {slots}{none}{tok}")
+    return "; ".join(out)
+
+
 SWEEP = "families_sweep.json"  # in bake/data: the last sweep over every model type (benchmarks/families_sweep.py)
 
 

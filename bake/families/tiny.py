@@ -31,25 +31,26 @@ OVERRIDES = {  # config keys a type needs beyond SMALL to build small; None drop
 MAX_PARAMS = 20_000_000  # a config class that ignores the tiny widths builds its full size: refused
 
 
-def build(model_type: str) -> torch.nn.Module:
-    """The tiny model of `model_type` (its ForCausalLM class), after one forward pass."""
+def build(model_type: str, **changes) -> torch.nn.Module:
+    """The tiny model of `model_type` (its ForCausalLM class), after one forward pass; `changes` override
+    config keys (e.g. a real tokenizer's vocab_size)."""
     for layers in (2, 4, 8):
         try:
-            return _build(model_type, layers)
+            return _build(model_type, layers, changes)
         except ValueError as e:  # "get_seq_length ... only LinearAttention layers": no attention layer yet
             if "get_seq_length" not in str(e) or layers == 8:
                 raise
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _build(model_type: str, layers: int) -> torch.nn.Module:
+def _build(model_type: str, layers: int, changes: dict | None = None) -> torch.nn.Module:
     import transformers as tf
     from transformers.models.auto import modeling_auto as auto
 
     if model_type not in auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise BakeError(f"--type: {model_type!r} is not a causal-LM model type of transformers {tf.__version__}")
     torch.manual_seed(0)
-    keys = {**SMALL, "num_hidden_layers": layers, **OVERRIDES.get(model_type, {})}
+    keys = {**SMALL, "num_hidden_layers": layers, **OVERRIDES.get(model_type, {}), **(changes or {})}
     cfg = tf.AutoConfig.for_model(model_type, **{k: v for k, v in keys.items() if v is not None})
     cls = getattr(tf, auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type])
     with torch.device("meta"):
