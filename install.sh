@@ -23,7 +23,8 @@ CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}" python -m pip install -q "$SDIST"
 CONV="$(python -c 'import sys; print(sys.prefix)')/share/bake/llama.cpp"
 rm -rf "$CONV" && mkdir -p "$CONV"
 V="llama_cpp_python-$LCPP/vendor/llama.cpp"
-tar -xzf "$SDIST" -C "$CONV" --strip-components=3 "$V/convert_hf_to_gguf.py" "$V/conversion" "$V/gguf-py"
+tar -xzf "$SDIST" -C "$CONV" --strip-components=3 "$V/convert_hf_to_gguf.py" "$V/convert_lora_to_gguf.py" \
+    "$V/conversion" "$V/gguf-py"
 python -m pip install -q --force-reinstall --no-deps "$CONV/gguf-py"
 python -m pip install -q "sentencepiece>=0.2,<1"   # the converter imports it for every tokenizer
 if command -v pyenv >/dev/null 2>&1; then pyenv rehash; fi   # put the `bake` script on PATH under pyenv

@@ -110,8 +110,11 @@ def _p_apply(sub):
                    "comma-separated (all in --out; gguf: model-<TYPE>.gguf for llama.cpp / Ollama beside the "
                    "checkpoint; lora: lora/ with a PEFT adapter and a llama.cpp LoRA GGUF; control-vector: "
                    "control-vector.gguf for llama.cpp; for both the runtime's scale = the strength)")
-    p.add_argument("--gguf-type", default=None, help="f32 | f16 | bf16 | q8_0 | q4_k_m | ... (llama.cpp's quantizer; "
-                   "default: the type of the --model GGUF)")
+    p.add_argument("--gguf-type", default=None, help="f32 | f16 | bf16 | q8_0 | q4_k_m | iq4_xs | ... (llama.cpp's "
+                   "quantizer; default: the type of the --model GGUF, f16 from a directory)")
+    p.add_argument("--imatrix", default=None, metavar="FILE", help="an importance matrix for llama.cpp's quantizer: "
+                   "calibration texts (bake measures it on the steered model) or llama-imatrix's .gguf; needed by "
+                   "iq1_*, iq2_*, iq3_xxs, q2_k_s")
     p.add_argument("--onnx-layout", default="root", help="root: model.onnx beside config.json (Optimum, "
                    "onnxruntime-genai) | onnx: onnx/model.onnx (transformers.js)")
     p.add_argument("--stream", action="store_true", help="never load the whole model: rewrite only the tensors the "
@@ -370,7 +373,8 @@ def cmd_apply(a) -> int:
                        strength=a.strength, force=a.force, run_verify=a.verify,
                        prompts=tuple(read_prompts(a.prompts) or ()) or None, check_model=not a.ignore_fingerprint,
                        insert_modules=a.insert_modules, approximate=a.approximate, stream=a.stream or None,
-                       link=a.link, inputs=(a.prompts,) if a.prompts else (), max_new_tokens=a.max_new_tokens,
+                       link=a.link, inputs=tuple(f for f in (a.prompts, a.imatrix) if f), imatrix=a.imatrix,
+                       max_new_tokens=a.max_new_tokens,
                        device=a.device, device_map=a.device_map)
     res = apply(a.model, a.spec, a.out, opts)
     if res.verification:

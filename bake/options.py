@@ -25,6 +25,7 @@ class BakeOptions:
     formats: tuple[str, ...] = ("safetensors",)
     onnx_layout: str = "root"  # root: model.onnx beside config.json | onnx: onnx/model.onnx
     gguf_type: str | None = None  # --format gguf: f32, f16, q8_0, q4_k_m, ... (None: the source GGUF's type)
+    imatrix: str | None = None  # --format gguf: calibration texts (bake measures) or llama-imatrix's .gguf
     strength: float | None = None  # overrides every map's strength
     force: bool = False  # replace a non-empty --out
     run_verify: bool = True
@@ -68,6 +69,11 @@ class BakeOptions:
         """Nothing asks for a loaded model: safetensors in the stored dtypes, nothing inserted."""
         return self.dtype is None and self.formats == ("safetensors",) and not self.insert_modules
 
+    @property
+    def _streams_gguf(self) -> bool:
+        """safetensors and a GGUF converted from them: a streamed bake can write both."""
+        return self.dtype is None and set(self.formats) == {"safetensors", "gguf"} and not self.insert_modules
+
     def check(self) -> None:
         if self.dtype is not None and self.dtype not in DTYPES:
             raise BakeError(f"--dtype: unknown dtype {self.dtype!r} (known: {', '.join(DTYPES)})")
@@ -88,9 +94,13 @@ class BakeOptions:
             raise BakeError(f"--max-new-tokens: must be at least 1, got {self.max_new_tokens}")
         if self.gguf_type is not None and "gguf" not in self.formats:
             raise BakeError("--gguf-type: only with --format gguf")
-        if self.stream and not self.simple:
-            raise BakeError("--stream: writes safetensors in the stored dtypes only (drop --dtype, --format onnx "
-                            "and --insert-modules)")
+        if self.imatrix is not None and "gguf" not in self.formats:
+            raise BakeError("--imatrix: only with --format gguf (an importance matrix for llama.cpp's quantizer)")
+        if self.stream and not (self.simple or self._streams_gguf):
+            raise BakeError("--stream: writes safetensors in the stored dtypes, and GGUF from them (drop --dtype, "
+                            "--format onnx, lora, control-vector and --insert-modules)")
+        if self.stream and self.imatrix and not self.imatrix.endswith(".gguf"):
+            raise BakeError("--imatrix: with --stream only llama-imatrix's .gguf (measuring one needs the model loaded)")
 
 
 def parse_formats(text: str) -> tuple[str, ...]:

@@ -43,7 +43,7 @@ class LoadedLM:
 
             self.adapter = adapter_for(self.model)  # a control vector is verified on the f32 GGUF of the original
             flag, kind = ("--format gguf", opts.gguf_type) if "gguf" in opts.formats else ("--format control-vector", "f32")
-            self.gguf_type = gguf_lm.check_supported(self.model, self.adapter, self.path, kind, flag)
+            self.gguf_type = gguf_lm.check_supported(self.model, self.adapter, self.path, kind, flag, opts.imatrix)
             if "control-vector" in opts.formats:
                 gguf_lm.llama_cpp(flag)  # it is verified in llama.cpp
         if "lora" in opts.formats and isinstance(self.path, Path):
@@ -98,11 +98,32 @@ class LoadedLM:
                 write_code(tmp, type(plan.model).__name__)
         gguf = None
         if "gguf" in opts.formats:
-            gguf = gguf_lm.write(tmp, self.path, tmp, self.gguf_type, self.adapter, log=log, drop=self.layout.drop)
+            imatrix = self._imatrix(plan, tmp, opts, log) if opts.imatrix and self.gguf_type not in ("f32", "f16",
+                                                                                                  "bf16") else None
+            gguf = gguf_lm.write(tmp, self.path, tmp, self.gguf_type, self.adapter, log=log, drop=self.layout.drop,
+                                 imatrix=imatrix)
         if "lora" in opts.formats:
             self._export_lora(plan, tmp, log)
         if "control-vector" in opts.formats:
             self._export_control_vector(plan, tmp, gguf, log)
+
+    def _imatrix(self, plan, tmp: Path, opts: BakeOptions, log) -> dict:
+        """The importance matrix for the quantizer: llama-imatrix's file as given, or measured on the baked
+        model over the calibration texts; written beside the GGUF (imatrix.gguf) for verify and llama.cpp."""
+        from .exporters import gguf_imatrix, gguf_lm
+
+        if Path(opts.imatrix).suffix == ".gguf":
+            imatrix = gguf_imatrix.read_gguf(Path(opts.imatrix))
+            gguf_imatrix.write(imatrix, tmp, 1)
+            log(f"  gguf                   importance matrix: {len(imatrix)} tensors from {Path(opts.imatrix).name}")
+            return imatrix
+        arch = gguf_lm.written_arch(plan.model, self.adapter, self.path)
+        names = gguf_imatrix.linear_names(plan.model, arch)
+        imatrix, tokens = gguf_imatrix.measure(plan.model, self.tokenizer, gguf_imatrix.texts(Path(opts.imatrix)), names)
+        gguf_imatrix.write(imatrix, tmp, tokens)
+        log(f"  gguf                   importance matrix: {len(imatrix)} tensors, measured on the steered model over "
+            f"{tokens} tokens of {Path(opts.imatrix).name} (imatrix.gguf)")
+        return imatrix
 
     def _export_control_vector(self, plan, tmp: Path, gguf: Path | None, log) -> None:
         """The control vector: alone (every map, on the unsteered GGUF), or the sidecar of the steered GGUF
@@ -125,10 +146,17 @@ class LoadedLM:
         log(f"  lora                   {lora.DIR}/: PEFT adapter, {len(self.lora)} module(s), rank {ranks}")
         from .verify_gguf import lora_gguf_runnable
 
-        gguf = bool(self.adapter.gguf_arch) and lora_gguf_runnable(self.path)  # written only where it is verified
-        if gguf:
+        from .exporters import gguf_convert
+        from .exporters.gguf_lm import source_gguf
+
+        from_gguf = isinstance(self.path, Path) and source_gguf(self.path, "--format lora") is not None
+        gguf = lora_gguf_runnable(self.path) and (bool(self.adapter.gguf_arch) or not from_gguf)  # verified there
+        if gguf and from_gguf:
             g = lora.write_gguf(self.lora, self.adapter, plan.model.config, tmp)
             log(f"  lora                   {lora.DIR}/{g.name}: llama.cpp LoRA ({self.adapter.gguf_arch})")
+        elif gguf:
+            g = gguf_convert.convert_lora(tmp / lora.DIR, Path(self.path), tmp / lora.DIR / "adapter-F32.gguf")
+            log(f"  lora                   {lora.DIR}/{g.name}: llama.cpp LoRA, by llama.cpp's LoRA converter")
         plan.note("lora", "files", f"{where.name}/ (PEFT" + (", llama.cpp GGUF)" if gguf else ")"))
 
     def release(self) -> None:
@@ -225,7 +253,16 @@ class StreamedCheckpoint(LoadedLM):
         self.model = None  # the skeleton: built once the shard copies have started (`store`)
 
     def check(self, opts: BakeOptions) -> None:
-        """Nothing more: `BakeOptions.check` already refused what a stream cannot write."""
+        """`BakeOptions.check` already refused what a stream cannot write; a GGUF comes from a transformers
+        checkpoint through llama.cpp's converter, which reads the baked shards lazily."""
+        if "gguf" in opts.formats:
+            from .exporters import gguf_lm
+
+            if gguf_lm.source_gguf(self.path) is not None:
+                raise BakeError("--stream --format gguf: from a transformers checkpoint (a GGUF source is baked in "
+                                "memory: drop --stream)")
+            self.gguf_type = gguf_lm.check_supported(None, None, self.path, opts.gguf_type, "--format gguf",
+                                                     opts.imatrix)
 
     @contextlib.contextmanager
     def store(self, tmp: Path):
@@ -249,6 +286,16 @@ class StreamedCheckpoint(LoadedLM):
         shards.copy_side_files(self.path, tmp, self.ckpt)
         plan.model.config.save_pretrained(str(tmp))
         plan.note("stream", "shards", did)
+        if "gguf" in opts.formats:
+            from .exporters import gguf_lm
+            from .families import adapter_for
+
+            self.adapter = adapter_for(plan.model)
+            layout = gguf_lm.bias_layout(plan.model, self.adapter, self.path, written=tmp)
+            imatrix = self._imatrix(plan, tmp, opts, log) if opts.imatrix and self.gguf_type not in ("f32", "f16",
+                                                                                                  "bf16") else None
+            gguf_lm.write(tmp, self.path, tmp, self.gguf_type, self.adapter, log=log, drop=layout.drop,
+                          imatrix=imatrix)
 
     def release(self) -> None:
         self.model = None

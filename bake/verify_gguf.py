@@ -34,15 +34,25 @@ F32_TOL = 1e-4
 
 
 def lora_gguf_runnable(model_dir) -> bool:
-    """llama.cpp can run a LoRA on the unsteered model: the source is a GGUF (its tokenizer metadata makes
-    the base GGUF) and llama-cpp-python is installed. bake writes a llama.cpp LoRA only then: it is
-    verified where it is written."""
+    """llama.cpp can run a LoRA on the unsteered model: llama-cpp-python is installed, and the source is a
+    GGUF (its tokenizer metadata makes the base GGUF) or a transformers directory llama.cpp's converter
+    writes (architecture and tokenizer). bake writes a llama.cpp LoRA only then: it is verified where it
+    is written."""
     import importlib.util
 
+    from .errors import BakeError
+    from .exporters import gguf_convert
     from .exporters.gguf_lm import source_gguf
 
-    return (isinstance(model_dir, Path) and importlib.util.find_spec("llama_cpp") is not None
-            and source_gguf(model_dir, "--format lora") is not None)
+    if not isinstance(model_dir, Path) or importlib.util.find_spec("llama_cpp") is None:
+        return False
+    if source_gguf(model_dir, "--format lora") is not None:
+        return True
+    try:
+        gguf_convert.check(model_dir, "--format lora")
+    except BakeError:
+        return False
+    return (gguf_convert.home() / "convert_lora_to_gguf.py").is_file()
 
 
 def lora_gguf_verifiable(baked: Path, model_dir) -> bool:
@@ -57,7 +67,8 @@ def verify_gguf(load_original, specs, ref: list[dict], baked_dir: Path, model_di
     from .exporters.gguf_lm import fallback, file_type, tensor_types
 
     cand = open_artifact(baked_dir, "gguf", flag="--baked")
-    kind, types = file_type(cand.model.file), tensor_types(cand.model.file)
+    file = cand.model.file
+    kind, types = file_type(file), tensor_types(file)
     vector = cand.model.control_vector
     got = run_candidate(cand.model, cand.tokenizer, ref, max_new_tokens, desc="baked (gguf, llama.cpp)")
     del cand
@@ -74,7 +85,12 @@ def verify_gguf(load_original, specs, ref: list[dict], baked_dir: Path, model_di
     if kind == "f32":
         return report
     max_abs = report["max_abs"]
-    report.update(_yardstick(load_original, ref, got, model_dir, adapter, kind, max_new_tokens))
+    from .exporters.gguf_imatrix import beside
+
+    imatrix = beside(file)
+    report.update(_yardstick(load_original, ref, got, model_dir, adapter, kind, max_new_tokens, imatrix))
+    if imatrix:
+        report["imatrix"] = f"imatrix.gguf ({len(imatrix)} tensors; the unsteered model quantized with it too)"
     report["passed"] = (max_abs <= FACTOR * report["unsteered_max_abs"]
                         and report["kl_quantized"] >= 0.5 * report["kl_float32"])
     report["criterion"] = (f"max abs logit error <= {FACTOR:g} x the unsteered model's own at {kind} "
@@ -208,17 +224,19 @@ def _f32_judged(ref: list[dict], got: list[dict]) -> dict:
 
 
 @contextlib.contextmanager
-def _unsteered_gguf(model_dir: Path, adapter, kind: str):
-    """A temporary directory holding the unsteered model as model-<KIND>.gguf, with its config.json."""
+def _unsteered_gguf(model_dir: Path, adapter, kind: str, imatrix: dict | None = None):
+    """A temporary directory holding the unsteered model as model-<KIND>.gguf (quantized with the steered
+    GGUF's importance matrix, where it had one), with its config.json."""
     from .exporters import gguf_lm
 
     with tempfile.TemporaryDirectory(dir=Path(model_dir).parent) as tmp:
-        gguf_lm.write(Path(model_dir), Path(model_dir), Path(tmp), kind, adapter, log=lambda *_: None)
+        gguf_lm.write(Path(model_dir), Path(model_dir), Path(tmp), kind, adapter, log=lambda *_: None,
+                      imatrix=imatrix)
         (Path(tmp) / "config.json").write_bytes((Path(model_dir) / "config.json").read_bytes())
         yield Path(tmp)
 
 
-def _yardstick(load_original, ref, got, model_dir: Path, adapter, kind: str, n: int) -> dict:
+def _yardstick(load_original, ref, got, model_dir: Path, adapter, kind: str, n: int, imatrix=None) -> dict:
     """The unsteered model in float32 (PyTorch) and at `kind` (llama.cpp) on the reference's sequences."""
     from .llamacpp import LlamaCppLM
 
@@ -227,7 +245,7 @@ def _yardstick(load_original, ref, got, model_dir: Path, adapter, kind: str, n: 
     seqs = [r["seq"] for r in ref]
     plain = [{"logits": lg} for lg in logits_batch(model, seqs, pad)]
     del model
-    with _unsteered_gguf(model_dir, adapter, kind) as tmp:
+    with _unsteered_gguf(model_dir, adapter, kind, imatrix) as tmp:
         orig_q = LlamaCppLM(tmp)
         plain_q = [{"logits": orig_q.prefill_then_decode_logits(r["seq"], r["n_prompt"])} for r in ref]
         del orig_q

@@ -30,12 +30,12 @@ def smol_tokenizer():
     return AutoTokenizer.from_pretrained(str(resolve("llama")))
 
 
-def _tiny(family: str, vocab: int):
-    """A 2-layer, 64-wide random model of `family` over `vocab` tokens (norm weights and, where the family
+def _tiny(family: str, vocab: int, hidden: int = 64):
+    """A 2-layer, `hidden`-wide random model of `family` over `vocab` tokens (norm weights and, where the family
     has them, q/k/v biases and q/k norms away from their defaults, so that their layouts are tested)."""
     import transformers as tf
 
-    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+    common = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 3 // 2, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1,
                   eos_token_id=2, pad_token_id=2)
     extra = {"granite": dict(embedding_multiplier=3.0, residual_multiplier=0.5, attention_multiplier=0.2,
@@ -131,6 +131,12 @@ def test_quantized_from_a_directory_within_the_yardstick(smol_tokenizer, tmp_pat
 
     r = gguf.GGUFReader(str(tmp_path / "o" / "model-Q8_0.gguf"))
     assert g["tensor_types"]["Q8_0"] == sum(t.tensor_type.name == "Q8_0" for t in r.tensors) > 0, g
+    from bake.exporters.gguf_header import read as header  # bake's fast header reader says what gguf-py says
+
+    h = header(tmp_path / "o" / "model-Q8_0.gguf")
+    assert h.tensors == [(t.name, t.tensor_type.name) for t in r.tensors]
+    assert all(h.fields[k] == f.contents() if h.fields[k] is not None else f.types[0] == gguf.GGUFValueType.ARRAY
+               for k, f in r.fields.items() if not k.startswith("GGUF.")) and h.fields["tokenizer.ggml.pre"]
     assert "llama_model_loader" not in out + err and "written as" in out
 
 
@@ -259,3 +265,91 @@ def test_bias_slots_table_is_llama_cpps():
     for t in ("llama", "qwen3"):
         assert sweep.probe(t, tok) == shipped[t], t
     assert "self_attn.o_proj" in shipped["qwen3"]["no_slot"] and not shipped["llama"]["no_slot"]
+
+
+def test_iq_type_with_an_importance_matrix(smol_tokenizer, tmp_path, capsys):
+    """IQ2_XXS needs an importance matrix: refused without one, before any work. With `--imatrix texts`
+    bake measures E[x²] at every matrix's input on the steered model, llama.cpp's quantizer uses it (the
+    written file holds IQ2_XXS tensors: 256-wide rows), it is kept as imatrix.gguf, and the unsteered
+    yardstick is quantized with it too."""
+    import gguf
+
+    from bake.exporters.gguf_imatrix import read_gguf
+
+    model = _tiny("llama", len(smol_tokenizer), hidden=256)
+    src = _saved(model, smol_tokenizer, tmp_path / "m")
+    write(_random_spec(model, seed=5), tmp_path / "s.json")
+    texts = tmp_path / "calib.txt"
+    texts.write_text("The sea is wide and deep.\nA short note about rivers and lakes.\nCounting: one, two, three.\n")
+    args = ["apply", *SHORT, "--model", str(src), "--spec", str(tmp_path / "s.json"), "--format", "gguf",
+            "--gguf-type", "iq2_xxs"]
+    assert main([*args, "--out", str(tmp_path / "no")]) == 2
+    err = capsys.readouterr().err
+    assert "--imatrix" in err and "Traceback" not in err and not (tmp_path / "no").exists()
+    assert main([*args, "--imatrix", str(texts), "--out", str(tmp_path / "o")]) == 0, capsys.readouterr().err
+    g = json.loads((tmp_path / "o" / "bake_report.json").read_text())["verification"]["gguf"]
+    assert g["passed"] and "imatrix.gguf" in g["imatrix"] and g["tensor_types"].get("IQ2_XXS", 0) > 0, g
+    m = read_gguf(tmp_path / "o" / "imatrix.gguf")
+    names = {t.name for t in gguf.GGUFReader(str(tmp_path / "o" / "model-IQ2_XXS.gguf")).tensors}
+    assert "blk.0.ffn_down.weight" in m and set(m) <= names
+    # E[x²] at layer 0's q/k/v input: the steered model's input_layernorm output over the same tokens
+    from transformers import AutoModelForCausalLM
+
+    baked = AutoModelForCausalLM.from_pretrained(str(tmp_path / "o")).eval()
+    seen = []
+    h = baked.model.layers[0].input_layernorm.register_forward_hook(lambda mod, i, o: seen.append(o[0].double()))
+    with torch.no_grad():
+        for line in texts.read_text().splitlines():
+            baked(**smol_tokenizer(line, return_tensors="pt"))
+    h.remove()
+    want = torch.cat(seen).pow(2).mean(0).float().numpy()
+    assert abs(m["blk.0.attn_q.weight"] - want).max() <= 1e-5 * float(want.max())
+
+
+def test_streamed_checkpoint_to_gguf(smol_tokenizer, tmp_path, capsys):
+    """`--stream --format gguf`: the sharded checkpoint is baked without loading it, and llama.cpp's
+    converter reads the baked shards lazily; the shift's new down_proj bias (a slot llama.cpp's llama
+    loader has) reaches the file, and llama.cpp runs it within 1e-4 of the hooked reference."""
+    model = _tiny("llama", len(smol_tokenizer))
+    src = tmp_path / "m"
+    model.save_pretrained(str(src), max_shard_size="2MB")
+    smol_tokenizer.save_pretrained(str(src))
+    assert len(list(src.glob("*.safetensors"))) > 1
+    spec = _shift_spec(model, "model.layers.1:output", tmp_path / "s.json")
+    code = main(["apply", *SHORT, "--model", str(src), "--spec", str(spec), "--stream", "--format", "gguf",
+                 "--gguf-type", "f32", "--out", str(tmp_path / "o")])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "streamed" in out and "by llama.cpp's converter" in out
+    g = json.loads((tmp_path / "o" / "bake_report.json").read_text())["verification"]["gguf"]
+    assert g["passed"] and g["max_rel"] <= 1e-4 and g["greedy_same"] == g["prompts"], g
+    import gguf
+
+    names = {t.name for t in gguf.GGUFReader(str(tmp_path / "o" / "model-F32.gguf")).tensors}
+    assert "blk.1.ffn_down.bias" in names
+
+
+@pytest.mark.parametrize("family", ["qwen3", "llama"])
+def test_llama_cpp_lora_from_a_directory(family, smol_tokenizer, tmp_path, capsys):
+    """--format lora from a transformers directory: the PEFT adapter, and its llama.cpp LoRA written by
+    llama.cpp's own convert_lora_to_gguf.py (Llama's q/k rows permuted to llama.cpp's rotary layout by its
+    converter class), verified in llama.cpp on the unsteered f32 GGUF at scales 1 and 0."""
+    from bake.families import adapter_for
+
+    model = _tiny(family, len(smol_tokenizer))
+    src = _saved(model, smol_tokenizer, tmp_path / family)
+    g = torch.Generator().manual_seed(4)
+    cat = adapter_for(model).sites(model)
+    sites = []
+    for name in ("model.layers.0.self_attn.q_proj:output", "model.layers.1.mlp.down_proj:output"):
+        u = torch.randn(cat[name].units, 2, generator=g)
+        sites.append((name, [Map("projection", 1.0, {"U": torch.linalg.qr(u)[0]})]))
+    write(stamp(Spec(sites), model), tmp_path / "s.json")
+    code = main(["apply", *SHORT, "--model", str(src), "--spec", str(tmp_path / "s.json"), "--format", "lora",
+                 "--out", str(tmp_path / "o")])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "by llama.cpp's LoRA converter" in out and (tmp_path / "o" / "lora" / "adapter-F32.gguf").is_file()
+    v = json.loads((tmp_path / "o" / "bake_report.json").read_text())["verification"]
+    lg = v["lora-gguf"]
+    assert lg["passed"] and lg["max_rel"] <= 1e-4 and lg["scale0_max_rel"] <= 1e-4, lg

@@ -117,10 +117,9 @@ def read(path: Path) -> dict[int, np.ndarray]:
 def sidecar(gguf_file: Path) -> Path | None:
     """The control-vector sidecar bake wrote beside the steered GGUF `gguf_file` (`--format
     gguf,control-vector`: the two run together), if there is one."""
-    import gguf
+    from .gguf_header import read as header
 
     path = Path(gguf_file).parent / FILE
     if not path.is_file():
         return None
-    field = gguf.GGUFReader(str(path)).fields.get(SIDECAR_KEY)
-    return path if field is not None and field.contents() == Path(gguf_file).name else None
+    return path if header(path).fields.get(SIDECAR_KEY) == Path(gguf_file).name else None

@@ -53,11 +53,12 @@ def residual_writers(model: torch.nn.Module, adapter) -> dict[str, tuple[int, fl
     return out
 
 
-def layout(model: torch.nn.Module, adapter, source_dir: Path, refused, arch: str, flag: str = "--format gguf"
-           ) -> Layout:
+def layout(model: torch.nn.Module, adapter, source_dir: Path, refused, arch: str, flag: str = "--format gguf",
+           tensors=None) -> Layout:
     """The Layout of the baked `model`'s biases that `source_dir`'s checkpoint lacks. `refused(added)`
-    (name → shape) names those llama.cpp's `arch` loader has no slot for."""
-    state = model.state_dict()
+    (name → shape) names those llama.cpp's `arch` loader has no slot for. `tensors`: name → tensor of the
+    baked weights where the model holds none (a streamed bake: its written checkpoint)."""
+    state = tensors if tensors is not None else model.state_dict()
     added = {n: state[n] for n in sorted(set(state) - source_biases(source_dir)) if n.endswith(".bias")}
     bad = refused({n: tuple(t.shape) for n, t in added.items()}) if added else []
     zero = {n for n in bad if not bool(added[n].any())}
@@ -65,6 +66,18 @@ def layout(model: torch.nn.Module, adapter, source_dir: Path, refused, arch: str
     if bad:
         raise BakeError(_refusal(bad, residual_writers(model, adapter), arch, flag))
     return Layout(drop=zero)
+
+
+def written_biases(folder: Path) -> dict[str, torch.Tensor]:
+    """The bias tensors of a checkpoint directory, read (biases are small; a streamed bake's weights stay
+    on disk)."""
+    from safetensors import safe_open
+
+    out = {}
+    for f in Path(folder).glob("*.safetensors"):
+        with safe_open(str(f), "pt") as h:
+            out.update({k: h.get_tensor(k) for k in h.keys() if k.endswith(".bias")})
+    return out
 
 
 def _refusal(bad: list[str], writers: dict, arch: str, flag: str) -> str:

@@ -209,3 +209,25 @@ def convert(ckpt: Path, out: Path, kind: str, pre: str | None = None, flag: str 
         except (NotImplementedError, ValueError, KeyError, FileNotFoundError) as e:  # e.g. an unknown pre-tokenizer
             raise BakeError(f"{flag}: llama.cpp's converter: {first_line(e)}") from None
     return Path(out)
+
+
+def convert_lora(lora_dir: Path, base: Path, out: Path, flag: str = "--format lora") -> Path:
+    """llama.cpp's own `convert_lora_to_gguf.py` (its LoRA converter has no library entry point: it runs
+    as a process) on the PEFT adapter in `lora_dir`, for the base model directory `base`: the tensor names
+    and layouts (rotary permutations, fused projections) of the base's converter class, f32."""
+    import subprocess
+
+    from ..errors import first_line
+
+    script = home() / "convert_lora_to_gguf.py"
+    if not script.is_file():
+        raise BakeError(f"{flag}: llama.cpp's LoRA converter is not installed in {home()} (./install.sh unpacks it)")
+    _modules(flag)
+    env = {**os.environ, "NO_LOCAL_GGUF": "1", "PYTHONPATH": os.pathsep.join(
+        [str(home()), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    r = subprocess.run([sys.executable, str(script), str(lora_dir), "--base", str(base), "--outtype", "f32",
+                        "--outfile", str(out)], capture_output=True, text=True, env=env)
+    if r.returncode != 0 or not Path(out).is_file():
+        last = [ln for ln in r.stderr.splitlines() if ln.strip()][-1:] or ["no output"]
+        raise BakeError(f"{flag}: llama.cpp's LoRA converter failed: {first_line(last[0])}")
+    return Path(out)

@@ -28,7 +28,9 @@ from ..errors import BakeError
 
 # llama.cpp's llama_ftype for each --gguf-type (llama.h); the quantizer accepts these targets
 TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9, "q2_k": 10, "q3_k_s": 11,
-         "q3_k_m": 12, "q3_k_l": 13, "q4_k_s": 14, "q4_k_m": 15, "q5_k_s": 16, "q5_k_m": 17, "q6_k": 18, "bf16": 32}
+         "q3_k_m": 12, "q3_k_l": 13, "q4_k_s": 14, "q4_k_m": 15, "q5_k_s": 16, "q5_k_m": 17, "q6_k": 18,
+         "iq2_xxs": 19, "iq2_xs": 20, "q2_k_s": 21, "iq3_xs": 22, "iq3_xxs": 23, "iq1_s": 24, "iq4_nl": 25,
+         "iq3_s": 26, "iq3_m": 27, "iq2_s": 28, "iq2_m": 29, "iq4_xs": 30, "iq1_m": 31, "bf16": 32}
 NAMES = {v: k for k, v in TYPES.items()}
 ROTARY_PERMUTED = ("llama",)  # llama.cpp architectures whose converter permutes q/k (rotary type NORM)
 
@@ -42,16 +44,25 @@ def source_gguf(model_dir: Path, flag: str = "--format gguf") -> Path | None:
 
 
 def _field(path: Path, key: str, default):
-    """One metadata value of a GGUF file (`default` where it has none)."""
-    import gguf
+    """One scalar metadata value of a GGUF file (`default` where it has none)."""
+    from .gguf_header import read
 
-    field = gguf.GGUFReader(str(path)).fields.get(key)
-    return field.contents() if field is not None else default
+    value = read(path).fields.get(key)
+    return value if value is not None else default
 
 
 def arch_of(path: Path) -> str:
     """A GGUF file's llama.cpp architecture."""
     return str(_field(path, "general.architecture", "?"))
+
+
+def written_arch(model: torch.nn.Module, adapter, model_dir: Path) -> str:
+    """The llama.cpp architecture the baked `model` is written as."""
+    from . import gguf_convert
+
+    if source_gguf(model_dir) is not None:
+        return written_as(adapter, model.config).gguf_arch
+    return gguf_convert.arch_name(gguf_convert.model_class(Path(model_dir), hp=model.config.to_dict())[0])
 
 
 def arch_for(adapter, model_dir: Path) -> str:
@@ -70,7 +81,7 @@ def file_type(path: Path) -> str:
 
 
 def check_supported(model: torch.nn.Module, adapter, model_dir: Path, gguf_type: str | None,
-                    flag: str = "--format gguf") -> str:
+                    flag: str = "--format gguf", imatrix: str | None = None) -> str:
     """Refuse before any work what llama.cpp cannot run as written; returns the type to write. From a GGUF
     source: bake's writer, in the source's architecture and type, its metadata carried over. From a
     transformers directory: llama.cpp's own converter (`gguf_convert`), f16 unless asked."""
@@ -83,6 +94,9 @@ def check_supported(model: torch.nn.Module, adapter, model_dir: Path, gguf_type:
             raise BakeError(f"--gguf-type: unknown type {kind!r} (known: {', '.join(TYPES)})")
         gguf_convert.check(Path(model_dir), flag)
         llama_cpp()  # quantized and verified in llama.cpp
+        from .gguf_imatrix import check as check_imatrix
+
+        check_imatrix(kind, imatrix)
         return kind
     if adapter.gguf_arch is None:
         from ..families import FAMILIES
@@ -94,6 +108,9 @@ def check_supported(model: torch.nn.Module, adapter, model_dir: Path, gguf_type:
         raise BakeError(f"--gguf-type: unknown type {kind!r} (known: {', '.join(TYPES)})")
     if kind != "f32":
         llama_cpp()
+    from .gguf_imatrix import check as check_imatrix
+
+    check_imatrix(kind, imatrix)
     check_slots(model, adapter, flag)
     return kind
 
@@ -154,12 +171,12 @@ def gguf_tensors(tensors: dict[str, torch.Tensor], adapter, cfg) -> dict[str, np
     return out
 
 
-def write(ckpt: Path, model_dir: Path, out: Path, kind: str, adapter, log=print, drop=()) -> Path:
+def write(ckpt: Path, model_dir: Path, out: Path, kind: str, adapter, log=print, drop=(), imatrix=None) -> Path:
     """model-<TYPE>.gguf in `out` from the checkpoint in `ckpt` (safetensors), without the tensors in `drop`
     (`gguf_biases.layout`): with the source GGUF's metadata where the source is a GGUF, else by llama.cpp's
     own converter."""
     if source_gguf(model_dir) is None:
-        return _converted(Path(ckpt), Path(model_dir), Path(out), kind, log, drop)
+        return _converted(Path(ckpt), Path(model_dir), Path(out), kind, log, drop, imatrix)
     import gguf
     from safetensors import safe_open
 
@@ -192,7 +209,7 @@ def write(ckpt: Path, model_dir: Path, out: Path, kind: str, adapter, log=print,
 
     write_file(f32, arch, metadata, arrays)
     if kind != "f32":
-        quantize(f32, target, kind)
+        quantize(f32, target, kind, imatrix)
         f32.unlink()
     return _logged(target, kind, f"llama.cpp {arch}", log)
 
@@ -208,7 +225,7 @@ def _logged(target: Path, kind: str, how: str, log) -> Path:
     return target
 
 
-def _converted(ckpt: Path, source: Path, out: Path, kind: str, log, drop=()) -> Path:
+def _converted(ckpt: Path, source: Path, out: Path, kind: str, log, drop=(), imatrix=None) -> Path:
     """llama.cpp's converter writes the checkpoint (at `kind` where it can, else f32 for the quantizer);
     what llama.cpp's loader has no slot for was settled before the bake (`bias_layout`)."""
     from . import gguf_convert
@@ -219,14 +236,15 @@ def _converted(ckpt: Path, source: Path, out: Path, kind: str, log, drop=()) -> 
     gguf_convert.convert(ckpt, first, kind if direct else "f32", drop=drop, vocab=source)
     arch = _field(first, "general.architecture", "?")
     if not direct:
-        quantize(first, target, kind)
+        quantize(first, target, kind, imatrix)
         first.unlink()
     return _logged(target, kind, f"llama.cpp {arch}, by llama.cpp's converter", log)
 
 
-def bias_layout(model: torch.nn.Module, adapter, model_dir: Path, flag: str = "--format gguf"):
+def bias_layout(model: torch.nn.Module, adapter, model_dir: Path, flag: str = "--format gguf", written=None):
     """Where the biases the folds added to `model` go (`gguf_biases.Layout`): asked of llama.cpp's loader
-    for a transformers source, of the family table for a GGUF source (bake's own writer)."""
+    for a transformers source, of the family table for a GGUF source (bake's own writer). `written`: the
+    baked checkpoint's directory where `model` holds no weights (a streamed bake)."""
     from . import gguf_biases, gguf_convert
 
     if source_gguf(model_dir) is None:
@@ -237,7 +255,8 @@ def bias_layout(model: torch.nn.Module, adapter, model_dir: Path, flag: str = "-
         written = written_as(adapter, model.config)
         arch = written.gguf_arch
         refused = lambda added: [n for n in added if not _has_slot(n, written, model.config)]  # noqa: E731
-    return gguf_biases.layout(model, adapter, Path(model_dir), refused, arch, flag)
+    tensors = gguf_biases.written_biases(Path(written)) if written is not None else None
+    return gguf_biases.layout(model, adapter, Path(model_dir), refused, arch, flag, tensors)
 
 
 def _has_slot(name: str, adapter, cfg) -> bool:
@@ -251,9 +270,9 @@ def _has_slot(name: str, adapter, cfg) -> bool:
 
 def tensor_types(path: Path) -> dict[str, int]:
     """How many tensors of each ggml type the GGUF file holds (read back from the file), most first."""
-    import gguf
+    from .gguf_header import read
 
-    counts = Counter(t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors)
+    counts = Counter(kind for _, kind in read(path).tensors)
     return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
@@ -309,14 +328,19 @@ def write_file(path: Path, arch: str, metadata, arrays: dict[str, np.ndarray]) -
         raise
 
 
-def quantize(src: Path, dst: Path, kind: str) -> None:
-    """llama.cpp's own quantizer."""
+def quantize(src: Path, dst: Path, kind: str, imatrix: dict | None = None) -> None:
+    """llama.cpp's own quantizer, with an importance matrix (GGUF tensor name → E[x²]) where given."""
     from ..llama_logs import quiet
 
     lc = llama_cpp()
     params = lc.llama_model_quantize_default_params()
     params.ftype = TYPES[kind]
     params.nthread = 0
+    if imatrix:
+        from .gguf_imatrix import as_param
+
+        arr, keep = as_param(imatrix)  # noqa: F841 - the buffers must outlive the call
+        params.imatrix = arr
     with quiet():  # llama.cpp's per-tensor log lines, unless BAKE_VERBOSE=1
         code = lc.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
     if code != 0:
