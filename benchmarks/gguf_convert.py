@@ -12,9 +12,16 @@ converter's path; the safetensors hard-linked):
 - decode tokens/s in llama.cpp of the steered GGUF and of llama.cpp's own unsteered one (the same graph:
   target ratio ≤ 1.02), interleaved, medians over `--repeats` (benchmarks/timing.py).
 
+`--stream-layers N` (0: skip) also measures a streamed bake to GGUF: a synthetic Llama checkpoint with
+Llama-2-7B widths and N layers (random bf16, SmolLM2's tokenizer, benchmarks/stream_7b.py's maker), a
+shift and scale at both norms of every layer (new q/k/v and gate/up biases, which llama.cpp's llama
+loader reads), `bake apply --stream --format gguf --gguf-type q8_0 --no-verify`: wall time and peak RSS
+against the checkpoint's size.
+
 Writes benchmarks/results/gguf_convert.json.
 
     python benchmarks/gguf_convert.py [--models llama,qwen,gemma3] [--gguf-type q4_k_m] [--tokens 64] [--repeats 5]
+                                      [--stream-layers 4]
 """
 
 from __future__ import annotations
@@ -144,6 +151,39 @@ def one(alias: str, tmp: Path, a) -> dict:
     return row
 
 
+def stream_memory(layers: int, tmp: Path) -> dict:
+    """A streamed bake of a synthetic 7B-wide checkpoint straight to a q8_0 GGUF: seconds and peak RSS."""
+    from stream_7b import llama_7b_config, make_checkpoint
+    from transformers import AutoTokenizer
+
+    from bake.maps import Map
+    from bake.models import resolve
+    from bake.spec import Spec, write
+
+    tok = AutoTokenizer.from_pretrained(str(resolve("llama")))
+    cfg = {**llama_7b_config(layers), "vocab_size": len(tok)}
+    ckpt = tmp / "synthetic"
+    total = make_checkpoint(ckpt, cfg)
+    tok.save_pretrained(str(ckpt))
+    doc = json.loads((ckpt / "tokenizer_config.json").read_text())
+    (ckpt / "tokenizer_config.json").write_text(json.dumps({**doc, "tokenizer_class": "PreTrainedTokenizerFast"}))
+    g, h = torch.Generator().manual_seed(1), cfg["hidden_size"]
+    write(Spec([(f"model.layers.{i}.{n}:output", [Map("affine", 1.0, {
+        "a": 1 + 0.1 * torch.randn(h, generator=g), "b": 0.1 * torch.randn(h, generator=g)})])
+        for i in range(layers) for n in ("input_layernorm", "post_attention_layernorm")], method="benchmark"),
+        tmp / "norms.json")
+    secs, rss = timed([sys.executable, "-m", "bake", "apply", "--model", str(ckpt), "--spec", str(tmp / "norms.json"),
+                       "--stream", "--format", "gguf", "--gguf-type", "q8_0", "--no-verify", "--ignore-fingerprint",
+                       "--out", str(tmp / "streamed")])
+    size = sum(f.stat().st_size for f in (tmp / "streamed").glob("model-*.gguf"))
+    row = {"layers": layers, "checkpoint_gb": round(total / 1e9, 2), "gguf_q8_0_gb": round(size / 1e9, 2),
+           "seconds": round(secs, 1), "peak_rss_gb": round(rss, 2)}
+    print("stream", row, flush=True)
+    shutil.rmtree(tmp / "streamed")
+    shutil.rmtree(ckpt)
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="llama,qwen,gemma3")
@@ -151,14 +191,18 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--stream-layers", type=int, default=4)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gguf_convert.json"))
     a = ap.parse_args()
-    rows = {}
+    rows, stream = {}, None
     with tempfile.TemporaryDirectory(dir=os.environ.get("BAKE_BENCH_TMP")) as tmp:
-        for alias in a.models.split(","):
+        for alias in filter(None, a.models.split(",")):
             rows[alias] = one(alias, Path(tmp), a)
+        if a.stream_layers:
+            stream = stream_memory(a.stream_layers, Path(tmp))
     result = {"gguf_type": a.gguf_type, "tokens": a.tokens, "repeats": a.repeats,
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, {a.threads} threads", "rows": rows,
+              "stream": stream,
               "command": "python benchmarks/gguf_convert.py " + " ".join(sys.argv[1:])}
     Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {a.out}")

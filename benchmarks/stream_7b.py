@@ -84,7 +84,8 @@ def make_checkpoint(folder: Path, cfg: dict) -> int:
         else:
             numel = shape[0] * shape[1]
             off = int(torch.randint(0, pool.numel(), (1,), generator=g))
-            t = torch.cat([pool[off:], pool[:off]])[:numel].reshape(shape).clone()
+            rolled = torch.cat([pool[off:], pool[:off]])
+            t = rolled.repeat(-(-numel // rolled.numel()))[:numel].reshape(shape).clone()
         shard[name] = t
         size += t.numel() * 2
         if size >= SHARD_BYTES:

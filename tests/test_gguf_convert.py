@@ -43,7 +43,7 @@ def _tiny(family: str, vocab: int, hidden: int = 64):
              "qwen3": dict(head_dim=16), "mistral": dict(sliding_window=None),
              "qwen3_moe": dict(head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                                norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[]),
-             "gemma3_text": dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=64, layer_types=None),
+             "gemma3_text": dict(head_dim=256, query_pre_attn_scalar=256, sliding_window=64, layer_types=None),
              }.get(family, {})
     if family == "gpt2":
         common = dict(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=256, bos_token_id=1,
@@ -353,3 +353,28 @@ def test_llama_cpp_lora_from_a_directory(family, smol_tokenizer, tmp_path, capsy
     v = json.loads((tmp_path / "o" / "bake_report.json").read_text())["verification"]
     lg = v["lora-gguf"]
     assert lg["passed"] and lg["max_rel"] <= 1e-4 and lg["scale0_max_rel"] <= 1e-4, lg
+
+
+def test_gguf_source_of_an_architecture_bakes_own_writer_lacks(smol_tokenizer, tmp_path, capsys, monkeypatch):
+    """A Gemma-3 GGUF as --model: converted once to a float32 directory (transformers' GGUF reader), baked,
+    and written back by llama.cpp's converter in the source's type (f32 here), with the source's tokenizer
+    metadata carried over key for key (it tokenizes as the source did), verified in llama.cpp."""
+    from bake.exporters import gguf_convert
+    from bake.exporters.gguf_header import read as header
+    from bake.models import load
+
+    monkeypatch.setenv("BAKE_CACHE", str(tmp_path / "cache"))
+    model = _tiny("gemma3_text", len(smol_tokenizer))
+    source = gguf_convert.convert(_saved(model, smol_tokenizer, tmp_path / "g"), tmp_path / "g.gguf", "f32")
+    write(_random_spec(load(str(source)).model, seed=3), tmp_path / "s.json")
+    code = main(["apply", *SHORT, "--model", str(source), "--spec", str(tmp_path / "s.json"), "--format", "gguf",
+                 "--out", str(tmp_path / "o")])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    g = json.loads((tmp_path / "o" / "bake_report.json").read_text())["verification"]["gguf"]
+    assert g["passed"] and g["gguf_type"] == "f32" and g["greedy_same"] == g["prompts"], g
+    written, src = header(tmp_path / "o" / "model-F32.gguf").fields, header(source).fields
+    assert written["general.architecture"] == "gemma3" and "by llama.cpp's converter" in out
+    tok_keys = [k for k in src if k.startswith("tokenizer.")]
+    assert tok_keys and all(written[k] == src[k] for k in tok_keys)
+    assert sorted(k for k in written if k.startswith("tokenizer.")) == sorted(tok_keys)

@@ -90,11 +90,12 @@ def _check_same_math(hp: dict, arch: str, flag: str) -> None:
                         f"expert weights (another model)")
 
 
-def check(model_dir: Path, flag: str = "--format gguf") -> None:
+def check(model_dir: Path, flag: str = "--format gguf", vocab_from: Path | None = None) -> None:
     """Before any work: the converter knows the architecture, llama.cpp computes the same model, and the
     converter can write the tokenizer (its own `set_vocab`, run here on the source: a BPE tokenizer's
     pre-tokenizer must be one it recognises by the hash of its output, or llama.cpp would split text
-    another way; Phi-3 and Gemma-2 need the SentencePiece `tokenizer.model`)."""
+    another way; Phi-3 and Gemma-2 need the SentencePiece `tokenizer.model`). `vocab_from`: the source
+    GGUF whose tokenizer metadata is carried over instead (nothing to check)."""
     import tempfile
 
     from ..errors import first_line
@@ -102,6 +103,8 @@ def check(model_dir: Path, flag: str = "--format gguf") -> None:
 
     cls, hp = model_class(model_dir, flag)
     _, gguf = _modules(flag)
+    if vocab_from is not None:
+        return
     with tempfile.TemporaryDirectory(prefix="bake-vocab-") as tmp, torch.inference_mode(), quiet():
         m = cls(Path(model_dir), gguf.LlamaFileType.ALL_F32, Path(tmp) / "vocab.gguf", hparams=hp, eager=False,
                 model_name="bake-check")
@@ -131,7 +134,8 @@ def _loads(path: Path) -> bool:
     return bool(model)
 
 
-def _header_only(ckpt: Path, out: Path, hp: dict, extra: dict[str, tuple[int, ...]]) -> Path:
+def _header_only(ckpt: Path, out: Path, hp: dict, extra: dict[str, tuple[int, ...]],
+                 vocab_from: Path | None = None) -> Path:
     """The GGUF the converter would write from the checkpoint's tensors plus zero tensors `extra` (name →
     shape), under the config `hp`, with no tensor data (the file is sparse, of the full size): what
     llama.cpp's loader checks, in a second."""
@@ -142,6 +146,8 @@ def _header_only(ckpt: Path, out: Path, hp: dict, extra: dict[str, tuple[int, ..
     with torch.inference_mode(), quiet():
         m = cls(Path(ckpt), gguf.LlamaFileType.ALL_F32, Path(out), hparams=hp, eager=False, model_name="bake-probe")
         m.get_vocab_base_pre = lambda tokenizer: "gpt-2"  # the vocabulary is not what is probed
+        if vocab_from is not None:
+            m.set_vocab = lambda: _carry_vocab(Path(vocab_from), m.gguf_writer)
         m.model_tensors.update({k: (lambda s=s: torch.zeros(s)) for k, s in extra.items()})
         m.prepare_tensors()
         m.prepare_metadata(vocab_only=False)
@@ -157,7 +163,8 @@ def _header_only(ckpt: Path, out: Path, hp: dict, extra: dict[str, tuple[int, ..
     return Path(out)
 
 
-def refused(ckpt: Path, hp: dict, added: dict[str, tuple[int, ...]], flag: str = "--format gguf") -> list[str]:
+def refused(ckpt: Path, hp: dict, added: dict[str, tuple[int, ...]], flag: str = "--format gguf",
+            vocab_from: Path | None = None) -> list[str]:
     """The tensors of `added` (name → shape: the biases the folds add to the checkpoint in `ckpt`, whose
     baked config is `hp`) that llama.cpp's loader for the architecture has no slot for. Asked of llama.cpp
     itself, before any work: a header-only GGUF of the checkpoint with the biases added is loaded; where
@@ -169,7 +176,7 @@ def refused(ckpt: Path, hp: dict, added: dict[str, tuple[int, ...]], flag: str =
     arch = arch_name(model_class(ckpt, flag, hp)[0])
     with tempfile.TemporaryDirectory(prefix="bake-probe-") as tmp:
         def loads(extra: dict, tag: str) -> bool:
-            return _loads(_header_only(ckpt, Path(tmp) / f"{tag}.gguf", hp, extra))
+            return _loads(_header_only(ckpt, Path(tmp) / f"{tag}.gguf", hp, extra, vocab_from))
 
         if not added or loads(added, "all"):
             return []
@@ -183,11 +190,13 @@ def refused(ckpt: Path, hp: dict, added: dict[str, tuple[int, ...]], flag: str =
 
 
 def convert(ckpt: Path, out: Path, kind: str, pre: str | None = None, flag: str = "--format gguf",
-            drop=(), vocab: Path | None = None) -> Path:
+            drop=(), vocab: Path | None = None, vocab_from: Path | None = None) -> Path:
     """Write the checkpoint in `ckpt` as the GGUF `out` at `kind` (one of DIRECT), without the tensors named
     in `drop`, the tokenizer read from `vocab` (the source directory: the files `check` tried; transformers
     may save a baked copy under another class name). `pre`: the tokenizer's pre-tokenizer name where the
-    converter cannot recognise it (a GGUF source's `tokenizer.ggml.pre`)."""
+    converter cannot recognise it (a GGUF source's `tokenizer.ggml.pre`). `vocab_from`: a source GGUF whose
+    `tokenizer.*` metadata is written instead of the converter's vocabulary (byte for byte: the model
+    tokenizes as the source did)."""
     from ..errors import first_line
 
     from ..llama_logs import quiet
@@ -204,11 +213,23 @@ def convert(ckpt: Path, out: Path, kind: str, pre: str | None = None, flag: str 
             model.model_tensors.pop(name, None)
         if vocab is not None:
             model.dir_model = Path(vocab)  # tensors are indexed already; set_vocab reads the tokenizer here
+        if vocab_from is not None:
+            model.set_vocab = lambda: _carry_vocab(Path(vocab_from), model.gguf_writer)
         try:
             model.write()
         except (NotImplementedError, ValueError, KeyError, FileNotFoundError) as e:  # e.g. an unknown pre-tokenizer
             raise BakeError(f"{flag}: llama.cpp's converter: {first_line(e)}") from None
     return Path(out)
+
+
+def _carry_vocab(src: Path, writer) -> None:
+    """Every `tokenizer.*` key-value of the GGUF `src`, into the converter's writer."""
+    import gguf
+
+    for key, field in gguf.GGUFReader(str(src)).fields.items():
+        if key.startswith("tokenizer."):
+            sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+            writer.add_key_value(key, field.contents(), field.types[0], sub_type=sub)
 
 
 def convert_lora(lora_dir: Path, base: Path, out: Path, flag: str = "--format lora") -> Path:

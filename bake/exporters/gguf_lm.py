@@ -56,11 +56,18 @@ def arch_of(path: Path) -> str:
     return str(_field(path, "general.architecture", "?"))
 
 
+def converts(model_dir: Path, adapter) -> bool:
+    """llama.cpp's converter writes the GGUF: from a transformers directory, and from a GGUF source of a
+    family bake's own writer does not know (its tokenizer metadata carried over); bake's writer: a GGUF
+    source of Llama or Qwen2."""
+    return source_gguf(model_dir) is None or adapter is None or adapter.gguf_arch is None
+
+
 def written_arch(model: torch.nn.Module, adapter, model_dir: Path) -> str:
     """The llama.cpp architecture the baked `model` is written as."""
     from . import gguf_convert
 
-    if source_gguf(model_dir) is not None:
+    if not converts(model_dir, adapter):
         return written_as(adapter, model.config).gguf_arch
     return gguf_convert.arch_name(gguf_convert.model_class(Path(model_dir), hp=model.config.to_dict())[0])
 
@@ -70,7 +77,7 @@ def arch_for(adapter, model_dir: Path) -> str:
     converter's for a transformers directory."""
     from . import gguf_convert
 
-    if source_gguf(model_dir) is not None:
+    if not converts(model_dir, adapter):
         return adapter.gguf_arch
     return gguf_convert.arch_name(gguf_convert.model_class(Path(model_dir))[0])
 
@@ -82,27 +89,23 @@ def file_type(path: Path) -> str:
 
 def check_supported(model: torch.nn.Module, adapter, model_dir: Path, gguf_type: str | None,
                     flag: str = "--format gguf", imatrix: str | None = None) -> str:
-    """Refuse before any work what llama.cpp cannot run as written; returns the type to write. From a GGUF
-    source: bake's writer, in the source's architecture and type, its metadata carried over. From a
-    transformers directory: llama.cpp's own converter (`gguf_convert`), f16 unless asked."""
+    """Refuse before any work what llama.cpp cannot run as written; returns the type to write (default: a
+    GGUF source's own type, f16 from a directory). A GGUF source of Llama or Qwen2: bake's writer, the
+    source's metadata carried over; anything else: llama.cpp's own converter (`gguf_convert`), a GGUF
+    source's tokenizer metadata carried over."""
     src = source_gguf(model_dir)
-    if src is None:  # a GGUF, or a control vector verified on the unsteered one, by llama.cpp's converter
+    if converts(model_dir, adapter):  # also a control vector's unsteered GGUF
         from . import gguf_convert
 
-        kind = gguf_type or "f16"
+        kind = gguf_type or (file_type(src) if src else "f16")
         if kind not in TYPES:
             raise BakeError(f"--gguf-type: unknown type {kind!r} (known: {', '.join(TYPES)})")
-        gguf_convert.check(Path(model_dir), flag)
+        gguf_convert.check(Path(model_dir), flag, vocab_from=src)
         llama_cpp()  # quantized and verified in llama.cpp
         from .gguf_imatrix import check as check_imatrix
 
         check_imatrix(kind, imatrix)
         return kind
-    if adapter.gguf_arch is None:
-        from ..families import FAMILIES
-
-        known = ", ".join(a.family for a in FAMILIES if a.gguf_arch)
-        raise BakeError(f"{flag}: not for {adapter.family} yet (bake writes it for: {known})")
     kind = gguf_type or file_type(src)
     if kind not in TYPES:
         raise BakeError(f"--gguf-type: unknown type {kind!r} (known: {', '.join(TYPES)})")
@@ -175,7 +178,7 @@ def write(ckpt: Path, model_dir: Path, out: Path, kind: str, adapter, log=print,
     """model-<TYPE>.gguf in `out` from the checkpoint in `ckpt` (safetensors), without the tensors in `drop`
     (`gguf_biases.layout`): with the source GGUF's metadata where the source is a GGUF, else by llama.cpp's
     own converter."""
-    if source_gguf(model_dir) is None:
+    if converts(model_dir, adapter):
         return _converted(Path(ckpt), Path(model_dir), Path(out), kind, log, drop, imatrix)
     import gguf
     from safetensors import safe_open
@@ -233,7 +236,8 @@ def _converted(ckpt: Path, source: Path, out: Path, kind: str, log, drop=(), ima
     target = out / f"model-{kind.upper()}.gguf"
     direct = kind in gguf_convert.DIRECT
     first = target if direct else out / "model-F32.tmp.gguf"
-    gguf_convert.convert(ckpt, first, kind if direct else "f32", drop=drop, vocab=source)
+    gguf_convert.convert(ckpt, first, kind if direct else "f32", drop=drop, vocab=source,
+                         vocab_from=source_gguf(source))
     arch = _field(first, "general.architecture", "?")
     if not direct:
         quantize(first, target, kind, imatrix)
@@ -247,10 +251,11 @@ def bias_layout(model: torch.nn.Module, adapter, model_dir: Path, flag: str = "-
     baked checkpoint's directory where `model` holds no weights (a streamed bake)."""
     from . import gguf_biases, gguf_convert
 
-    if source_gguf(model_dir) is None:
+    if converts(model_dir, adapter):
         hp = model.config.to_dict()
         arch = gguf_convert.arch_name(gguf_convert.model_class(Path(model_dir), flag, hp)[0])
-        refused = lambda added: gguf_convert.refused(Path(model_dir), hp, added, flag)  # noqa: E731
+        src = source_gguf(model_dir)
+        refused = lambda added: gguf_convert.refused(Path(model_dir), hp, added, flag, src)  # noqa: E731
     else:
         written = written_as(adapter, model.config)
         arch = written.gguf_arch
