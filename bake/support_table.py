@@ -41,6 +41,28 @@ def probe_map(kind: str, units: int, gen: torch.Generator) -> Map:
     return MAP_KINDS[kind].example(units, gen)
 
 
+def weights_only_spec(model: torch.nn.Module, seed: int, scale_sd: float = 0.3) -> Spec:
+    """A random spec every architecture holds without a bias: a rank-1 projection (λ = 0.8) at every
+    attention and MLP write, and a per-unit scale a = 1 + scale_sd·N(0, 1) at every MLP's hidden units
+    where the family has them; fingerprinted for `model`. The GGUF tests and benchmarks bake it."""
+    from .families import adapter_for
+    from .models import fingerprint
+
+    g = torch.Generator().manual_seed(seed)
+    adapter = adapter_for(model)
+    cat = adapter.sites(model)
+    sites = []
+    for name in adapter.resolve(model, ["attn-out", "mlp-out"]):
+        u = torch.randn(cat[name].units, 1, generator=g)
+        sites.append((name, [Map("projection", 0.8, {"U": u / u.norm()})]))
+    for name in adapter.resolve(model, ["mlp-in"]) if "mlp-in" in adapter.offered(model) else []:
+        a = 1 + scale_sd * torch.randn(cat[name].units, generator=g)
+        sites.append((name, [Map("affine", 1.0, {"a": a, "b": torch.zeros_like(a)})]))
+    spec = Spec(sites, method="random")
+    spec.model = fingerprint(model, [cat[s] for s, _ in sites])
+    return spec
+
+
 def cell(adapter: Adapter, preset: str, kind: str, variant: str | None = None, make=None) -> Cell:
     """Compile a map of `kind` at every site of `preset` into a fresh tiny model of the family (`make()`
     where given: a copy of a tiny model of a probed type)."""

@@ -74,24 +74,11 @@ def directory(alias: str, tmp: Path) -> Path:
 
 def weights_spec(model_dir: Path, path: Path) -> Path:
     """A random spec that folds into weights alone (no bias: every architecture holds it)."""
-    from bake.families import adapter_for
-    from bake.maps import Map
-    from bake.models import fingerprint, load
-    from bake.spec import Spec, write
+    from bake.models import load
+    from bake.spec import write
+    from bake.support_table import weights_only_spec
 
-    model = load(str(model_dir)).model
-    adapter, g = adapter_for(model), torch.Generator().manual_seed(0)
-    cat = adapter.sites(model)
-    sites = []
-    for name in adapter.resolve(model, ["attn-out", "mlp-out"]):
-        u = torch.randn(cat[name].units, 1, generator=g)
-        sites.append((name, [Map("projection", 0.8, {"U": u / u.norm()})]))
-    for name in adapter.resolve(model, ["mlp-in"]) if "mlp-in" in adapter.offered(model) else []:
-        a = 1 + 0.1 * torch.randn(cat[name].units, generator=g)
-        sites.append((name, [Map("affine", 1.0, {"a": a, "b": torch.zeros_like(a)})]))
-    spec = Spec(sites, method="random")
-    spec.model = fingerprint(model, [cat[s] for s, _ in sites])
-    write(spec, path)
+    write(weights_only_spec(load(str(model_dir)).model, seed=0, scale_sd=0.1), path)
     return path
 
 

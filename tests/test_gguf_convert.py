@@ -81,19 +81,9 @@ def _saved(model, tok, path: Path) -> Path:
 def _random_spec(model, seed: int) -> Spec:
     """Projections at every attention and MLP write (random rank-1 U) and a per-unit scale at every MLP's
     hidden units: each folds into weights alone (no bias), so every architecture can hold it."""
-    from bake.families import adapter_for
+    from bake.support_table import weights_only_spec
 
-    g = torch.Generator().manual_seed(seed)
-    adapter = adapter_for(model)
-    cat = adapter.sites(model)
-    sites = []
-    for name in adapter.resolve(model, ["attn-out", "mlp-out"]):
-        u = torch.randn(cat[name].units, 1, generator=g)
-        sites.append((name, [Map("projection", 0.8, {"U": u / u.norm()})]))
-    for name in adapter.resolve(model, ["mlp-in"]) if "mlp-in" in adapter.offered(model) else []:
-        a = 1 + 0.3 * torch.randn(cat[name].units, generator=g)
-        sites.append((name, [Map("affine", 1.0, {"a": a, "b": torch.zeros_like(a)})]))
-    return stamp(Spec(sites, method="random"), model)
+    return weights_only_spec(model, seed)
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen3", "qwen3_moe", "granite", "olmo2", "phi3", "gpt2",
