@@ -97,7 +97,7 @@ class BakeOptions:
         if self.imatrix is not None and "gguf" not in self.formats:
             raise BakeError("--imatrix: only with --format gguf (an importance matrix for llama.cpp's quantizer)")
         if self.stream and not (self.simple or self._streams_gguf):
-            raise BakeError("--stream: writes safetensors in the stored dtypes, and GGUF from them (drop --dtype, "
+            raise BakeError("--stream: writes safetensors in the stored dtypes only, and GGUF from them (drop --dtype, "
                             "--format onnx, lora, control-vector and --insert-modules)")
         if self.stream and self.imatrix and not self.imatrix.endswith(".gguf"):
             raise BakeError("--imatrix: with --stream only llama-imatrix's .gguf (measuring one needs the model loaded)")

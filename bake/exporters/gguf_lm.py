@@ -257,9 +257,9 @@ def bias_layout(model: torch.nn.Module, adapter, model_dir: Path, flag: str = "-
         src = source_gguf(model_dir)
         refused = lambda added: gguf_convert.refused(Path(model_dir), hp, added, flag, src)  # noqa: E731
     else:
-        written = written_as(adapter, model.config)
-        arch = written.gguf_arch
-        refused = lambda added: [n for n in added if not _has_slot(n, written, model.config)]  # noqa: E731
+        family = written_as(adapter, model.config)
+        arch = family.gguf_arch
+        refused = lambda added: [n for n in added if not _has_slot(n, family, model.config)]  # noqa: E731
     tensors = gguf_biases.written_biases(Path(written)) if written is not None else None
     return gguf_biases.layout(model, adapter, Path(model_dir), refused, arch, flag, tensors)
 
