@@ -345,23 +345,31 @@ def test_llama_cpp_lora_from_a_directory(smol_tokenizer, tmp_path, capsys):
     assert lg["passed"] and lg["max_rel"] <= 1e-4 and lg["scale0_max_rel"] <= 1e-4, lg
 
 
-def test_gguf_source_of_an_architecture_bakes_own_writer_lacks(smol_tokenizer, tmp_path, capsys, monkeypatch):
-    """A Gemma-3 GGUF as --model: converted once to a float32 directory (transformers' GGUF reader), baked,
-    and written back by llama.cpp's converter in the source's type (f32 here), with the source's tokenizer
-    metadata carried over key for key (it tokenizes as the source did), verified in llama.cpp."""
+def _baked_from_gguf(family: str, kind: str, seed: int, tok, tmp_path, capsys, monkeypatch):
+    """A tiny `family` model written as a `kind` GGUF by llama.cpp's converter, used as --model (bake's cache
+    in tmp_path) with a weights-only random spec, --format gguf at the source's type: (source GGUF, stdout,
+    the GGUF's verification report)."""
     from bake.exporters import gguf_convert
-    from bake.exporters.gguf_header import read as header
     from bake.models import load
 
     monkeypatch.setenv("BAKE_CACHE", str(tmp_path / "cache"))
-    model = _tiny("gemma3_text", len(smol_tokenizer))
-    source = gguf_convert.convert(_saved(model, smol_tokenizer, tmp_path / "g"), tmp_path / "g.gguf", "f32")
-    write(_random_spec(load(str(source)).model, seed=3), tmp_path / "s.json")
+    model = _tiny(family, len(tok))
+    source = gguf_convert.convert(_saved(model, tok, tmp_path / "m"), tmp_path / "m.gguf", kind)
+    write(_random_spec(load(str(source)).model, seed=seed), tmp_path / "s.json")
     code = main(["apply", *SHORT, "--model", str(source), "--spec", str(tmp_path / "s.json"), "--format", "gguf",
                  "--out", str(tmp_path / "o")])
     out, err = capsys.readouterr()
     assert code == 0, err
-    g = json.loads((tmp_path / "o" / "bake_report.json").read_text())["verification"]["gguf"]
+    return source, out, json.loads((tmp_path / "o" / "bake_report.json").read_text())["verification"]["gguf"]
+
+
+def test_gguf_source_of_an_architecture_bakes_own_writer_lacks(smol_tokenizer, tmp_path, capsys, monkeypatch):
+    """A Gemma-3 GGUF as --model: converted once to a float32 directory (transformers' GGUF reader), baked,
+    and written back by llama.cpp's converter in the source's type (f32 here), with the source's tokenizer
+    metadata carried over key for key (it tokenizes as the source did), verified in llama.cpp."""
+    from bake.exporters.gguf_header import read as header
+
+    source, out, g = _baked_from_gguf("gemma3_text", "f32", 3, smol_tokenizer, tmp_path, capsys, monkeypatch)
     assert g["passed"] and g["gguf_type"] == "f32" and g["greedy_same"] == g["prompts"], g
     written, src = header(tmp_path / "o" / "model-F32.gguf").fields, header(source).fields
     assert written["general.architecture"] == "gemma3" and "by llama.cpp's converter" in out
@@ -375,18 +383,7 @@ def test_source_quantized_at_the_requested_type(smol_tokenizer, tmp_path, capsys
     so requantizing them costs little and the unsteered yardstick is biased low; verify also holds the baked
     checkpoint, converted again at f32, to the f32 rule in llama.cpp (and passes on it, with the steering's
     KL surviving, where the yardstick alone fails: the real Gemma-3-270M at q4_k_m, docs/gguf.md)."""
-    from bake.exporters import gguf_convert
-    from bake.models import load
-
-    monkeypatch.setenv("BAKE_CACHE", str(tmp_path / "cache"))
-    model = _tiny("llama", len(smol_tokenizer))
-    source = gguf_convert.convert(_saved(model, smol_tokenizer, tmp_path / "m"), tmp_path / "m.gguf", "q8_0")
-    write(_random_spec(load(str(source)).model, seed=8), tmp_path / "s.json")
-    code = main(["apply", *SHORT, "--model", str(source), "--spec", str(tmp_path / "s.json"), "--format", "gguf",
-                 "--out", str(tmp_path / "o")])
-    out, err = capsys.readouterr()
-    assert code == 0, err
-    g = json.loads((tmp_path / "o" / "bake_report.json").read_text())["verification"]["gguf"]
+    _, _, g = _baked_from_gguf("llama", "q8_0", 8, smol_tokenizer, tmp_path, capsys, monkeypatch)
     assert g["gguf_type"] == "q8_0" and g["passed"], g
     f = g["f32_conversion"]  # run whenever the source is at the requested type; decides where the yardstick fails
     assert f["passed"] and f["max_rel"] <= 1e-4 and f["greedy_same"] == f["prompts"], f
