@@ -98,8 +98,7 @@ class LoadedLM:
                 write_code(tmp, type(plan.model).__name__)
         gguf = None
         if "gguf" in opts.formats:
-            imatrix = self._imatrix(plan, tmp, opts, log) if opts.imatrix and self.gguf_type not in ("f32", "f16",
-                                                                                                  "bf16") else None
+            imatrix = self._imatrix(plan, tmp, opts, log)
             gguf = gguf_lm.write(tmp, self.path, tmp, self.gguf_type, self.adapter, log=log, drop=self.layout.drop,
                                  imatrix=imatrix)
         if "lora" in opts.formats:
@@ -107,11 +106,14 @@ class LoadedLM:
         if "control-vector" in opts.formats:
             self._export_control_vector(plan, tmp, gguf, log)
 
-    def _imatrix(self, plan, tmp: Path, opts: BakeOptions, log) -> dict:
+    def _imatrix(self, plan, tmp: Path, opts: BakeOptions, log) -> dict | None:
         """The importance matrix for the quantizer: llama-imatrix's file as given, or measured on the baked
-        model over the calibration texts; written beside the GGUF (imatrix.gguf) for verify and llama.cpp."""
+        model over the calibration texts; written beside the GGUF (imatrix.gguf) for verify and llama.cpp.
+        None without --imatrix, or for a float type (nothing is quantized)."""
         from .exporters import gguf_imatrix, gguf_lm
 
+        if not opts.imatrix or self.gguf_type in ("f32", "f16", "bf16"):
+            return None
         if Path(opts.imatrix).suffix == ".gguf":
             imatrix = gguf_imatrix.read_gguf(Path(opts.imatrix))
             gguf_imatrix.write(imatrix, tmp, 1)
@@ -292,8 +294,7 @@ class StreamedCheckpoint(LoadedLM):
 
             self.adapter = adapter_for(plan.model)
             layout = gguf_lm.bias_layout(plan.model, self.adapter, self.path, written=tmp)
-            imatrix = self._imatrix(plan, tmp, opts, log) if opts.imatrix and self.gguf_type not in ("f32", "f16",
-                                                                                                  "bf16") else None
+            imatrix = self._imatrix(plan, tmp, opts, log)
             gguf_lm.write(tmp, self.path, tmp, self.gguf_type, self.adapter, log=log, drop=layout.drop,
                           imatrix=imatrix)
 

@@ -158,10 +158,14 @@ def with_sidecar(part: dict, whole: dict) -> dict:
 
 def has_sidecar(baked: Path) -> bool:
     """A baked directory whose GGUF runs with a control-vector sidecar (`--format gguf,control-vector`)."""
+    from .errors import BakeError
     from .exporters.control_vector import sidecar
+    from .llamacpp import gguf_in
 
-    found = sorted(Path(baked).glob("model-*.gguf")) if Path(baked).is_dir() else []
-    return len(found) == 1 and sidecar(found[0]) is not None
+    try:
+        return Path(baked).is_dir() and sidecar(gguf_in(Path(baked))) is not None
+    except BakeError:  # no model-*.gguf, or several
+        return False
 
 
 GELU_TANH = ("GELUTanh", "PytorchGELUTanh", "NewGELUActivation", "GELUFastActivation")  # tanh-approximated GELU
